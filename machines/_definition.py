@@ -1,0 +1,256 @@
+"""Workflow definitions: ``StageSpec``s built into one shared ``transitions`` machine.
+
+DESIGN rules 1-2: one ``AsyncMachine`` per definition; each running workflow is a model
+on it (``auto_transitions=False``, ``queued="model"``, identity comparison); its triggers
+only move the state. Handlers never run inside them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from transitions.extensions.asyncio import AsyncMachine
+
+from reliability._context import RecoveryAction, StageHandler
+from reliability._recovery import BUILTIN_ACTIONS, resolve_action_names
+from reliability._state import WorkflowRun
+
+from ._stages import DEFAULT_TIMEOUTS, FALLBACK_TIMING, OUTCOMES, WorkflowStage
+
+__all__ = ["StageSpec", "WorkflowDefinition"]
+
+PENDING = "pending"
+_OUTCOME_NAMES = tuple(o.value for o in OUTCOMES)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageSpec:
+    """One stage: its name, handler and reliability settings.
+
+    Timing fields left as None take the spec's defaults for that stage (scaled by the
+    configuration's ``timeout_multiplier``); given values are used exactly.
+    """
+
+    stage: WorkflowStage | str
+    handler: StageHandler
+    timeout_seconds: float | None = None
+    warning_threshold_seconds: float | None = None
+    baseline_seconds: float | None = None
+    max_retries: int | None = None
+    critical: bool = True
+    recovery_actions: tuple[str, ...] | None = None
+    warning_actions: tuple[str, ...] = ()
+    heartbeat_timeout_seconds: float | None = None
+    health_check: bool = False
+    checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if not name or not all(c.isalnum() or c in "_-" for c in name):
+            raise ValueError(f"stage name {name!r} must be letters, digits, '_' or '-'")
+        if name == PENDING or name in _OUTCOME_NAMES:
+            raise ValueError(f"stage name {name!r} is reserved for workflow outcomes")
+        for label in ("timeout_seconds", "warning_threshold_seconds", "baseline_seconds",
+                      "heartbeat_timeout_seconds"):
+            value = getattr(self, label)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0
+                                          and value == value and value != float("inf")):
+                raise ValueError(f"stage {name!r}: {label} must be a finite number > 0, "
+                                 f"not {value!r}")
+        if self.max_retries is not None and not (isinstance(self.max_retries, int)
+                                                 and 0 <= self.max_retries <= 100):
+            raise ValueError(f"stage {name!r}: max_retries must be 0..100")
+        if not callable(self.handler):
+            raise TypeError(f"stage {name!r}: handler must be an async function")
+
+    @property
+    def name(self) -> str:
+        return self.stage.value if isinstance(self.stage, Enum) else str(self.stage)
+
+
+@dataclass(frozen=True, slots=True)
+class _ResolvedStage:
+    """A StageSpec with every timing filled in; what the engine reads."""
+
+    name: str
+    handler: StageHandler
+    timeout_seconds: float
+    warning_threshold_seconds: float
+    baseline_seconds: float
+    max_retries: int | None
+    critical: bool
+    recovery_actions: tuple[str, ...]
+    warning_actions: tuple[str, ...]
+    heartbeat_timeout_seconds: float | None
+    health_check: bool
+    checkpoint: bool
+    timing_is_default: bool
+
+
+def _resolve(spec: StageSpec, own_actions: Mapping[str, RecoveryAction]) -> _ResolvedStage:
+    default = DEFAULT_TIMEOUTS.get(spec.name, FALLBACK_TIMING)
+    timeout = spec.timeout_seconds or default.timeout_seconds
+    warning = spec.warning_threshold_seconds or min(default.warning_threshold_seconds,
+                                                    timeout * 0.75)
+    if warning >= timeout:
+        raise ValueError(f"stage {spec.name!r}: warning_threshold_seconds ({warning:g}) must be "
+                         f"below timeout_seconds ({timeout:g})")
+    if spec.recovery_actions is not None:
+        actions = tuple(spec.recovery_actions)
+        resolve_action_names(actions, own_actions, where=f"stage {spec.name!r}")
+    else:  # the spec's defaults name actions not every definition has: keep those it does
+        actions = tuple(a for a in default.recovery_actions
+                        if a in own_actions or a in BUILTIN_ACTIONS)
+    resolve_action_names(spec.warning_actions, own_actions, where=f"stage {spec.name!r} warning")
+    return _ResolvedStage(
+        name=spec.name, handler=spec.handler, timeout_seconds=float(timeout),
+        warning_threshold_seconds=float(warning),
+        baseline_seconds=float(spec.baseline_seconds or default.baseline_seconds),
+        max_retries=spec.max_retries, critical=spec.critical, recovery_actions=actions,
+        warning_actions=tuple(spec.warning_actions),
+        heartbeat_timeout_seconds=spec.heartbeat_timeout_seconds,
+        health_check=spec.health_check, checkpoint=spec.checkpoint,
+        timing_is_default=spec.timeout_seconds is None)
+
+
+class _SharedMachine(AsyncMachine):
+    """An AsyncMachine whose models are added and removed in O(1).
+
+    transitions 0.9.3's add_model scans the model list (O(n)) and wires an ``is_<state>``
+    helper per state onto each model (~11 KiB each); the engine needs neither: it fires
+    events through the machine and reads ``model.state``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._slots: dict[int, int] = {}
+        super().__init__(**kwargs)
+
+    def add_model(self, model: Any, initial: Any = None) -> None:
+        if model is self.self_literal or isinstance(model, list):
+            super().add_model(model, initial)  # the machine's own model, at construction
+            return
+        self._transition_queue_dict[id(model)] = deque()
+        self.set_state(initial if initial is not None else PENDING, model=model)
+        self._slots[id(model)] = len(self.models)
+        self.models.append(model)
+
+    async def process_context(self, func: Any, model: Any) -> Any:
+        # transitions tracks each trigger's task so a new trigger can cancel it, and turns
+        # CancelledError into a False result. The engine fires one trigger at a time per
+        # model and never cancels inside one, so neither is wanted; a cancellation from
+        # outside (Ctrl-C) must propagate, not vanish.
+        return await self._process_async(func, model)
+
+    async def callbacks(self, funcs: Any, event_data: Any) -> None:  # type: ignore[override]
+        # In order, one after another: transitions gathers each list concurrently, which
+        # costs a gather per phase even when the list is empty.
+        for func in funcs:
+            await self.callback(func, event_data)
+
+    @staticmethod
+    async def await_all(callables: Any) -> list[Any]:
+        return [await func() for func in callables]
+
+    def remove_model(self, model: Any) -> None:
+        index = self._slots.pop(id(model))
+        last = self.models.pop()
+        if last is not model:  # move the last model into the freed slot
+            self.models[index] = last
+            self._slots[id(last)] = index
+        self._transition_queue_dict.pop(id(model), None)
+
+
+def _caller_module() -> str | None:
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back  # type: ignore[assignment]
+    name = frame.f_globals.get("__name__") if frame is not None else None
+    return name if isinstance(name, str) else None
+
+
+@dataclass(eq=False)
+class WorkflowDefinition:
+    """A named, ordered list of stages and the one state machine all its workflows share.
+
+    Bind it to a module-level name (``MY_FLOW = WorkflowDefinition(...)``) and resuming in
+    a fresh process finds it by import path; or give ``import_path`` explicitly.
+    """
+
+    name: str
+    stages: Sequence[Any]
+    recovery_actions: Mapping[str, RecoveryAction] = field(default_factory=dict)
+    import_path_hint: str | None = None
+    _module: str | None = field(default=None, init=False, repr=False)
+    _machine: _SharedMachine = field(init=False, repr=False)
+    _index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        specs = list(self.stages)
+        if not specs:
+            raise ValueError(f"workflow definition {self.name!r} has no stages")
+        if not all(isinstance(s, StageSpec) for s in specs):
+            raise TypeError(f"workflow definition {self.name!r}: stages must be StageSpec")
+        names = [s.name for s in specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"workflow definition {self.name!r}: duplicate stages {duplicates}")
+        resolve_action_names(tuple(self.recovery_actions), self.recovery_actions,
+                             where=f"definition {self.name!r}")
+        self.stages = tuple(_resolve(s, self.recovery_actions) for s in specs)
+        self._index = {n: i for i, n in enumerate(names)}
+        self._module = _caller_module()
+        self._machine = _build_machine(names)
+
+    @property
+    def import_path(self) -> str | None:
+        """``"module:NAME"`` where this definition is bound, found without registration."""
+        if self.import_path_hint:
+            return self.import_path_hint
+        module = sys.modules.get(self._module or "")
+        if module is None or self._module == "__main__":
+            return None
+        for attribute, value in vars(module).items():
+            if value is self:
+                found = f"{self._module}:{attribute}"
+                self.import_path_hint = found
+                return found
+        return None
+
+    def stage_index(self, name: str) -> int:
+        return self._index[name]
+
+    # The engine's side of the machine. Each call is one trigger: bookkeeping only.
+
+    def attach(self, run: WorkflowRun, stage: str | None) -> None:
+        self._machine.add_model(run, initial=stage or PENDING)
+
+    def detach(self, run: WorkflowRun) -> None:
+        self._machine.remove_model(run)
+
+    async def advance(self, run: WorkflowRun) -> None:
+        await self._machine.events["advance"].trigger(run)
+
+    async def finish(self, run: WorkflowRun, outcome: str) -> None:
+        await self._machine.events[outcome].trigger(run)
+
+
+def _build_machine(stage_names: Iterable[str]) -> _SharedMachine:
+    names = list(stage_names)
+    order = [PENDING, *names, WorkflowStage.COMPLETED.value]
+    transitions: list[dict[str, Any]] = [
+        {"trigger": "advance", "source": source, "dest": dest}
+        for source, dest in itertools.pairwise(order)
+    ]
+    live_states = [PENDING, *names]
+    for outcome in ("failed", "timed_out", "cancelled", "interrupted"):
+        transitions.append({"trigger": outcome, "source": live_states, "dest": outcome})
+    return _SharedMachine(model=None, states=[*order, "failed", "timed_out", "cancelled",
+                                              "interrupted"],
+                          transitions=transitions, initial=PENDING, auto_transitions=False,
+                          queued="model", send_event=True)

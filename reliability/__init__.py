@@ -1,0 +1,67 @@
+"""A reliable asyncio runtime for many long-lived, failure-prone workflows.
+
+Each workflow is an explicit state machine whose states are its stages; around every
+stage the runtime puts a watchdog, classified retries and recovery, shared circuit
+breakers and a durable checkpoint, so an interrupted workflow resumes where it stopped.
+"""
+
+from ._breaker import Breaker
+from ._clock import Clock, FakeClock, SystemClock
+from ._config import BreakerSettings, WorkflowConfiguration, load_configuration
+from ._errors import (
+    CircuitOpenError,
+    ConfigurationError,
+    CriticalError,
+    ErrorCategory,
+    InvalidWorkflowIdError,
+    RateLimitedError,
+    ResourceError,
+    StageTimeoutError,
+    StateCorruptedError,
+    TransientError,
+    WorkflowError,
+    WorkflowLockedError,
+    WorkflowNotFoundError,
+    classify,
+)
+from ._health import HealthStatus, SystemHealthCheck
+from ._ids import new_workflow_id, validate_workflow_id
+from ._retry import RetryPolicy
+from ._runtime import Runtime, WorkflowResult, resume_workflow, run_workflow
+from ._store import FileStore, MemoryStore, Store
+
+__all__ = [
+    "Breaker",
+    "BreakerSettings",
+    "CircuitOpenError",
+    "Clock",
+    "ConfigurationError",
+    "CriticalError",
+    "ErrorCategory",
+    "FakeClock",
+    "FileStore",
+    "HealthStatus",
+    "InvalidWorkflowIdError",
+    "MemoryStore",
+    "RateLimitedError",
+    "ResourceError",
+    "RetryPolicy",
+    "Runtime",
+    "StageTimeoutError",
+    "StateCorruptedError",
+    "Store",
+    "SystemClock",
+    "SystemHealthCheck",
+    "TransientError",
+    "WorkflowConfiguration",
+    "WorkflowError",
+    "WorkflowLockedError",
+    "WorkflowNotFoundError",
+    "WorkflowResult",
+    "classify",
+    "load_configuration",
+    "new_workflow_id",
+    "resume_workflow",
+    "run_workflow",
+    "validate_workflow_id",
+]

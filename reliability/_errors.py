@@ -1,0 +1,173 @@
+"""The error taxonomy: every error the runtime raises, and ``classify()``.
+
+Four categories decide what the engine does with a failure:
+
+- ``TRANSIENT``: retry with exponential backoff and jitter (network blips, 5xx, 429).
+- ``RESOURCE``: run resource recovery, then retry (disk full, memory, too many files).
+- ``CONFIGURATION``: fail at once with guidance; retrying cannot help.
+- ``CRITICAL``: stop safely, state preserved, resumable after a human looks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+from enum import StrEnum
+
+__all__ = [
+    "CircuitOpenError",
+    "ConfigurationError",
+    "CriticalError",
+    "ErrorCategory",
+    "InvalidWorkflowIdError",
+    "RateLimitedError",
+    "ResourceError",
+    "StageTimeoutError",
+    "StateCorruptedError",
+    "TransientError",
+    "WorkflowError",
+    "WorkflowLockedError",
+    "WorkflowNotFoundError",
+    "classify",
+]
+
+
+class ErrorCategory(StrEnum):
+    TRANSIENT = "transient"
+    RESOURCE = "resource"
+    CONFIGURATION = "configuration"
+    CRITICAL = "critical"
+
+
+class WorkflowError(Exception):
+    """Base of every error the runtime raises; ``category`` says how it is handled."""
+
+    category: ErrorCategory = ErrorCategory.CRITICAL
+
+
+class TransientError(WorkflowError):
+    """Raised when an operation failed in a way that retrying later may fix."""
+
+    category = ErrorCategory.TRANSIENT
+
+
+class RateLimitedError(TransientError):
+    """Raised when a server asked us to wait ``retry_after`` seconds before calling again.
+
+    The wait is the server's, so retries honour it exactly: no jitter, no shortening.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(0.0, retry_after)
+
+
+class ResourceError(WorkflowError):
+    """Raised when the machine ran short of a resource (disk, memory, file handles)."""
+
+    category = ErrorCategory.RESOURCE
+
+
+class ConfigurationError(WorkflowError, ValueError):
+    """Raised when a setting, input file or credential is wrong; retrying cannot help.
+
+    The message names what is wrong, where it came from, and what is accepted.
+    """
+
+    category = ErrorCategory.CONFIGURATION
+
+
+class CriticalError(WorkflowError):
+    """Raised when a workflow cannot safely go on; its state is kept for a resume."""
+
+    category = ErrorCategory.CRITICAL
+
+
+class StageTimeoutError(TransientError, TimeoutError):
+    """Raised when a stage ran past its ``timeout_seconds`` and was cancelled."""
+
+    def __init__(self, stage: str, timeout_seconds: float, *, reason: str = "ran") -> None:
+        super().__init__(f"stage {stage!r} {reason} past its timeout of {timeout_seconds:g}s")
+        self.stage = stage
+        self.timeout_seconds = timeout_seconds
+
+
+class CircuitOpenError(TransientError):
+    """Raised when a call was refused because the named circuit breaker is open."""
+
+    def __init__(self, name: str, retry_in: float) -> None:
+        super().__init__(f"circuit breaker {name!r} is open; next probe in {retry_in:.1f}s")
+        self.name = name
+        self.retry_in = retry_in
+
+
+class InvalidWorkflowIdError(ConfigurationError):
+    """Raised when a string is not a valid workflow ID; no path is ever built from it."""
+
+
+class WorkflowNotFoundError(ConfigurationError, LookupError):
+    """Raised when no saved state exists for a workflow ID."""
+
+
+class WorkflowLockedError(WorkflowError):
+    """Raised when another process or task already runs this workflow."""
+
+    category = ErrorCategory.CONFIGURATION
+
+
+class StateCorruptedError(WorkflowError):
+    """Raised when a state or checkpoint file is torn, tampered with, or of another schema."""
+
+    category = ErrorCategory.CRITICAL
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET,
+                     errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN}
+_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                    errno.EFBIG}
+_CONFIGURATION_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS,
+                         errno.ENOTDIR, errno.EISDIR}
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status carried by an httpx-style error, found without importing httpx."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def classify(error: BaseException) -> ErrorCategory:
+    """The category that decides how ``error`` is handled (retry, recover, fail, stop)."""
+    if isinstance(error, WorkflowError):
+        return error.category
+    status = _http_status(error)
+    if status is not None:
+        if status >= 500 or status in (408, 425, 429):
+            return ErrorCategory.TRANSIENT
+        return ErrorCategory.CONFIGURATION
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
+        return ErrorCategory.TRANSIENT
+    if isinstance(error, MemoryError):
+        return ErrorCategory.RESOURCE
+    if isinstance(error, OSError):
+        if error.errno in _RESOURCE_ERRNOS:
+            return ErrorCategory.RESOURCE
+        if error.errno in _TRANSIENT_ERRNOS:
+            return ErrorCategory.TRANSIENT
+        if isinstance(error, PermissionError) or error.errno in _CONFIGURATION_ERRNOS:
+            return ErrorCategory.CONFIGURATION
+        return ErrorCategory.TRANSIENT
+    if type(error).__module__.startswith(("httpx", "httpcore", "h11")):
+        # Transport errors (connect, read, protocol) carry no response: the network failed.
+        return ErrorCategory.TRANSIENT
+    if isinstance(error, (ValueError, TypeError, KeyError, LookupError,
+                          json.JSONDecodeError, UnicodeError)):
+        return ErrorCategory.CONFIGURATION
+    return ErrorCategory.CRITICAL

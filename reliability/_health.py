@@ -1,0 +1,141 @@
+"""Health checks: one cheap sampler per runtime, plus checks users and machines register.
+
+DESIGN rule 5: sampling never blocks the loop. ``psutil.cpu_percent(interval=None)``
+compares against the previous call (primed at start, so the first real reading is not
+0.0), memory and disk are single syscalls, and a sample is reused for ``min_interval``
+seconds so thousands of workflows asking at once cost one reading.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ._clock import Clock
+
+__all__ = ["HealthCheckFunction", "HealthSampler", "HealthStatus", "SystemHealthCheck",
+           "worst"]
+
+
+class HealthStatus(StrEnum):
+    HEALTHY = "HEALTHY"
+    WARNING = "WARNING"
+    DEGRADED = "DEGRADED"
+    CRITICAL = "CRITICAL"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ORDER = list(HealthStatus)
+
+
+def worst(*statuses: HealthStatus) -> HealthStatus:
+    return max(statuses, key=_ORDER.index, default=HealthStatus.HEALTHY)
+
+
+HealthCheckFunction = Callable[[str | None], "Mapping[str, Any] | Awaitable[Mapping[str, Any]]"]
+
+
+@dataclass(frozen=True, slots=True)
+class SystemHealthCheck:
+    """The spec's health result. ``custom`` holds what registered checks reported."""
+
+    status: HealthStatus
+    cpu_usage: float
+    memory_usage: float
+    disk_usage: float
+    git_status: str = "unknown"
+    github_connectivity: bool | None = None
+    claude_availability: bool | None = None
+    recommendations: tuple[str, ...] = ()
+    timestamp: float = 0.0
+    loop_lag_ms: float | None = None
+    custom: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status.value, "cpu_usage": self.cpu_usage,
+                "memory_usage": self.memory_usage, "disk_usage": self.disk_usage,
+                "git_status": self.git_status, "github_connectivity": self.github_connectivity,
+                "claude_availability": self.claude_availability,
+                "recommendations": list(self.recommendations), "timestamp": self.timestamp,
+                "loop_lag_ms": self.loop_lag_ms, "custom": dict(self.custom)}
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    at: float
+    cpu: float
+    memory: float
+    disk: float
+
+
+class HealthSampler:
+    """Resource readings shared by every workflow of a runtime."""
+
+    def __init__(self, disk_path: Path, clock: Clock, *, min_interval: float = 1.0) -> None:
+        self._disk_path = disk_path
+        self._clock = clock
+        self._min_interval = min_interval
+        self._last: _Sample | None = None
+        psutil.cpu_percent(interval=None)  # prime: the next call measures since now
+
+    def sample(self) -> _Sample:
+        now = self._clock.monotonic()
+        last = self._last
+        if last is not None and now - last.at < self._min_interval:
+            return last
+        try:
+            disk = psutil.disk_usage(str(self._disk_path)).percent
+        except OSError:
+            disk = 0.0
+        self._last = _Sample(now, psutil.cpu_percent(interval=None),
+                             psutil.virtual_memory().percent, disk)
+        return self._last
+
+
+def assess(sample: _Sample) -> tuple[HealthStatus, list[str]]:
+    """The status the resource readings alone give, with what to do about them."""
+    status = HealthStatus.HEALTHY
+    advice: list[str] = []
+    if sample.memory >= 97:
+        status = worst(status, HealthStatus.CRITICAL)
+        advice.append("Free up memory or restart services")
+    elif sample.memory >= 90:
+        status = worst(status, HealthStatus.DEGRADED)
+        advice.append("Memory is short: lower --concurrency")
+    if sample.disk >= 98:
+        status = worst(status, HealthStatus.CRITICAL)
+        advice.append("Free disk space: checkpoints cannot be written when it is full")
+    elif sample.disk >= 90:
+        status = worst(status, HealthStatus.DEGRADED)
+        advice.append("Disk is nearly full: free space before it stops checkpoints")
+    if sample.cpu >= 95:
+        status = worst(status, HealthStatus.WARNING)
+        advice.append("CPU is saturated: stages will run slower than their baselines")
+    return status, advice
+
+
+async def run_custom_check(check: HealthCheckFunction,
+                           workflow_id: str | None) -> Mapping[str, Any]:
+    answer = check(workflow_id)
+    if inspect.isawaitable(answer):
+        answer = await answer
+    if not isinstance(answer, Mapping):
+        raise TypeError(f"health check {getattr(check, '__name__', check)!r} returned "
+                        f"{type(answer).__name__}, not a mapping with a 'status'")
+    return answer
+
+
+def parse_status(value: object) -> HealthStatus:
+    try:
+        return HealthStatus(str(value).upper())
+    except ValueError:
+        return HealthStatus.WARNING

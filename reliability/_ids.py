@@ -1,0 +1,36 @@
+"""Workflow IDs: how they are made, and the check every ID passes before it names a path."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+from ._errors import InvalidWorkflowIdError
+
+__all__ = ["new_workflow_id", "validate_workflow_id"]
+
+# The spec's shape, ``workflow-20240115-142315-a7b3``, with a longer random tail allowed:
+# thousands of workflows start within one second, and four hex digits would collide.
+_WORKFLOW_ID = re.compile(r"workflow-\d{8}-\d{6}-[0-9a-f]{4,32}")
+
+
+def new_workflow_id(wall_time: float) -> str:
+    """A fresh ID stamped with ``wall_time`` (UTC) and 32 random bits."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(wall_time))
+    return f"workflow-{stamp}-{secrets.token_hex(4)}"
+
+
+def validate_workflow_id(value: object) -> str:
+    """Return ``value`` if it is a well-formed workflow ID, else raise InvalidWorkflowIdError.
+
+    Only IDs of the exact shape pass, so ``../x``, ``/etc``, empty strings, look-alike
+    unicode digits and newlines can never reach a file path.
+    """
+    if not isinstance(value, str) or not value.isascii() or not _WORKFLOW_ID.fullmatch(value):
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 80 else (
+            repr(value[:80]) + f"... ({len(value)} characters)")
+        raise InvalidWorkflowIdError(
+            f"invalid workflow ID {shown}: expected the form workflow-YYYYMMDD-HHMMSS-xxxx "
+            "(lowercase hex tail), as printed by 'workflow-manager list'")
+    return value

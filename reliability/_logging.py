@@ -1,0 +1,151 @@
+"""Structured logs: every record carries the workflow ID of the task that logged it.
+
+The ID lives in a context variable, so it follows each workflow's task (and the threads it
+hands work to via ``asyncio.to_thread``) without being passed around. Records go to the
+console and to a daily file ``{log_directory}/workflow-YYYYMMDD.log``, in the spec's
+``detailed`` text format or as one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LOGGER_NAME", "DailyFileHandler", "configure_logging", "current_workflow_id",
+           "logger", "shutdown_logging", "workflow_id_var"]
+
+LOGGER_NAME = "workflow_manager"
+logger = logging.getLogger(LOGGER_NAME)
+workflow_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "workflow_id", default=None)
+
+
+def current_workflow_id() -> str | None:
+    return workflow_id_var.get()
+
+
+class _WorkflowIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "workflow_id"):
+            record.workflow_id = workflow_id_var.get() or "-"
+        return True
+
+
+class DetailedFormatter(logging.Formatter):
+    """``2024-01-15 14:23:15 - workflow_manager - INFO - [workflow-...] message``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s - %(name)s - %(levelname)s - [%(workflow_id)s] %(message)s",
+                         datefmt="%Y-%m-%d %H:%M:%S")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; fields given via ``extra={"fields": {...}}`` are merged."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                    + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "workflow_id": getattr(record, "workflow_id", None),
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class DailyFileHandler(logging.Handler):
+    """Appends to ``workflow-YYYYMMDD.log`` (UTC date), switching files at midnight.
+
+    Files are created 0600 in a 0700 directory: logs may name private repositories.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+        self._day = ""
+        self._stream: Any = None
+
+    def _stream_for_today(self) -> Any:
+        day = time.strftime("%Y%m%d", time.gmtime())
+        if day != self._day or self._stream is None:
+            if self._stream is not None:
+                self._stream.close()
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = self.directory / f"workflow-{day}.log"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._stream = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+            self._day = day
+        return self._stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            stream = self._stream_for_today()
+            stream.write(message + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        super().close()
+
+
+_installed: list[logging.Handler] = []
+_listener: list[logging.handlers.QueueListener] = []
+
+
+def configure_logging(*, level: str, log_format: str, directory: Path | None,
+                      console: bool = True) -> None:
+    """Install the console and daily-file handlers on the ``workflow_manager`` logger.
+
+    Records are queued and written by a listener thread, so a slow disk or terminal never
+    stalls the event loop. Calling it again replaces what it installed before.
+    """
+    shutdown_logging()
+    formatter: logging.Formatter = JsonFormatter() if log_format == "json" else DetailedFormatter()
+    handlers: list[logging.Handler] = []
+    if console:
+        handlers.append(logging.StreamHandler())
+    if directory is not None:
+        handlers.append(DailyFileHandler(directory))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logger.setLevel(level)
+    logger.propagate = not handlers
+    if not handlers:
+        return
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    front = logging.handlers.QueueHandler(records)
+    front.addFilter(_WorkflowIdFilter())  # here, in the logging task, where the ID is set
+    logger.addHandler(front)
+    _installed.append(front)
+    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    listener.start()
+    _listener.append(listener)
+
+
+def shutdown_logging() -> None:
+    """Flush queued records and remove the handlers ``configure_logging`` installed."""
+    for listener in _listener:
+        listener.stop()
+        for handler in listener.handlers:
+            handler.close()
+    _listener.clear()
+    for handler in _installed:
+        logger.removeHandler(handler)
+    _installed.clear()

@@ -1,0 +1,536 @@
+"""The runtime: services shared by every workflow in one event loop, and the entry points.
+
+One ``Runtime`` owns the store (and its single writer thread), the circuit breakers, the
+health sampler, shared objects such as HTTP clients, and the table of live workflows.
+``run_workflow`` and ``resume_workflow`` are one-workflow conveniences around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ._analytics import performance_report
+from ._breaker import Breaker
+from ._clock import Clock, SystemClock
+from ._config import BreakerSettings, WorkflowConfiguration, load_configuration
+from ._context import DefinitionLike, RecoveryAction, StageSpecLike
+from ._engine import Engine, _Live
+from ._errors import ConfigurationError, WorkflowError
+from ._health import (
+    HealthCheckFunction,
+    HealthSampler,
+    HealthStatus,
+    SystemHealthCheck,
+    assess,
+    parse_status,
+    run_custom_check,
+    worst,
+)
+from ._ids import new_workflow_id, validate_workflow_id
+from ._logging import configure_logging, logger
+from ._recovery import BUILTIN_ACTIONS
+from ._retry import RetryPolicy, retry_call
+from ._state import RESUMABLE, WorkflowRun
+from ._store import FileStore, Store
+
+__all__ = ["DEFAULT_DEFINITION", "Runtime", "WorkflowResult", "resolve_definition",
+           "resume_workflow", "run_workflow"]
+
+T = TypeVar("T")
+DEFAULT_DEFINITION = "machines.development:DEVELOPMENT_WORKFLOW"
+ErrorHandler = Callable[[str, BaseException, str, dict[str, Any]], Any]
+Listener = Callable[..., None]
+_REMEMBERED = 1000  # finished runs kept in memory for diagnostics; older ones are on disk
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowResult:
+    """How a workflow ended. ``to_dict()`` gives the spec's result dict."""
+
+    workflow_id: str
+    success: bool
+    status: str
+    current_stage: str | None
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    error_category: str | None = None
+    recovery_recommendations: tuple[str, ...] = ()
+    resumed_from: str | None = None
+    reliability_metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        result = {"workflow_id": self.workflow_id, "success": self.success,
+                  "status": self.status, "current_stage": self.current_stage,
+                  "error": self.error, "error_category": self.error_category,
+                  "recovery_recommendations": list(self.recovery_recommendations),
+                  "resumed_from": self.resumed_from,
+                  "reliability_metrics": dict(self.reliability_metrics)}
+        result.update(self.outputs)
+        result["outputs"] = dict(self.outputs)
+        return result
+
+
+def report_for(run: WorkflowRun) -> dict[str, Any]:
+    attempts = sum(int(e.get("attempts", 1)) for e in run.stage_history) or 1
+    return performance_report(run.stage_history, error_count=run.error_count,
+                              recovery_attempts=run.recovery_attempts,
+                              recovery_successes=run.recovery_successes, attempts=attempts)
+
+
+_ADVICE = {
+    "transient": "A dependency kept failing; check connectivity and the forge's status, then "
+                 "run 'workflow-manager resume {id}'.",
+    "resource": "The machine ran short (disk, memory); free some, then resume {id}.",
+    "configuration": "Fix the setting or input named in the error, then resume {id} or start "
+                     "a new run.",
+    "critical": "The workflow stopped safely with its state kept; read the log, then resume "
+                "{id}.",
+}
+
+
+def result_for(run: WorkflowRun) -> WorkflowResult:
+    advice: tuple[str, ...] = ()
+    if run.status == "interrupted":
+        advice = (f"Resume with 'workflow-manager resume {run.workflow_id}'.",)
+    elif run.status == "timed_out":
+        advice = ("A stage ran past its timeout; raise timeout_multiplier or the stage's "
+                  f"timeout, then resume {run.workflow_id}.",)
+    elif run.status == "failed" and run.error_category in _ADVICE:
+        advice = (_ADVICE[run.error_category].format(id=run.workflow_id),)
+    return WorkflowResult(
+        workflow_id=run.workflow_id, success=run.status == "completed", status=run.status,
+        current_stage=run.current_stage, outputs=dict(run.outputs), error=run.error,
+        error_category=run.error_category, recovery_recommendations=advice,
+        resumed_from=run.resumed_from, reliability_metrics=report_for(run))
+
+
+def resolve_definition(import_path: str) -> DefinitionLike:
+    """Import ``"package.module:NAME"`` and return the definition bound to NAME."""
+    module_name, _, attribute = import_path.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"definition path {import_path!r} must look like "
+                                 "'package.module:NAME'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"cannot import workflow definition {import_path!r}: {error}. Run from the "
+            "directory that holds the module, or install it.") from None
+    definition = getattr(module, attribute, None)
+    if definition is None or not hasattr(definition, "stages"):
+        raise ConfigurationError(f"{import_path!r} does not name a WorkflowDefinition")
+    return definition  # type: ignore[no-any-return]
+
+
+class Runtime:
+    """Many workflows, one event loop: ``async with Runtime(config=..., project_root=...)``."""
+
+    def __init__(self, config: WorkflowConfiguration | None = None,
+                 project_root: str | os.PathLike[str] = ".", *, store: Store | None = None,
+                 clock: Clock | None = None, handle_signals: bool = False,
+                 configure_logs: bool = True) -> None:
+        self.config = config if config is not None else load_configuration()
+        self.project_root = Path(project_root).resolve()
+        self.clock: Clock = clock or SystemClock()
+        self.store: Store = store or FileStore(self._path(self.config.state_directory),
+                                               self._path(self.config.checkpoint_directory))
+        self.persistence = self.config.enable_persistence
+        self.breakers: dict[str, Breaker] = {}
+        self.error_handlers: list[ErrorHandler] = []
+        self.health_checks: list[HealthCheckFunction] = []
+        self._handle_signals = handle_signals
+        self._configure_logs = configure_logs
+        self._live: dict[str, _Live] = {}
+        self._finished: OrderedDict[str, WorkflowRun] = OrderedDict()
+        self._engines: dict[int, Engine] = {}
+        self._shared: dict[str, Any] = {}
+        self._shared_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listeners: list[Listener] = []
+        self._sampler: HealthSampler | None = None
+        self._policy = RetryPolicy(max_retries=self.config.max_retries,
+                                   base_delay=self.config.retry_base_delay,
+                                   max_delay=self.config.retry_max_delay,
+                                   budget_seconds=self.config.retry_budget_seconds)
+        self._warned_unbound: set[int] = set()
+        self.shutting_down = False
+        self.loop_lag_ms: float | None = None
+
+    def _path(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else self.project_root / path
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._configure_logs:
+            configure_logging(level=self.config.log_level, log_format=self.config.log_format,
+                              directory=self._path(self.config.log_directory)
+                              if self.config.enable_monitoring else None)
+        await self.store.open()
+        self._sampler = HealthSampler(self.project_root, self.clock)
+        if self._handle_signals:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self.request_shutdown, signum)
+
+    async def close(self) -> None:
+        if self._handle_signals:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for value in self._shared.values():
+            closer = getattr(value, "aclose", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+        self._shared.clear()
+        await self.store.close()
+
+    def request_shutdown(self, signum: int | None = None) -> None:
+        """Stop every workflow at its next safe point, leaving each ``interrupted``.
+
+        Safe to call again (a second Ctrl-C): it only repeats the same requests.
+        """
+        if signum is not None:
+            logger.warning("Received %s: stopping workflows; they stay resumable",
+                           signal.Signals(signum).name)
+        self.shutting_down = True
+        for live in list(self._live.values()):
+            self._stop(live, "shutdown")
+
+    def _stop(self, live: _Live, reason: str) -> None:
+        live.stop_reason = live.stop_reason or reason
+        if live.in_handler and live.task is not None and not live.task.done():
+            live.task.cancel()  # only inside a handler: never inside a trigger or a write
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, target: str | os.PathLike[str] | DefinitionLike, *,
+                  context: Mapping[str, Any] | None = None) -> WorkflowResult:
+        """Run one workflow to its end: a prompt file (development workflow) or a definition."""
+        definition, inputs, prompt_file = self._target(target, context)
+        if self.shutting_down:
+            raise WorkflowError("the runtime is shutting down; no new workflows start")
+        run = WorkflowRun(new_workflow_id(self.clock.time()), definition_name=definition.name,
+                          definition_path=definition.import_path, context=inputs,
+                          prompt_file=prompt_file, created_at=self.clock.time())
+        return await self._execute(definition, run, 0)
+
+    async def resume(self, workflow_id: str) -> WorkflowResult:
+        """Continue a stored workflow from the stage after its last completed one."""
+        validate_workflow_id(workflow_id)
+        loaded = await self.store.load(workflow_id)
+        for problem in loaded.problems:
+            logger.warning("State problem for %s: %s; using %s", workflow_id, problem,
+                           loaded.source)
+        run = WorkflowRun.from_state(loaded.state)
+        if run.status == "completed":
+            return result_for(run)
+        if run.status not in RESUMABLE:
+            raise ConfigurationError(f"workflow {workflow_id} is {run.status}; only "
+                                     f"{', '.join(sorted(RESUMABLE))} workflows can be resumed")
+        definition = self._stored_definition(run)
+        start = self._resume_index(definition, run)
+        run.resumed_from = definition.stages[start].name
+        run.error = run.error_category = None
+        return await self._execute(definition, run, start)
+
+    async def resume_all(self) -> list[WorkflowResult]:
+        """Find every stored workflow that did not finish (running when a process died,
+        or interrupted) and run them all to their end, concurrently."""
+        states = await self.store.list_states({"pending", "running", "interrupted"})
+        return list(await asyncio.gather(*(self._resume_quietly(s.state["workflow_id"])
+                                           for s in states)))
+
+    async def _resume_quietly(self, workflow_id: str) -> WorkflowResult:
+        try:
+            return await self.resume(workflow_id)
+        except WorkflowError as error:
+            logger.error("Cannot resume %s: %s", workflow_id, error)
+            return WorkflowResult(workflow_id=workflow_id, success=False, status="failed",
+                                  current_stage=None, error=str(error),
+                                  error_category=error.category.value)
+
+    async def _execute(self, definition: DefinitionLike, run: WorkflowRun,
+                       start: int) -> WorkflowResult:
+        claim = await self.store.claim(run.workflow_id) if self.persistence else None
+        live = _Live(run)
+        live.task = asyncio.current_task()
+        self._live[run.workflow_id] = live
+        try:
+            self.emit("started", run)
+            await self._engine(definition).execute(live, start)
+        finally:
+            del self._live[run.workflow_id]
+            if claim is not None:
+                claim.release()
+            self._remember(run)
+            self.emit("finished", run)
+        return result_for(run)
+
+    def _engine(self, definition: DefinitionLike) -> Engine:
+        engine = self._engines.get(id(definition))
+        if engine is None:
+            engine = self._engines[id(definition)] = Engine(self, definition)
+        return engine
+
+    def _remember(self, run: WorkflowRun) -> None:
+        self._finished[run.workflow_id] = run
+        while len(self._finished) > _REMEMBERED:
+            self._finished.popitem(last=False)
+
+    def _target(self, target: str | os.PathLike[str] | DefinitionLike,
+                context: Mapping[str, Any] | None) -> tuple[DefinitionLike, dict[str, Any],
+                                                            str | None]:
+        inputs = dict(context or {})
+        if isinstance(target, (str, os.PathLike)):
+            prompt = os.fspath(target)
+            inputs.setdefault("prompt_file", prompt)
+            return resolve_definition(DEFAULT_DEFINITION), inputs, prompt
+        if not hasattr(target, "stages"):
+            raise TypeError("run() takes a prompt file path or a WorkflowDefinition, not "
+                            f"{type(target).__name__}")
+        if target.import_path is None and id(target) not in self._warned_unbound:
+            self._warned_unbound.add(id(target))
+            logger.warning("Definition %r is not bound to a module-level name, so a fresh "
+                           "process cannot resume its workflows", target.name)
+        return target, inputs, None
+
+    def _stored_definition(self, run: WorkflowRun) -> DefinitionLike:
+        if not run.definition_path:
+            raise ConfigurationError(
+                f"workflow {run.workflow_id} used definition {run.definition_name!r}, which was "
+                "not bound to a module-level name; bind it to one (NAME = "
+                "WorkflowDefinition(...)) in an importable module so it can be resumed")
+        return resolve_definition(run.definition_path)
+
+    @staticmethod
+    def _resume_index(definition: DefinitionLike, run: WorkflowRun) -> int:
+        names = [s.name for s in definition.stages]
+        done = run.completed_stages
+        if done != names[:len(done)]:
+            raise ConfigurationError(
+                f"workflow {run.workflow_id} completed stages {done} that do not match "
+                f"definition {definition.name!r} ({names}); was the definition changed?")
+        if len(done) >= len(names):
+            return len(names) - 1
+        return len(done)
+
+    async def cancel(self, workflow_id: str, *, abandon: bool = False) -> bool:
+        """Stop a workflow. Running here: it ends ``interrupted`` (resumable). Stored and not
+        running, with ``abandon=True``: it is marked ``cancelled`` and never resumed."""
+        validate_workflow_id(workflow_id)
+        live = self._live.get(workflow_id)
+        if live is not None:
+            self._stop(live, "cancel")
+            return True
+        if not abandon:
+            return False
+        claim = await self.store.claim(workflow_id)
+        try:
+            run = WorkflowRun.from_state((await self.store.load(workflow_id)).state)
+            if run.status in ("completed", "cancelled"):
+                return False
+            run.status = "cancelled"
+            run.updated_at = self.clock.time()
+            await self.store.save(run.workflow_id, run.to_state)
+        finally:
+            claim.release()
+        return True
+
+    # ------------------------------------------------------------------ shared services
+
+    def live(self, workflow_id: str) -> _Live | None:
+        return self._live.get(workflow_id)
+
+    @property
+    def running(self) -> list[str]:
+        return list(self._live)
+
+    def breaker(self, name: str) -> Breaker:
+        breaker = self.breakers.get(name)
+        if breaker is None:
+            settings = self.config.circuit_breakers.get(name, BreakerSettings(5, 60.0))
+            breaker = self.breakers[name] = Breaker(
+                name, failure_threshold=settings.failure_threshold,
+                recovery_timeout=settings.recovery_timeout, clock=self.clock)
+        return breaker
+
+    async def guarded_call(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Retries (outer) around breaker ``name`` (inner) around ``call``."""
+        return await retry_call(call, policy=self._policy, clock=self.clock,
+                                breaker=self.breaker(name))
+
+    async def shared(self, key: str, factory: Callable[[], Awaitable[T]]) -> T:
+        if key in self._shared:
+            return self._shared[key]  # type: ignore[no-any-return]
+        lock = self._shared_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key not in self._shared:
+                self._shared[key] = await factory()
+        return self._shared[key]  # type: ignore[no-any-return]
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run a short side task (warnings, health checks), cancelled when the runtime closes."""
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def add_listener(self, listener: Listener) -> None:
+        """``listener(event, run, **data)`` is told of started/stage/retry/progress/finished."""
+        self._listeners.append(listener)
+
+    def emit(self, event: str, run: WorkflowRun, **data: Any) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event, run, **data)
+            except Exception:
+                logger.exception("Listener %r failed on %s", listener, event)
+
+    def register_error_handler(self, handler: ErrorHandler) -> None:
+        """``handler(workflow_id, error, stage, context)`` may return a strategy dict."""
+        self.error_handlers.append(handler)
+
+    def register_health_check(self, check: HealthCheckFunction) -> None:
+        """``check(workflow_id)`` returns (or awaits to) a dict with a ``status``."""
+        self.health_checks.append(check)
+
+    def recovery_action(self, definition: DefinitionLike, name: str) -> RecoveryAction | None:
+        return definition.recovery_actions.get(name) or BUILTIN_ACTIONS.get(name)
+
+    # ------------------------------------------------------------------ health
+
+    def health_before(self, spec: StageSpecLike) -> bool:
+        return self.config.enable_health_checks and bool(getattr(spec, "health_check", False))
+
+    async def perform_health_check(self, workflow_id: str | None = None) -> SystemHealthCheck:
+        """Resources, registered checks and loop lag, merged into one status (worst wins)."""
+        if workflow_id is not None:
+            validate_workflow_id(workflow_id)
+        sampler = self._sampler or HealthSampler(self.project_root, self.clock)
+        sample = sampler.sample()
+        status, advice = assess(sample)
+        custom: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
+        for check in self.health_checks:
+            name = getattr(check, "__name__", "check")
+            try:
+                answer = await run_custom_check(check, workflow_id)
+            except Exception as error:
+                answer = {"status": "DEGRADED", "error": f"{type(error).__name__}: {error}"}
+            status = worst(status, parse_status(answer.get("status", "HEALTHY")))
+            for key in ("git_status", "github_connectivity", "claude_availability"):
+                if key in answer:
+                    fields[key] = answer[key]
+            advice.extend(answer.get("recommendations", ()))
+            custom[name] = dict(answer)
+        check_result = SystemHealthCheck(
+            status=status, cpu_usage=sample.cpu, memory_usage=sample.memory,
+            disk_usage=sample.disk, recommendations=tuple(dict.fromkeys(advice)),
+            timestamp=self.clock.time(), loop_lag_ms=self.loop_lag_ms, custom=custom, **fields)
+        live = self._live.get(workflow_id) if workflow_id else None
+        if live is not None:
+            live.run.record_health_check(check_result.to_dict())
+        return check_result
+
+    async def stage_health_check(self, run: WorkflowRun, reason: str) -> None:
+        if not self.config.enable_health_checks:
+            return
+        check = await self.perform_health_check(run.workflow_id)
+        if self._live.get(run.workflow_id) is None:
+            run.record_health_check(check.to_dict())
+        level = "info" if check.status is HealthStatus.HEALTHY else "warning"
+        getattr(logger, level)("Health check completed (%s): %s (CPU: %.0f%%, Memory: %.0f%%)",
+                               reason, check.status.value, check.cpu_usage, check.memory_usage)
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def get_workflow_diagnostics(self, workflow_id: str) -> dict[str, Any]:
+        """The spec's diagnostics dict, for a running, finished or stored workflow."""
+        validate_workflow_id(workflow_id)
+        live = self._live.get(workflow_id)
+        run = live.run if live is not None else self._finished.get(workflow_id)
+        if run is None:
+            loader = getattr(self.store, "_load_sync", None)
+            if loader is None:
+                raise ConfigurationError(f"workflow {workflow_id} is not known to this runtime")
+            run = WorkflowRun.from_state(loader(workflow_id).state)
+        return diagnostics_for(run, live, self.clock, self.store.describe(workflow_id))
+
+
+def diagnostics_for(run: WorkflowRun, live: _Live | None, clock: Clock,
+                    files: Mapping[str, str]) -> dict[str, Any]:
+    started = live.stage_started if live is not None else None
+    duration = clock.monotonic() - started if started is not None else (
+        run.stage_history[-1]["duration"] if run.stage_history else 0.0)
+    return {
+        "workflow_id": run.workflow_id,
+        "status": run.status,
+        "running_here": live is not None,
+        "current_stage": {"stage": run.current_stage, "duration": duration,
+                          "attempt": run.attempt,
+                          "progress": live.progress if live is not None else None},
+        "completed_stages": list(run.completed_stages),
+        "error_count": run.error_count,
+        "retry_count": run.retry_count,
+        "recovery_attempts": run.recovery_attempts,
+        "recent_errors": run.errors[-5:],
+        "recent_health_checks": run.health_checks[-5:],
+        "stage_history": {e["stage"]: {**e, "status": _history_status(e)}
+                          for e in run.stage_history},
+        "performance_report": report_for(run),
+        "outputs": dict(run.outputs),
+        "error": run.error,
+        "files": dict(files),
+    }
+
+
+def _history_status(entry: Mapping[str, Any]) -> str:
+    if entry.get("status") != "completed":
+        return str(entry.get("status"))
+    baseline = float(entry.get("baseline") or 0)
+    ratio = float(entry.get("duration") or 0) / baseline if baseline else 0.0
+    return "slow" if ratio > 1.2 else "fast" if ratio < 0.8 else "normal"
+
+
+async def run_workflow(target: str | os.PathLike[str] | DefinitionLike, *,
+                       context: Mapping[str, Any] | None = None,
+                       config: WorkflowConfiguration | None = None,
+                       project_root: str | os.PathLike[str] = ".",
+                       clock: Clock | None = None, store: Store | None = None) -> WorkflowResult:
+    """Run one workflow in a runtime of its own and return how it ended."""
+    async with Runtime(config=config, project_root=project_root, clock=clock,
+                       store=store) as runtime:
+        return await runtime.run(target, context=context)
+
+
+async def resume_workflow(workflow_id: str, *, config: WorkflowConfiguration | None = None,
+                          project_root: str | os.PathLike[str] = ".",
+                          clock: Clock | None = None,
+                          store: Store | None = None) -> WorkflowResult:
+    """Resume one stored workflow from where it stopped, in a runtime of its own."""
+    async with Runtime(config=config, project_root=project_root, clock=clock,
+                       store=store) as runtime:
+        return await runtime.resume(workflow_id)
+

@@ -1,0 +1,134 @@
+"""One workflow's live record, and its persisted form (the spec's ``WorkflowState``).
+
+Invariant: ``completed_stages`` lists, in order, exactly the stages whose outputs are in
+``outputs``; a stage is added to it only together with its outputs, and a checkpoint of
+that pair is durable before the next stage starts. Resume re-runs the first stage not in
+it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["NON_TERMINAL", "RESUMABLE", "STATUSES", "TERMINAL", "WorkflowRun"]
+
+STATUSES = ("pending", "running", "completed", "failed", "timed_out", "cancelled",
+            "interrupted")
+TERMINAL = frozenset({"completed", "failed", "timed_out", "cancelled"})
+NON_TERMINAL = frozenset({"pending", "running", "interrupted"})
+# Failed and timed-out workflows keep their state, so a person may resume them by ID.
+RESUMABLE = frozenset({"pending", "running", "interrupted", "failed", "timed_out"})
+
+_MAX_HEALTH_CHECKS = 10  # bounded: memory per workflow must not grow with its duration
+_MAX_ERRORS = 20
+
+
+class WorkflowRun:
+    """The mutable record the engine keeps for one workflow, and the model on its machine.
+
+    Models on a shared ``AsyncMachine`` must compare by identity (DESIGN rule 1), which is
+    ``object``'s default; ``__slots__`` keeps a workflow in flight small.
+    """
+
+    __slots__ = (
+        "__weakref__", "attempt", "completed_stages", "context", "created_at", "current_stage",
+        "definition_name", "definition_path", "error", "error_category", "error_count",
+        "errors", "health_checks", "outputs", "prompt_file", "recovery_attempts",
+        "recovery_successes", "resumed_from", "retry_count", "stage_history",
+        "stage_start_time", "state", "status", "updated_at", "workflow_id",
+    )
+
+    def __init__(self, workflow_id: str, *, definition_name: str,
+                 definition_path: str | None, context: Mapping[str, Any],
+                 prompt_file: str | None, created_at: float) -> None:
+        self.workflow_id = workflow_id
+        self.definition_name = definition_name
+        self.definition_path = definition_path
+        self.prompt_file = prompt_file
+        self.context: dict[str, Any] = dict(context)
+        self.outputs: dict[str, Any] = {}
+        self.status = "pending"
+        self.state = "pending"  # the machine's state; transitions sets it
+        self.current_stage: str | None = None
+        self.stage_start_time: float | None = None
+        self.attempt = 0
+        self.completed_stages: list[str] = []
+        self.stage_history: list[dict[str, Any]] = []
+        self.health_checks: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.error_count = 0
+        self.retry_count = 0
+        self.recovery_attempts = 0
+        self.recovery_successes = 0
+        self.error: str | None = None
+        self.error_category: str | None = None
+        self.resumed_from: str | None = None
+        self.created_at = created_at
+        self.updated_at = created_at
+
+    def record_health_check(self, check: dict[str, Any]) -> None:
+        self.health_checks.append(check)
+        del self.health_checks[:-_MAX_HEALTH_CHECKS]
+
+    def record_error(self, entry: dict[str, Any]) -> None:
+        self.error_count += 1
+        self.errors.append(entry)
+        del self.errors[:-_MAX_ERRORS]
+
+    def to_state(self) -> dict[str, Any]:
+        """A snapshot in the spec's shape; safe to hand to another thread (no shared lists)."""
+        return {
+            "workflow_id": self.workflow_id,
+            "definition": self.definition_path,
+            "definition_name": self.definition_name,
+            "prompt_file": self.prompt_file,
+            "status": self.status,
+            "current_stage": self.current_stage,
+            "stage_start_time": self.stage_start_time,
+            "attempt": self.attempt,
+            "completed_stages": list(self.completed_stages),
+            "progress_data": dict(self.outputs),
+            "monitoring_state": {
+                "error_count": self.error_count,
+                "retry_count": self.retry_count,
+                "recovery_attempts": self.recovery_attempts,
+                "recovery_successes": self.recovery_successes,
+                "health_checks": list(self.health_checks),
+                "stage_history": list(self.stage_history),
+                "errors": list(self.errors),
+            },
+            "context": dict(self.context),
+            "error": self.error,
+            "error_category": self.error_category,
+            "resumed_from": self.resumed_from,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> WorkflowRun:
+        """Rebuild a run from ``to_state()`` output (already validated by the store)."""
+        run = cls(state["workflow_id"], definition_name=state.get("definition_name") or "",
+                  definition_path=state.get("definition"), context=state.get("context") or {},
+                  prompt_file=state.get("prompt_file"),
+                  created_at=float(state.get("created_at") or 0.0))
+        run.outputs = dict(state.get("progress_data") or {})
+        run.status = state.get("status") or "pending"
+        run.current_stage = state.get("current_stage")
+        run.stage_start_time = state.get("stage_start_time")
+        run.attempt = int(state.get("attempt") or 0)
+        run.completed_stages = list(state.get("completed_stages") or [])
+        monitoring = state.get("monitoring_state") or {}
+        run.error_count = int(monitoring.get("error_count", 0))
+        run.retry_count = int(monitoring.get("retry_count", 0))
+        run.recovery_attempts = int(monitoring.get("recovery_attempts", 0))
+        run.recovery_successes = int(monitoring.get("recovery_successes", 0))
+        run.health_checks = list(monitoring.get("health_checks") or [])
+        run.stage_history = list(monitoring.get("stage_history") or [])
+        run.errors = list(monitoring.get("errors") or [])
+        run.error = state.get("error")
+        run.error_category = state.get("error_category")
+        run.resumed_from = state.get("resumed_from")
+        run.updated_at = float(state.get("updated_at") or run.created_at)
+        return run

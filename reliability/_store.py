@@ -1,0 +1,619 @@
+"""Durable workflow state: the ``Store`` interface, the embedded ``FileStore``, ``MemoryStore``.
+
+The interface is shaped for a shared database too (a PostgreSQL store with lease rows):
+everything is async, workflows are listed by status, and running one needs an exclusive
+claim (here a ``flock``-ed lock file, released by the kernel if the process dies).
+
+FileStore layout (the spec's paths, under the project root)::
+
+    {state_directory}/{id}/state.json             current state, atomic, checksummed
+    {state_directory}/{id}/lock                   the claim
+    {state_directory}/{id}/history.jsonl.gz       compressed earlier states
+    {checkpoint_directory}/{id}_checkpoint_{stage}.json
+
+Every write goes through one group-commit writer (DESIGN rule 4): writes queued while a
+batch is on disk form the next batch, coalesced per file (newest wins), written by one
+dedicated thread as temp file + rename, then made durable with a single ``syncfs`` (or an
+``fsync`` per file where ``syncfs`` is missing). A workflow awaits only its own files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ._errors import (
+    ResourceError,
+    StateCorruptedError,
+    WorkflowLockedError,
+    WorkflowNotFoundError,
+    classify,
+)
+from ._ids import validate_workflow_id
+
+__all__ = ["SCHEMA_VERSION", "Claim", "FileStore", "LoadedState", "MemoryStore", "Store",
+           "decode_document", "encode_document"]
+
+Snapshot = Callable[[], dict[str, Any]]
+SCHEMA_VERSION = 1
+MAX_STATE_BYTES = 16 * 1024 * 1024  # a state file larger than this is refused, not parsed
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedState:
+    """A validated state, where it came from, and what was wrong with newer copies."""
+
+    state: dict[str, Any]
+    source: str
+    problems: tuple[str, ...] = ()
+
+
+class Claim(Protocol):
+    """The exclusive right to run one workflow; ``release()`` gives it back."""
+
+    workflow_id: str
+
+    def release(self) -> None: ...
+
+
+class Store(Protocol):
+    """Where workflows' states live. Implementations: FileStore, MemoryStore (PostgreSQL next)."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def save(self, workflow_id: str, snapshot: Snapshot, *,
+                   checkpoint_stage: str | None = None) -> None:
+        """Make the workflow's state durable; with ``checkpoint_stage``, also as that
+        stage's checkpoint. ``snapshot()`` is called when the write happens (on the loop),
+        so what is written is the newest state, never an older one."""
+        ...
+
+    def save_soon(self, workflow_id: str, snapshot: Snapshot) -> None:
+        """Queue a write for the next batch without waiting (informational writes)."""
+        ...
+
+    def archive(self, state: dict[str, Any]) -> None:
+        """Keep ``state`` in the workflow's compressed history."""
+        ...
+
+    async def load(self, workflow_id: str) -> LoadedState: ...
+
+    async def list_states(self, statuses: Iterable[str] | None = None) -> list[LoadedState]: ...
+
+    async def claim(self, workflow_id: str) -> Claim:
+        """Raises WorkflowLockedError if another task or process holds the claim."""
+        ...
+
+    async def claim_many(self, workflow_ids: Iterable[str]) -> tuple[list[Claim], list[str]]:
+        """Claims for those free, and the IDs already claimed elsewhere."""
+        ...
+
+    def describe(self, workflow_id: str) -> dict[str, str]:
+        """Where a workflow's data lives, for diagnostics."""
+        ...
+
+
+def encode_document(state: Mapping[str, Any]) -> bytes:
+    """The on-disk form: schema version, SHA-256 of the canonical state, then the state."""
+    body = json.dumps(state, sort_keys=True, separators=(",", ":"), default=str)
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    return (f'{{"schema_version":{SCHEMA_VERSION},"checksum":"sha256:{digest}",'
+            f'"state":{body}}}\n').encode()
+
+
+def decode_document(data: bytes, path: str) -> dict[str, Any]:
+    """The state inside ``data``; StateCorruptedError says what is wrong with the file."""
+    if not data.strip():
+        raise StateCorruptedError(path, "the file is empty (torn write?)")
+    try:
+        document = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StateCorruptedError(path, f"not valid JSON (truncated or damaged): {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("state"), dict):
+        raise StateCorruptedError(path, "not a workflow state document")
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StateCorruptedError(
+            path, f"schema version {version!r} is not {SCHEMA_VERSION}, which this version reads")
+    state: dict[str, Any] = document["state"]
+    body = json.dumps(state, sort_keys=True, separators=(",", ":"), default=str)
+    expected = "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+    if document.get("checksum") != expected:
+        raise StateCorruptedError(path, "checksum mismatch: the file was changed or damaged")
+    return state
+
+
+def _check_state(state: dict[str, Any], workflow_id: str, path: str) -> dict[str, Any]:
+    if state.get("workflow_id") != workflow_id:
+        raise StateCorruptedError(path, f"belongs to {state.get('workflow_id')!r}, "
+                                        f"not {workflow_id}")
+    return state
+
+
+# --------------------------------------------------------------------------- file store
+
+
+class _FileClaim:
+    __slots__ = ("_fd", "_registry", "workflow_id")
+
+    def __init__(self, workflow_id: str, fd: int, registry: set[str]) -> None:
+        self.workflow_id = workflow_id
+        self._fd = fd
+        self._registry = registry
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = -1
+            self._registry.discard(self.workflow_id)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return function
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _read_bounded(path: Path) -> bytes:
+    """Read a state file without following a symlink and without reading a huge file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as error:
+        if error.errno == 40:  # ELOOP: the final component is a symlink
+            raise StateCorruptedError(str(path), "is a symbolic link; refused") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StateCorruptedError(str(path), "is not a regular file")
+        if info.st_size > MAX_STATE_BYTES:
+            raise StateCorruptedError(
+                str(path), f"is {info.st_size} bytes, over the {MAX_STATE_BYTES}-byte limit")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class _Batch:
+    # workflow ID -> (snapshot, stages whose checkpoint file is wanted): coalesced per workflow
+    writes: dict[str, tuple[Snapshot, set[str]]] = field(default_factory=dict)
+    appends: dict[Path, list[bytes]] = field(default_factory=dict)
+    future: asyncio.Future[dict[str, BaseException]] | None = None
+
+
+class FileStore:
+    """The embedded store: files under the project root, one group-commit writer thread."""
+
+    def __init__(self, state_directory: Path, checkpoint_directory: Path, *,
+                 durable: bool = True) -> None:
+        self.state_directory = state_directory
+        self.checkpoint_directory = checkpoint_directory
+        self.durable = durable
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending = _Batch()
+        self._flusher: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._claimed: set[str] = set()
+        self._made_dirs: set[Path] = set()
+        self._closing = False
+        self.batches_written = 0
+        self.files_written = 0
+
+    # --- lifecycle
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        # One thread: batches are serial by design, and the loop's default pool (shared
+        # with DNS lookups) is never flooded by thousands of workflows' writes.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
+        self._wakeup = asyncio.Event()
+        self._flusher = asyncio.create_task(self._flush_forever(), name="workflow-store-writer")
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        self._closing = True
+        assert self._wakeup is not None and self._flusher is not None
+        self._wakeup.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._flusher
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    # --- paths
+
+    def state_path(self, workflow_id: str) -> Path:
+        return self.state_directory / validate_workflow_id(workflow_id) / "state.json"
+
+    def checkpoint_path(self, workflow_id: str, stage: str) -> Path:
+        safe_stage = "".join(c if c.isalnum() or c in "-_" else "_" for c in stage)[:80]
+        return self.checkpoint_directory / (
+            f"{validate_workflow_id(workflow_id)}_checkpoint_{safe_stage}.json")
+
+    def describe(self, workflow_id: str) -> dict[str, str]:
+        return {"state_file": str(self.state_path(workflow_id)),
+                "checkpoint_glob": str(self.checkpoint_directory / f"{workflow_id}_checkpoint_*"),
+                "history_file": str(self.state_path(workflow_id).parent / "history.jsonl.gz")}
+
+    # --- writes
+
+    def save_soon(self, workflow_id: str, snapshot: Snapshot) -> None:
+        self._queue(workflow_id, snapshot, None)
+
+    async def save(self, workflow_id: str, snapshot: Snapshot, *,
+                   checkpoint_stage: str | None = None) -> None:
+        self._queue(workflow_id, snapshot, checkpoint_stage)
+        batch_future = self._pending.future
+        assert batch_future is not None
+        # Shielded: the future is shared by every workflow in the batch.
+        failures = await asyncio.shield(batch_future)
+        if workflow_id in failures:
+            raise failures[workflow_id]
+
+    def archive(self, state: dict[str, Any]) -> None:
+        path = self.state_path(state["workflow_id"]).parent / "history.jsonl.gz"
+        self._pending.appends.setdefault(path, []).append(encode_document(state))
+        self._ensure_batch_future()
+
+    def _queue(self, workflow_id: str, snapshot: Snapshot, checkpoint_stage: str | None) -> None:
+        if self._executor is None:
+            raise RuntimeError("the store is not open (use 'async with Runtime(...)')")
+        pending = self._pending.writes.get(workflow_id)
+        if pending is None:
+            pending = self._pending.writes[workflow_id] = (snapshot, set())
+        elif pending[0] is not snapshot:
+            pending = self._pending.writes[workflow_id] = (snapshot, pending[1])
+        if checkpoint_stage is not None:
+            pending[1].add(checkpoint_stage)
+        self._ensure_batch_future()
+
+    def _ensure_batch_future(self) -> None:
+        if self._pending.future is None:
+            self._pending.future = asyncio.get_running_loop().create_future()
+            assert self._wakeup is not None
+            self._wakeup.set()
+
+    async def _flush_forever(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._pending = self._pending, _Batch()
+            if batch.future is None:
+                if self._closing:
+                    return
+                continue
+            # Snapshots are taken here, on the loop, so the thread never sees a state that
+            # the loop is still changing; each is the workflow's newest.
+            # Encoding here too: the thread then only makes syscalls, each of which gives
+            # up the GIL, instead of competing with the loop for it between them.
+            items = [(w, encode_document(snapshot()), stages)
+                     for w, (snapshot, stages) in batch.writes.items()]
+            try:
+                failures = await loop.run_in_executor(self._executor, self._write_batch, items,
+                                                      batch.appends)
+            except BaseException as error:  # the thread itself failed: every write did
+                failures = {w: error for w in batch.writes}
+                if isinstance(error, asyncio.CancelledError):
+                    batch.future.set_result(failures)
+                    raise
+            batch.future.set_result(failures)
+            self.batches_written += 1
+
+    def _write_batch(self, items: list[tuple[str, bytes, set[str]]],
+                     appends: dict[Path, list[bytes]]) -> dict[str, BaseException]:
+        failures: dict[str, BaseException] = {}
+        written: list[Path] = []
+        for workflow_id, document, stages in items:
+            paths = [self.state_path(workflow_id)]
+            paths.extend(self.checkpoint_path(workflow_id, stage) for stage in stages)
+            for path in paths:
+                try:
+                    self._write_atomically(path, document)
+                    written.append(path)
+                except OSError as error:
+                    failures[workflow_id] = _storage_error(path, error)
+                    break
+        for path, documents in appends.items():
+            try:
+                self._ensure_dir(path.parent)
+                with gzip.open(path, "ab") as history:
+                    history.writelines(documents)
+            except OSError:
+                pass  # history is a convenience; the state files are the record
+        if self.durable and written:
+            try:
+                self._make_durable(written)
+            except OSError as error:
+                failures.update({w: _storage_error(self.state_directory, error)
+                                 for w, _, _ in items})
+        self.files_written += len(written)
+        return failures
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory not in self._made_dirs:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._made_dirs.add(directory)
+
+    def _write_atomically(self, path: Path, document: bytes) -> None:
+        self._ensure_dir(path.parent)
+        temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(document)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.durable and _SYNCFS is None:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        os.close(fd)
+        os.replace(temporary, path)
+
+    def _make_durable(self, written: list[Path]) -> None:
+        if _SYNCFS is not None:
+            fd = os.open(self.state_directory, os.O_RDONLY)
+            try:
+                if _SYNCFS(fd) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, os.strerror(errno), str(self.state_directory))
+            finally:
+                os.close(fd)
+            return
+        for directory in {path.parent for path in written}:
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # --- reads
+
+    async def load(self, workflow_id: str) -> LoadedState:
+        validate_workflow_id(workflow_id)
+        return await asyncio.to_thread(self._load_sync, workflow_id)
+
+    def _load_sync(self, workflow_id: str) -> LoadedState:
+        path = self.state_path(workflow_id)
+        problems: list[str] = []
+        try:
+            state = _check_state(decode_document(_read_bounded(path), str(path)), workflow_id,
+                                 str(path))
+            return LoadedState(state, str(path))
+        except FileNotFoundError:
+            if not path.parent.exists():
+                raise WorkflowNotFoundError(
+                    f"no workflow {workflow_id} under {self.state_directory}") from None
+            problems.append(f"{path}: missing")
+        except StateCorruptedError as error:
+            problems.append(str(error))
+        except OSError as error:
+            problems.append(f"{path}: unreadable: {error.strerror}")
+        return self._newest_checkpoint(workflow_id, problems)
+
+    def _newest_checkpoint(self, workflow_id: str, problems: list[str]) -> LoadedState:
+        best: tuple[float, str, dict[str, Any]] | None = None
+        for candidate in self.checkpoint_directory.glob(f"{workflow_id}_checkpoint_*.json"):
+            try:
+                state = _check_state(decode_document(_read_bounded(candidate), str(candidate)),
+                                     workflow_id, str(candidate))
+            except (StateCorruptedError, OSError) as error:
+                problems.append(str(error))
+                continue
+            key = (float(state.get("updated_at") or 0.0), str(candidate), state)
+            if best is None or key[:2] > best[:2]:
+                best = key
+        if best is None:
+            raise StateCorruptedError(
+                str(self.state_path(workflow_id)),
+                "no valid state or checkpoint: " + "; ".join(problems))
+        return LoadedState(best[2], best[1], tuple(problems))
+
+    async def list_states(self, statuses: Iterable[str] | None = None) -> list[LoadedState]:
+        wanted = frozenset(statuses) if statuses is not None else None
+        return await asyncio.to_thread(self._list_sync, wanted)
+
+    def _list_sync(self, wanted: frozenset[str] | None) -> list[LoadedState]:
+        found: list[LoadedState] = []
+        try:
+            entries = list(os.scandir(self.state_directory))
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            try:
+                workflow_id = validate_workflow_id(entry.name)
+            except ValueError:
+                continue  # not ours (or hostile): never build a path from it
+            try:
+                loaded = self._load_sync(workflow_id)
+            except (StateCorruptedError, WorkflowNotFoundError) as error:
+                found.append(LoadedState({"workflow_id": workflow_id, "status": "corrupted",
+                                          "error": str(error)}, str(entry.path), (str(error),)))
+                continue
+            if wanted is None or loaded.state.get("status") in wanted:
+                found.append(loaded)
+        return found
+
+    # --- claims
+
+    async def claim(self, workflow_id: str) -> Claim:
+        claims, refused = await self.claim_many([workflow_id])
+        if refused:
+            raise WorkflowLockedError(
+                f"workflow {workflow_id} is already running (its lock "
+                f"{self.state_path(workflow_id).parent / 'lock'} is held); not starting it twice")
+        return claims[0]
+
+    async def claim_many(self, workflow_ids: Iterable[str]) -> tuple[list[Claim], list[str]]:
+        ids = [validate_workflow_id(w) for w in workflow_ids]
+        free = [w for w in ids if w not in self._claimed]
+        refused = [w for w in ids if w in self._claimed]
+        self._claimed.update(free)  # reserve now, so two tasks in this loop cannot both win
+        try:
+            fds = await asyncio.to_thread(self._lock_all, free)
+        except BaseException:
+            self._claimed.difference_update(free)
+            raise
+        claims: list[Claim] = []
+        for workflow_id, fd in zip(free, fds, strict=True):
+            if fd < 0:
+                self._claimed.discard(workflow_id)
+                refused.append(workflow_id)
+            else:
+                claims.append(_FileClaim(workflow_id, fd, self._claimed))
+        return claims, refused
+
+    def _lock_all(self, workflow_ids: list[str]) -> list[int]:
+        fds: list[int] = []
+        try:
+            for workflow_id in workflow_ids:
+                fds.append(self._lock_one(workflow_id))
+        except BaseException:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        return fds
+
+    def _lock_one(self, workflow_id: str) -> int:
+        directory = self.state_path(workflow_id).parent
+        try:
+            self._ensure_dir(directory)
+            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as error:
+            raise _storage_error(directory / "lock", error) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return -1
+        return fd
+
+
+def _storage_error(path: Path, error: OSError) -> BaseException:
+    """Name the file in the error; disk-full and friends become ResourceError."""
+    message = f"cannot write {path}: {error.strerror or error}"
+    if classify(error).value == "resource":
+        return ResourceError(message + " (free some space, then resume the workflow)")
+    wrapped = OSError(error.errno, message)
+    return wrapped
+
+
+# --------------------------------------------------------------------------- memory store
+
+
+class _MemoryClaim:
+    __slots__ = ("_registry", "workflow_id")
+
+    def __init__(self, workflow_id: str, registry: set[str]) -> None:
+        self.workflow_id = workflow_id
+        self._registry = registry
+
+    def release(self) -> None:
+        self._registry.discard(self.workflow_id)
+
+
+class MemoryStore:
+    """States kept in this process only: for tests on a fake clock and for benchmarks.
+
+    It still encodes and validates every document, so what it keeps is what a file holds.
+    """
+
+    def __init__(self) -> None:
+        self.documents: dict[str, bytes] = {}
+        self.checkpoints: dict[tuple[str, str], bytes] = {}
+        self._pending: dict[str, Snapshot] = {}  # save_soon: encoded only if never superseded
+        self._claimed: set[str] = set()
+        self.saves = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def save_soon(self, workflow_id: str, snapshot: Snapshot) -> None:
+        self._pending[workflow_id] = snapshot
+
+    async def save(self, workflow_id: str, snapshot: Snapshot, *,
+                   checkpoint_stage: str | None = None) -> None:
+        self._pending.pop(workflow_id, None)
+        document = encode_document(snapshot())
+        self.documents[workflow_id] = document
+        if checkpoint_stage is not None:
+            self.checkpoints[(workflow_id, checkpoint_stage)] = document
+        self.saves += 1
+
+    def archive(self, state: dict[str, Any]) -> None:
+        return None
+
+    async def load(self, workflow_id: str) -> LoadedState:
+        validate_workflow_id(workflow_id)
+        self._flush_pending()
+        document = self.documents.get(workflow_id)
+        if document is None:
+            raise WorkflowNotFoundError(f"no workflow {workflow_id} in this memory store")
+        return LoadedState(decode_document(document, f"memory:{workflow_id}"),
+                           f"memory:{workflow_id}")
+
+    async def list_states(self, statuses: Iterable[str] | None = None) -> list[LoadedState]:
+        wanted = frozenset(statuses) if statuses is not None else None
+        self._flush_pending()
+        states = [LoadedState(decode_document(d, f"memory:{w}"), f"memory:{w}")
+                  for w, d in self.documents.items()]
+        return [s for s in states if wanted is None or s.state.get("status") in wanted]
+
+    def _flush_pending(self) -> None:
+        for workflow_id, snapshot in self._pending.items():
+            self.documents[workflow_id] = encode_document(snapshot())
+        self._pending.clear()
+
+    async def claim(self, workflow_id: str) -> Claim:
+        claims, refused = await self.claim_many([workflow_id])
+        if refused:
+            raise WorkflowLockedError(f"workflow {workflow_id} is already running")
+        return claims[0]
+
+    async def claim_many(self, workflow_ids: Iterable[str]) -> tuple[list[Claim], list[str]]:
+        claims: list[Claim] = []
+        refused: list[str] = []
+        for workflow_id in workflow_ids:
+            if workflow_id in self._claimed:
+                refused.append(workflow_id)
+            else:
+                self._claimed.add(workflow_id)
+                claims.append(_MemoryClaim(workflow_id, self._claimed))
+        return claims, refused
+
+    def describe(self, workflow_id: str) -> dict[str, str]:
+        return {"state_file": f"memory:{workflow_id}"}
