@@ -35,7 +35,7 @@ class WorkflowRun:
         "__weakref__", "attempt", "completed_stages", "context", "created_at", "current_stage",
         "definition_name", "definition_path", "error", "error_category", "error_count",
         "errors", "health_checks", "outputs", "prompt_file", "recovery_attempts",
-        "recovery_successes", "resumed_from", "retry_count", "stage_history",
+        "recovery_successes", "resumed_from", "retry_count", "revision", "stage_history",
         "stage_start_time", "state", "status", "updated_at", "workflow_id",
     )
 
@@ -66,6 +66,7 @@ class WorkflowRun:
         self.resumed_from: str | None = None
         self.created_at = created_at
         self.updated_at = created_at
+        self.revision = 0
 
     def record_health_check(self, check: dict[str, Any]) -> None:
         self.health_checks.append(check)
@@ -77,9 +78,15 @@ class WorkflowRun:
         del self.errors[:-_MAX_ERRORS]
 
     def to_state(self) -> dict[str, Any]:
-        """A snapshot in the spec's shape; safe to hand to another thread (no shared lists)."""
+        """A snapshot in the spec's shape; safe to hand to another thread (no shared lists).
+
+        Each snapshot gets the next ``revision``, so of two copies the newer is known
+        without trusting wall clocks.
+        """
+        self.revision += 1
         return {
             "workflow_id": self.workflow_id,
+            "revision": self.revision,
             "definition": self.definition_path,
             "definition_name": self.definition_name,
             "prompt_file": self.prompt_file,
@@ -131,4 +138,5 @@ class WorkflowRun:
         run.error_category = state.get("error_category")
         run.resumed_from = state.get("resumed_from")
         run.updated_at = float(state.get("updated_at") or run.created_at)
+        run.revision = int(state.get("revision") or 0)
         return run

@@ -50,6 +50,7 @@ __all__ = ["SCHEMA_VERSION", "Claim", "FileStore", "LoadedState", "MemoryStore",
 Snapshot = Callable[[], dict[str, Any]]
 SCHEMA_VERSION = 1
 MAX_STATE_BYTES = 16 * 1024 * 1024  # a state file larger than this is refused, not parsed
+JOURNAL_LIMIT = 64 * 1024 * 1024  # past this, a journal is materialized and emptied
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +199,22 @@ def _read_bounded(path: Path) -> bytes:
         os.close(fd)
 
 
+def _newest_per_workflow(path: Path) -> dict[str, tuple[int, bytes]]:
+    """The last valid document per workflow in a journal; a torn last line is skipped."""
+    newest: dict[str, tuple[int, bytes]] = {}
+    with open(path, "rb") as journal:
+        for line in journal:
+            try:
+                state = decode_document(line, str(path))
+                workflow_id = validate_workflow_id(state.get("workflow_id"))
+            except (StateCorruptedError, ValueError):
+                continue
+            revision = int(state.get("revision") or 0)
+            if revision >= newest.get(workflow_id, (-1, b""))[0]:
+                newest[workflow_id] = (revision, line)
+    return newest
+
+
 @dataclass(slots=True)
 class _Batch:
     # workflow ID -> (snapshot, stages whose checkpoint file is wanted): coalesced per workflow
@@ -207,22 +224,43 @@ class _Batch:
 
 
 class FileStore:
-    """The embedded store: files under the project root, one group-commit writer thread."""
+    """The embedded store: files under the project root, one group-commit writer thread.
+
+    Durability point: a batch is durable once appended to this process's journal
+    (``{state_directory}/_journal/journal-*.log``) and ``fdatasync``-ed; one append and
+    one sync for thousands of workflows' writes. ``state.json`` and checkpoint files are
+    then materialized from the batch every ``checkpoint_frequency`` stages and at the end
+    of each workflow, without a sync each. Invariant: every state newer than its
+    ``state.json`` is in a journal that is not deleted until those files are synced. A
+    journal whose process died (its ``flock`` is free) is replayed into ``state.json``
+    files by the next store that opens, before anything else reads them.
+    """
 
     def __init__(self, state_directory: Path, checkpoint_directory: Path, *,
-                 durable: bool = True) -> None:
+                 durable: bool = True, journal_limit: int = JOURNAL_LIMIT) -> None:
         self.state_directory = state_directory
         self.checkpoint_directory = checkpoint_directory
+        self.journal_directory = state_directory / "_journal"
         self.durable = durable
+        self._journal_limit = journal_limit
         self._executor: ThreadPoolExecutor | None = None
+        self._materializer: ThreadPoolExecutor | None = None
         self._pending = _Batch()
         self._flusher: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._claimed: set[str] = set()
         self._made_dirs: set[Path] = set()
         self._closing = False
+        # Writer-thread state. Invariant: _unmaterialized holds, per workflow, the newest
+        # journal document whose state.json has not been written from it yet.
+        self._journal_fd = -1
+        self._journal_path: Path | None = None
+        self._journal_size = 0
+        self._unmaterialized: dict[str, bytes] = {}  # touched by the materializer thread only
+        self.materialize_errors: list[str] = []
         self.batches_written = 0
         self.files_written = 0
+        self.replayed_workflows = 0
 
     # --- lifecycle
 
@@ -231,7 +269,10 @@ class FileStore:
             return
         # One thread: batches are serial by design, and the loop's default pool (shared
         # with DNS lookups) is never flooded by thousands of workflows' writes.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-journal")
+        self._materializer = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="workflow-state-files")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_journal)
         self._wakeup = asyncio.Event()
         self._flusher = asyncio.create_task(self._flush_forever(), name="workflow-store-writer")
 
@@ -243,8 +284,15 @@ class FileStore:
         self._wakeup.set()
         with contextlib.suppress(asyncio.CancelledError):
             await self._flusher
-        self._executor.shutdown(wait=True)
-        self._executor = None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor,
+                                                             self._retire_journal)
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            if self._materializer is not None:
+                self._materializer.shutdown(wait=True)
+                self._materializer = None
 
     # --- paths
 
@@ -259,9 +307,10 @@ class FileStore:
     def describe(self, workflow_id: str) -> dict[str, str]:
         return {"state_file": str(self.state_path(workflow_id)),
                 "checkpoint_glob": str(self.checkpoint_directory / f"{workflow_id}_checkpoint_*"),
-                "history_file": str(self.state_path(workflow_id).parent / "history.jsonl.gz")}
+                "history_file": str(self.state_path(workflow_id).parent / "history.jsonl.gz"),
+                "journal_directory": str(self.journal_directory)}
 
-    # --- writes
+    # --- writes (event loop side)
 
     def save_soon(self, workflow_id: str, snapshot: Snapshot) -> None:
         self._queue(workflow_id, snapshot, None)
@@ -310,10 +359,8 @@ class FileStore:
                 if self._closing:
                     return
                 continue
-            # Snapshots are taken here, on the loop, so the thread never sees a state that
-            # the loop is still changing; each is the workflow's newest.
-            # Encoding here too: the thread then only makes syscalls, each of which gives
-            # up the GIL, instead of competing with the loop for it between them.
+            # Snapshots are taken and encoded here, on the loop: the thread never sees a
+            # state the loop is still changing, and each is the workflow's newest.
             items = [(w, encode_document(snapshot()), stages)
                      for w, (snapshot, stages) in batch.writes.items()]
             try:
@@ -327,35 +374,121 @@ class FileStore:
             batch.future.set_result(failures)
             self.batches_written += 1
 
+    # --- writes (writer thread side)
+
     def _write_batch(self, items: list[tuple[str, bytes, set[str]]],
                      appends: dict[Path, list[bytes]]) -> dict[str, BaseException]:
-        failures: dict[str, BaseException] = {}
-        written: list[Path] = []
+        try:
+            self._append_to_journal(b"".join(document for _, document, _ in items))
+        except OSError as error:
+            return {w: _storage_error(self._journal_path or self.journal_directory, error)
+                    for w, _, _ in items}
+        # Durable now. The state files are written by a second thread, in batch order, so
+        # the next batch's append overlaps with this one's file writes.
+        assert self._materializer is not None
+        self._materializer.submit(self._materialize_batch, items, appends)
+        if self._journal_size > self._journal_limit:
+            self._rotate_journal()
+        return {}
+
+    def _materialize_batch(self, items: list[tuple[str, bytes, set[str]]],
+                           appends: dict[Path, list[bytes]]) -> None:
         for workflow_id, document, stages in items:
-            paths = [self.state_path(workflow_id)]
-            paths.extend(self.checkpoint_path(workflow_id, stage) for stage in stages)
-            for path in paths:
-                try:
-                    self._write_atomically(path, document)
-                    written.append(path)
-                except OSError as error:
-                    failures[workflow_id] = _storage_error(path, error)
-                    break
-        for path, documents in appends.items():
+            if not stages:
+                self._unmaterialized[workflow_id] = document
+                continue
             try:
+                self._materialize(workflow_id, document, stages)
+            except OSError as error:
+                # The journal holds it durably; the files are written again later.
+                self._unmaterialized[workflow_id] = document
+                self.materialize_errors.append(f"{self.state_path(workflow_id)}: {error}")
+        for path, documents in appends.items():
+            with contextlib.suppress(OSError):  # history is a convenience, not the record
                 self._ensure_dir(path.parent)
                 with gzip.open(path, "ab") as history:
                     history.writelines(documents)
-            except OSError:
-                pass  # history is a convenience; the state files are the record
-        if self.durable and written:
+
+    def _append_to_journal(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._journal_fd, view):]
+        self._journal_size += len(data)
+        if self.durable:
+            os.fdatasync(self._journal_fd)
+
+    def _materialize(self, workflow_id: str, document: bytes, stages: Iterable[str]) -> None:
+        self._write_atomically(self.state_path(workflow_id), document)
+        for stage in stages:
+            self._write_atomically(self.checkpoint_path(workflow_id, stage), document)
+        self._unmaterialized.pop(workflow_id, None)
+        self.files_written += 1
+
+    def _materialize_all(self) -> None:
+        """Write every state that only the journal holds, then sync them to disk."""
+        for workflow_id, document in list(self._unmaterialized.items()):
+            self._materialize(workflow_id, document, ())
+        if self.durable:
+            self._sync_filesystem()
+
+    def _rotate_journal(self) -> None:
+        # Everything the journal holds goes to state files first; then it may be emptied.
+        assert self._materializer is not None
+        self._materializer.submit(self._materialize_all).result()
+        os.ftruncate(self._journal_fd, 0)
+        self._journal_size = 0
+
+    def _open_journal(self) -> None:
+        self._ensure_dir(self.journal_directory)
+        self._replay_orphan_journals()
+        name = f"journal-{os.getpid()}-{os.urandom(4).hex()}.log"
+        self._journal_path = self.journal_directory / name
+        fd = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                     0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: "not an orphan"
+        self._journal_fd = fd
+
+    def _retire_journal(self) -> None:
+        if self._journal_fd < 0:
+            return
+        assert self._materializer is not None
+        self._materializer.submit(self._materialize_all).result()
+        os.close(self._journal_fd)
+        self._journal_fd = -1
+        assert self._journal_path is not None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._journal_path)
+
+    def _replay_orphan_journals(self) -> None:
+        """Bring state files up to date from journals left by processes that died."""
+        for path in sorted(self.journal_directory.glob("journal-*.log")):
             try:
-                self._make_durable(written)
-            except OSError as error:
-                failures.update({w: _storage_error(self.state_directory, error)
-                                 for w, _, _ in items})
-        self.files_written += len(written)
-        return failures
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its process is alive and owns those workflows
+                newest = _newest_per_workflow(path)
+                for workflow_id, (revision, document) in newest.items():
+                    if revision > self._materialized_revision(workflow_id):
+                        self._write_atomically(self.state_path(workflow_id), document)
+                        self.replayed_workflows += 1
+                if self.durable:
+                    self._sync_filesystem()
+                os.unlink(path)
+            finally:
+                os.close(fd)
+
+    def _materialized_revision(self, workflow_id: str) -> int:
+        path = self.state_path(workflow_id)
+        try:
+            state = decode_document(_read_bounded(path), str(path))
+        except (OSError, StateCorruptedError):
+            return -1
+        return int(state.get("revision") or 0)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory not in self._made_dirs:
@@ -380,7 +513,7 @@ class FileStore:
         os.close(fd)
         os.replace(temporary, path)
 
-    def _make_durable(self, written: list[Path]) -> None:
+    def _sync_filesystem(self) -> None:
         if _SYNCFS is not None:
             fd = os.open(self.state_directory, os.O_RDONLY)
             try:
@@ -390,7 +523,8 @@ class FileStore:
             finally:
                 os.close(fd)
             return
-        for directory in {path.parent for path in written}:
+        # Without syncfs each file was fsynced as written; the directories remain.
+        for directory in (self.state_directory, self.checkpoint_directory):
             fd = os.open(directory, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -430,7 +564,7 @@ class FileStore:
             except (StateCorruptedError, OSError) as error:
                 problems.append(str(error))
                 continue
-            key = (float(state.get("updated_at") or 0.0), str(candidate), state)
+            key = (float(state.get("revision") or 0), str(candidate), state)
             if best is None or key[:2] > best[:2]:
                 best = key
         if best is None:
