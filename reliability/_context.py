@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ._clock import Clock
     from ._config import WorkflowConfiguration
     from ._engine import Engine
+    from ._runtime import Runtime
     from ._state import WorkflowRun
 
 __all__ = ["DefinitionLike", "RecoveryAction", "StageContext", "StageHandler", "StageSpecLike"]
@@ -91,6 +92,11 @@ class StageContext:
     @property
     def workflow_id(self) -> str:
         return self._run.workflow_id
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime this workflow runs in (shared services, health checks)."""
+        return self._engine.runtime
 
     @property
     def config(self) -> WorkflowConfiguration:

@@ -305,7 +305,7 @@ class Runtime:
                                                             str | None]:
         inputs = dict(context or {})
         if isinstance(target, (str, os.PathLike)):
-            prompt = os.fspath(target)
+            prompt = os.path.abspath(os.fspath(target))  # resumable from any directory
             inputs.setdefault("prompt_file", prompt)
             return resolve_definition(DEFAULT_DEFINITION), inputs, prompt
         if not hasattr(target, "stages"):

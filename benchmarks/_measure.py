@@ -1,0 +1,113 @@
+"""Measuring instruments: loop lag ticker, timed store saves, percentiles, memory.
+
+They wrap the library from outside (a ticker task, an instance attribute over
+``store.save``) so the library carries no benchmark code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import psutil
+
+__all__ = ["LagMonitor", "SaveTimer", "lag_monitor", "percentile", "rss_bytes", "settle"]
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile; 0.0 for no values (a figure with nothing to time)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+class LagMonitor:
+    """A task that sleeps ``interval`` seconds and records how late each wake-up was.
+
+    The overshoot is how long some other callback held the loop: what every workflow's
+    timer, socket read and watchdog waited on top of its own work.
+    """
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            self.lags.append(max(0.0, time.perf_counter() - before - self.interval))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick(), name="lag-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def p99_ms(self) -> float:
+        return percentile(self.lags, 0.99) * 1000
+
+    def max_ms(self) -> float:
+        return max(self.lags, default=0.0) * 1000
+
+
+@contextlib.asynccontextmanager
+async def lag_monitor(interval: float = 0.01) -> AsyncIterator[LagMonitor]:
+    monitor = LagMonitor(interval)
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        await monitor.stop()
+
+
+class SaveTimer:
+    """Times every durable ``save`` of one store instance by shadowing the bound method.
+
+    Each latency is from the call until the write is durable, which is what a workflow
+    waits between two stages.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.latencies: list[float] = []
+        self._inner: Callable[..., Awaitable[None]] = store.save
+        store.save = self._timed
+
+    async def _timed(self, *args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        try:
+            await self._inner(*args, **kwargs)
+        finally:
+            self.latencies.append(time.perf_counter() - started)
+
+    def p50_ms(self) -> float:
+        return percentile(self.latencies, 0.50) * 1000
+
+    def p99_ms(self) -> float:
+        return percentile(self.latencies, 0.99) * 1000
+
+
+def rss_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def settle() -> None:
+    """Collect garbage twice so earlier figures' cycles do not land in this one's numbers."""
+    gc.collect()
+    gc.collect()

@@ -1,0 +1,356 @@
+"""The development workflow's stage handlers: prompt file to pull request, for real.
+
+Each handler does its stage's real work (files, git, the forge's API, the configured
+agent and test commands) and returns the outputs later stages need.
+
+Exactly-once: a stage may run again after a crash or a retry, so every side-effecting
+stage first reconciles with the world (issue found by the hidden marker, branch and
+worktree reused, commit found by the marker, open pull request found by branch) and
+records an effect's identity with ``ctx.save_output`` the moment it exists.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from reliability._context import StageContext
+from reliability._errors import ConfigurationError, CriticalError, TransientError
+
+from .._stages import DEFAULT_TIMEOUTS, WorkflowStage
+from . import _git
+from ._commands import format_command, run_command
+from ._forge import Forge, LocalForge
+from ._github import GitHubForge
+from ._prompt import Prompt, load_prompt_async
+
+__all__ = ["HANDLERS", "forge_for", "marker_for"]
+
+Outputs = Mapping[str, Any]
+_FORGE_KEY = "development.forge"
+_WORKTREES = Path(".github") / "workflow-worktrees"
+_REVIEW_TIMING = DEFAULT_TIMEOUTS[WorkflowStage.REVIEW_PROCESSING]
+_PYTEST_SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
+
+
+def marker_for(workflow_id: str) -> str:
+    """The hidden marker that ties an issue, commit and pull request to one workflow."""
+    return f"<!-- workflow-manager:{workflow_id} -->"
+
+
+async def forge_for(ctx: StageContext) -> Forge:
+    """The runtime's one forge (made on first use), as the configuration chooses."""
+
+    async def make() -> Forge:
+        config = ctx.config
+        if config.resolved_forge == "github":
+            guard = _GitHubGuard(ctx)
+            return GitHubForge(config.github_repository, config.github_token,
+                               api_url=config.github_api_url, clock=ctx.clock, guard=guard)
+        return LocalForge(ctx.project_root, ctx.clock)
+
+    return await ctx.shared(_FORGE_KEY, make)
+
+
+class _GitHubGuard:
+    """Every GitHub call: retries (outer) around the shared ``github`` breaker (inner)."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self._runtime = ctx.runtime
+
+    def __call__(self, attempt: Any, /) -> Any:
+        return self._runtime.guarded_call("github", attempt)
+
+
+def _prompt_path(ctx: StageContext) -> Path:
+    raw = ctx.context.get("prompt_file")
+    if not isinstance(raw, str) or not raw:
+        raise ConfigurationError("the development workflow needs a prompt_file input")
+    path = Path(raw)
+    return path if path.is_absolute() else ctx.project_root / path
+
+
+async def _prompt(ctx: StageContext) -> Prompt:
+    return await load_prompt_async(_prompt_path(ctx))
+
+
+def _worktree(ctx: StageContext) -> Path:
+    return Path(str(ctx.context["worktree"]))
+
+
+# ------------------------------------------------------------------ preparation
+
+
+async def initialization(ctx: StageContext) -> Outputs:
+    """Validate the prompt file, the repository and the commands before anything happens."""
+    prompt = await _prompt(ctx)
+    await _git.ensure_repository(ctx.project_root)
+    config = ctx.config
+    if not config.agent_command.strip():
+        raise ConfigurationError("agent_command is empty: set it to the command that "
+                                 "implements a prompt, e.g. 'claude -p {prompt_file}'")
+    if config.resolved_forge == "github" and not (config.github_token
+                                                  and config.github_repository):
+        raise ConfigurationError("forge 'github' needs github_repository (owner/name) and "
+                                 "a token in GITHUB_TOKEN")
+    forge = await forge_for(ctx)
+    ctx.logger.info("Prompt %s: %r; forge: %s", prompt.path, prompt.title, forge.label)
+    return {"prompt_file": str(prompt.path), "feature_name": prompt.title,
+            "slug": prompt.slug, "forge": forge.label}
+
+
+async def prompt_analysis(ctx: StageContext) -> Outputs:
+    """Parse the prompt's requirements, success criteria and sections."""
+    prompt = await _prompt(ctx)
+    return {"requirements": list(prompt.requirements),
+            "success_criteria": list(prompt.success_criteria),
+            "sections": list(prompt.sections), "complexity": prompt.complexity}
+
+
+async def task_preparation(ctx: StageContext) -> Outputs:
+    """One task per requirement, then tests after all of them, then docs after tests."""
+    requirements = list(ctx.context.get("requirements") or [])
+    tasks: list[dict[str, Any]] = [
+        {"id": f"task-{i}", "title": f"Implement: {text}", "depends_on": []}
+        for i, text in enumerate(requirements, 1)]
+    implementation_ids = [t["id"] for t in tasks]
+    tasks.append({"id": "task-tests", "title": "Make the tests pass",
+                  "depends_on": implementation_ids})
+    tasks.append({"id": "task-docs", "title": "Update the documentation",
+                  "depends_on": ["task-tests"]})
+    return {"tasks": tasks}
+
+
+# ------------------------------------------------------------------ issue and branch
+
+
+def _issue_body(ctx: StageContext) -> str:
+    requirements = "\n".join(f"- {r}" for r in ctx.context.get("requirements") or [])
+    criteria = "\n".join(f"- {c}" for c in ctx.context.get("success_criteria") or [])
+    prompt = Path(str(ctx.context["prompt_file"])).name
+    return (f"Implementation of the prompt `{prompt}`, run by workflow `{ctx.workflow_id}`."
+            f"\n\n## Requirements\n\n{requirements}\n\n## Success criteria\n\n{criteria}\n\n"
+            f"{marker_for(ctx.workflow_id)}\n")
+
+
+async def issue_creation(ctx: StageContext) -> Outputs:
+    """Create the issue, unless an earlier run of this stage already did."""
+    forge = await forge_for(ctx)
+    marker = marker_for(ctx.workflow_id)
+    issue = await forge.find_issue(marker)
+    if issue is None:
+        issue = await forge.create_issue(str(ctx.context["feature_name"]), _issue_body(ctx),
+                                         ["enhancement"])
+        ctx.logger.info("Created issue #%d: %s", issue.number, issue.url)
+    else:
+        ctx.logger.info("Reusing issue #%d created by an earlier attempt", issue.number)
+    await ctx.save_output_durably(issue_number=issue.number, issue_url=issue.url)
+    return {"issue_number": issue.number, "issue_url": issue.url}
+
+
+async def branch_setup(ctx: StageContext) -> Outputs:
+    """A branch ``feature/<slug>-<issue>`` in a git worktree of this workflow's own."""
+    branch = f"feature/{ctx.context['slug']}-{ctx.context['issue_number']}"
+    path = ctx.project_root / _WORKTREES / ctx.workflow_id
+    worktree = await _git.ensure_worktree(ctx.project_root, path, branch,
+                                          ctx.config.base_branch)
+    return {"branch_name": branch, "worktree": str(worktree)}
+
+
+async def research_planning(ctx: StageContext) -> Outputs:
+    """The repository files whose names share words with the requirements."""
+    files = await _git.repository_files(_worktree(ctx), 5000)
+    words = {w for r in ctx.context.get("requirements") or []
+             for w in re.findall(r"[a-z]{4,}", str(r).lower())}
+    scored = sorted(((sum(w in f.lower() for w in words), f) for f in files), reverse=True)
+    relevant = [f for score, f in scored if score > 0][:20]
+    return {"repository_files": len(files), "relevant_files": relevant}
+
+
+# ------------------------------------------------------------------ implementation
+
+
+def _command(ctx: StageContext, template: str, setting: str) -> str:
+    command = format_command(template, prompt_file=str(ctx.context["prompt_file"]),
+                             worktree=str(_worktree(ctx)), python=sys.executable)
+    program = shlex.split(command)[0] if command.strip() else ""
+    if not program or shutil.which(program) is None:
+        raise ConfigurationError(f"{setting} {template!r}: program {program!r} is not on PATH")
+    return command
+
+
+async def implementation_start(ctx: StageContext) -> Outputs:
+    """Check the agent command can run before handing it the worktree."""
+    return {"agent_command": _command(ctx, ctx.config.agent_command, "agent_command")}
+
+
+async def implementation_progress(ctx: StageContext) -> Outputs:
+    """Run the agent in the worktree; each line it prints is logged and is a heartbeat."""
+    command = str(ctx.context["agent_command"])
+
+    def on_line(line: str) -> None:
+        ctx.heartbeat()
+        ctx.logger.info("agent: %s", line)
+
+    result = await run_command(command, cwd=_worktree(ctx), on_line=on_line)
+    if not result.ok:
+        raise TransientError(f"agent command {command!r} exited with {result.returncode} in "
+                             f"{_worktree(ctx)}: {result.output_tail[-500:]}")
+    return {"agent_exit_code": result.returncode,
+            "agent_duration": round(result.duration_seconds, 3)}
+
+
+async def implementation_complete(ctx: StageContext) -> Outputs:
+    """Record what the agent changed; no change at all is a failure a person must see."""
+    diff = await _git.diff_numstat(_worktree(ctx), ctx.config.base_branch)
+    if not diff.files_changed:
+        raise CriticalError(f"the agent made no changes in {_worktree(ctx)}; check "
+                            f"agent_command ({ctx.config.agent_command!r})")
+    return {"files_changed": list(diff.files_changed), "lines_added": diff.lines_added,
+            "lines_deleted": diff.lines_deleted}
+
+
+async def testing_start(ctx: StageContext) -> Outputs:
+    return {"test_command": _command(ctx, ctx.config.test_command, "test_command")}
+
+
+def parse_test_counts(output: str) -> dict[str, int]:
+    """Counts from pytest's summary line (``3 passed, 1 failed in 0.1s``); else empty."""
+    counts: dict[str, int] = {}
+    for line in reversed(output.splitlines()):
+        found = _PYTEST_SUMMARY.findall(line)
+        if found:
+            for number, kind in found:
+                counts[kind.rstrip("s") if kind.startswith("error") else kind] = int(number)
+            break
+    return counts
+
+
+async def testing_complete(ctx: StageContext) -> Outputs:
+    """Run the tests in the worktree; failing tests fail the stage."""
+    command = str(ctx.context["test_command"])
+    result = await run_command(command, cwd=_worktree(ctx),
+                               on_line=lambda line: ctx.heartbeat())
+    counts = parse_test_counts(result.output_tail)
+    if not result.ok:
+        raise CriticalError(f"tests failed ({command!r} exited with {result.returncode}, "
+                            f"{counts or 'no summary'}): {result.output_tail[-800:]}")
+    return {"tests_passed": True, "test_exit_code": result.returncode, "test_counts": counts}
+
+
+async def documentation_update(ctx: StageContext) -> Outputs:
+    """Run ``docs_command`` when one is configured (a non-critical stage)."""
+    template = ctx.config.docs_command
+    if not template.strip():
+        return {"docs_updated": False, "docs_note": "no docs_command configured"}
+    command = _command(ctx, template, "docs_command")
+    result = await run_command(command, cwd=_worktree(ctx), on_line=lambda _: ctx.heartbeat())
+    if not result.ok:
+        raise TransientError(f"docs command {command!r} exited with {result.returncode}")
+    return {"docs_updated": True}
+
+
+# ------------------------------------------------------------------ pull request
+
+
+async def pr_preparation(ctx: StageContext) -> Outputs:
+    """Commit once (found again by the marker after a crash) and push the branch."""
+    worktree = _worktree(ctx)
+    marker = marker_for(ctx.workflow_id)
+    message = (f"{ctx.context['feature_name']}\n\nCloses #{ctx.context['issue_number']}.\n\n"
+               f"{marker}")
+    sha = await _git.commit_all(worktree, message, marker)
+    if sha is None:
+        raise CriticalError(f"nothing to commit in {worktree}")
+    await ctx.save_output_durably(commit_sha=sha)
+    forge = await forge_for(ctx)
+    remote = await forge.prepare_remote(ctx.project_root)
+    await _git.push(worktree, remote, str(ctx.context["branch_name"]))
+    return {"commit_sha": sha, "remote": remote}
+
+
+async def pr_creation(ctx: StageContext) -> Outputs:
+    """Open the pull request, or reuse the open one for this branch."""
+    forge = await forge_for(ctx)
+    branch = str(ctx.context["branch_name"])
+    pull = await forge.find_open_pull(branch)
+    if pull is None:
+        body = (f"Closes #{ctx.context['issue_number']}.\n\nFiles changed: "
+                f"{len(ctx.context.get('files_changed') or [])}, lines added: "
+                f"{ctx.context.get('lines_added', 0)}; tests: "
+                f"{ctx.context.get('test_counts') or 'passed'}.\n\n"
+                f"{marker_for(ctx.workflow_id)}\n")
+        pull = await forge.create_pull(str(ctx.context["feature_name"]), body, branch,
+                                       ctx.config.base_branch)
+        ctx.logger.info("Opened pull request #%d: %s", pull.number, pull.url)
+    await ctx.save_output_durably(pr_number=pull.number, pr_url=pull.url)
+    return {"pr_number": pull.number, "pr_url": pull.url}
+
+
+async def pr_verification(ctx: StageContext) -> Outputs:
+    """Read the pull request back: open, and its head is the commit we pushed."""
+    forge = await forge_for(ctx)
+    pull = await forge.get_pull(int(ctx.context["pr_number"]))
+    expected = str(ctx.context["commit_sha"])
+    if pull.state != "open" or pull.head_sha != expected:
+        raise TransientError(f"pull request #{pull.number} is {pull.state} at "
+                             f"{pull.head_sha}, expected open at {expected}")
+    return {"pr_state": pull.state, "pr_head_sha": pull.head_sha}
+
+
+async def review_request(ctx: StageContext) -> Outputs:
+    reviewers = list(ctx.config.reviewers)
+    if reviewers:
+        forge = await forge_for(ctx)
+        await forge.request_reviewers(int(ctx.context["pr_number"]), reviewers)
+    return {"reviewers_requested": reviewers}
+
+
+async def review_processing(ctx: StageContext) -> Outputs:
+    """Record the review state; with reviewers requested, poll until the warning time."""
+    forge = await forge_for(ctx)
+    number = int(ctx.context["pr_number"])
+    state = await forge.review_state(number)
+    if ctx.context.get("reviewers_requested"):
+        waited = 0.0
+        # Bounded well inside the stage's timeout: a review may take days; we record it.
+        limit = 0.5 * _REVIEW_TIMING.warning_threshold_seconds * ctx.config.timeout_multiplier
+        while state == "pending" and waited < limit:
+            await ctx.sleep(15.0)
+            waited += 15.0
+            ctx.heartbeat()
+            state = await forge.review_state(number)
+    return {"review_state": state}
+
+
+async def final_cleanup(ctx: StageContext) -> Outputs:
+    """Remove the worktree; the branch stays for the pull request."""
+    await _git.remove_worktree(ctx.project_root, _worktree(ctx))
+    return {"worktree_removed": True}
+
+
+async def completion(ctx: StageContext) -> Outputs:
+    ctx.logger.info("Workflow complete: issue #%s, pull request #%s (%s)",
+                    ctx.context.get("issue_number"), ctx.context.get("pr_number"),
+                    ctx.context.get("pr_url"))
+    return {"completed": True}
+
+
+HANDLERS = {
+    "initialization": initialization, "prompt_analysis": prompt_analysis,
+    "task_preparation": task_preparation, "issue_creation": issue_creation,
+    "branch_setup": branch_setup, "research_planning": research_planning,
+    "implementation_start": implementation_start,
+    "implementation_progress": implementation_progress,
+    "implementation_complete": implementation_complete, "testing_start": testing_start,
+    "testing_complete": testing_complete, "documentation_update": documentation_update,
+    "pr_preparation": pr_preparation, "pr_creation": pr_creation,
+    "pr_verification": pr_verification, "review_request": review_request,
+    "review_processing": review_processing, "final_cleanup": final_cleanup,
+    "completion": completion,
+}
