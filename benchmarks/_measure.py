@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["LagMonitor", "SaveTimer", "lag_monitor", "percentile", "rss_bytes", "settle"]
+__all__ = ["LagMonitor", "SaveTimer", "lag_monitor", "median", "percentile", "rss_bytes", "settle"]
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

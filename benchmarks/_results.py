@@ -65,7 +65,7 @@ class Row:
     label: str
     metrics: dict[str, Metric] = field(default_factory=dict)
     note: str = ""
-    target: Target | None = None
+    targets: tuple[Target, ...] = ()
     skipped: str | None = None
 
     def add(self, name: str, value: float, unit: str, *, higher_is_better: bool = False) -> Row:
@@ -76,7 +76,7 @@ class Row:
         return {"key": self.key, "label": self.label,
                 "metrics": {k: m.to_json() for k, m in self.metrics.items()},
                 "note": self.note,
-                "target": self.target.to_json(self.metrics) if self.target else None,
+                "targets": [t.to_json(self.metrics) for t in self.targets],
                 "skipped": self.skipped}
 
 
@@ -91,8 +91,9 @@ class Figure:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def row(self, key: str, label: str, *, note: str = "", target: Target | None = None) -> Row:
-        row = Row(key, label, note=note, target=target)
+    def row(self, key: str, label: str, *, note: str = "",
+            targets: tuple[Target, ...] = ()) -> Row:
+        row = Row(key, label, note=note, targets=targets)
         self.rows.append(row)
         return row
 
@@ -111,6 +112,8 @@ def figure_from_json(data: Mapping[str, Any]) -> Figure:
         row = figure.row(str(row_data["key"]), str(row_data.get("label", row_data["key"])),
                          note=str(row_data.get("note", "")))
         row.skipped = row_data.get("skipped")
+        row.targets = tuple(Target(str(t["metric"]), str(t["op"]), float(t["value"]),
+                                   str(t.get("text", ""))) for t in row_data.get("targets", ()))
         for name, metric in row_data.get("metrics", {}).items():
             row.add(name, float(metric["value"]), str(metric.get("unit", "")),
                     higher_is_better=bool(metric.get("higher_is_better", False)))

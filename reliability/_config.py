@@ -81,7 +81,7 @@ class WorkflowConfiguration:
     github_repository: str = ""
     github_api_url: str = "https://api.github.com"
     github_token: str = field(default="", repr=False)
-    agent_command: str = "{python} examples/agent.py {prompt_file}"
+    agent_command: str = "claude -p {prompt_file}"
     test_command: str = "{python} -m pytest -q"
     docs_command: str = ""
     reviewers: tuple[str, ...] = ()

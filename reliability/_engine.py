@@ -184,14 +184,28 @@ class Engine:
                     raise _StageFailed(error, status) from error
                 recovered = recovered or run.recovery_attempts > 0
                 run.retry_count += 1
+                self.runtime.emit("retry", run, stage=spec.name, attempt=attempt, delay=delay)
                 if delay > 0:
-                    await self._clock.sleep(delay)
+                    await self._interruptible_sleep(live, delay)
                 continue
             if recovered:
                 run.recovery_successes += 1
             self._complete(run, spec, outputs, started, attempt)
             await self._save(run, spec, checkpoint=self._wants_checkpoint(run, spec))
             return
+
+    async def _interruptible_sleep(self, live: _Live, delay: float) -> None:
+        """A retry wait that a cancel or shutdown ends at once, like a handler."""
+        live.in_handler = True
+        try:
+            await self._clock.sleep(delay)
+        except asyncio.CancelledError:
+            reason = self._take_cancel(live)
+            if reason is None:
+                raise
+            raise Interrupted(reason) from None
+        finally:
+            live.in_handler = False
 
     def _begin_attempt(self, live: _Live, spec: StageSpecLike, attempt: int) -> float:
         run = live.run
@@ -203,6 +217,7 @@ class Engine:
         live.stage_spec = spec
         live.stage_started = now
         live.progress = None
+        self.runtime.emit("stage", run, stage=spec.name, attempt=attempt)
         if self.runtime.persistence:
             self.runtime.store.save_soon(run.workflow_id, run.to_state)  # "started"
         return now
@@ -449,9 +464,7 @@ class Engine:
         try:
             if self.runtime.config.enable_health_checks:
                 await self.runtime.stage_health_check(live.run, f"warning in {spec.name}")
-            names = tuple(spec.recovery_actions)
-            warning_names = tuple(getattr(spec, "warning_actions", ()) or ())
-            await self._recover(live, spec, None, warning_names or names[:0])
+            await self._recover(live, spec, None, tuple(spec.warning_actions))
         finally:
             workflow_id_var.reset(token)
 

@@ -20,7 +20,7 @@ import psutil
 from ._clock import Clock
 
 __all__ = ["HealthCheckFunction", "HealthSampler", "HealthStatus", "SystemHealthCheck",
-           "worst"]
+           "assess", "assess_loop_lag", "worst"]
 
 
 class HealthStatus(StrEnum):
@@ -139,3 +139,13 @@ def parse_status(value: object) -> HealthStatus:
         return HealthStatus(str(value).upper())
     except ValueError:
         return HealthStatus.WARNING
+
+
+def assess_loop_lag(lag_ms: float | None) -> tuple[HealthStatus, list[str]]:
+    """The status the event loop's lag (p99, milliseconds) gives: blocking code is a defect."""
+    if lag_ms is None or lag_ms < 250:
+        return HealthStatus.HEALTHY, []
+    status = HealthStatus.DEGRADED if lag_ms >= 1000 else HealthStatus.WARNING
+    return status, [f"Event loop lag p99 is {lag_ms:.0f} ms: a handler blocks the loop (see the "
+                    "'Event loop blocked' warning in the log); move blocking calls to "
+                    "asyncio.to_thread or a subprocess"]

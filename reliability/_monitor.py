@@ -112,8 +112,9 @@ def find_blocker(frame: FrameType, task: asyncio.Task[Any] | None, lives: Iterab
             live = next((c for c in candidates if c.task is task), candidates[0])
             spec = live.stage_spec
             assert spec is not None
+            inside = "" if current is innermost else f", in {_where(innermost)}"
             return Blocker(f"handler {handler_name(spec.handler)} (stage {spec.name} of "
-                           f"workflow {live.run.workflow_id}), at {_where(innermost)}",
+                           f"workflow {live.run.workflow_id}){inside}",
                            live.run.workflow_id, beat)
         current = current.f_back
     return Blocker(f"{_where(innermost)}, outside any stage handler", None, beat)
@@ -144,7 +145,8 @@ class LoopLagMonitor:
         self._blocker: Blocker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._ticker: asyncio.Task[None] | None = None
+        self._tick_started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -160,30 +162,37 @@ class LoopLagMonitor:
         """Start the ticker on the running loop and the watchdog thread."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._beat = time.monotonic()
-        self._ticker = self._loop.create_task(self._tick_forever(), name="loop-lag-monitor")
+        self._schedule_tick(time.monotonic())
         self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
-        """Stop both; returns once the thread has ended (it wakes every 50 ms)."""
+        """Stop both, reporting a stall that has just ended; returns once the thread ended."""
         self._stopping.set()
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._measure(time.monotonic())
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    async def _tick_forever(self) -> None:
-        while True:
-            beat_before = self._beat
-            started = time.monotonic()
-            await asyncio.sleep(self._tick)
-            now = time.monotonic()
-            self._beat = now
-            self._record(max(0.0, now - started - self._tick))
-            if now - started - self._tick >= self._threshold:
-                self._report(now - started - self._tick, beat_before)
+    def _schedule_tick(self, now: float) -> None:
+        # A timer callback, not a task: it runs the moment the loop is free again, even
+        # if the loop was blocked before a task could take its first step.
+        self._beat = self._tick_started = now
+        assert self._loop is not None
+        self._timer = self._loop.call_later(self._tick, self._on_tick)
+
+    def _on_tick(self) -> None:
+        now = time.monotonic()
+        self._measure(now)
+        self._schedule_tick(now)
+
+    def _measure(self, now: float) -> None:
+        lag = max(0.0, now - self._tick_started - self._tick)
+        self._record(lag)
+        if lag >= self._threshold:
+            self._report(lag, self._beat)
 
     def _record(self, lag: float) -> None:
         if len(self._lags) == self._lags.maxlen:
@@ -254,7 +263,8 @@ async def periodic_health_checks(runtime: Runtime) -> None:
             since = max(live.stage_started, last_checked.get(workflow_id, float("-inf")))
             if live.in_handler and now - since >= interval:
                 last_checked[workflow_id] = now
-                runtime.spawn(_check_long_stage(runtime, live.run, live.stage_spec_name),
+                stage = live.stage_spec.name if live.stage_spec else str(live.run.current_stage)
+                runtime.spawn(_check_long_stage(runtime, live.run, stage),
                               f"health-{workflow_id}")
         for workflow_id in [w for w in last_checked if w not in runtime._live]:
             del last_checked[workflow_id]

@@ -31,12 +31,14 @@ from ._health import (
     HealthStatus,
     SystemHealthCheck,
     assess,
+    assess_loop_lag,
     parse_status,
     run_custom_check,
     worst,
 )
 from ._ids import new_workflow_id, validate_workflow_id
 from ._logging import configure_logging, logger
+from ._monitor import RuntimeMonitor
 from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, retry_call
 from ._state import RESUMABLE, WorkflowRun
@@ -164,6 +166,7 @@ class Runtime:
         self._warned_unbound: set[int] = set()
         self.shutting_down = False
         self.loop_lag_ms: float | None = None
+        self._monitor = RuntimeMonitor(self)  # loop lag, periodic health, admission
 
     def _path(self, value: str) -> Path:
         path = Path(value)
@@ -185,6 +188,7 @@ class Runtime:
                               if self.config.enable_monitoring else None)
         await self.store.open()
         self._sampler = HealthSampler(self.project_root, self.clock)
+        self._monitor.start()
         if self._handle_signals:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -195,6 +199,7 @@ class Runtime:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
+        await self._monitor.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -216,6 +221,7 @@ class Runtime:
             logger.warning("Received %s: stopping workflows; they stay resumable",
                            signal.Signals(signum).name)
         self.shutting_down = True
+        self._monitor.release()  # workflows held for health start, and stop at once
         for live in list(self._live.values()):
             self._stop(live, "shutdown")
 
@@ -232,10 +238,31 @@ class Runtime:
         definition, inputs, prompt_file = self._target(target, context)
         if self.shutting_down:
             raise WorkflowError("the runtime is shutting down; no new workflows start")
-        run = WorkflowRun(new_workflow_id(self.clock.time()), definition_name=definition.name,
-                          definition_path=definition.import_path, context=inputs,
-                          prompt_file=prompt_file, created_at=self.clock.time())
+        run = self._new_run(definition, inputs, prompt_file)
         return await self._execute(definition, run, 0)
+
+    async def register(self, target: str | os.PathLike[str] | DefinitionLike, *,
+                       context: Mapping[str, Any] | None = None) -> str:
+        """Save a new workflow as ``pending`` without starting it; return its ID.
+
+        ``resume(id)`` runs it. Until then ``resume_all()`` (in any process) finds it, so a
+        batch stopped before it started every workflow is finished by ``resume --all``.
+        """
+        definition, inputs, prompt_file = self._target(target, context)
+        if not self.persistence:
+            raise ConfigurationError("registering a workflow needs enable_persistence")
+        if definition.import_path is None:
+            raise ConfigurationError(f"definition {definition.name!r} must be bound to a "
+                                     "module-level name to be registered and resumed")
+        run = self._new_run(definition, inputs, prompt_file)
+        await self.store.save(run.workflow_id, run.to_state)
+        return run.workflow_id
+
+    def _new_run(self, definition: DefinitionLike, inputs: dict[str, Any],
+                 prompt_file: str | None) -> WorkflowRun:
+        return WorkflowRun(new_workflow_id(self.clock.time()), definition_name=definition.name,
+                           definition_path=definition.import_path, context=inputs,
+                           prompt_file=prompt_file, created_at=self.clock.time())
 
     async def resume(self, workflow_id: str) -> WorkflowResult:
         """Continue a stored workflow from the stage after its last completed one."""
@@ -252,7 +279,8 @@ class Runtime:
                                      f"{', '.join(sorted(RESUMABLE))} workflows can be resumed")
         definition = self._stored_definition(run)
         start = self._resume_index(definition, run)
-        run.resumed_from = definition.stages[start].name
+        if run.status != "pending" or run.completed_stages:  # pending: registered, never run
+            run.resumed_from = definition.stages[start].name
         run.error = run.error_category = None
         return await self._execute(definition, run, start)
 
@@ -274,9 +302,12 @@ class Runtime:
 
     async def _execute(self, definition: DefinitionLike, run: WorkflowRun,
                        start: int) -> WorkflowResult:
+        await self._monitor.admit(run)
         claim = await self.store.claim(run.workflow_id) if self.persistence else None
         live = _Live(run)
         live.task = asyncio.current_task()
+        if self.shutting_down:  # released from admission by a shutdown: stop before stage 1
+            live.stop_reason = "shutdown"
         self._live[run.workflow_id] = live
         try:
             self.emit("started", run)
@@ -398,10 +429,14 @@ class Runtime:
         task.add_done_callback(self._tasks.discard)
 
     def add_listener(self, listener: Listener) -> None:
-        """``listener(event, run, **data)`` is told of started/stage/retry/progress/finished."""
+        """``listener(event, run, **data)`` hears of each workflow's events: ``started``,
+        ``stage`` (stage=, attempt=), ``retry`` (stage=, attempt=, delay=), ``progress``
+        (stage=, fraction=, message=) and ``finished`` (``run.status`` says how)."""
         self._listeners.append(listener)
 
     def emit(self, event: str, run: WorkflowRun, **data: Any) -> None:
+        if not self._listeners:
+            return
         for listener in self._listeners:
             try:
                 listener(event, run, **data)
@@ -431,6 +466,9 @@ class Runtime:
         sampler = self._sampler or HealthSampler(self.project_root, self.clock)
         sample = sampler.sample()
         status, advice = assess(sample)
+        lag_status, lag_advice = assess_loop_lag(self.loop_lag_ms)
+        status = worst(status, lag_status)
+        advice.extend(lag_advice)
         custom: dict[str, Any] = {}
         fields: dict[str, Any] = {}
         for check in self.health_checks:

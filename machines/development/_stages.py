@@ -98,6 +98,8 @@ async def initialization(ctx: StageContext) -> Outputs:
                                                   and config.github_repository):
         raise ConfigurationError("forge 'github' needs github_repository (owner/name) and "
                                  "a token in GITHUB_TOKEN")
+    _program_on_path(config.agent_command, "agent_command")
+    _program_on_path(config.test_command, "test_command")
     forge = await forge_for(ctx)
     ctx.logger.info("Prompt %s: %r; forge: %s", prompt.path, prompt.title, forge.label)
     return {"prompt_file": str(prompt.path), "feature_name": prompt.title,
@@ -175,12 +177,22 @@ async def research_planning(ctx: StageContext) -> Outputs:
 # ------------------------------------------------------------------ implementation
 
 
+def _program_on_path(command: str, setting: str) -> None:
+    """Refuse early a command whose program is missing, before any side effect happens."""
+    try:
+        program = shlex.split(command.replace("{python}", sys.executable))[0]
+    except (ValueError, IndexError):
+        raise ConfigurationError(f"{setting} {command!r} is not a valid command") from None
+    if "{" not in program and shutil.which(program) is None:
+        raise ConfigurationError(f"{setting} {command!r}: program {program!r} is not on PATH "
+                                 f"(set {setting} in the configuration or WORKFLOW_"
+                                 f"{setting.upper()})")
+
+
 def _command(ctx: StageContext, template: str, setting: str) -> str:
     command = format_command(template, prompt_file=str(ctx.context["prompt_file"]),
                              worktree=str(_worktree(ctx)), python=sys.executable)
-    program = shlex.split(command)[0] if command.strip() else ""
-    if not program or shutil.which(program) is None:
-        raise ConfigurationError(f"{setting} {template!r}: program {program!r} is not on PATH")
+    _program_on_path(command, setting)
     return command
 
 
