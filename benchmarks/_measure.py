@@ -16,7 +16,8 @@ from typing import Any
 
 import psutil
 
-__all__ = ["LagMonitor", "SaveTimer", "lag_monitor", "median", "percentile", "rss_bytes", "settle"]
+__all__ = ["CallTimer", "LagMonitor", "lag_monitor", "median", "percentile", "rss_bytes",
+           "settle"]
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -77,22 +78,22 @@ async def lag_monitor(interval: float = 0.01) -> AsyncIterator[LagMonitor]:
         await monitor.stop()
 
 
-class SaveTimer:
-    """Times every durable ``save`` of one store instance by shadowing the bound method.
+class CallTimer:
+    """Times every call of one async method of one object by shadowing the bound method.
 
-    Each latency is from the call until the write is durable, which is what a workflow
-    waits between two stages.
+    For ``store.save`` each latency runs from the call until the write is durable: what a
+    workflow waits between two stages.
     """
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, target: Any, method: str) -> None:
         self.latencies: list[float] = []
-        self._inner: Callable[..., Awaitable[None]] = store.save
-        store.save = self._timed
+        self._inner: Callable[..., Awaitable[Any]] = getattr(target, method)
+        setattr(target, method, self._timed)
 
-    async def _timed(self, *args: Any, **kwargs: Any) -> None:
+    async def _timed(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         try:
-            await self._inner(*args, **kwargs)
+            return await self._inner(*args, **kwargs)
         finally:
             self.latencies.append(time.perf_counter() - started)
 
@@ -101,6 +102,9 @@ class SaveTimer:
 
     def p99_ms(self) -> float:
         return percentile(self.latencies, 0.99) * 1000
+
+    def total(self) -> float:
+        return sum(self.latencies)
 
 
 def rss_bytes() -> int:

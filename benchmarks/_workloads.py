@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from machines import StageContext, StageSpec, WorkflowDefinition
-from reliability import Runtime, Store, WorkflowConfiguration, WorkflowResult
+from reliability import Clock, Runtime, Store, WorkflowConfiguration, WorkflowResult
 
 __all__ = ["FLOW", "IO_BREAKER_FLOW", "IO_FLOW", "IO_FULL_FLOW", "IO_HEALTH_FLOW",
            "PARKED_FLOW", "RESUME_FLOW", "STAGES", "Gate", "bare_io", "bare_step",
@@ -121,10 +121,12 @@ def configuration(*, persistence: bool = False, health: bool = False,
 
 @contextlib.asynccontextmanager
 async def runtime(root: Path, config: WorkflowConfiguration, *,
-                  store: Store | None = None) -> AsyncIterator[Runtime]:
+                  store: Store | None = None, clock: Clock | None = None,
+                  ) -> AsyncIterator[Runtime]:
     # configure_logs=False: the runtime's console handler would print every INFO record;
     # the monitoring case installs file-only logging itself (see _overhead.py).
-    async with Runtime(config, project_root=root, store=store, configure_logs=False) as rt:
+    async with Runtime(config, project_root=root, store=store, clock=clock,
+                       configure_logs=False) as rt:
         yield rt
 
 

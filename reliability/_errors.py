@@ -87,8 +87,9 @@ class CriticalError(WorkflowError):
 class StageTimeoutError(TransientError, TimeoutError):
     """Raised when a stage ran past its ``timeout_seconds`` and was cancelled."""
 
-    def __init__(self, stage: str, timeout_seconds: float, *, reason: str = "ran") -> None:
-        super().__init__(f"stage {stage!r} {reason} past its timeout of {timeout_seconds:g}s")
+    def __init__(self, stage: str, timeout_seconds: float, *,
+                 reason: str = "ran past its timeout of") -> None:
+        super().__init__(f"stage {stage!r} {reason} {timeout_seconds:g}s")
         self.stage = stage
         self.timeout_seconds = timeout_seconds
 

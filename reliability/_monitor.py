@@ -71,8 +71,8 @@ def handler_code(handler: object) -> CodeType | None:
     """The code object a stage handler runs, so a stack frame can be matched to it."""
     target = _unwrapped(handler)
     code = getattr(target, "__code__", None)
-    if code is None:  # a callable object: its __call__ runs
-        code = getattr(getattr(type(target), "__call__", None), "__code__", None)
+    if code is None and callable(target):  # a callable object: its __call__ runs
+        code = getattr(type(target).__call__, "__code__", None)
     return code if isinstance(code, CodeType) else None
 
 

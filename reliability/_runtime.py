@@ -167,6 +167,7 @@ class Runtime:
         self.shutting_down = False
         self.loop_lag_ms: float | None = None
         self._monitor = RuntimeMonitor(self)  # loop lag, periodic health, admission
+        self._registered: dict[str, tuple[DefinitionLike, WorkflowRun]] = {}
 
     def _path(self, value: str) -> Path:
         path = Path(value)
@@ -195,10 +196,6 @@ class Runtime:
                 loop.add_signal_handler(signum, self.request_shutdown, signum)
 
     async def close(self) -> None:
-        if self._handle_signals:
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
         await self._monitor.stop()
         for task in list(self._tasks):
             task.cancel()
@@ -211,6 +208,12 @@ class Runtime:
                     await closer()
         self._shared.clear()
         await self.store.close()
+        if self._handle_signals:
+            # Only now: a Ctrl-C while the store closes must not raise KeyboardInterrupt
+            # into the middle of its last write.
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
 
     def request_shutdown(self, signum: int | None = None) -> None:
         """Stop every workflow at its next safe point, leaving each ``interrupted``.
@@ -256,6 +259,9 @@ class Runtime:
                                      "module-level name to be registered and resumed")
         run = self._new_run(definition, inputs, prompt_file)
         await self.store.save(run.workflow_id, run.to_state)
+        # Kept here too: resume() in this process starts from it without reading the store
+        # back, so it never depends on when the store's files catch up with its journal.
+        self._registered[run.workflow_id] = (definition, run)
         return run.workflow_id
 
     def _new_run(self, definition: DefinitionLike, inputs: dict[str, Any],
@@ -267,6 +273,9 @@ class Runtime:
     async def resume(self, workflow_id: str) -> WorkflowResult:
         """Continue a stored workflow from the stage after its last completed one."""
         validate_workflow_id(workflow_id)
+        registered = self._registered.pop(workflow_id, None)
+        if registered is not None:
+            return await self._execute(registered[0], registered[1], 0)
         loaded = await self.store.load(workflow_id)
         for problem in loaded.problems:
             logger.warning("State problem for %s: %s; using %s", workflow_id, problem,

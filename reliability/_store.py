@@ -261,14 +261,14 @@ class FileStore:
         self._claimed: set[str] = set()
         self._made_dirs: set[Path] = set()
         self._closing = False
-        # Writer-thread state. Invariant: _unmaterialized holds, per workflow, the newest
+        # Writer-thread state. Invariant: _newest holds, per workflow, the newest
         # journal document whose state.json has not been written from it yet.
         self._journal_fd = -1
         self._journal_path: Path | None = None
         self._journal_size = 0
-        self._unmaterialized: dict[str, bytes] = {}  # touched by the materializer thread only
+        self._newest: dict[str, bytes] = {}
         self._handoff: dict[str, tuple[bytes, set[str]]] = {}  # journal -> materializer
-        self._handoff_lock = threading.Lock()
+        self._handoff_lock = threading.Lock()  # guards _newest and _handoff
         self._handoff_scheduled = False
         self.materialize_errors: list[str] = []
         self.batches_written = 0
@@ -401,6 +401,7 @@ class FileStore:
         # not reached yet is coalesced: a workflow's newest document supersedes older ones.
         with self._handoff_lock:
             for workflow_id, document, stages in items:
+                self._newest[workflow_id] = document
                 earlier = self._handoff.get(workflow_id)
                 self._handoff[workflow_id] = (document, stages | earlier[1] if earlier else stages)
             if not self._handoff_scheduled:
@@ -420,13 +421,11 @@ class FileStore:
             self._handoff_scheduled = False
         for workflow_id, (document, stages) in items.items():
             if not stages:
-                self._unmaterialized[workflow_id] = document
-                continue
+                continue  # the journal and _newest hold it until a checkpoint or the end
             try:
                 self._materialize(workflow_id, document, stages)
             except OSError as error:
                 # The journal holds it durably; the files are written again later.
-                self._unmaterialized[workflow_id] = document
                 self.materialize_errors.append(f"{self.state_path(workflow_id)}: {error}")
 
     def _append_history(self, appends: dict[Path, list[bytes]]) -> None:
@@ -448,13 +447,17 @@ class FileStore:
         self._write_atomically(self.state_path(workflow_id), document)
         for stage in stages:
             self._write_atomically(self.checkpoint_path(workflow_id, stage), document)
-        self._unmaterialized.pop(workflow_id, None)
+        with self._handoff_lock:
+            if self._newest.get(workflow_id) is document:  # nothing newer came meanwhile
+                del self._newest[workflow_id]
         self.files_written += 1
 
     def _materialize_all(self) -> None:
         """Write every state that only the journal holds, then sync them to disk."""
         self._materialize_handoff()
-        for workflow_id, document in list(self._unmaterialized.items()):
+        with self._handoff_lock:
+            remaining = list(self._newest.items())
+        for workflow_id, document in remaining:
             self._materialize(workflow_id, document, ())
         if self.durable:
             self._sync_filesystem()
@@ -567,6 +570,11 @@ class FileStore:
 
     def _load_sync(self, workflow_id: str) -> LoadedState:
         path = self.state_path(workflow_id)
+        with self._handoff_lock:
+            newest = self._newest.get(workflow_id)
+        if newest is not None:  # durable in this process's journal, not yet in state.json
+            source = f"{self._journal_path} (journal)"
+            return LoadedState(decode_document(newest, source), source)
         problems: list[str] = []
         try:
             state = _check_state(decode_document(_read_bounded(path), str(path)), workflow_id,

@@ -56,7 +56,7 @@ RECORDING = WorkflowDefinition("recording", [
 
 
 async def blocking_handler(ctx: StageContext) -> None:
-    time.sleep(1.0)  # deliberately blocks the event loop: the monitor must name this handler
+    time.sleep(1.0)  # noqa: ASYNC251 - blocks the loop on purpose: the monitor must name it
 
 
 BLOCKING = WorkflowDefinition("blocking", [

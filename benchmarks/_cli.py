@@ -1,0 +1,231 @@
+"""Command line: ``python -m benchmarks [run options] | compare OLD NEW | profile``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+
+from ._endtoend import measure_end_to_end
+from ._healthcheck import measure_health
+from ._memory import measure_memory
+from ._overhead import measure_overhead
+from ._peer import dbos_version, measure_peer
+from ._plan import Plan
+from ._profile import print_profile, profile_throughput
+from ._report import compare_files, print_figures, to_document, write_json
+from ._results import Figure
+from ._resume import measure_resume
+from ._throughput import measure_throughput
+
+__all__ = ["FIGURES", "main"]
+
+Measure = Callable[[Plan], Figure]
+# Display order is the issue's numbering. Memory runs first so its RSS delta is taken
+# before other figures have grown the heap; the peer runs last because DBOS leaves
+# threads and a global registry behind.
+FIGURES: dict[str, Measure] = {
+    "overhead": measure_overhead,
+    "throughput": measure_throughput,
+    "memory": measure_memory,
+    "health": measure_health,
+    "resume": measure_resume,
+    "end_to_end": measure_end_to_end,
+    "peer": measure_peer,
+}
+_RUN_ORDER = ("memory", "overhead", "throughput", "health", "resume", "end_to_end", "peer")
+_TITLES = {
+    "overhead": "Overhead vs bare asyncio", "throughput": "Throughput",
+    "memory": "Memory per in-flight workflow", "health": "Health check cost",
+    "resume": "Resume interrupted workflows", "end_to_end": "End to end: example prompts",
+    "peer": "Peer: DBOS on SQLite",
+}
+_SKIPPED_WHEN_QUICK = {"end_to_end": "skipped in --quick: it runs real git, agent and test "
+                                    "commands (run without --quick, or --only end_to_end)"}
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure the runtime against DESIGN.md's performance targets. Other "
+                    "commands: 'compare OLD.json NEW.json', 'profile [--store file|memory]'.")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small version that runs in seconds (100 workflows)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results here")
+    parser.add_argument("--workflows", type=int, metavar="N",
+                        help="the big N: throughput at N/10 and N, memory, resume "
+                             "(default 10000; 100 with --quick)")
+    parser.add_argument("--overhead-workflows", type=int, metavar="N",
+                        help="concurrent workflows in the overhead figure (default 100)")
+    parser.add_argument("--peer-workflows", type=int, metavar="N",
+                        help="workflows in the DBOS comparison (default 1000)")
+    parser.add_argument("--repeats", type=int, metavar="N", help="overhead rounds (default 3)")
+    parser.add_argument("--only", metavar="NAMES",
+                        help="comma-separated figures to run: " + ", ".join(FIGURES))
+    parser.add_argument("--scratch", type=Path, metavar="DIR",
+                        help="where workflows' files go (default: a temporary directory); "
+                             "put it on the disk you want measured")
+    return parser
+
+
+def _plan(args: argparse.Namespace, scratch: Path) -> Plan:
+    base = (Plan.quick_plan if args.quick else Plan.full_plan)(scratch, args.workflows)
+    overrides = {"overhead_workflows": args.overhead_workflows,
+                 "peer_workflows": args.peer_workflows, "repeats": args.repeats}
+    return Plan(**{**{name: getattr(base, name) for name in (
+        "workflows", "overhead_workflows", "peer_workflows", "health_calls", "repeats",
+        "quick", "scratch")}, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def _selected(only: str | None) -> list[str]:
+    if not only:
+        return list(FIGURES)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        raise SystemExit(f"unknown figure(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(FIGURES)}")
+    return names
+
+
+def _run_figure(name: str, plan: Plan, console: Console) -> tuple[Figure, bool]:
+    """Run one figure; a crash becomes a figure saying so, so the others still report."""
+    if plan.quick and name in _SKIPPED_WHEN_QUICK:
+        return Figure(name, _TITLES[name], skipped=_SKIPPED_WHEN_QUICK[name]), True
+    console.print(f"[dim]running {name} ...[/dim]")
+    scratch = plan.scratch / name
+    scratch.mkdir()
+    started = time.perf_counter()
+    try:
+        figure = FIGURES[name](dataclasses.replace(plan, scratch=scratch))
+        ok = True
+    except Exception as error:
+        traceback.print_exc()
+        figure = Figure(name, _TITLES[name], skipped=f"FAILED: {type(error).__name__}: {error}")
+        ok = False
+    figure.seconds = time.perf_counter() - started
+    # Removed now, not at the end: tens of thousands of files left behind would make the
+    # file system (and the next figure's syncs) slower.
+    shutil.rmtree(scratch, ignore_errors=True)
+    return figure, ok
+
+
+def _filesystem(path: Path) -> str:
+    """The file system type under ``path``: durability costs differ a lot between them."""
+    best = ("", "?")
+    for partition in psutil.disk_partitions(all=True):
+        mount = partition.mountpoint
+        if str(path).startswith(mount) and len(mount) > len(best[0]):
+            best = (mount, partition.fstype)
+    return best[1]
+
+
+def _meta(plan: Plan, started_at: str) -> dict[str, Any]:
+    return {
+        "started_at": started_at,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "cores": os.cpu_count() or 0,
+        "platform": platform.platform(),
+        "scratch_filesystem": _filesystem(plan.scratch.resolve()),
+        "packages": {name: _version(name) for name in ("transitions", "psutil", "dbos")},
+        "plan": {"workflows": plan.workflows, "levels": list(plan.levels),
+                 "overhead_workflows": plan.overhead_workflows,
+                 "peer_workflows": plan.peer_workflows, "health_calls": plan.health_calls,
+                 "repeats": plan.repeats, "quick": plan.quick},
+        "argv": sys.argv[1:],
+    }
+
+
+def _version(name: str) -> str | None:
+    if name == "dbos":
+        return dbos_version()
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _run(argv: Sequence[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    names = _selected(args.only)
+    console = _console()
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="wm-bench-", dir=args.scratch) as scratch:
+        plan = _plan(args, Path(scratch))
+        meta = _meta(plan, started_at)
+        results: dict[str, Figure] = {}
+        all_ok = True
+        for name in (n for n in _RUN_ORDER if n in names):
+            results[name], ok = _run_figure(name, plan, console)
+            all_ok = all_ok and ok
+    meta["seconds"] = round(time.perf_counter() - began, 1)
+    figures = [results[name] for name in FIGURES if name in results]
+    print_figures(console, meta, figures)
+    if args.json is not None:
+        write_json(args.json, to_document(meta, figures))
+        console.print(f"results written to {args.json}")
+    return 0 if all_ok else 1
+
+
+def _console() -> Console:
+    console = Console()
+    # Piped output (CI logs, files) would otherwise wrap the tables at 80 columns.
+    return console if console.is_terminal else Console(width=120)
+
+
+def _compare(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks compare",
+                                     description="Print new/old for every figure's metrics.")
+    parser.add_argument("old", type=Path)
+    parser.add_argument("new", type=Path)
+    args = parser.parse_args(argv)
+    compare_files(_console(), args.old, args.new)
+    return 0
+
+
+def _profile(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks profile",
+        description="cProfile the throughput case; print the top functions by tottime.")
+    parser.add_argument("--store", choices=("file", "memory", "both"), default="both")
+    parser.add_argument("--workflows", type=int, default=10_000, metavar="N")
+    parser.add_argument("--top", type=int, default=15, metavar="N")
+    parser.add_argument("--save", type=Path, metavar="PREFIX",
+                        help="also dump raw stats to PREFIX-<store>.prof (for snakeviz etc.)")
+    parser.add_argument("--scratch", type=Path, metavar="DIR")
+    args = parser.parse_args(argv)
+    console = _console()
+    kinds = ("memory", "file") if args.store == "both" else (args.store,)
+    with tempfile.TemporaryDirectory(prefix="wm-profile-", dir=args.scratch) as scratch:
+        plan = Plan(workflows=args.workflows, scratch=Path(scratch))
+        for kind in kinds:
+            save = Path(f"{args.save}-{kind}.prof") if args.save else None
+            result, functions, total = profile_throughput(plan, kind, args.workflows,
+                                                          args.top, save)
+            print_profile(console, kind, args.workflows, result, functions, total)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] == "compare":
+        return _compare(arguments[1:])
+    if arguments and arguments[0] == "profile":
+        return _profile(arguments[1:])
+    return _run(arguments)

@@ -1,0 +1,663 @@
+"""``workflow-manager`` (also ``python -m reliability``): run, batch, resume and inspect workflows.
+
+Output is for people by default (tables, colour only on a terminal); ``--json`` prints one
+JSON document on stdout instead. Exit codes: 0 every workflow the command ran completed
+(or the command did what was asked); 1 some failed, timed out or were interrupted, or the
+command could not do it; 2 a usage or configuration error; 130 stopped by Ctrl-C/SIGTERM.
+An error is one line on stderr; ``--log-level DEBUG`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import signal
+import sys
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ._analytics import stage_statistics
+from ._batch import (
+    NOT_STARTED,
+    RESUME_ALL,
+    BatchDisplay,
+    BatchTracker,
+    batch_report,
+    default_report_path,
+    expand_prompt_paths,
+    run_batch,
+)
+from ._config import LOG_LEVELS, WorkflowConfiguration, load_configuration
+from ._context import DefinitionLike
+from ._diagnostics import build_bundle, redact, redact_text, stored_diagnostics, write_private_json
+from ._errors import ConfigurationError, WorkflowError, WorkflowLockedError
+from ._ids import validate_workflow_id
+from ._logging import (
+    DetailedFormatter,
+    JsonFormatter,
+    _WorkflowIdFilter,
+    configure_logging,
+    logger,
+    shutdown_logging,
+)
+from ._runtime import DEFAULT_DEFINITION, Runtime, WorkflowResult, resolve_definition
+from ._state import STATUSES, WorkflowRun
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PROG = "workflow-manager"
+
+Command = Callable[[argparse.Namespace, WorkflowConfiguration, Path], Coroutine[Any, Any, int]]
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {PROG} {line}" for line in lines)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("common options")
+    group.add_argument("--config", metavar="FILE",
+                       help="JSON configuration file (WORKFLOW_* variables beat it; "
+                            "options beat both)")
+    group.add_argument("--project-root", metavar="DIR", default=".",
+                       help="the project's directory; state, logs and reports live under it "
+                            "(default: the current directory)")
+    group.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper,
+                       help="log level for the console and the daily log file; DEBUG also "
+                            "shows tracebacks of errors")
+    group.add_argument("--json", action="store_true",
+                       help="print one JSON document on stdout instead of tables")
+    return common
+
+
+def _runner_options() -> argparse.ArgumentParser:
+    runner = argparse.ArgumentParser(add_help=False)
+    group = runner.add_argument_group("reliability options")
+    group.add_argument("--enable-monitoring", action=argparse.BooleanOptionalAction,
+                       default=None, help="stage logs, daily log file, loop-lag monitor")
+    group.add_argument("--enable-health-checks", action=argparse.BooleanOptionalAction,
+                       default=None, help="health checks before critical stages, during "
+                                          "long ones, and admission control")
+    group.add_argument("--max-retries", type=int, metavar="N",
+                       help="retries per stage for transient failures (0-100)")
+    return runner
+
+
+def _definition_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--definition", metavar="MODULE:NAME",
+                        help="a workflow definition to run instead of the development "
+                             f"workflow ({DEFAULT_DEFINITION}); each prompt path is passed "
+                             "to it as the input 'prompt_file'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``workflow-manager`` argument parser, one subcommand per action."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run reliable, resumable workflows: one prompt, a batch, or resume.",
+        epilog=_examples("run prompts/feature.md", "batch prompts/ --concurrency 8",
+                         "resume --all", "list --status interrupted",
+                         "diagnostics workflow-20240115-142315-a7b3") + "\n\n"
+        "exit codes: 0 all completed, 1 some failed or were interrupted, 2 usage or "
+        "configuration error, 130 stopped by Ctrl-C")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common, runner = _common_options(), _runner_options()
+
+    def add(name: str, help_text: str, examples: str,
+            parents: Sequence[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text,
+                                   epilog=examples, parents=list(parents),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    run = add("run", "run one workflow for a prompt file and wait for it to end",
+              _examples("run prompts/feature.md",
+                        "run prompts/feature.md --max-retries 5 --log-level DEBUG",
+                        "run notes.md --definition mypackage.flows:REPORT --json"),
+              [common, runner])
+    run.add_argument("prompt", metavar="PROMPT", help="the prompt file (Markdown)")
+    _definition_option(run)
+
+    batch = add("batch", "run many prompts concurrently in one process, with live progress",
+                _examples("batch prompts/", "batch a.md b.md prompts/ --concurrency 4",
+                          "batch prompts/ --report report.json --json"), [common, runner])
+    batch.add_argument("paths", metavar="PATH", nargs="+",
+                       help="prompt files, or directories whose *.md files are prompts")
+    batch.add_argument("--concurrency", type=int, metavar="N",
+                       help="workflows running at once (default: configuration's concurrency)")
+    batch.add_argument("--report", metavar="FILE",
+                       help="where to write the JSON report (default: "
+                            ".github/workflow-reports/batch-YYYYMMDD-HHMMSS.json)")
+    _definition_option(batch)
+
+    resume = add("resume", "continue a stopped workflow from its last completed stage",
+                 _examples("resume workflow-20240115-142315-a7b3", "resume --all"),
+                 [common, runner])
+    target = resume.add_mutually_exclusive_group(required=True)
+    target.add_argument("workflow_id", metavar="ID", nargs="?", help="the workflow to resume")
+    target.add_argument("--all", action="store_true",
+                        help="resume every interrupted, pending or orphaned workflow")
+
+    diagnostics = add("diagnostics", "show a workflow's stages, errors, health and performance",
+                      _examples("diagnostics workflow-20240115-142315-a7b3",
+                                "diagnostics workflow-20240115-142315-a7b3 --json"), [common])
+    diagnostics.add_argument("workflow_id", metavar="ID")
+
+    listing = add("list", "list stored workflows, optionally with per-stage statistics",
+                  _examples("list", "list --status interrupted", "list --stats --json"),
+                  [common])
+    listing.add_argument("--status", choices=[*STATUSES, "corrupted"],
+                         help="only workflows with this status")
+    listing.add_argument("--stats", action="store_true",
+                         help="per-stage p50/p90/p99 durations and bottlenecks across them")
+
+    cancel = add("cancel", "mark a stored, stopped workflow cancelled so it is never resumed",
+                 _examples("cancel workflow-20240115-142315-a7b3"), [common])
+    cancel.add_argument("workflow_id", metavar="ID")
+
+    bundle = add("bundle", "write a support bundle (diagnostics, health, config, logs, "
+                           "state) with secrets redacted",
+                 _examples("bundle workflow-20240115-142315-a7b3",
+                           "bundle workflow-20240115-142315-a7b3 --output /tmp/b.json"),
+                 [common])
+    bundle.add_argument("workflow_id", metavar="ID")
+    bundle.add_argument("--output", metavar="FILE",
+                        help="default: diagnostic-bundle-ID.json in the project root")
+    return parser
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the command, and return the exit code (see module docstring)."""
+    args = build_parser().parse_args(argv)
+    debug = (args.log_level or os.environ.get("WORKFLOW_LOG_LEVEL", "")).upper() == "DEBUG"
+    try:
+        root, config = _prepare(args)
+        return asyncio.run(_COMMANDS[args.command](args, config, root))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (WorkflowError, OSError) as error:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG} {args.command}: error: {redact_text(str(error), _token())}",
+              file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ConfigurationError) else EXIT_FAILED
+    finally:
+        shutdown_logging()
+
+
+def _token() -> list[str]:
+    return [os.environ.get("GITHUB_TOKEN", "")]
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Path, WorkflowConfiguration]:
+    root = Path(args.project_root).expanduser()
+    if not root.is_dir():
+        raise ConfigurationError(f"project root {args.project_root} is not a directory")
+    return root.resolve(), _load_config(args)
+
+
+def _load_config(args: argparse.Namespace) -> WorkflowConfiguration:
+    overrides = {"log_level": args.log_level,
+                 "enable_monitoring": getattr(args, "enable_monitoring", None),
+                 "enable_health_checks": getattr(args, "enable_health_checks", None),
+                 "max_retries": getattr(args, "max_retries", None),
+                 "concurrency": getattr(args, "concurrency", None)}
+    return load_configuration(args.config, **overrides)
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _ConsoleLogHandler(logging.Handler):
+    """Prints log records through a rich console, so they appear above a live display."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._console.print(self.format(record), markup=False, highlight=False,
+                                soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _logging_for(config: WorkflowConfiguration, root: Path, console: Console,
+                 console_level: str) -> Iterator[None]:
+    """The daily file gets everything at log_level; the console only ``console_level``+.
+
+    Console records are queued to a thread of their own, like the file's, so a slow
+    terminal never stalls the loop.
+    """
+    log_dir = Path(config.log_directory)
+    configure_logging(level=config.log_level, log_format=config.log_format, console=False,
+                      directory=(log_dir if log_dir.is_absolute() else root / log_dir)
+                      if config.enable_monitoring else None)
+    handler = _ConsoleLogHandler(console)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else DetailedFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    front = logging.handlers.QueueHandler(records)
+    front.setLevel(max(logging.getLevelName(console_level),
+                       logging.getLevelName(config.log_level)))
+    front.addFilter(_WorkflowIdFilter())
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
+    logger.addHandler(front)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(front)
+        listener.stop()
+
+
+class _SignalGuard:
+    """SIGINT/SIGTERM become ``runtime.request_shutdown()`` for the rest of the command.
+
+    Installed on the loop for the whole command, not only while the runtime is open (as
+    ``Runtime(handle_signals=True)`` would be): a second Ctrl-C while the summary and the
+    report are written is absorbed, never a KeyboardInterrupt in the middle of them.
+    """
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        if self.runtime is not None:
+            self.runtime.request_shutdown(signum)  # idempotent: repeats are harmless
+
+
+@contextlib.asynccontextmanager
+async def _runtime(config: WorkflowConfiguration, root: Path, *, console_level: str,
+                   handle_signals: bool = False,
+                   console: Console | None = None) -> AsyncIterator[Runtime]:
+    """A started runtime with the command's logging; with ``handle_signals``, Ctrl-C stops
+    its workflows at a safe point (``runtime.shutting_down`` then stays true)."""
+    guard = _SignalGuard()
+    if handle_signals:
+        guard.install()
+    with _logging_for(config, root, console or Console(stderr=True), console_level):
+        async with Runtime(config, root, configure_logs=False) as runtime:
+            guard.runtime = runtime
+            try:
+                yield runtime
+            finally:
+                guard.runtime = None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _stdout() -> Console:
+    # Piped output is read by people too (logs, CI): wide enough that IDs never wrap.
+    console = Console(soft_wrap=False)
+    return console if console.is_terminal else Console(soft_wrap=False, width=160)
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(redact(document, _token()), indent=2, default=str) + "\n")
+
+
+def _when(wall_time: object) -> str:
+    if not isinstance(wall_time, (int, float)) or not wall_time:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall_time))
+
+
+_STATUS_STYLE = {"completed": "green", "failed": "red", "timed_out": "red",
+                 "interrupted": "yellow", "cancelled": "dim", "corrupted": "red bold",
+                 NOT_STARTED: "dim"}
+
+
+def _status(status: str) -> str:
+    style = _STATUS_STYLE.get(status)
+    return f"[{style}]{escape(status)}[/]" if style else escape(status)
+
+
+def _results_table(results: Sequence[WorkflowResult], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("workflow", no_wrap=True)
+    for column in ("status", "stage", "PR", "grade", "error"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        pr = result.outputs.get("pr_url") or result.outputs.get("pr_number") or "-"
+        table.add_row(result.workflow_id, _status(result.status),
+                      escape(str(result.current_stage or "-")), escape(str(pr)),
+                      escape(str(result.reliability_metrics.get("performance_grade", "-"))),
+                      escape(redact_text(result.error or "", _token())))
+    return table
+
+
+def _show_results(results: Sequence[WorkflowResult], args: argparse.Namespace,
+                  title: str) -> None:
+    if args.json:
+        documents = [r.to_dict() for r in results]
+        _print_json(documents[0] if args.command == "run" else documents)
+        return
+    console = _stdout()
+    console.print(_results_table(results, title))
+    for result in results:
+        for advice in result.recovery_recommendations:
+            console.print(f"{result.workflow_id}: {escape(advice)}")
+
+
+def _exit_code(statuses: Sequence[str], interrupted: bool) -> int:
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(s == "completed" for s in statuses) else EXIT_FAILED
+
+
+def _interrupted_note(runtime: Runtime, args: argparse.Namespace) -> None:
+    if runtime.shutting_down and not args.json:
+        print(f"Stopped by a signal; interrupted workflows are resumable: {RESUME_ALL}",
+              file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- run, resume
+
+
+def _prompt_path(raw: str, root: Path) -> Path:
+    path = Path(raw).expanduser()
+    for candidate in (path, root / path):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigurationError(f"prompt file {raw} does not exist (looked in the current "
+                             f"directory and in {root})")
+
+
+def _definition(args: argparse.Namespace) -> DefinitionLike | None:
+    return resolve_definition(args.definition) if args.definition else None
+
+
+def _console_level(config: WorkflowConfiguration, args: argparse.Namespace) -> str:
+    return "WARNING" if args.json else config.log_level
+
+
+async def _cmd_run(args: argparse.Namespace, config: WorkflowConfiguration, root: Path) -> int:
+    prompt = _prompt_path(args.prompt, root)
+    definition = _definition(args)
+    async with _runtime(config, root, console_level=_console_level(config, args),
+                        handle_signals=True) as runtime:
+        if definition is None:
+            result = await runtime.run(str(prompt))
+        else:
+            result = await runtime.run(definition, context={"prompt_file": str(prompt)})
+        _interrupted_note(runtime, args)
+        interrupted = runtime.shutting_down
+    _show_results([result], args, "Workflow")
+    return _exit_code([result.status], interrupted)
+
+
+async def _cmd_resume(args: argparse.Namespace, config: WorkflowConfiguration,
+                      root: Path) -> int:
+    if not args.all:
+        validate_workflow_id(args.workflow_id)
+    async with _runtime(config, root, console_level=_console_level(config, args),
+                        handle_signals=True) as runtime:
+        if args.all:
+            results = await runtime.resume_all()
+        else:
+            results = [await runtime.resume(args.workflow_id)]
+        _interrupted_note(runtime, args)
+        interrupted = runtime.shutting_down
+    if not results and not args.json:
+        _stdout().print("No workflow to resume: none is pending, running or interrupted.")
+        return EXIT_OK
+    _show_results(results, args, "Resumed workflows")
+    return _exit_code([r.status for r in results], interrupted)
+
+
+# --------------------------------------------------------------------------- batch
+
+
+async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
+                     root: Path) -> int:
+    prompts = expand_prompt_paths(args.paths, base=root)
+    definition = _definition(args)
+    report_path = Path(args.report) if args.report else None
+    err = Console(stderr=True)
+    live = not args.json and err.is_terminal
+    started_at = time.time()
+    async with _runtime(config, root, handle_signals=True, console=err,
+                        console_level="WARNING" if live or args.json else config.log_level
+                        ) as runtime:
+        tracker = BatchTracker(runtime, len(prompts))
+        runtime.add_listener(tracker)
+        items = await _batch_with_display(runtime, prompts, definition, config, tracker,
+                                          err if live else None)
+        interrupted = runtime.shutting_down
+    report = batch_report(
+        items, project_root=root,
+        definition=args.definition or DEFAULT_DEFINITION, concurrency=config.concurrency,
+        started_at=started_at, finished_at=time.time(), interrupted=interrupted)
+    report_path = report_path or default_report_path(root, started_at)
+    report_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private_json(report_path, redact(report, [config.github_token, *_token()]))
+    _show_batch(report, report_path, args)
+    return _exit_code([row["status"] for row in report["workflows"]], interrupted)
+
+
+async def _batch_with_display(runtime: Runtime, prompts: list[Path],
+                              definition: DefinitionLike | None,
+                              config: WorkflowConfiguration, tracker: BatchTracker,
+                              console: Console | None) -> list[Any]:
+    if console is None:
+        return await run_batch(runtime, prompts, definition=definition,
+                               concurrency=config.concurrency)
+    with BatchDisplay(console, tracker) as display:
+        follower = asyncio.create_task(display.follow())
+        try:
+            return await run_batch(runtime, prompts, definition=definition,
+                                   concurrency=config.concurrency)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+
+def _show_batch(report: dict[str, Any], report_path: Path, args: argparse.Namespace) -> None:
+    if args.json:
+        _print_json({**report, "report_file": str(report_path)})
+        return
+    console = _stdout()
+    table = Table(title="Batch summary")
+    table.add_column("workflow", no_wrap=True)
+    for column in ("prompt", "status", "duration", "PR", "grade"):
+        table.add_column(column, overflow="fold")
+    for row in report["workflows"]:
+        duration = f"{row['duration']:.1f}s" if row["duration"] is not None else "-"
+        pr = row["pr_url"] or row["pr_number"] or "-"
+        table.add_row(row["workflow_id"] or "-", escape(Path(row["prompt"]).name),
+                      _status(row["status"]), duration, escape(str(pr)),
+                      escape(str(row["grade"] or "-")))
+    console.print(table)
+    counts = ", ".join(f"{count} {status}" for status, count in report["counts"].items())
+    console.print(f"{len(report['workflows'])} workflows: {counts}")
+    if report["interrupted"]:
+        console.print("Stopped by a signal: running workflows were interrupted and "
+                      "checkpointed; those not started were saved as pending.")
+    if report["resume_command"]:
+        console.print(f"To finish the batch: [bold]{report['resume_command']}[/]")
+    console.print(f"Report: {escape(str(report_path))}")
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+async def _cmd_diagnostics(args: argparse.Namespace, config: WorkflowConfiguration,
+                           root: Path) -> int:
+    validate_workflow_id(args.workflow_id)
+    async with _runtime(config, root, console_level="WARNING") as runtime:
+        diagnostics = await stored_diagnostics(runtime, args.workflow_id)
+    if args.json:
+        _print_json(diagnostics)
+    else:
+        _show_diagnostics(redact(diagnostics, [config.github_token, *_token()]))
+    return EXIT_OK
+
+
+def _show_diagnostics(diagnostics: dict[str, Any]) -> None:
+    console = _stdout()
+    current = diagnostics["current_stage"]
+    report = diagnostics["performance_report"]
+    summary = Table(title=f"Workflow {diagnostics['workflow_id']}", show_header=False)
+    summary.add_column("field", style="bold")
+    summary.add_column("value", overflow="fold")
+    for name, value in (
+            ("status", _status(diagnostics["status"])),
+            ("current stage", escape(f"{current['stage']} (attempt {current['attempt']}, "
+                                     f"{current['duration']:.1f}s)")),
+            ("completed stages", str(len(diagnostics["completed_stages"]))),
+            ("errors / retries / recoveries", f"{diagnostics['error_count']} / "
+             f"{diagnostics['retry_count']} / {diagnostics['recovery_attempts']}"),
+            ("performance", f"{report['performance_grade']} "
+                            f"(score {report['performance_score']:.2f})"),
+            ("error", escape(str(diagnostics["error"] or "-"))),
+            ("state", escape(diagnostics["files"].get("state_file", "-")))):
+        summary.add_row(name, value)
+    console.print(summary)
+    stages = Table(title="Stages")
+    for column in ("stage", "status", "duration", "baseline", "attempts"):
+        stages.add_column(column)
+    for name, entry in diagnostics["stage_history"].items():
+        stages.add_row(escape(name), _status(str(entry["status"])), f"{entry['duration']:.2f}s",
+                       f"{float(entry.get('baseline') or 0):.0f}s", str(entry.get("attempts", 1)))
+    console.print(stages)
+    for error in diagnostics["recent_errors"]:
+        console.print(f"[red]error[/] in {escape(str(error.get('stage')))} (attempt "
+                      f"{error.get('attempt')}): {escape(str(error.get('message')))}")
+    for check in diagnostics["recent_health_checks"][-1:]:
+        console.print(f"last health check: {escape(str(check.get('status')))}")
+
+
+async def _cmd_list(args: argparse.Namespace, config: WorkflowConfiguration, root: Path) -> int:
+    async with _runtime(config, root, console_level="WARNING") as runtime:
+        states = await runtime.store.list_states({args.status} if args.status else None)
+    rows = sorted((s.state for s in states), key=lambda s: float(s.get("created_at") or 0))
+    statistics = stage_statistics(
+        (s.get("monitoring_state") or {}).get("stage_history") or () for s in rows
+    ) if args.stats else None
+    if args.json:
+        document: dict[str, Any] = {"workflows": [_list_row(s) for s in rows]}
+        if statistics is not None:
+            document["stage_statistics"] = statistics
+        _print_json(document)
+        return EXIT_OK
+    _show_list(rows, statistics)
+    return EXIT_OK
+
+
+def _list_row(state: dict[str, Any]) -> dict[str, Any]:
+    return {"workflow_id": state.get("workflow_id"), "status": state.get("status"),
+            "current_stage": state.get("current_stage"),
+            "definition": state.get("definition") or state.get("definition_name"),
+            "prompt_file": state.get("prompt_file") or (state.get("context") or {}).get(
+                "prompt_file"),
+            "created_at": state.get("created_at"), "updated_at": state.get("updated_at"),
+            "error": state.get("error")}
+
+
+def _show_list(rows: list[dict[str, Any]], statistics: dict[str, Any] | None) -> None:
+    console = _stdout()
+    table = Table(title=f"Workflows ({len(rows)})")
+    table.add_column("workflow", no_wrap=True)
+    for column in ("status", "stage", "prompt", "updated"):
+        table.add_column(column, overflow="fold")
+    for state in rows:
+        row = _list_row(state)
+        prompt = Path(str(row["prompt_file"])).name if row["prompt_file"] else "-"
+        table.add_row(str(row["workflow_id"]), _status(str(row["status"])),
+                      escape(str(row["current_stage"] or "-")), escape(prompt),
+                      _when(row["updated_at"]))
+    console.print(table)
+    if statistics is None:
+        return
+    stats = Table(title="Stage statistics (completed runs)")
+    for column in ("stage", "runs", "p50", "p90", "p99", "baseline", "slow runs"):
+        stats.add_column(column)
+    for name, entry in statistics["stages"].items():
+        stats.add_row(escape(name), str(entry["runs"]), f"{entry['p50']:.2f}s",
+                      f"{entry['p90']:.2f}s", f"{entry['p99']:.2f}s",
+                      f"{entry['baseline']:.0f}s", str(entry["slow_runs"]))
+    console.print(stats)
+    bottlenecks = ", ".join(statistics["bottlenecks"]) or "none"
+    console.print(f"Bottlenecks (slower than baseline in most runs): {escape(bottlenecks)}")
+
+
+async def _cmd_cancel(args: argparse.Namespace, config: WorkflowConfiguration,
+                      root: Path) -> int:
+    workflow_id = validate_workflow_id(args.workflow_id)
+    async with _runtime(config, root, console_level="WARNING") as runtime:
+        before = WorkflowRun.from_state((await runtime.store.load(workflow_id)).state)
+        try:
+            cancelled = await runtime.cancel(workflow_id, abandon=True)
+        except WorkflowLockedError:
+            message = (f"workflow {workflow_id} is running in another process; this command "
+                       "cannot signal it. Press Ctrl-C in that process (or send it SIGTERM): "
+                       "it stops at a safe point, then run this command again")
+            return _cancel_outcome(args, workflow_id, False, before.status, message)
+    if cancelled:
+        return _cancel_outcome(args, workflow_id, True, "cancelled",
+                               f"workflow {workflow_id} is cancelled and will not be resumed")
+    return _cancel_outcome(args, workflow_id, False, before.status,
+                           f"workflow {workflow_id} is already {before.status}; "
+                           "nothing to cancel")
+
+
+def _cancel_outcome(args: argparse.Namespace, workflow_id: str, cancelled: bool, status: str,
+                    message: str) -> int:
+    if args.json:
+        _print_json({"workflow_id": workflow_id, "cancelled": cancelled, "status": status,
+                     "message": message})
+    else:
+        print(message, file=sys.stdout if cancelled else sys.stderr)
+    return EXIT_OK if cancelled else EXIT_FAILED
+
+
+async def _cmd_bundle(args: argparse.Namespace, config: WorkflowConfiguration,
+                      root: Path) -> int:
+    workflow_id = validate_workflow_id(args.workflow_id)
+    output = Path(args.output) if args.output else root / f"diagnostic-bundle-{workflow_id}.json"
+    async with _runtime(config, root, console_level="WARNING") as runtime:
+        bundle = await build_bundle(runtime, workflow_id)
+    await asyncio.to_thread(write_private_json, output, bundle)
+    if args.json:
+        _print_json({"workflow_id": workflow_id, "bundle": str(output)})
+    else:
+        _stdout().print(f"Diagnostic bundle written to {escape(str(output))} (mode 0600; "
+                        "secrets redacted)")
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Command] = {
+    "run": _cmd_run, "batch": _cmd_batch, "resume": _cmd_resume,
+    "diagnostics": _cmd_diagnostics, "list": _cmd_list, "cancel": _cmd_cancel,
+    "bundle": _cmd_bundle,
+}

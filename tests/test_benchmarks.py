@@ -1,0 +1,106 @@
+"""The benchmark harness: ``--quick --json`` runs and writes a well-formed document.
+
+Only the output's shape is pinned (figures, rows, finite metrics), never a measured value:
+timing assertions belong to the benchmarks themselves, not to tests (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import FIGURES
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURE_KEYS = set(FIGURES)
+META_KEYS = {"started_at", "python", "implementation", "cores", "platform", "plan", "seconds",
+             "packages"}
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=110, check=False)
+
+
+@pytest.fixture(scope="module")
+def quick_document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One ``--quick --json`` run, shared by the shape tests below (it takes seconds)."""
+    directory = tmp_path_factory.mktemp("bench")
+    output = directory / "quick.json"
+    result = _run("--quick", "--json", str(output), "--scratch", str(directory), cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    document: dict[str, Any] = json.loads(output.read_text())
+    return document
+
+
+def test_quick_run_reports_machine_and_python(quick_document: dict[str, Any]) -> None:
+    """The document says which machine and interpreter produced the numbers."""
+    meta = quick_document["meta"]
+    assert META_KEYS <= set(meta)
+    assert isinstance(meta["cores"], int) and meta["cores"] >= 1
+    assert meta["python"].count(".") == 2
+    assert meta["plan"]["quick"] is True
+
+
+def test_quick_run_has_every_figure_in_order(quick_document: dict[str, Any]) -> None:
+    """Every figure appears once, in the issue's order, run or skipped with a reason."""
+    keys = [figure["key"] for figure in quick_document["figures"]]
+    assert keys == list(FIGURES)
+    for figure in quick_document["figures"]:
+        assert {"key", "title", "rows", "skipped", "seconds", "notes"} <= set(figure)
+        assert figure["skipped"] is None or figure["skipped"].strip()
+        if figure["skipped"] is None:
+            assert figure["rows"], figure["key"]
+
+
+def test_every_metric_is_a_finite_number_with_a_unit(quick_document: dict[str, Any]) -> None:
+    """Rows carry finite numbers (JSON has no NaN) or say why they were skipped."""
+    for figure in quick_document["figures"]:
+        for row in figure["rows"]:
+            assert {"key", "label", "metrics", "targets", "skipped"} <= set(row)
+            assert row["metrics"] or row["skipped"], (figure["key"], row["key"])
+            for name, metric in row["metrics"].items():
+                value = metric["value"]
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), name
+                assert math.isfinite(value), (figure["key"], row["key"], name)
+                assert isinstance(metric["unit"], str)
+                assert isinstance(metric["higher_is_better"], bool)
+            for target in row["targets"]:
+                assert target["metric"] in row["metrics"]
+                assert target["met"] in (True, False)
+
+
+def test_throughput_has_reference_and_store_rows(quick_document: dict[str, Any]) -> None:
+    """Throughput separates bare asyncio, triggers only, MemoryStore and FileStore."""
+    figure = next(f for f in quick_document["figures"] if f["key"] == "throughput")
+    prefixes = {row["key"].split("-")[0] for row in figure["rows"]}
+    assert prefixes == {"bare", "transitions", "memory", "file"}
+    for row in figure["rows"]:
+        if row["key"].startswith(("memory", "file")):
+            assert {"rate", "checkpoint_p50", "checkpoint_p99", "lag_p99"} <= set(row["metrics"])
+
+
+def test_compare_prints_a_ratio_per_metric(quick_document: dict[str, Any],
+                                           tmp_path: Path) -> None:
+    """``compare OLD NEW`` of a document with itself reads every metric as the same."""
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(quick_document))
+    result = _run("compare", str(path), str(path), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "1.00x" in result.stdout
+    assert "worse" not in result.stdout
+
+
+def test_unknown_figure_is_refused_by_name() -> None:
+    """A typo in --only names the figures that exist instead of running nothing."""
+    result = _run("--quick", "--only", "thruput", cwd=ROOT)
+    assert result.returncode != 0
+    assert "thruput" in result.stderr and "throughput" in result.stderr

@@ -1,0 +1,204 @@
+"""Health: one cheap shared sample, admission control, periodic checks, loop-lag warnings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from workflows_for_tests import BLOCKING, LONG, TIMED
+
+from reliability import (
+    FakeClock,
+    HealthStatus,
+    MemoryStore,
+    Runtime,
+    WorkflowConfiguration,
+)
+from reliability._logging import LOGGER_NAME
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def warnings(self) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno == logging.WARNING]
+
+
+@pytest.fixture
+def records() -> Iterator[_Records]:
+    """Every record of the runtime's logger, whatever handlers other tests installed."""
+    handler = _Records()
+    runtime_logger = logging.getLogger(LOGGER_NAME)
+    level = runtime_logger.level
+    runtime_logger.addHandler(handler)
+    runtime_logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        runtime_logger.removeHandler(handler)
+        runtime_logger.setLevel(level)
+
+
+def quick(**changes: Any) -> WorkflowConfiguration:
+    return WorkflowConfiguration(enable_monitoring=False, **changes)
+
+
+class Timeline:
+    """A runtime listener recording (event, workflow, virtual time)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.events: list[tuple[str, str, float]] = []
+
+    def __call__(self, event: str, run: Any, **data: Any) -> None:
+        self.events.append((event, run.workflow_id, self.clock.monotonic()))
+
+    def at(self, event: str, workflow_id: str) -> float:
+        return next(t for e, w, t in self.events if e == event and w == workflow_id)
+
+
+class TestSampling:
+    async def test_checks_share_one_nonblocking_sample(self, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+        """200 checks within a second read psutil once, and never with a blocking interval."""
+        intervals: list[object] = []
+        real_cpu_percent = psutil.cpu_percent
+
+        def counting_cpu_percent(interval: object = None, percpu: bool = False) -> Any:
+            intervals.append(interval)
+            return real_cpu_percent(interval=None)
+
+        monkeypatch.setattr(psutil, "cpu_percent", counting_cpu_percent)
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=FakeClock(),
+                           configure_logs=False) as runtime:
+            primed = len(intervals)
+            checks = [await runtime.perform_health_check() for _ in range(200)]
+        assert len(intervals) - primed == 1
+        assert set(intervals) == {None}
+        assert all(c.status in HealthStatus for c in checks)
+
+    async def test_checks_keep_the_loop_responsive(self, tmp_path: Path,
+                                                   records: _Records) -> None:
+        """While 200 checks run, a ticker task keeps running and no stall is reported."""
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        async def check(runtime: Runtime) -> HealthStatus:
+            await asyncio.sleep(0)
+            return (await runtime.perform_health_check()).status
+
+        async with Runtime(WorkflowConfiguration(), tmp_path, store=MemoryStore(),
+                           configure_logs=False) as runtime:
+            ticking = asyncio.create_task(ticker())
+            await asyncio.gather(*(check(runtime) for _ in range(200)))
+            done.set()
+            await ticking
+        assert ticks >= 2
+        assert not [m for m in records.warnings() if "Event loop blocked" in m]
+
+
+class TestAdmission:
+    async def test_new_workflow_waits_while_health_is_critical(self, tmp_path: Path) -> None:
+        """CRITICAL, CRITICAL, HEALTHY: held at t=0, started at the second re-check (t=10)."""
+        answers = iter(["CRITICAL", "CRITICAL"])
+        clock = FakeClock()
+        timeline = Timeline(clock)
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=clock,
+                           configure_logs=False) as runtime:
+            runtime.register_health_check(lambda _: {"status": next(answers, "HEALTHY")})
+            runtime.add_listener(timeline)
+            async with clock.autojump():
+                result = await runtime.run(TIMED, context={"durations": {
+                    "fetch": 1, "compute": 1, "store": 1}})
+        assert result.status == "completed"
+        assert timeline.at("held", result.workflow_id) == 0.0
+        assert timeline.at("started", result.workflow_id) == 10.0
+
+    async def test_running_workflows_go_on_while_new_ones_wait(self, tmp_path: Path) -> None:
+        """Health turns CRITICAL during A: A finishes; B waits until health recovers."""
+        health = {"status": "HEALTHY"}
+        clock = FakeClock()
+        timeline = Timeline(clock)
+
+        async def later(delay: float, runner: Any) -> Any:
+            await clock.sleep(delay)
+            return await runner()
+
+        async def recover() -> None:
+            health["status"] = "HEALTHY"
+
+        async def worsen_then_start_b() -> Any:
+            health["status"] = "CRITICAL"
+            return await runtime.run(TIMED, context={"durations": {
+                "fetch": 1, "compute": 1, "store": 1}})
+
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=clock,
+                           configure_logs=False) as runtime:
+            runtime.register_health_check(lambda _: dict(health))
+            runtime.add_listener(timeline)
+            async with clock.autojump():
+                a, b, _ = await asyncio.gather(
+                    runtime.run(TIMED, context={"durations": {
+                        "fetch": 10, "compute": 10, "store": 10}}),
+                    later(2, worsen_then_start_b), later(50, recover))
+        assert (a.status, b.status) == ("completed", "completed")
+        assert timeline.at("finished", a.workflow_id) == 30.0
+        assert timeline.at("held", b.workflow_id) == 2.0
+        assert timeline.at("started", b.workflow_id) == 52.0  # re-checks at 7, 12, ... 52
+
+
+class TestPeriodicChecks:
+    async def test_long_stage_is_checked_every_interval(self, tmp_path: Path) -> None:
+        """A 1000 s stage with health_check_interval=100 is checked at 100, 200, 300, ..."""
+        clock = FakeClock()
+        checked_at: list[float] = []
+
+        def check(workflow_id: str | None) -> dict[str, str]:
+            if workflow_id is not None:
+                checked_at.append(clock.monotonic())
+            return {"status": "HEALTHY"}
+
+        async with Runtime(quick(health_check_interval=100.0), tmp_path, store=MemoryStore(),
+                           clock=clock, configure_logs=False) as runtime:
+            runtime.register_health_check(check)
+            async with clock.autojump():
+                result = await runtime.run(LONG)
+        assert result.status == "completed"
+        assert checked_at[:3] == [100.0, 200.0, 300.0]
+        assert len(checked_at) in (9, 10)  # the one at t=1000 races the stage's end
+
+
+class TestLoopLag:
+    async def test_blocking_handler_is_named(self, tmp_path: Path, records: _Records) -> None:
+        """A handler calling time.sleep(1) is named in an 'Event loop blocked' warning, and
+        the health result reports the lag."""
+        config = WorkflowConfiguration(enable_health_checks=False)
+        async with Runtime(config, tmp_path, store=MemoryStore(),
+                           configure_logs=False) as runtime:
+            result = await runtime.run(BLOCKING)
+        blocked = [m for m in records.warnings() if m.startswith("Event loop blocked")]
+        assert result.status == "completed"
+        naming = [m for m in blocked if "handler workflows_for_tests:blocking_handler" in m]
+        assert len(naming) == 1
+        assert f"stage block of workflow {result.workflow_id}" in naming[0]
+        assert runtime.loop_lag_ms is not None and runtime.loop_lag_ms >= 250
+        check = await runtime.perform_health_check()
+        assert check.loop_lag_ms == runtime.loop_lag_ms
+        assert check.status is not HealthStatus.HEALTHY
+        assert any("Event loop lag" in advice for advice in check.recommendations)

@@ -1,0 +1,515 @@
+"""Durable state: the FileStore's journal, replay, claims, permissions and damaged files.
+
+Cross-process behaviour (a journal or a claim held by a live process, a journal left by a
+killed one) is tested with real child processes started from ``crash_workflows``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from crash_workflows import CRASH_FLOW, crash_config, effect_counts, subprocess_env
+
+from reliability import (
+    FileStore,
+    MemoryStore,
+    Runtime,
+    StateCorruptedError,
+    WorkflowLockedError,
+    WorkflowNotFoundError,
+)
+from reliability._logging import logger as runtime_logger
+from reliability._store import SCHEMA_VERSION, decode_document, encode_document
+
+WID = "workflow-20240115-142315-a7b3"
+OTHER = "workflow-20240115-142316-b8c4"
+
+
+def start_child(*args: str) -> subprocess.Popen[str]:
+    code = "import crash_workflows; crash_workflows.main()"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(child: subprocess.Popen[str], expected: str, timeout: float = 20.0) -> None:
+    assert child.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([child.stdout], [], [], 0.05)
+        if ready:
+            line = child.stdout.readline()
+            if line.strip() == expected:
+                return
+            if not line:
+                break
+    child.kill()
+    _, errors = child.communicate()
+    raise AssertionError(f"child never printed {expected!r}; stderr:\n{errors}")
+
+
+def kill(child: subprocess.Popen[str]) -> None:
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    assert child.returncode == -signal.SIGKILL
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    """Child processes a test starts; any still running at the end are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def journal_documents(journal: Path) -> dict[str, dict[str, Any]]:
+    """The newest valid state per workflow in a journal file."""
+    newest: dict[str, dict[str, Any]] = {}
+    for line in journal.read_bytes().splitlines(keepends=True):
+        try:
+            state = decode_document(line, str(journal))
+        except StateCorruptedError:
+            continue
+        if state["revision"] >= newest.get(state["workflow_id"], {"revision": -1})["revision"]:
+            newest[state["workflow_id"]] = state
+    return newest
+
+
+def state_of(path: Path) -> dict[str, Any]:
+    return decode_document(path.read_bytes(), str(path))
+
+
+def states_dir(root: Path) -> Path:
+    return root / ".github/workflow-states"
+
+
+class TestRoundTrip:
+    async def test_saved_state_loads_back(self, tmp_path: Path) -> None:
+        """save() then load() returns the same state, from state.json once materialized."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        state = {"workflow_id": WID, "revision": 1, "status": "running", "x": [1, 2]}
+        await store.save(WID, lambda: state, checkpoint_stage="alpha")
+        await store.close()
+        await store.open()
+        try:
+            loaded = await store.load(WID)
+        finally:
+            await store.close()
+        assert loaded.state == state and loaded.problems == ()
+        assert loaded.source == str(tmp_path / "states" / WID / "state.json")
+        assert (tmp_path / "checkpoints" / f"{WID}_checkpoint_alpha.json").exists()
+
+    async def test_document_carries_schema_version_and_checksum(self) -> None:
+        """The on-disk form is schema_version, sha256 checksum, state: decodable again."""
+        document = encode_document({"workflow_id": WID, "revision": 3})
+        assert document.startswith(b'{"schema_version":%d,"checksum":"sha256:' % SCHEMA_VERSION)
+        assert decode_document(document, "x") == {"workflow_id": WID, "revision": 3}
+
+    async def test_unknown_workflow_is_not_found(self, tmp_path: Path) -> None:
+        """Loading an ID with no directory raises WorkflowNotFoundError."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        with pytest.raises(WorkflowNotFoundError, match=WID):
+            await store.load(WID)
+
+    async def test_list_states_filters_by_status(self, tmp_path: Path) -> None:
+        """list_states({'running'}) returns only running workflows."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        await store.save(WID, lambda: {"workflow_id": WID, "status": "running"})
+        await store.save(OTHER, lambda: {"workflow_id": OTHER, "status": "completed"})
+        await store.close()
+        await store.open()
+        try:
+            running = await store.list_states({"running"})
+            everything = await store.list_states()
+        finally:
+            await store.close()
+        assert [s.state["workflow_id"] for s in running] == [WID]
+        assert len(everything) == 2
+
+    async def test_concurrent_saves_share_one_batch(self, tmp_path: Path) -> None:
+        """100 workflows saving at once are written by one group commit, not 100."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        ids = [f"workflow-20240115-142315-{n:04x}" for n in range(100)]
+        try:
+            await asyncio.gather(*(store.save(w, lambda w=w: {"workflow_id": w})
+                                   for w in ids))
+            assert store.batches_written <= 2
+        finally:
+            await store.close()
+        assert all((tmp_path / "states" / w / "state.json").exists() for w in ids)
+
+    async def test_memory_store_validates_like_a_file(self) -> None:
+        """MemoryStore keeps encoded documents, lists by status and refuses double claims."""
+        store = MemoryStore()
+        await store.save(WID, lambda: {"workflow_id": WID, "status": "running"},
+                         checkpoint_stage="a")
+        store.save_soon(OTHER, lambda: {"workflow_id": OTHER, "status": "completed"})
+        assert (await store.load(WID)).state["status"] == "running"
+        assert [s.state["workflow_id"] for s in await store.list_states({"completed"})] == [
+            OTHER]
+        claim = await store.claim(WID)
+        with pytest.raises(WorkflowLockedError):
+            await store.claim(WID)
+        claim.release()
+        (await store.claim(WID)).release()
+
+
+class TestJournalReplay:
+    def test_orphan_journal_is_replayed_into_state_files(
+            self, tmp_path: Path, children: list[subprocess.Popen[str]]) -> None:
+        """After SIGKILL, the next FileStore.open() brings every state.json up to the journal."""
+        child = start_child("run", str(tmp_path), "parked", "3", "0")
+        children.append(child)
+        journal_dir = states_dir(tmp_path) / "_journal"
+        deadline = time.monotonic() + 20
+        newest: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:  # until every workflow's 'wait' start is journaled
+            journals = list(journal_dir.glob("journal-*.log"))
+            newest = journal_documents(journals[0]) if journals else {}
+            if len(newest) == 3 and all(s["current_stage"] == "wait" for s in newest.values()):
+                break
+            time.sleep(0.01)
+        assert len(newest) == 3, "the child never journaled three parked workflows"
+        kill(child)
+        (orphan,) = journal_dir.glob("journal-*.log")
+        for workflow_id, state in newest.items():
+            path = states_dir(tmp_path) / workflow_id / "state.json"
+            before = state_of(path)["revision"] if path.exists() else -1
+            assert before < state["revision"]  # the state file lags behind the journal
+
+        async def reopen() -> FileStore:
+            store = FileStore(states_dir(tmp_path), tmp_path / ".github/workflow-checkpoints")
+            await store.open()
+            await store.close()
+            return store
+
+        store = asyncio.run(reopen())
+        assert store.replayed_workflows == 3
+        assert not orphan.exists()
+        for workflow_id, state in newest.items():
+            on_disk = state_of(states_dir(tmp_path) / workflow_id / "state.json")
+            assert on_disk == state
+            assert on_disk["status"] == "running" and on_disk["current_stage"] == "wait"
+            assert on_disk["completed_stages"] == ["one", "two", "three"]
+
+    def test_live_journal_is_not_replayed(
+            self, tmp_path: Path, children: list[subprocess.Popen[str]]) -> None:
+        """A journal whose process is alive (flock held) is left alone; once it dies, replayed."""
+        child = start_child("journal", str(tmp_path), WID)
+        children.append(child)
+        wait_for_line(child, "saved")
+        journal_dir = tmp_path / "states" / "_journal"
+        (live,) = journal_dir.glob("journal-*.log")
+
+        async def reopen() -> int:
+            store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+            await store.open()
+            await store.close()
+            return store.replayed_workflows
+
+        assert asyncio.run(reopen()) == 0
+        assert live.exists()
+        assert not (tmp_path / "states" / WID / "state.json").exists()
+        kill(child)
+        assert asyncio.run(reopen()) == 1
+        assert not live.exists()
+        assert state_of(tmp_path / "states" / WID / "state.json")["revision"] == 1
+
+    def test_torn_last_journal_line_is_skipped(self, tmp_path: Path) -> None:
+        """A journal whose last document was cut off replays the one before it."""
+        journal_dir = tmp_path / "states" / "_journal"
+        journal_dir.mkdir(parents=True)
+        first = encode_document({"workflow_id": WID, "revision": 1, "status": "running"})
+        second = encode_document({"workflow_id": WID, "revision": 2, "status": "completed"})
+        (journal_dir / "journal-1-dead.log").write_bytes(first + second[: len(second) // 2])
+
+        async def reopen() -> None:
+            store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+            await store.open()
+            await store.close()
+
+        asyncio.run(reopen())
+        assert state_of(tmp_path / "states" / WID / "state.json")["revision"] == 1
+
+    def test_replay_never_goes_back_to_an_older_revision(self, tmp_path: Path) -> None:
+        """A journal older than state.json does not overwrite it."""
+        directory = tmp_path / "states" / WID
+        directory.mkdir(parents=True)
+        (directory / "state.json").write_bytes(encode_document(
+            {"workflow_id": WID, "revision": 5, "status": "completed"}))
+        journal_dir = tmp_path / "states" / "_journal"
+        journal_dir.mkdir()
+        (journal_dir / "journal-1-dead.log").write_bytes(encode_document(
+            {"workflow_id": WID, "revision": 4, "status": "running"}))
+
+        async def reopen() -> int:
+            store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+            await store.open()
+            await store.close()
+            return store.replayed_workflows
+
+        assert asyncio.run(reopen()) == 0
+        assert state_of(directory / "state.json")["revision"] == 5
+
+
+class TestClaims:
+    async def test_second_claim_in_one_process_is_refused(self, tmp_path: Path) -> None:
+        """Two claims on one ID from one store: the second raises WorkflowLockedError."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        claim = await store.claim(WID)
+        with pytest.raises(WorkflowLockedError, match=f"workflow {WID} is already running"):
+            await store.claim(WID)
+        claim.release()
+        (await store.claim(WID)).release()
+
+    async def test_concurrent_claims_in_one_loop_let_exactly_one_win(
+            self, tmp_path: Path) -> None:
+        """Ten tasks claiming one ID at once: one claim, nine refusals."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        outcomes = await asyncio.gather(*(store.claim(WID) for _ in range(10)),
+                                        return_exceptions=True)
+        claims = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert len(claims) == 1
+        assert all(isinstance(o, WorkflowLockedError) for o in outcomes if o not in claims)
+        claims[0].release()
+
+    def test_claim_held_by_another_process_is_refused(
+            self, tmp_path: Path, children: list[subprocess.Popen[str]]) -> None:
+        """A second process cannot claim a workflow another process holds; after it dies it can."""
+        child = start_child("claim", str(tmp_path), WID)
+        children.append(child)
+        wait_for_line(child, "claimed")
+
+        async def claim_here() -> None:
+            store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+            claim = await store.claim(WID)
+            claim.release()
+
+        lock = tmp_path / "states" / WID / "lock"
+        with pytest.raises(WorkflowLockedError, match=f"its lock {lock} is held"):
+            asyncio.run(claim_here())
+        kill(child)  # the kernel drops a dead process's flock
+        asyncio.run(claim_here())
+
+    async def test_claim_many_splits_free_from_held(self, tmp_path: Path) -> None:
+        """claim_many returns claims for free IDs and lists those already held."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        held = await store.claim(WID)
+        claims, refused = await store.claim_many([WID, OTHER])
+        assert [c.workflow_id for c in claims] == [OTHER] and refused == [WID]
+        for claim in (*claims, held):
+            claim.release()
+
+
+class TestPermissions:
+    async def test_state_files_are_0600_and_directories_0700(self, tmp_path: Path) -> None:
+        """State, checkpoint, lock and journal files are private to the user."""
+        before = os.umask(0o022)
+        try:
+            async with Runtime(crash_config(checkpoint_frequency=1), tmp_path,
+                               configure_logs=False) as runtime:
+                (tmp_path / "effects").mkdir()
+                result = await runtime.run(CRASH_FLOW, context={"stage_sleep": 0})
+                journal_dir = states_dir(tmp_path) / "_journal"
+                journals = list(journal_dir.glob("journal-*.log"))
+                assert journals and all(_mode(j) == 0o600 for j in journals)
+        finally:
+            os.umask(before)
+        workflow_dir = states_dir(tmp_path) / result.workflow_id
+        checkpoints = tmp_path / ".github/workflow-checkpoints"
+        for directory in (states_dir(tmp_path), workflow_dir, checkpoints, journal_dir):
+            assert _mode(directory) == 0o700, directory
+        files = [workflow_dir / "state.json", workflow_dir / "lock", *checkpoints.iterdir()]
+        assert len(files) == 2 + len(CRASH_FLOW.stages) + 1  # every stage, then "final"
+        for path in files:
+            assert _mode(path) == 0o600, path
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --------------------------------------------------------------------------- damage
+
+
+def _flip_status(raw: bytes) -> bytes:
+    return raw.replace(b'"status":"running"', b'"status":"runnimg"')
+
+
+def _bump_schema(raw: bytes) -> bytes:
+    return raw.replace(b'{"schema_version":1,', b'{"schema_version":2,')
+
+
+DAMAGE = [
+    pytest.param(lambda raw: raw[: len(raw) // 2], "not valid JSON (truncated or damaged)",
+                 id="truncated"),
+    pytest.param(lambda raw: b"", "the file is empty (torn write?)", id="empty"),
+    pytest.param(lambda raw: b"\x00\xff\xfegarbage\x00", "not valid JSON", id="garbage"),
+    pytest.param(_flip_status, "checksum mismatch", id="flipped-byte"),
+    pytest.param(_bump_schema, "schema version 2 is not 1", id="schema-version"),
+    pytest.param(lambda raw: b'{"state": 3}', "not a workflow state document", id="shape"),
+]
+
+
+@pytest.fixture
+def damaged_store(tmp_path: Path) -> FileStore:
+    """A store holding WID at revision 3, with checkpoints 'alpha' (rev 1) and 'beta' (rev 2)."""
+    async def fill() -> None:
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        for revision, stage in ((1, "alpha"), (2, "beta"), (3, None)):
+            state = {"workflow_id": WID, "revision": revision, "status": "running"}
+            await store.save(WID, lambda state=state: state, checkpoint_stage=stage)
+        await store.close()
+
+    asyncio.run(fill())
+    return FileStore(tmp_path / "states", tmp_path / "checkpoints")
+
+
+def _load(store: FileStore) -> Any:
+    return asyncio.run(store.load(WID))
+
+
+class TestDamagedStateFile:
+    @pytest.mark.parametrize(("damage", "problem"), DAMAGE)
+    def test_damaged_state_falls_back_to_newest_checkpoint(
+            self, damaged_store: FileStore, damage: Any, problem: str) -> None:
+        """A torn or tampered state.json is reported by path; the newest checkpoint is used."""
+        path = damaged_store.state_path(WID)
+        path.write_bytes(damage(path.read_bytes()))
+        loaded = _load(damaged_store)
+        assert loaded.state["revision"] == 2
+        assert loaded.source == str(damaged_store.checkpoint_path(WID, "beta"))
+        assert len(loaded.problems) == 1
+        assert loaded.problems[0].startswith(f"{path}: ")
+        assert problem in loaded.problems[0]
+
+    def test_symlink_to_a_file_outside_is_refused(self, damaged_store: FileStore,
+                                                  tmp_path: Path) -> None:
+        """state.json replaced by a symlink (even to a valid document) is not followed."""
+        path = damaged_store.state_path(WID)
+        outside = tmp_path / "outside.json"
+        outside.write_bytes(path.read_bytes())
+        path.unlink()
+        path.symlink_to(outside)
+        loaded = _load(damaged_store)
+        assert loaded.problems == (f"{path}: is a symbolic link; refused",)
+        assert loaded.state["revision"] == 2
+
+    def test_state_of_another_workflow_is_refused(self, damaged_store: FileStore) -> None:
+        """A state.json copied from another workflow is reported as belonging elsewhere."""
+        path = damaged_store.state_path(WID)
+        path.write_bytes(encode_document({"workflow_id": OTHER, "revision": 9}))
+        loaded = _load(damaged_store)
+        assert f"belongs to '{OTHER}', not {WID}" in loaded.problems[0]
+        assert loaded.state["revision"] == 2
+
+    def test_damaged_checkpoints_are_skipped_too(self, damaged_store: FileStore) -> None:
+        """With state.json and the newest checkpoint both torn, the older checkpoint is used."""
+        damaged_store.state_path(WID).write_bytes(b"{")
+        beta = damaged_store.checkpoint_path(WID, "beta")
+        beta.write_bytes(_flip_status(beta.read_bytes()))
+        loaded = _load(damaged_store)
+        assert loaded.source == str(damaged_store.checkpoint_path(WID, "alpha"))
+        assert loaded.state["revision"] == 1
+        assert any(p.startswith(f"{beta}: checksum mismatch") for p in loaded.problems)
+
+    def test_nothing_valid_left_is_a_clear_error(self, damaged_store: FileStore) -> None:
+        """With every copy damaged, StateCorruptedError names state.json and each problem."""
+        path = damaged_store.state_path(WID)
+        for damaged in (path, damaged_store.checkpoint_path(WID, "alpha"),
+                        damaged_store.checkpoint_path(WID, "beta")):
+            damaged.write_bytes(b"")
+        with pytest.raises(StateCorruptedError) as raised:
+            _load(damaged_store)
+        assert raised.value.path == str(path)
+        assert "no valid state or checkpoint" in str(raised.value)
+        assert str(damaged_store.checkpoint_path(WID, "alpha")) in str(raised.value)
+
+    def test_missing_state_json_uses_a_checkpoint(self, damaged_store: FileStore) -> None:
+        """A deleted state.json (directory still there) falls back to the newest checkpoint."""
+        path = damaged_store.state_path(WID)
+        path.unlink()
+        loaded = _load(damaged_store)
+        assert loaded.problems == (f"{path}: missing",) and loaded.state["revision"] == 2
+
+    def test_damaged_workflow_is_listed_as_corrupted(self, damaged_store: FileStore) -> None:
+        """list_states reports a workflow with nothing valid as 'corrupted', not a crash."""
+        for path in (damaged_store.state_path(WID), *damaged_store.checkpoint_directory.iterdir()):
+            path.write_bytes(b"garbage")
+        states = asyncio.run(damaged_store.list_states())
+        assert [(s.state["workflow_id"], s.state["status"]) for s in states] == [
+            (WID, "corrupted")]
+
+
+class TestResumeFromCheckpoint:
+    async def test_resume_falls_back_to_a_checkpoint_and_completes(
+            self, tmp_path: Path) -> None:
+        """Interrupted at 'build', state.json and the final checkpoint garbled: resume uses
+        plan's checkpoint, logs the damaged file, and runs each remaining stage once."""
+        (tmp_path / "effects").mkdir()
+        config = crash_config(checkpoint_frequency=1)
+        async with Runtime(config, tmp_path, configure_logs=False) as runtime:
+            task = asyncio.create_task(runtime.run(CRASH_FLOW, context={"stage_sleep": 30}))
+            while "build" not in next(iter(effect_counts(tmp_path).values()), {}):
+                await asyncio.sleep(0.001)
+            (workflow_id,) = runtime.running
+            await runtime.cancel(workflow_id)
+            interrupted = await task
+        assert interrupted.status == "interrupted"
+        state_file = states_dir(tmp_path) / workflow_id / "state.json"
+        state_file.write_bytes(b"\x00garbage")
+        checkpoints = tmp_path / ".github/workflow-checkpoints"
+        (checkpoints / f"{workflow_id}_checkpoint_final.json").write_bytes(b"")
+
+        messages: list[str] = []
+        handler = _ListHandler(messages)
+        runtime_logger.addHandler(handler)
+        try:
+            async with Runtime(config, tmp_path, configure_logs=False) as runtime:
+                # the state the run resumes from still says stage_sleep 30: cancel-free rerun
+                # needs a short sleep, so patch the stored context through the checkpoint
+                resumed = await _resume_with_short_sleep(runtime, workflow_id, checkpoints)
+        finally:
+            runtime_logger.removeHandler(handler)
+        assert resumed.status == "completed" and resumed.resumed_from == "build"
+        assert any(str(state_file) in m and "not valid JSON" in m for m in messages)
+        counts = effect_counts(tmp_path)[workflow_id]
+        assert counts == {"fetch": 1, "plan": 1, "build": 2, "test": 1, "package": 1,
+                          "publish": 1}
+
+
+class _ListHandler:
+    level = 0
+
+    def __init__(self, messages: list[str]) -> None:
+        self.messages = messages
+
+    def handle(self, record: Any) -> bool:
+        self.messages.append(record.getMessage())
+        return True
+
+
+async def _resume_with_short_sleep(runtime: Runtime, workflow_id: str,
+                                   checkpoints: Path) -> Any:
+    path = checkpoints / f"{workflow_id}_checkpoint_plan.json"
+    state = state_of(path)
+    state["context"]["stage_sleep"] = 0
+    path.write_bytes(encode_document(state))
+    return await runtime.resume(workflow_id)
