@@ -389,6 +389,11 @@ def _prompt_path(raw: str, root: Path) -> Path:
     for candidate in (path, root / path):
         if candidate.is_file():
             return candidate.resolve()
+    for candidate in (path, root / path):
+        if candidate.exists():  # stat only: a device such as /dev/zero is never read
+            kind = "a directory" if candidate.is_dir() else "a device, pipe or socket"
+            raise ConfigurationError(f"prompt file {raw} is not a regular file ({candidate} "
+                                     f"is {kind}); give the path of a Markdown file")
     raise ConfigurationError(f"prompt file {raw} does not exist (looked in the current "
                              f"directory and in {root})")
 
@@ -446,9 +451,11 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
     err = Console(stderr=True)
     live = not args.json and err.is_terminal
     started_at = time.time()
+    # Many workflows' INFO lines would bury the summary: the console shows warnings and
+    # worse (all of it at DEBUG); the daily log file always gets everything.
+    console_level = "DEBUG" if config.log_level == "DEBUG" else "WARNING"
     async with _runtime(config, root, handle_signals=True, console=err,
-                        console_level="WARNING" if live or args.json else config.log_level
-                        ) as runtime:
+                        console_level=console_level) as runtime:
         tracker = BatchTracker(runtime, len(prompts))
         runtime.add_listener(tracker)
         items = await _batch_with_display(runtime, prompts, definition, config, tracker,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ._clock import TimerHandle
 from ._context import DefinitionLike, StageContext, StageSpecLike
 from ._errors import ErrorCategory, StageTimeoutError, classify
-from ._logging import logger, workflow_id_var
+from ._logging import logger, redact_secrets, workflow_id_var
 from ._retry import RetryPolicy, backoff_delays, next_delay
 from ._state import WorkflowRun
 
@@ -105,11 +105,14 @@ class Engine:
         token = workflow_id_var.set(run.workflow_id)
         stages = self.definition.stages
         resumed = start_index > 0 or bool(run.completed_stages) or run.resumed_from is not None
-        self.definition.attach(run, stages[start_index].name if resumed else None)
+        # start_index == len(stages): every stage completed; only the outcome is recorded.
+        self.definition.attach(run, stages[min(start_index, len(stages) - 1)].name
+                               if resumed else None)
         try:
             run.status = "running"
             self._log("info", "Starting workflow %s (%d stages)%s", self.definition.name,
-                      len(stages), f", resumed at {stages[start_index].name}" if resumed else "")
+                      len(stages), f", resumed at {run.resumed_from or stages[start_index].name}"
+                      if resumed else "")
             for index in range(start_index, len(stages)):
                 if live.stop_reason is not None:
                     raise Interrupted(live.stop_reason)
@@ -122,7 +125,7 @@ class Engine:
         except Interrupted as stop:
             await self._end(run, "interrupted", f"interrupted ({stop.reason}); resumable")
         except _StageFailed as failure:
-            run.error = f"{type(failure.error).__name__}: {failure.error}"
+            run.error = redact_secrets(f"{type(failure.error).__name__}: {failure.error}")
             run.error_category = classify(failure.error).value
             await self._end(run, failure.status, None)
         except asyncio.CancelledError:
@@ -166,7 +169,15 @@ class Engine:
         attempt = 0
         while True:
             attempt += 1
+            fresh = run.revision == 0  # no snapshot of this workflow was ever taken
             started = self._begin_attempt(live, spec, attempt)
+            if fresh and self.runtime.persistence:
+                # Durable before the first handler's first side effect: a crash inside
+                # stage 1 must leave a resumable record, not an unknown workflow. (The
+                # "started" write just queued coalesces with this one.)
+                await self.runtime.store.save(run.workflow_id, run.to_state)
+                if live.stop_reason is not None:
+                    raise Interrupted(live.stop_reason)
             try:
                 outputs = await self._attempt(live, spec, attempt)
             except Interrupted:
@@ -196,6 +207,8 @@ class Engine:
 
     async def _interruptible_sleep(self, live: _Live, delay: float) -> None:
         """A retry wait that a cancel or shutdown ends at once, like a handler."""
+        if live.stop_reason is not None:  # asked while deciding, when nothing was cancelled
+            raise Interrupted(live.stop_reason)
         live.in_handler = True
         try:
             await self._clock.sleep(delay)
@@ -227,6 +240,10 @@ class Engine:
         ctx = StageContext(self, live.run, spec.name, attempt, self._logger_for(live.run))
         if self.runtime.health_before(spec):
             await self.runtime.stage_health_check(live.run, f"before {spec.name}")
+        if live.stop_reason is not None:
+            # Asked to stop while outside the handler (during the health check above), when
+            # nothing could be cancelled: honour it before the handler starts, not after.
+            raise Interrupted(live.stop_reason)
         self._arm_watchdog(live, spec)
         live.in_handler = True
         try:
@@ -326,7 +343,8 @@ class Engine:
         run = live.run
         category = classify(error)
         run.record_error({"stage": spec.name, "attempt": attempt, "type": type(error).__name__,
-                          "message": str(error)[:500], "category": category.value,
+                          "message": redact_secrets(str(error))[:500],
+                          "category": category.value,
                           "at": self._clock.time()})
         self._log("warning", "Stage %s attempt %d failed (%s): %s", spec.name, attempt,
                   category.value, error)

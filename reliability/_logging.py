@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._store import make_private_directory
+
 __all__ = ["LOGGER_NAME", "DailyFileHandler", "configure_logging", "current_workflow_id",
-           "logger", "shutdown_logging", "workflow_id_var"]
+           "logger", "redact_secrets", "register_secret", "shutdown_logging",
+           "workflow_id_var"]
 
 LOGGER_NAME = "workflow_manager"
 logger = logging.getLogger(LOGGER_NAME)
@@ -31,10 +34,39 @@ def current_workflow_id() -> str | None:
     return workflow_id_var.get()
 
 
+_secrets: set[str] = set()  # values no log line and no stored error may contain
+
+
+def register_secret(value: str) -> None:
+    """From now on, ``value`` (a token) is written as ``***`` in logs and stored errors.
+
+    Commands the workflows run inherit the environment, and their output (a git URL with
+    credentials, an agent printing its environment) reaches logs and error messages.
+    """
+    if value and value.strip():
+        _secrets.add(value)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***``."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
 class _WorkflowIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "workflow_id"):
             record.workflow_id = workflow_id_var.get() or "-"
+        if _secrets:
+            message = record.getMessage()
+            redacted = redact_secrets(message)
+            if redacted != message:
+                record.msg, record.args = redacted, None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = redact_secrets(
+                    logging.Formatter().formatException(record.exc_info))
         return True
 
 
@@ -83,7 +115,7 @@ class DailyFileHandler(logging.Handler):
         if day != self._day or self._stream is None:
             if self._stream is not None:
                 self._stream.close()
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_directory(self.directory)
             path = self.directory / f"workflow-{day}.log"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._stream = os.fdopen(fd, "a", encoding="utf-8", buffering=1)

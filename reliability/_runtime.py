@@ -37,7 +37,7 @@ from ._health import (
     worst,
 )
 from ._ids import new_workflow_id, validate_workflow_id
-from ._logging import configure_logging, logger
+from ._logging import configure_logging, logger, register_secret
 from ._monitor import RuntimeMonitor
 from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, retry_call
@@ -141,6 +141,7 @@ class Runtime:
                  clock: Clock | None = None, handle_signals: bool = False,
                  configure_logs: bool = True) -> None:
         self.config = config if config is not None else load_configuration()
+        register_secret(self.config.github_token)  # never in a log or a stored error
         self.project_root = Path(project_root).resolve()
         self.clock: Clock = clock or SystemClock()
         self.store: Store = store or FileStore(self._path(self.config.state_directory),
@@ -289,7 +290,9 @@ class Runtime:
         definition = self._stored_definition(run)
         start = self._resume_index(definition, run)
         if run.status != "pending" or run.completed_stages:  # pending: registered, never run
-            run.resumed_from = definition.stages[start].name
+            # Past the last stage: every stage is done, only the final record was lost.
+            run.resumed_from = (definition.stages[start].name
+                                if start < len(definition.stages) else "completed")
         run.error = run.error_category = None
         return await self._execute(definition, run, start)
 
@@ -369,13 +372,20 @@ class Runtime:
     def _resume_index(definition: DefinitionLike, run: WorkflowRun) -> int:
         names = [s.name for s in definition.stages]
         done = run.completed_stages
-        if done != names[:len(done)]:
+        # A non-critical stage that degraded was skipped: it is not in completed_stages,
+        # and is not run again. The completed ones must be the definition's stages in
+        # order up to the last stage passed, minus the degraded ones.
+        degraded = {e.get("stage") for e in run.stage_history if e.get("status") == "degraded"}
+        last = max((i for i, n in enumerate(names) if n in done or n in degraded), default=-1)
+        expected = [n for n in names[:last + 1] if n in done or n not in degraded]
+        if done != expected:
             raise ConfigurationError(
                 f"workflow {run.workflow_id} completed stages {done} that do not match "
                 f"definition {definition.name!r} ({names}); was the definition changed?")
-        if len(done) >= len(names):
-            return len(names) - 1
-        return len(done)
+        # The stage after the last one passed; len(names) when all are (a crash after the
+        # last stage's checkpoint, before the final record): the engine then only records
+        # completion, and no stage runs twice.
+        return last + 1
 
     async def cancel(self, workflow_id: str, *, abandon: bool = False) -> bool:
         """Stop a workflow. Running here: it ends ``interrupted`` (resumable). Stored and not
@@ -507,7 +517,9 @@ class Runtime:
         check = await self.perform_health_check(run.workflow_id)
         if self._live.get(run.workflow_id) is None:
             run.record_health_check(check.to_dict())
-        level = "info" if check.status is HealthStatus.HEALTHY else "warning"
+        # A busy CPU alone (WARNING) is normal while agents and tests run; log it quietly.
+        level = "info" if check.status in (HealthStatus.HEALTHY, HealthStatus.WARNING) else (
+            "warning")
         getattr(logger, level)("Health check completed (%s): %s (CPU: %.0f%%, Memory: %.0f%%)",
                                reason, check.status.value, check.cpu_usage, check.memory_usage)
 

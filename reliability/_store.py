@@ -47,12 +47,16 @@ from ._errors import (
 from ._ids import validate_workflow_id
 
 __all__ = ["SCHEMA_VERSION", "Claim", "FileStore", "LoadedState", "MemoryStore", "Store",
-           "decode_document", "encode_document"]
+           "decode_document", "encode_document", "make_private_directory"]
 
 Snapshot = Callable[[], dict[str, Any]]
 SCHEMA_VERSION = 1
 MAX_STATE_BYTES = 16 * 1024 * 1024  # a state file larger than this is refused, not parsed
 JOURNAL_LIMIT = 64 * 1024 * 1024  # past this, a journal is materialized and emptied
+
+
+class _NeverSaved(WorkflowNotFoundError):
+    """Raised when a workflow's directory holds a claim but no state was ever saved."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +153,22 @@ def decode_document(data: bytes, path: str) -> dict[str, Any]:
     return state
 
 
+def make_private_directory(directory: Path) -> None:
+    """Create ``directory`` and each missing parent with mode 0700.
+
+    ``Path.mkdir(mode=0o700, parents=True)`` gives the parents it creates the umask's
+    default (usually 0755), which would leave ``.github/workflow-states`` readable by all.
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.is_dir() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another writer
+            path.mkdir(mode=0o700)
+
+
 def _check_state(state: dict[str, Any], workflow_id: str, path: str) -> dict[str, Any]:
     if state.get("workflow_id") != workflow_id:
         raise StateCorruptedError(path, f"belongs to {state.get('workflow_id')!r}, "
@@ -207,6 +227,17 @@ def _read_bounded(path: Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _refuse_symlinked_directory(directory: Path) -> None:
+    """A workflow's own directory must be a real one: its state is never read or written
+    through a link that may point out of the state directory."""
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise StateCorruptedError(str(directory), "is a symbolic link; refused")
 
 
 def _newest_per_workflow(path: Path) -> dict[str, tuple[int, bytes]]:
@@ -523,7 +554,7 @@ class FileStore:
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory not in self._made_dirs:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_directory(directory)
             self._made_dirs.add(directory)
 
     def _write_atomically(self, path: Path, document: bytes) -> None:
@@ -570,6 +601,7 @@ class FileStore:
 
     def _load_sync(self, workflow_id: str) -> LoadedState:
         path = self.state_path(workflow_id)
+        _refuse_symlinked_directory(path.parent)
         with self._handoff_lock:
             newest = self._newest.get(workflow_id)
         if newest is not None:  # durable in this process's journal, not yet in state.json
@@ -604,6 +636,11 @@ class FileStore:
             if best is None or key[:2] > best[:2]:
                 best = key
         if best is None:
+            if problems == [f"{self.state_path(workflow_id)}: missing"]:
+                raise _NeverSaved(
+                    f"workflow {workflow_id} was claimed but never saved: its process "
+                    "stopped before its first stage began, so nothing happened; start it "
+                    "again")
             raise StateCorruptedError(
                 str(self.state_path(workflow_id)),
                 "no valid state or checkpoint: " + "; ".join(problems))
@@ -626,6 +663,8 @@ class FileStore:
                 continue  # not ours (or hostile): never build a path from it
             try:
                 loaded = self._load_sync(workflow_id)
+            except _NeverSaved:
+                continue  # only a lock file: nothing to list or resume
             except (StateCorruptedError, WorkflowNotFoundError) as error:
                 found.append(LoadedState({"workflow_id": workflow_id, "status": "corrupted",
                                           "error": str(error)}, str(entry.path), (str(error),)))
@@ -677,6 +716,7 @@ class FileStore:
 
     def _lock_one(self, workflow_id: str) -> int:
         directory = self.state_path(workflow_id).parent
+        _refuse_symlinked_directory(directory)
         try:
             self._ensure_dir(directory)
             fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)

@@ -28,6 +28,7 @@ __all__ = [
     "PROMPTS",
     "TOKEN",
     "assert_one_marked_commit",
+    "assert_worktree_removed",
     "bare_branches",
     "commits_on_top",
     "dev_config",
@@ -141,6 +142,13 @@ def assert_one_marked_commit(bare: Path, branch: str, workflow_id: str, main: st
     messages = commits_on_top(bare, branch, main)
     assert len(messages) == 1, messages
     assert marker_for(workflow_id) in messages[0]
+
+
+def assert_worktree_removed(repo: Path, worktree: str) -> None:
+    """The workflow's worktree directory is gone and git no longer lists it."""
+    assert not Path(worktree).exists()
+    listed = git(repo, "worktree", "list", "--porcelain")
+    assert f"worktree {worktree}\n" not in f"{listed}\n"
 
 
 @pytest.fixture

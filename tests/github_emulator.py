@@ -67,6 +67,9 @@ class _Fault:
 
 
 class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 overflows under 20+ concurrent clients, and an
+    # overflowed connect is retried by the client's kernel a second later: fake latency.
+    request_queue_size = 128
     daemon_threads = True
     emulator: GitHubEmulator
 

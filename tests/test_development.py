@@ -15,6 +15,7 @@ from dev_helpers import (
     PROMPTS,
     TOKEN,
     assert_one_marked_commit,
+    assert_worktree_removed,
     bare_branches,
     dev_config,
     example_repo,
@@ -77,7 +78,7 @@ class TestLocalForge:
             assert mine[0]["head_sha"] == out["commit_sha"] == branches[out["branch_name"]]
             assert_one_marked_commit(bare, out["branch_name"], result.workflow_id, main)
             assert out["worktree_removed"] is True
-            assert not Path(out["worktree"]).exists()
+            assert_worktree_removed(example_repo, out["worktree"])
             assert out["test_counts"].get("passed", 0) >= 2
             assert out["test_counts"].get("failed", 0) == 0
             assert read_state(example_repo, result.workflow_id)["status"] == "completed"
@@ -110,7 +111,7 @@ class TestGitHubForge:
         assert out["review_state"] == "approved"
         assert_one_marked_commit(bare, out["branch_name"], result.workflow_id,
                                  git(repo, "rev-parse", "main"))
-        assert not Path(out["worktree"]).exists()
+        assert_worktree_removed(repo, out["worktree"])
         assert read_state(repo, result.workflow_id)["status"] == "completed"
         _assert_token_absent(repo, json.dumps(result.to_dict(), default=str))
 
@@ -122,6 +123,15 @@ BAD_PROMPTS = {
     "no-requirements": b"# Add a thing\n\n## Overview\n\nIt would be nice to have a thing.\n",
     "huge-sparse": "sparse",
 }
+
+
+def _write_prompt(path: Path, content: bytes | str | None) -> Path:
+    if content == "sparse":
+        with open(path, "wb") as handle:
+            handle.truncate(50 * 1024 * 1024)  # 50 MB of holes: no disk used
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    return path
 
 
 class TestBadPrompts:
@@ -137,13 +147,7 @@ class TestBadPrompts:
             other = await runtime.register(PROMPTS[0])
         states = repo / ".github" / "workflow-states"
         before = _files_under(states / other)
-        prompt = tmp_path / f"{kind}.md"
-        content = BAD_PROMPTS[kind]
-        if content == "sparse":
-            with open(prompt, "wb") as handle:
-                handle.truncate(50 * 1024 * 1024)
-        elif isinstance(content, bytes):
-            prompt.write_bytes(content)
+        prompt = _write_prompt(tmp_path / f"{kind}.md", BAD_PROMPTS[kind])
 
         result = await run_workflow(prompt, config=config, project_root=repo)
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 from dev_helpers import (
+    AGENT_COMMAND,
     PROJECT_ROOT,
     PROMPTS,
     TOKEN,
     assert_one_marked_commit,
+    assert_worktree_removed,
     bare_branches,
     dev_config,
     example_repo,
@@ -173,17 +175,25 @@ class TestCrashInSideEffectingStage:
     def test_sigkill_soon_after_an_effect_appears_then_resume_completes_once(
         self, effect: str, example_repo: Path, tmp_path: Path
     ) -> None:
-        """A kill timed from outside (it may land mid-git) still resumes to one of each."""
+        """A kill timed from outside (it may land mid-git); ``resume --all`` finishes it once."""
         script = _child_script(tmp_path)
         _run_until(script, example_repo, "none", lambda: _EFFECTS[effect](example_repo))
         [workflow_id] = workflow_ids(example_repo)
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"agent_command": AGENT_COMMAND, "forge": "local",
+                                      "retry_base_delay": 0.01}))
+        env = {k: v for k, v in os.environ.items()
+               if k != "GITHUB_TOKEN" and not k.startswith("WORKFLOW_")}
 
-        resumed = _result_of(subprocess.run(
-            [sys.executable, str(script), "resume", str(example_repo), workflow_id],
-            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60))
+        cli = subprocess.run(
+            [sys.executable, "-m", "reliability", "resume", "--all", "--project-root",
+             str(example_repo), "--config", str(config)],
+            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
 
-        assert resumed["status"] == "completed", resumed["error"]
-        _assert_exactly_once(example_repo, workflow_id, resumed)
+        assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
+        state = read_state(example_repo, workflow_id)
+        assert state["status"] == "completed"
+        _assert_exactly_once(example_repo, workflow_id, {"outputs": state["progress_data"]})
 
 
 def _assert_exactly_once(repo: Path, workflow_id: str, result: dict[str, object]) -> None:
@@ -199,7 +209,7 @@ def _assert_exactly_once(repo: Path, workflow_id: str, result: dict[str, object]
     assert pulls[0]["head_sha"] == outputs["commit_sha"]
     assert_one_marked_commit(bare, branch, workflow_id, git(repo, "rev-parse", "main"))
     assert git(repo, "branch", "--list", "feature/*").strip(" *+") == branch
-    assert not Path(str(outputs["worktree"])).exists()
+    assert_worktree_removed(repo, str(outputs["worktree"]))
     assert read_state(repo, workflow_id)["status"] == "completed"
 
 
@@ -218,8 +228,17 @@ class TestGitHubOutage:
                                          "recovery_timeout": recovery}})
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(20)]
 
+        def outage_at_issue_creation(event: str, run: object, **data: object) -> None:
+            # Started when the first workflow enters the stage, so that a slow machine
+            # cannot let the outage expire before any workflow reaches it.
+            nonlocal started
+            if event == "stage" and data.get("stage") == "issue_creation" and not started:
+                started = True
+                gh.outage(outage, status=502)
+
+        started = False
         async with Runtime(config, repo) as runtime:
-            gh.outage(outage, status=502)
+            runtime.add_listener(outage_at_issue_creation)
             results = await asyncio.gather(*(runtime.run(p) for p in prompts))
             breaker = runtime.breakers["github"]
 
@@ -230,12 +249,13 @@ class TestGitHubOutage:
         assert sorted(m for i in gh.issues.values() for m in markers if m in i["body"]) == markers
         # Health probes (GET /rate_limit) bypass the breaker on purpose; count API calls only.
         failed = [r for r in gh.requests if r.status >= 500 and r.path != "/rate_limit"]
-        # The first burst was sent while the breaker was still closed; after it, at most one
-        # request per half-open window reached the server.
-        burst = [r for r in failed if r.at - failed[0].at < recovery / 2]
-        probes = failed[len(burst):]
-        assert len(probes) <= outage / recovery + 2, [round(r.at - failed[0].at, 2)
-                                                      for r in failed]
-        gaps = [b.at - a.at for a, b in zip([burst[-1], *probes], probes, strict=False)]
-        assert all(gap >= 0.8 * recovery for gap in gaps), gaps
-        assert len(burst) <= 20 + threshold
+        timeline = [round(r.at - failed[0].at, 3) for r in failed]
+        # Requests already in flight when the breaker tripped all fail: at most about one
+        # per workflow. After that, one probe per half-open window reaches the server.
+        # (Without the breaker each workflow would retry every 50-500 ms: hundreds; a
+        # half-open state letting every waiter through: about 20 per window.) Spacing on
+        # the server's clock is not asserted: a loaded machine answers part of the first
+        # burst a second late, which looks like a second burst.
+        windows = int(outage / recovery) + 2
+        assert breaker.probe_count <= windows
+        assert len(failed) <= len(prompts) + threshold + windows, timeline
