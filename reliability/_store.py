@@ -468,8 +468,15 @@ class FileStore:
 
     def _append_to_journal(self, data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._journal_fd, view):]
+        try:
+            while view:
+                view = view[os.write(self._journal_fd, view):]
+        except OSError:
+            # A torn batch would glue onto the next one's first line; cut it off. (If even
+            # this fails, replay skips the undecodable line: that batch was never durable.)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._journal_fd, self._journal_size)
+            raise
         self._journal_size += len(data)
         if self.durable:
             os.fdatasync(self._journal_fd)
