@@ -72,7 +72,7 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overhead-workflows", type=int, metavar="N",
                         help="concurrent workflows in the overhead figure (default 100)")
     parser.add_argument("--peer-workflows", type=int, metavar="N",
-                        help="workflows in the DBOS comparison (default 1000)")
+                        help="workflows in the DBOS comparison (default 200)")
     parser.add_argument("--repeats", type=int, metavar="N", help="overhead rounds (default 3)")
     parser.add_argument("--only", metavar="NAMES",
                         help="comma-separated figures to run: " + ", ".join(FIGURES))
@@ -148,6 +148,8 @@ def _meta(plan: Plan, started_at: str) -> dict[str, Any]:
                  "peer_workflows": plan.peer_workflows, "health_calls": plan.health_calls,
                  "repeats": plan.repeats, "quick": plan.quick},
         "argv": sys.argv[1:],
+        # Other processes on a 2-core machine move every number; read them with this.
+        "load_average_start": list(os.getloadavg()),
     }
 
 
@@ -175,6 +177,7 @@ def _run(argv: Sequence[str]) -> int:
             results[name], ok = _run_figure(name, plan, console)
             all_ok = all_ok and ok
     meta["seconds"] = round(time.perf_counter() - began, 1)
+    meta["load_average_end"] = list(os.getloadavg())
     figures = [results[name] for name in FIGURES if name in results]
     print_figures(console, meta, figures)
     if args.json is not None:

@@ -86,4 +86,7 @@ def measure_peer(plan: Plan) -> Figure:
     figure.row("ratio", "this runtime / DBOS", targets=(Target("ratio", ">=", 40.0,
                                                                 ">= 40x"),)).add(
         "ratio", ours.rate / rate, "x", higher_is_better=True)
+    figure.notes.append("DBOS's SQLite pool has 20 connections; far above that many concurrent "
+                        "workflows it waits on pool timeouts (30 s), so the default stays "
+                        "at 200 (--peer-workflows to change)")
     return figure

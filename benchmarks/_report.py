@@ -69,9 +69,17 @@ def print_figures(console: Console, meta: Mapping[str, Any], figures: Sequence[F
     console.print(f"[bold]workflow-manager benchmarks[/bold]: Python {meta['python']} "
                   f"({meta['implementation']}), {meta['cores']} cores, {meta['platform']}; "
                   f"N = {meta['plan']['workflows']}{' (quick)' if meta['plan']['quick'] else ''}"
-                  f"; total {meta.get('seconds', 0.0):.0f} s")
+                  f"; total {meta.get('seconds', 0.0):.0f} s; load average "
+                  f"{_load(meta, 'load_average_start')} at start, "
+                  f"{_load(meta, 'load_average_end')} at end; scratch on "
+                  f"{meta.get('scratch_filesystem', '?')}")
     for number, figure in enumerate(figures, start=1):
         console.print(_figure_table(number, figure))
+
+
+def _load(meta: Mapping[str, Any], key: str) -> str:
+    values = meta.get(key) or ()
+    return "/".join(f"{v:.1f}" for v in values) or "?"
 
 
 def to_document(meta: Mapping[str, Any], figures: Sequence[Figure]) -> dict[str, Any]:
@@ -88,7 +96,7 @@ def write_json(path: Path, document: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- compare
 
 
-def _load(path: Path) -> tuple[Mapping[str, Any], list[Figure]]:
+def _read(path: Path) -> tuple[Mapping[str, Any], list[Figure]]:
     document = json.loads(path.read_text())
     if document.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema version {document.get('schema_version')!r} is not "
@@ -108,8 +116,8 @@ def _verdict(old: Metric, new: Metric) -> tuple[str, str]:
 
 def compare_files(console: Console, old_path: Path, new_path: Path) -> None:
     """Print new/old per metric present in both files; rows only in one are listed too."""
-    old_meta, old_figures = _load(old_path)
-    new_meta, new_figures = _load(new_path)
+    old_meta, old_figures = _read(old_path)
+    new_meta, new_figures = _read(new_path)
     old_rows = {(f.key, r.key): r for f in old_figures for r in f.rows}
     table = Table(title=f"{old_path} -> {new_path}", title_justify="left")
     for column in ("figure", "case", "metric", "old", "new", "new/old", "verdict"):

@@ -1,5 +1,5 @@
 """``python -m reliability``: the ``workflow-manager`` command line."""
 
-from ._cli import main
+from ._cli import entry
 
-raise SystemExit(main())
+entry()

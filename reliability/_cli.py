@@ -186,8 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- entry point
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def entry() -> None:
+    """The console script: run, then exit with the command's code.
+
+    SIGINT stays ignored from the end of the command to the exit, so a late second Ctrl-C
+    cannot turn a clean 130 into a KeyboardInterrupt while logs are flushed.
+    """
+    sys.exit(main(keep_sigint_ignored=True))
+
+
+def main(argv: Sequence[str] | None = None, *, keep_sigint_ignored: bool = False) -> int:
     """Parse ``argv``, run the command, and return the exit code (see module docstring)."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # arrived between the loop's end and the line below
+        return EXIT_INTERRUPTED
+    finally:
+        if not keep_sigint_ignored:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     debug = (args.log_level or os.environ.get("WORKFLOW_LOG_LEVEL", "")).upper() == "DEBUG"
     try:
@@ -203,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigurationError) else EXIT_FAILED
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done; see entry()
         shutdown_logging()
 
 

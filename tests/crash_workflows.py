@@ -14,8 +14,10 @@ lines tells how often each stage really ran.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
+import traceback
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,8 +26,8 @@ from typing import Any
 from machines import StageContext, StageSpec, WorkflowDefinition
 from reliability import CriticalError, FileStore, Runtime, WorkflowConfiguration
 
-__all__ = ["CRASH_FLOW", "CRASH_STAGES", "PARKED_FLOW", "ROOT", "crash_config", "effect_counts",
-           "main", "subprocess_env"]
+__all__ = ["CRASH_FLOW", "CRASH_STAGES", "PARKED_FLOW", "PARK_IN", "ROOT", "crash_config",
+           "effect_counts", "main", "subprocess_env"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CRASH_STAGES = ("fetch", "plan", "build", "test", "package", "publish")
@@ -61,6 +63,10 @@ def effect_counts(project_root: Path) -> dict[str, Counter[str]]:
     return counts
 
 
+# In-process tests put a stage name here to park that stage until it is cancelled.
+PARK_IN: set[str] = set()
+
+
 async def record_effect(ctx: StageContext) -> Mapping[str, Any]:
     """Append this stage's side-effect line, check earlier outputs arrived, then wait."""
     index = CRASH_STAGES.index(ctx.stage)
@@ -73,6 +79,8 @@ async def record_effect(ctx: StageContext) -> Mapping[str, Any]:
         os.write(fd, f"{ctx.stage} {ctx.attempt}\n".encode())
     finally:
         os.close(fd)
+    if ctx.stage in PARK_IN:
+        await asyncio.Event().wait()  # until cancelled
     await asyncio.sleep(float(ctx.context.get("stage_sleep", 0.05)))
     return {f"{ctx.stage}_output": ctx.stage.upper()}
 
@@ -132,11 +140,38 @@ async def _hold_journal(project_root: Path, workflow_id: str) -> None:
     await asyncio.sleep(3600)
 
 
+def serve() -> None:
+    """Fork one child per stdin line ``ROOT COUNT SLEEP`` and print its pid.
+
+    The child runs COUNT crash workflows in ROOT. Forking from this already-imported,
+    single-threaded process (no event loop, no store open) costs milliseconds, so a test
+    can kill a hundred runs quickly; the test reaps nothing: children are reaped here.
+    """
+    for line in sys.stdin:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        root, count, sleep = line.split()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                asyncio.run(_run(Path(root), "crash", int(count), float(sleep)))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        print(pid, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``run ROOT FLOW COUNT SLEEP`` | ``resume ROOT ID...`` | ``claim ROOT ID`` |
-    ``journal ROOT ID``."""
-    command, root, *rest = argv if argv is not None else sys.argv[1:]
-    project_root = Path(root)
+    ``journal ROOT ID`` | ``serve``."""
+    command, *rest = argv if argv is not None else sys.argv[1:]
+    if command == "serve":
+        serve()
+        return
+    project_root = Path(rest.pop(0))
     if command == "run":
         asyncio.run(_run(project_root, rest[0], int(rest[1]), float(rest[2])))
     elif command == "resume":

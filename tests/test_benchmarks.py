@@ -44,7 +44,7 @@ def quick_document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_quick_run_reports_machine_and_python(quick_document: dict[str, Any]) -> None:
     """The document says which machine and interpreter produced the numbers."""
     meta = quick_document["meta"]
-    assert META_KEYS <= set(meta)
+    assert set(meta) >= META_KEYS
     assert isinstance(meta["cores"], int) and meta["cores"] >= 1
     assert meta["python"].count(".") == 2
     assert meta["plan"]["quick"] is True
@@ -79,10 +79,11 @@ def test_every_metric_is_a_finite_number_with_a_unit(quick_document: dict[str, A
 
 
 def test_throughput_has_reference_and_store_rows(quick_document: dict[str, Any]) -> None:
-    """Throughput separates bare asyncio, triggers only, MemoryStore and FileStore."""
+    """Throughput separates the disk floor, bare asyncio, triggers only, MemoryStore and
+    FileStore."""
     figure = next(f for f in quick_document["figures"] if f["key"] == "throughput")
     prefixes = {row["key"].split("-")[0] for row in figure["rows"]}
-    assert prefixes == {"bare", "transitions", "memory", "file"}
+    assert prefixes == {"disk", "bare", "transitions", "memory", "file"}
     for row in figure["rows"]:
         if row["key"].startswith(("memory", "file")):
             assert {"rate", "checkpoint_p50", "checkpoint_p99", "lag_p99"} <= set(row["metrics"])

@@ -79,8 +79,12 @@ def runtime_for(tmp_path: Path, store: MemoryStore | None = None,
 
 
 async def until_parked(count: int) -> None:
-    while len(PARKED) < count:
+    """Yield to the loop until ``count`` handlers have parked (they park without timers)."""
+    for _ in range(10_000):
+        if len(PARKED) >= count:
+            return
         await asyncio.sleep(0)
+    raise AssertionError(f"only {len(PARKED)} of {count} workflows parked")
 
 
 class TestWorkflowStage:
@@ -147,7 +151,7 @@ class TestStageSpec:
 
     def test_max_retries_out_of_range_is_refused(self) -> None:
         """max_retries must be 0..100."""
-        with pytest.raises(ValueError, match="max_retries must be 0..100"):
+        with pytest.raises(ValueError, match=r"max_retries must be 0\.\.100"):
             StageSpec(stage="s", handler=noop, max_retries=101)
 
     def test_non_callable_handler_is_refused(self) -> None:
@@ -177,7 +181,7 @@ class TestDefinitionChecks:
 
     def test_unknown_warning_action_is_refused_naming_it(self) -> None:
         """Warning actions are checked the same way."""
-        with pytest.raises(ValueError, match="stage 's' warning.*'page_someone'"):
+        with pytest.raises(ValueError, match=r"stage 's' warning.*'page_someone'"):
             WorkflowDefinition("r", [StageSpec(stage="s", handler=noop,
                                                warning_actions=("page_someone",))])
 

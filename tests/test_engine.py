@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from itertools import islice
@@ -187,7 +188,7 @@ class TestTransientRetries:
         assert result.status == "completed" and result.outputs == {"ok": 1}
         times = [at for _, at in calls_of("work")]
         assert [attempt for attempt, _ in calls_of("work")] == [1, 2, 3, 4]
-        waits = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+        waits = [later - earlier for earlier, later in itertools.pairwise(times)]
         for retry, wait in enumerate(waits):
             assert 0.0 <= wait < 1.0 * 2 ** retry  # full jitter of base * 2**retry
         state = stored(runtime, result.workflow_id)
@@ -363,8 +364,12 @@ PARKED: list[str] = []
 
 
 async def until_parked(count: int) -> None:
-    while len(PARKED) < count:
+    """Yield to the loop until ``count`` handlers have parked (they park without timers)."""
+    for _ in range(10_000):
+        if len(PARKED) >= count:
+            return
         await asyncio.sleep(0)
+    raise AssertionError(f"only {len(PARKED)} of {count} workflows parked")
 
 
 class TestCancellation:

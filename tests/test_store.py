@@ -7,6 +7,7 @@ killed one) is tested with real child processes started from ``crash_workflows``
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crash_workflows import CRASH_FLOW, crash_config, effect_counts, subprocess_env
+from crash_workflows import CRASH_FLOW, PARK_IN, crash_config, effect_counts, subprocess_env
 
 from reliability import (
     FileStore,
@@ -369,17 +370,21 @@ DAMAGE = [
 
 @pytest.fixture
 def damaged_store(tmp_path: Path) -> FileStore:
-    """A store holding WID at revision 3, with checkpoints 'alpha' (rev 1) and 'beta' (rev 2)."""
-    async def fill() -> None:
-        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
-        await store.open()
-        for revision, stage in ((1, "alpha"), (2, "beta"), (3, None)):
-            state = {"workflow_id": WID, "revision": revision, "status": "running"}
-            await store.save(WID, lambda state=state: state, checkpoint_stage=stage)
-        await store.close()
+    """A store holding WID at revision 3, with checkpoints 'alpha' (rev 1) and 'beta' (rev 2).
 
-    asyncio.run(fill())
-    return FileStore(tmp_path / "states", tmp_path / "checkpoints")
+    The files are written directly: the writer may coalesce a workflow's checkpoints into
+    its newest document, and these tests need three distinct copies.
+    """
+    store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+    store.state_path(WID).parent.mkdir(parents=True)
+    store.checkpoint_directory.mkdir()
+    for revision, path in ((1, store.checkpoint_path(WID, "alpha")),
+                           (2, store.checkpoint_path(WID, "beta")),
+                           (3, store.state_path(WID))):
+        path.write_bytes(encode_document({"workflow_id": WID, "revision": revision,
+                                          "status": "running"}))
+    assert _load(store).state["revision"] == 3
+    return store
 
 
 def _load(store: FileStore) -> Any:
@@ -449,6 +454,26 @@ class TestDamagedStateFile:
         loaded = _load(damaged_store)
         assert loaded.problems == (f"{path}: missing",) and loaded.state["revision"] == 2
 
+    def test_symlinked_workflow_directory_is_refused(self, damaged_store: FileStore,
+                                                     tmp_path: Path) -> None:
+        """A workflow directory that is a symlink (out of the state directory) is not read."""
+        directory = damaged_store.state_path(WID).parent
+        moved = tmp_path / "elsewhere"
+        directory.rename(moved)
+        directory.symlink_to(moved)
+        with pytest.raises(StateCorruptedError, match="is a symbolic link; refused"):
+            _load(damaged_store)
+
+    def test_claimed_but_never_saved_is_not_found_and_not_listed(
+            self, tmp_path: Path) -> None:
+        """A directory holding only a lock (the process died before its first save) is
+        neither corrupted nor resumable: load says so, list_states skips it."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        asyncio.run(store.claim(WID)).release()
+        with pytest.raises(WorkflowNotFoundError, match="claimed but never saved"):
+            _load(store)
+        assert asyncio.run(store.list_states()) == []
+
     def test_damaged_workflow_is_listed_as_corrupted(self, damaged_store: FileStore) -> None:
         """list_states reports a workflow with nothing valid as 'corrupted', not a crash."""
         for path in (damaged_store.state_path(WID), *damaged_store.checkpoint_directory.iterdir()):
@@ -461,55 +486,45 @@ class TestDamagedStateFile:
 class TestResumeFromCheckpoint:
     async def test_resume_falls_back_to_a_checkpoint_and_completes(
             self, tmp_path: Path) -> None:
-        """Interrupted at 'build', state.json and the final checkpoint garbled: resume uses
-        plan's checkpoint, logs the damaged file, and runs each remaining stage once."""
+        """Interrupted in 'build' with state.json and the final checkpoint garbled: resume
+        logs the damaged file, uses plan's checkpoint, and runs each remaining stage once."""
         (tmp_path / "effects").mkdir()
         config = crash_config(checkpoint_frequency=1)
-        async with Runtime(config, tmp_path, configure_logs=False) as runtime:
-            task = asyncio.create_task(runtime.run(CRASH_FLOW, context={"stage_sleep": 30}))
-            while "build" not in next(iter(effect_counts(tmp_path).values()), {}):
-                await asyncio.sleep(0.001)
-            (workflow_id,) = runtime.running
-            await runtime.cancel(workflow_id)
-            interrupted = await task
+        PARK_IN.add("build")
+        try:
+            async with Runtime(config, tmp_path, configure_logs=False) as runtime:
+                task = asyncio.create_task(runtime.run(CRASH_FLOW, context={"stage_sleep": 0}))
+                for _ in range(10_000):  # until 'build' has started (and parked)
+                    if "build" in next(iter(effect_counts(tmp_path).values()), {}):
+                        break
+                    await asyncio.sleep(0.001)
+                (workflow_id,) = runtime.running
+                await runtime.cancel(workflow_id)
+                interrupted = await task
+        finally:
+            PARK_IN.clear()
         assert interrupted.status == "interrupted"
         state_file = states_dir(tmp_path) / workflow_id / "state.json"
         state_file.write_bytes(b"\x00garbage")
         checkpoints = tmp_path / ".github/workflow-checkpoints"
-        (checkpoints / f"{workflow_id}_checkpoint_final.json").write_bytes(b"")
+        final = checkpoints / f"{workflow_id}_checkpoint_final.json"
+        final.write_bytes(b"")
 
         messages: list[str] = []
-        handler = _ListHandler(messages)
+        handler = logging.Handler()
+        handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
         runtime_logger.addHandler(handler)
         try:
             async with Runtime(config, tmp_path, configure_logs=False) as runtime:
-                # the state the run resumes from still says stage_sleep 30: cancel-free rerun
-                # needs a short sleep, so patch the stored context through the checkpoint
-                resumed = await _resume_with_short_sleep(runtime, workflow_id, checkpoints)
+                resumed = await runtime.resume(workflow_id)
         finally:
             runtime_logger.removeHandler(handler)
         assert resumed.status == "completed" and resumed.resumed_from == "build"
-        assert any(str(state_file) in m and "not valid JSON" in m for m in messages)
+        problems = [m for m in messages if m.startswith(f"State problem for {workflow_id}")]
+        assert any(f"{state_file}: not valid JSON" in m for m in problems)
+        assert any(f"{final}: the file is empty" in m for m in problems)
+        assert all(m.endswith(f"using {checkpoints / (workflow_id + '_checkpoint_plan.json')}")
+                   for m in problems)
         counts = effect_counts(tmp_path)[workflow_id]
         assert counts == {"fetch": 1, "plan": 1, "build": 2, "test": 1, "package": 1,
                           "publish": 1}
-
-
-class _ListHandler:
-    level = 0
-
-    def __init__(self, messages: list[str]) -> None:
-        self.messages = messages
-
-    def handle(self, record: Any) -> bool:
-        self.messages.append(record.getMessage())
-        return True
-
-
-async def _resume_with_short_sleep(runtime: Runtime, workflow_id: str,
-                                   checkpoints: Path) -> Any:
-    path = checkpoints / f"{workflow_id}_checkpoint_plan.json"
-    state = state_of(path)
-    state["context"]["stage_sleep"] = 0
-    path.write_bytes(encode_document(state))
-    return await runtime.resume(workflow_id)
