@@ -155,7 +155,12 @@ class _SharedMachine(AsyncMachine):
 
     @staticmethod
     async def await_all(callables: Any) -> list[Any]:
-        return [await func() for func in callables]
+        if not callables:  # the usual case (no conditions): skip building a comprehension
+            return []
+        results = []
+        for func in callables:
+            results.append(await func())
+        return results
 
     def remove_model(self, model: Any) -> None:
         index = self._slots.pop(id(model))

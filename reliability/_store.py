@@ -52,7 +52,7 @@ __all__ = ["SCHEMA_VERSION", "Claim", "FileStore", "LoadedState", "MemoryStore",
 Snapshot = Callable[[], dict[str, Any]]
 SCHEMA_VERSION = 1
 MAX_STATE_BYTES = 16 * 1024 * 1024  # a state file larger than this is refused, not parsed
-JOURNAL_LIMIT = 64 * 1024 * 1024  # past this, a journal is materialized and emptied
+JOURNAL_LIMIT = 256 * 1024 * 1024  # past this, appends move to a fresh journal
 
 
 class _NeverSaved(WorkflowNotFoundError):
@@ -258,10 +258,12 @@ def _newest_per_workflow(path: Path) -> dict[str, tuple[int, bytes]]:
 
 @dataclass(slots=True)
 class _Batch:
-    # workflow ID -> (snapshot, stages whose checkpoint file is wanted): coalesced per workflow
-    writes: dict[str, tuple[Snapshot, set[str]]] = field(default_factory=dict)
+    # workflow ID -> (encoded document, or a snapshot to take at flush time; stages whose
+    # checkpoint file is wanted): coalesced per workflow, the newest write wins.
+    writes: dict[str, tuple[bytes | Snapshot, set[str]]] = field(default_factory=dict)
     appends: dict[Path, list[bytes]] = field(default_factory=dict)
-    future: asyncio.Future[dict[str, BaseException]] | None = None
+    waiters: list[tuple[str, asyncio.Future[None]]] = field(default_factory=list)
+    scheduled: bool = False
 
 
 class FileStore:
@@ -357,38 +359,39 @@ class FileStore:
     # --- writes (event loop side)
 
     def save_soon(self, workflow_id: str, snapshot: Snapshot) -> None:
+        # Taken at flush time, and only if no durable save of this workflow supersedes it.
         self._queue(workflow_id, snapshot, None)
 
     async def save(self, workflow_id: str, snapshot: Snapshot, *,
                    checkpoint_stage: str | None = None) -> None:
-        self._queue(workflow_id, snapshot, checkpoint_stage)
-        batch_future = self._pending.future
-        assert batch_future is not None
-        # Shielded: the future is shared by every workflow in the batch.
-        failures = await asyncio.shield(batch_future)
-        if workflow_id in failures:
-            raise failures[workflow_id]
+        # Encoded now: the cost is spread over the loop's iterations instead of one burst
+        # at flush time, and the state cannot move on before it is written.
+        self._queue(workflow_id, encode_document(snapshot()), checkpoint_stage)
+        # A future of its own: cancelling one waiter never disturbs the others in the batch.
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.waiters.append((workflow_id, waiter))
+        await waiter
 
     def archive(self, state: dict[str, Any]) -> None:
         path = self.state_path(state["workflow_id"]).parent / "history.jsonl.gz"
         self._pending.appends.setdefault(path, []).append(encode_document(state))
-        self._ensure_batch_future()
+        self._schedule()
 
-    def _queue(self, workflow_id: str, snapshot: Snapshot, checkpoint_stage: str | None) -> None:
+    def _queue(self, workflow_id: str, document: bytes | Snapshot,
+               checkpoint_stage: str | None) -> None:
         if self._executor is None:
             raise RuntimeError("the store is not open (use 'async with Runtime(...)')")
-        pending = self._pending.writes.get(workflow_id)
-        if pending is None:
-            pending = self._pending.writes[workflow_id] = (snapshot, set())
-        elif pending[0] is not snapshot:
-            pending = self._pending.writes[workflow_id] = (snapshot, pending[1])
+        writes = self._pending.writes
+        earlier = writes.get(workflow_id)
+        stages = earlier[1] if earlier is not None else set()
         if checkpoint_stage is not None:
-            pending[1].add(checkpoint_stage)
-        self._ensure_batch_future()
+            stages.add(checkpoint_stage)
+        writes[workflow_id] = (document, stages)
+        self._schedule()
 
-    def _ensure_batch_future(self) -> None:
-        if self._pending.future is None:
-            self._pending.future = asyncio.get_running_loop().create_future()
+    def _schedule(self) -> None:
+        if not self._pending.scheduled:
+            self._pending.scheduled = True
             assert self._wakeup is not None
             self._wakeup.set()
 
@@ -399,23 +402,22 @@ class FileStore:
             await self._wakeup.wait()
             self._wakeup.clear()
             batch, self._pending = self._pending, _Batch()
-            if batch.future is None:
+            if not batch.scheduled:
                 if self._closing:
                     return
                 continue
-            # Snapshots are taken and encoded here, on the loop: the thread never sees a
-            # state the loop is still changing, and each is the workflow's newest.
-            items = [(w, encode_document(snapshot()), stages)
-                     for w, (snapshot, stages) in batch.writes.items()]
+            # Snapshots still pending are taken here, on the loop: the thread never sees a
+            # state the loop is still changing.
+            items = [(w, d if isinstance(d, bytes) else encode_document(d()), stages)
+                     for w, (d, stages) in batch.writes.items()]
             try:
                 failures = await loop.run_in_executor(self._executor, self._write_batch, items,
                                                       batch.appends)
             except BaseException as error:  # the thread itself failed: every write did
                 failures = {w: error for w in batch.writes}
-                if isinstance(error, asyncio.CancelledError):
-                    batch.future.set_result(failures)
-                    raise
-            batch.future.set_result(failures)
+                _resolve(batch.waiters, failures)
+                raise
+            _resolve(batch.waiters, failures)
             self.batches_written += 1
 
     # --- writes (writer thread side)
@@ -501,32 +503,42 @@ class FileStore:
             self._sync_filesystem()
 
     def _rotate_journal(self) -> None:
-        # Everything the journal holds goes to state files first; then it may be emptied.
-        assert self._materializer is not None
-        self._materializer.submit(self._materialize_all).result()
-        os.ftruncate(self._journal_fd, 0)
-        self._journal_size = 0
+        """Continue in a fresh journal; the full one is retired by the state-file thread.
+
+        The old journal stays locked and on disk until every state it holds is in a
+        synced state file, so appends never wait for that work.
+        """
+        old_fd, old_path = self._journal_fd, self._journal_path
+        self._start_journal()
+        assert self._materializer is not None and old_path is not None
+        self._materializer.submit(self._retire, old_fd, old_path)
+
+    def _retire(self, fd: int, path: Path) -> None:
+        self._materialize_all()
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def _open_journal(self) -> None:
         self._ensure_dir(self.journal_directory)
         self._replay_orphan_journals()
+        self._start_journal()
+
+    def _start_journal(self) -> None:
         name = f"journal-{os.getpid()}-{os.urandom(4).hex()}.log"
         self._journal_path = self.journal_directory / name
         fd = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
                      0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: "not an orphan"
         self._journal_fd = fd
+        self._journal_size = 0
 
     def _retire_journal(self) -> None:
         if self._journal_fd < 0:
             return
-        assert self._materializer is not None
-        self._materializer.submit(self._materialize_all).result()
-        os.close(self._journal_fd)
+        assert self._materializer is not None and self._journal_path is not None
+        self._materializer.submit(self._retire, self._journal_fd, self._journal_path).result()
         self._journal_fd = -1
-        assert self._journal_path is not None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._journal_path)
 
     def _replay_orphan_journals(self) -> None:
         """Bring state files up to date from journals left by processes that died."""
@@ -735,6 +747,18 @@ class FileStore:
             os.close(fd)
             return -1
         return fd
+
+
+def _resolve(waiters: list[tuple[str, asyncio.Future[None]]],
+             failures: Mapping[str, BaseException]) -> None:
+    for workflow_id, waiter in waiters:
+        if waiter.done():
+            continue  # its task was cancelled; the write happened all the same
+        failure = failures.get(workflow_id)
+        if failure is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(failure)
 
 
 def _storage_error(path: Path, error: OSError) -> BaseException:

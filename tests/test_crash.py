@@ -9,6 +9,7 @@ have run twice. No state or checkpoint file is ever torn.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
 import signal
@@ -72,9 +73,22 @@ def is_dead(pid: int) -> bool:
     return True
 
 
+def journals_unlocked(root: Path) -> bool:
+    """No journal under ``root`` is still locked by a (dying) process."""
+    for journal in (root / ".github/workflow-states/_journal").glob("journal-*.log"):
+        fd = os.open(journal, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # closing drops the probe's own lock at once
+    return True
+
+
 def _proc_state(pid: int) -> str:
     try:
-        return " ".join(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[:1]
+        return " ".join(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0]
                         for t in os.listdir(f"/proc/{pid}/task"))
     except OSError as error:
         return repr(error)
@@ -173,6 +187,9 @@ class TestRandomKillPoints:
             time.sleep(rng.uniform(0.0, 0.04))
             os.kill(pid, signal.SIGKILL)
             wait_until(lambda pid=pid: is_dead(pid), f"process {pid} to die")
+            # The kernel drops a dead process's locks as its last thread's files close,
+            # which can trail /proc by a moment under load.
+            wait_until(lambda root=root: journals_unlocked(root), "the journal lock to drop")
 
             files_checked += assert_no_torn_files(root)
             before = effect_counts(root)

@@ -49,11 +49,12 @@ def test_sigkill_mid_batch_leaves_no_torn_file_and_reruns_only_in_flight_stages(
         kill_at: list[float] = []
 
         def writer_busy_a_while(start: int = start, kill_at: list[float] = kill_at) -> bool:
-            # Once stages run, the writer is busy; then a seeded extra 0-150 ms.
+            # Once stages run, the writer is busy; then a seeded extra 0-40 ms (a resume of the
+            # rest finishes in a few hundred ms, so the kill must land before that).
             if not kill_at:
                 if stages_started(root) <= start:
                     return False
-                kill_at.append(time.monotonic() + rng.uniform(0.0, 0.15))
+                kill_at.append(time.monotonic() + rng.uniform(0.0, 0.04))
             return time.monotonic() >= kill_at[0]
 
         if not kill_when(child, writer_busy_a_while, log=log):
