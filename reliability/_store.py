@@ -410,28 +410,37 @@ class FileStore:
             # state the loop is still changing.
             items = [(w, d if isinstance(d, bytes) else encode_document(d()), stages)
                      for w, (d, stages) in batch.writes.items()]
+            data = b"".join(document for _, document, _ in items)
             try:
-                failures = await loop.run_in_executor(self._executor, self._write_batch, items,
-                                                      batch.appends)
-            except BaseException as error:  # the thread itself failed: every write did
-                failures = {w: error for w in batch.writes}
-                _resolve(batch.waiters, failures)
-                raise
-            _resolve(batch.waiters, failures)
+                retired = await loop.run_in_executor(self._executor, self._write_batch, data)
+            except BaseException as error:
+                if isinstance(error, OSError):
+                    error = _storage_error(self._journal_path or self.journal_directory, error)
+                _resolve(batch.waiters, {w: error for w in batch.writes})
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+                continue
+            self._hand_off(items, batch.appends, retired)
+            _resolve(batch.waiters, {})
             self.batches_written += 1
 
     # --- writes (writer thread side)
 
-    def _write_batch(self, items: list[tuple[str, bytes, set[str]]],
-                     appends: dict[Path, list[bytes]]) -> dict[str, BaseException]:
-        try:
-            self._append_to_journal(b"".join(document for _, document, _ in items))
-        except OSError as error:
-            return {w: _storage_error(self._journal_path or self.journal_directory, error)
-                    for w, _, _ in items}
-        # Durable now. The state files are written by a second thread, so the next
-        # batch's append overlaps with this one's file writes. Work the materializer has
-        # not reached yet is coalesced: a workflow's newest document supersedes older ones.
+    def _write_batch(self, data: bytes) -> tuple[int, Path] | None:
+        """Append one batch to the journal and sync it: the writer thread's only job.
+
+        Returns the retired journal (descriptor, path) when this append filled it up.
+        """
+        self._append_to_journal(data)
+        if self._journal_size > self._journal_limit:
+            return self._rotate_journal()
+        return None
+
+    def _hand_off(self, items: list[tuple[str, bytes, set[str]]],
+                  appends: dict[Path, list[bytes]], retired: tuple[int, Path] | None) -> None:
+        """After a batch is durable (on the loop): queue its state files for the second
+        thread. Work it has not reached yet is coalesced, the newest document winning."""
+        assert self._materializer is not None
         with self._handoff_lock:
             for workflow_id, document, stages in items:
                 self._newest[workflow_id] = document
@@ -439,14 +448,13 @@ class FileStore:
                 self._handoff[workflow_id] = (document, stages | earlier[1] if earlier else stages)
             if not self._handoff_scheduled:
                 self._handoff_scheduled = True
-                assert self._materializer is not None
                 self._materializer.submit(self._materialize_handoff)
         if appends:
-            assert self._materializer is not None
             self._materializer.submit(self._append_history, appends)
-        if self._journal_size > self._journal_limit:
-            self._rotate_journal()
-        return {}
+        if retired is not None:
+            # Submitted after this batch's documents are in _newest, so the old journal is
+            # deleted only once everything it holds is in synced state files.
+            self._materializer.submit(self._retire, *retired)
 
     def _materialize_handoff(self) -> None:
         with self._handoff_lock:
@@ -502,16 +510,16 @@ class FileStore:
         if self.durable:
             self._sync_filesystem()
 
-    def _rotate_journal(self) -> None:
+    def _rotate_journal(self) -> tuple[int, Path]:
         """Continue in a fresh journal; the full one is retired by the state-file thread.
 
         The old journal stays locked and on disk until every state it holds is in a
         synced state file, so appends never wait for that work.
         """
         old_fd, old_path = self._journal_fd, self._journal_path
+        assert old_path is not None
         self._start_journal()
-        assert self._materializer is not None and old_path is not None
-        self._materializer.submit(self._retire, old_fd, old_path)
+        return old_fd, old_path
 
     def _retire(self, fd: int, path: Path) -> None:
         self._materialize_all()
