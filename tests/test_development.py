@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ from github_emulator import GitHubEmulator
 
 from machines.development import marker_for
 from reliability import Runtime, run_workflow
+
+EXAMPLE_AGENT = Path(__file__).resolve().parents[1] / "examples" / "agent.py"
 
 __all__ = ["example_repo", "github_setup"]  # fixtures used by name below
 
@@ -161,3 +164,33 @@ class TestBadPrompts:
         assert read_state(repo, result.workflow_id)["status"] == "failed"
         assert read_state(repo, other)["status"] == "pending"
         _assert_token_absent(repo, result.error, json.dumps(result.to_dict(), default=str))
+
+
+class TestHealthProbes:
+    async def test_run_registers_forge_git_and_agent_probes(self, example_repo: Path) -> None:
+        """After a run, health checks report the forge, git status and the agent command."""
+        async with Runtime(dev_config(), example_repo, configure_logs=False) as runtime:
+            result = await runtime.run(PROMPTS[0])
+            health = await runtime.perform_health_check()
+        assert result.status == "completed"
+        assert health.git_status == "clean"
+        assert health.github_connectivity is True
+        assert health.claude_availability is True
+        assert health.custom["development_health"]["forge"] == "local forge (offline)"
+
+    async def test_agent_gone_from_disk_degrades_health(self, example_repo: Path,
+                                                         tmp_path: Path) -> None:
+        """An agent command that disappears after the run makes health DEGRADED, naming it."""
+        agent = tmp_path / "bin" / "my-agent"
+        agent.parent.mkdir()
+        agent.write_text(f"#!/bin/sh\nexec {sys.executable} {EXAMPLE_AGENT} \"$@\"\n")
+        agent.chmod(0o755)
+        config = dev_config(agent_command=f"{agent} {{prompt_file}}",
+                            enable_health_checks=False)  # nothing cached during the run
+        async with Runtime(config, example_repo, configure_logs=False) as runtime:
+            assert (await runtime.run(PROMPTS[0])).status == "completed"
+            agent.unlink()
+            health = await runtime.perform_health_check()
+        assert health.status.value == "DEGRADED"
+        assert health.claude_availability is False
+        assert any(str(agent) in advice for advice in health.recommendations)

@@ -33,6 +33,8 @@ __all__ = ["HANDLERS", "forge_for", "marker_for"]
 
 Outputs = Mapping[str, Any]
 _FORGE_KEY = "development.forge"
+_HEALTH_KEY = "development.health-probes"
+_PROBE_REUSE_SECONDS = 30.0
 _WORKTREES = Path(".github") / "workflow-worktrees"
 _REVIEW_TIMING = DEFAULT_TIMEOUTS[WorkflowStage.REVIEW_PROCESSING]
 _PYTEST_SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
@@ -65,6 +67,47 @@ class _GitHubGuard:
 
     def __call__(self, attempt: Any, /) -> Any:
         return self._runtime.guarded_call("github", attempt)
+
+
+async def _register_health_probes(ctx: StageContext) -> bool:
+    """Once per runtime: forge connectivity and rate limit, git status, agent on PATH."""
+    runtime, forge, root = ctx.runtime, await forge_for(ctx), ctx.project_root
+    agent = ctx.config.agent_command
+
+    clock = ctx.clock
+    cached: list[tuple[float, dict[str, Any]]] = []
+
+    async def development_health(workflow_id: str | None) -> dict[str, Any]:
+        # A git subprocess and a forge request: reused for a while, since health is asked
+        # before critical stages of every workflow.
+        if cached and clock.monotonic() - cached[0][0] < _PROBE_REUSE_SECONDS:
+            return cached[0][1]
+        answer = await _probe()
+        cached[:] = [(clock.monotonic(), answer)]
+        return answer
+
+    async def _probe() -> dict[str, Any]:
+        forge_health = await forge.health()
+        git_state = await _git.status(root)
+        try:
+            _program_on_path(agent, "agent_command")
+            agent_ok = True
+        except ConfigurationError:
+            agent_ok = False
+        advice = [] if forge_health.reachable else [f"Forge: {forge_health.detail}"]
+        if not agent_ok:
+            advice.append(f"agent_command {agent!r} is not on PATH")
+        if git_state == "error":
+            advice.append(f"git cannot read the repository at {root}")
+        status = "HEALTHY" if forge_health.reachable and agent_ok and git_state != "error" \
+            else "DEGRADED"
+        return {"status": status, "github_connectivity": forge_health.reachable,
+                "claude_availability": agent_ok, "git_status": git_state,
+                "rate_limit_remaining": forge_health.rate_limit_remaining,
+                "forge": forge.label, "recommendations": advice}
+
+    runtime.register_health_check(development_health)
+    return True
 
 
 def _prompt_path(ctx: StageContext) -> Path:
@@ -101,6 +144,7 @@ async def initialization(ctx: StageContext) -> Outputs:
     _program_on_path(config.agent_command, "agent_command")
     _program_on_path(config.test_command, "test_command")
     forge = await forge_for(ctx)
+    await ctx.shared(_HEALTH_KEY, lambda: _register_health_probes(ctx))
     ctx.logger.info("Prompt %s: %r; forge: %s", prompt.path, prompt.title, forge.label)
     return {"prompt_file": str(prompt.path), "feature_name": prompt.title,
             "slug": prompt.slug, "forge": forge.label}
