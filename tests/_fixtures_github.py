@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from github_emulator import GitHubEmulator
 
-__all__ = ["bare_remote", "gh", "git", "work_repo"]
+__all__ = ["GIT_ENV", "bare_remote", "gh", "git", "work_repo"]
 
-_GIT_ENV = {
+GIT_ENV = {
     **os.environ,
     "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
     "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
@@ -26,7 +26,7 @@ _GIT_ENV = {
 
 def git(repo: Path, *args: str) -> str:
     """Run git in ``repo`` (synchronously: fixtures only) and return its stdout."""
-    result = subprocess.run(["git", "-C", str(repo), *args], env=_GIT_ENV, check=True,
+    result = subprocess.run(["git", "-C", str(repo), *args], env=GIT_ENV, check=True,
                             capture_output=True, text=True)
     return result.stdout.strip()
 
@@ -56,7 +56,7 @@ def work_repo(tmp_path: Path) -> Path:
 def bare_remote(tmp_path: Path, work_repo: Path) -> Path:
     """A bare repository holding ``main`` and ``feature`` pushed from ``work_repo``."""
     bare = tmp_path / "remote.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True, env=_GIT_ENV)
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True, env=GIT_ENV)
     git(work_repo, "push", "-q", str(bare), "main", "feature")
     return bare
 

@@ -8,7 +8,6 @@ Import the fixtures into a test module by name (they are kept out of ``conftest.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _fixtures_github import GIT_ENV, git
 from github_emulator import GitHubEmulator
 
 from machines.development import marker_for
@@ -48,25 +48,10 @@ AGENT_COMMAND = f"{{python}} {PROJECT_ROOT / 'examples' / 'agent.py'} {{prompt_f
 TOKEN = "ghp_TESTSECRET123"
 """A recognisable token: it must never show up in a log, a state file or a message."""
 
-_GIT_ENV = {
-    **os.environ,
-    "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
-}
-
-
-def git(repo: Path, *args: str) -> str:
-    """Run git in ``repo`` (synchronously: setup and assertions only); return its stdout."""
-    result = subprocess.run(["git", "-C", str(repo), *args], env=_GIT_ENV, check=True,
-                            capture_output=True, text=True)
-    return result.stdout.strip()
-
-
 def make_example_repo(directory: Path) -> Path:
     """The example project (one commit on ``main``) made by ``examples/make_repo.py``."""
     subprocess.run([sys.executable, str(PROJECT_ROOT / "examples" / "make_repo.py"),
-                    str(directory)], check=True, capture_output=True, env=_GIT_ENV)
+                    str(directory)], check=True, capture_output=True, env=GIT_ENV)
     return directory
 
 
@@ -160,7 +145,7 @@ def github_setup(tmp_path: Path) -> Iterator[tuple[Path, Path, GitHubEmulator]]:
     """
     repo = make_example_repo(tmp_path / "repo")
     bare = tmp_path / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True, env=_GIT_ENV)
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True, env=GIT_ENV)
     git(repo, "remote", "add", "origin", str(bare))
     git(repo, "push", "-q", "origin", "main")
     with GitHubEmulator(owner="acme", repo="widgets", token=TOKEN, bare_repo=bare) as gh:
