@@ -13,6 +13,7 @@ stop asked for elsewhere is honoured at the next stage boundary.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Mapping
@@ -62,12 +63,15 @@ class _WorkflowLogger(logging.LoggerAdapter[logging.Logger]):
 class _Live:
     """In-process facts about a running workflow that are never persisted."""
 
-    __slots__ = ("deadline", "in_handler", "last_beat", "progress", "run", "stage_spec",
-                 "stage_started", "stop_reason", "task", "timeout_reason", "timer", "warn_at",
-                 "warned")
+    __slots__ = ("_logger", "_on_timer", "deadline", "in_handler", "last_beat", "progress",
+                 "run", "stage_spec", "stage_started", "stop_reason", "task", "timeout_reason",
+                 "timer", "warn_at", "warned")
 
     def __init__(self, run: WorkflowRun) -> None:
         self.run = run
+        # Made once per workflow, not per stage attempt: the hot path allocates less.
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+        self._on_timer: Callable[[], None] | None = None
         self.task: asyncio.Task[Any] | None = None
         self.in_handler = False
         self.stop_reason: str | None = None  # "cancel" or "shutdown", once asked
@@ -96,6 +100,7 @@ class Engine:
                                    max_delay=config.retry_max_delay,
                                    budget_seconds=config.retry_budget_seconds)
         self._log_info = logger.isEnabledFor(logging.INFO) and config.enable_monitoring
+        self._baselines = config.performance_baselines
 
     # ------------------------------------------------------------------ the workflow
 
@@ -237,7 +242,7 @@ class Engine:
 
     async def _attempt(self, live: _Live, spec: StageSpecLike,
                        attempt: int) -> Mapping[str, Any] | None:
-        ctx = StageContext(self, live.run, spec.name, attempt, self._logger_for(live.run))
+        ctx = StageContext(self, live.run, spec.name, attempt, self._logger_for(live))
         if self.runtime.health_before(spec):
             await self.runtime.stage_health_check(live.run, f"before {spec.name}")
         if live.stop_reason is not None:
@@ -307,8 +312,7 @@ class Engine:
     def _record_stage(self, run: WorkflowRun, spec: StageSpecLike, started: float,
                       attempt: int, status: str) -> float:
         duration = self._clock.monotonic() - started
-        baseline = self.runtime.config.performance_baselines.get(spec.name,
-                                                                 spec.baseline_seconds)
+        baseline = self._baselines.get(spec.name, spec.baseline_seconds)
         run.stage_history.append({"stage": spec.name, "started_at": run.stage_start_time,
                                   "duration": round(duration, 6), "baseline": baseline,
                                   "attempts": attempt, "status": status})
@@ -384,7 +388,7 @@ class Engine:
         if not names:
             return
         run.recovery_attempts += 1
-        ctx = StageContext(self, run, spec.name, run.attempt, self._logger_for(run))
+        ctx = StageContext(self, run, spec.name, run.attempt, self._logger_for(live))
         for name in names:
             action = self.runtime.recovery_action(self.definition, name)
             if action is None:
@@ -442,7 +446,9 @@ class Engine:
         due = min(live.deadline, live.warn_at if not live.warned else float("inf"))
         if spec.heartbeat_timeout_seconds:
             due = min(due, live.last_beat + spec.heartbeat_timeout_seconds)
-        live.timer = self._clock.call_later(due - now, lambda: self._on_timer(live))
+        if live._on_timer is None:
+            live._on_timer = functools.partial(self._on_timer, live)
+        live.timer = self._clock.call_later(due - now, live._on_timer)
 
     def _on_timer(self, live: _Live) -> None:
         live.timer = None
@@ -500,8 +506,10 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _logger_for(self, run: WorkflowRun) -> logging.LoggerAdapter[logging.Logger]:
-        return _WorkflowLogger(logger, {"workflow_id": run.workflow_id})
+    def _logger_for(self, live: _Live) -> logging.LoggerAdapter[logging.Logger]:
+        if live._logger is None:
+            live._logger = _WorkflowLogger(logger, {"workflow_id": live.run.workflow_id})
+        return live._logger
 
     def _log(self, level: str, message: str, *args: Any) -> None:
         if level == "info" and not self._log_info:
