@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import parking
 import pytest
 from crash_workflows import CRASH_FLOW
 
@@ -79,12 +80,7 @@ def runtime_for(tmp_path: Path, store: MemoryStore | None = None,
 
 
 async def until_parked(count: int) -> None:
-    """Yield to the loop until ``count`` handlers have parked (they park without timers)."""
-    for _ in range(10_000):
-        if len(PARKED) >= count:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"only {len(PARKED)} of {count} workflows parked")
+    await parking.until_parked(PARKED, count)
 
 
 class TestWorkflowStage:

@@ -17,6 +17,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import parking
 import pytest
 
 from machines import StageContext, StageSpec, WorkflowDefinition, WorkflowStage
@@ -364,12 +365,7 @@ PARKED: list[str] = []
 
 
 async def until_parked(count: int) -> None:
-    """Yield to the loop until ``count`` handlers have parked (they park without timers)."""
-    for _ in range(10_000):
-        if len(PARKED) >= count:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"only {len(PARKED)} of {count} workflows parked")
+    await parking.until_parked(PARKED, count)
 
 
 class TestCancellation:

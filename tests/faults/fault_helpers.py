@@ -92,6 +92,17 @@ def stored_states(root: Path) -> dict[str, dict[str, Any]]:
     return asyncio.run(read())
 
 
+def resume_all_completes(root: Path, env: dict[str, str], *, workflows: int
+                         ) -> dict[str, dict[str, Any]]:
+    """A last ``resume --all`` exits 0 and leaves exactly ``workflows`` completed states."""
+    final = cli(root, "resume", "--all", "--json", env=env)
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    states = stored_states(root)
+    assert len(states) == workflows
+    assert {s["status"] for s in states.values()} == {"completed"}
+    return states
+
+
 class Records(logging.Handler):
     """Collects the runtime's log records."""
 

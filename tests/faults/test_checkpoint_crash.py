@@ -15,13 +15,12 @@ from fault_flows import BURST_STAGES, effect_counts
 from fault_helpers import (
     STATES,
     Snapshots,
-    cli,
     cli_env,
     decode_every_state_file,
     kill_when,
+    resume_all_completes,
     stages_started,
     start_cli,
-    stored_states,
     write_prompts,
 )
 
@@ -66,13 +65,8 @@ def test_sigkill_mid_batch_leaves_no_torn_file_and_reruns_only_in_flight_stages(
         snapshots.take(root)  # decodes every file before and after the journal's replay
         command = ["resume", "--all", "--json"]
 
-    final = cli(root, "resume", "--all", "--json", env=env)
-
-    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    states = resume_all_completes(root, env, workflows=workflows)
     assert kills == kills_wanted
-    states = stored_states(root)
-    assert len(states) == workflows
-    assert {s["status"] for s in states.values()} == {"completed"}
     counts = effect_counts(root)
     reruns = 0
     for workflow_id in states:
