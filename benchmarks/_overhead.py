@@ -47,18 +47,25 @@ class _Case:
     persistence: bool = False
     health: bool = False
     monitoring: bool = False
+    durability: str = "strict"
 
 
 _CASES = (
     _Case("engine", "engine + watchdogs (optional features off)", IO_FLOW),
-    _Case("persistence", "persistence only (FileStore, durable)", IO_FLOW, persistence=True),
+    _Case("persistence", "persistence only (FileStore, durable before the next stage)",
+          IO_FLOW, persistence=True),
+    _Case("persistence-overlapped", "persistence only, durability=overlapped", IO_FLOW,
+          persistence=True, durability="overlapped"),
     _Case("health", "health checks only (before every stage)", IO_HEALTH_FLOW, health=True),
     _Case("monitoring", "monitoring only (INFO records to the log file)", IO_FLOW,
           monitoring=True),
     _Case("breaker", "breaker only (ctx.call: retry + breaker)", IO_BREAKER_FLOW),
-    _Case("all", "all features", IO_FULL_FLOW, persistence=True, health=True, monitoring=True),
+    _Case("all", "all features (durability=strict, the default)", IO_FULL_FLOW,
+          persistence=True, health=True, monitoring=True),
+    _Case("all-overlapped", "all features, durability=overlapped", IO_FULL_FLOW,
+          persistence=True, health=True, monitoring=True, durability="overlapped"),
 )
-_ALL = _CASES[-1]
+_ALL = _CASES[-2]
 
 
 @contextlib.contextmanager
@@ -84,7 +91,7 @@ def _file_logging(directory: Path, enabled: bool) -> Iterator[None]:
 async def _time_case(case: _Case, root: Path, count: int) -> float:
     config = configuration(persistence=case.persistence, health=case.health,
                            monitoring=case.monitoring, log_level="INFO" if case.monitoring
-                           else "WARNING")
+                           else "WARNING", durability=case.durability)
     with _file_logging(root / "logs", case.monitoring):
         async with runtime(root, config) as rt:
             started = time.perf_counter()

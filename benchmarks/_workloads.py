@@ -113,10 +113,12 @@ RESUME_FLOW = _flow("RESUME_FLOW", bare_step, special={2: resume_gate})  # block
 
 
 def configuration(*, persistence: bool = False, health: bool = False,
-                  monitoring: bool = False, log_level: str = "WARNING") -> WorkflowConfiguration:
+                  monitoring: bool = False, log_level: str = "WARNING",
+                  durability: str = "strict") -> WorkflowConfiguration:
     """Every optional feature off unless asked for, so each figure names what it measures."""
     return WorkflowConfiguration(log_level=log_level, enable_persistence=persistence,
-                                 enable_health_checks=health, enable_monitoring=monitoring)
+                                 enable_health_checks=health, enable_monitoring=monitoring,
+                                 durability=durability)
 
 
 @contextlib.asynccontextmanager

@@ -23,6 +23,7 @@ __all__ = ["BreakerSettings", "WorkflowConfiguration", "load_configuration"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("detailed", "json")
 FORGES = ("auto", "local", "github")
+DURABILITY_MODES = ("strict", "overlapped")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,12 @@ class WorkflowConfiguration:
     # Performance
     checkpoint_frequency: int = 5
     health_check_interval: float = 300.0
+    # "strict": a stage's completion is durable before the next stage starts.
+    # "overlapped": the next stage starts while it is written; a crash in that window
+    # (one group commit, about a millisecond) re-runs the stage on resume.
+    durability: str = "strict"
+    # GC thresholds and thread switch interval while a runtime is open (_tuning.py)
+    tune_interpreter: bool = True
     # Storage, relative to the project root unless absolute
     state_directory: str = ".github/workflow-states"
     checkpoint_directory: str = ".github/workflow-checkpoints"
@@ -126,7 +133,8 @@ def _fail(name: str, value: object, source: str, accepted: str) -> Configuration
     return ConfigurationError(f"invalid {name} = {shown} (from {source}): expected {accepted}")
 
 
-_BOOLS = {"enable_monitoring", "enable_health_checks", "enable_recovery", "enable_persistence"}
+_BOOLS = {"enable_monitoring", "enable_health_checks", "enable_recovery", "enable_persistence",
+          "tune_interpreter"}
 _POSITIVE_NUMBERS = {"timeout_multiplier", "health_check_interval", "retry_max_delay",
                      "retry_budget_seconds"}
 _STRINGS = {"state_directory", "checkpoint_directory", "log_directory", "github_repository",
@@ -152,6 +160,8 @@ def _check_field(name: str, value: object, source: str) -> None:
         raise _fail(name, value, source, "one of " + ", ".join(LOG_FORMATS))
     if name == "forge" and value not in FORGES:
         raise _fail(name, value, source, "one of " + ", ".join(FORGES))
+    if name == "durability" and value not in DURABILITY_MODES:
+        raise _fail(name, value, source, "one of " + ", ".join(DURABILITY_MODES))
     if name in _STRINGS and not isinstance(value, str):
         raise _fail(name, value, source, "a string")
     if name in ("state_directory", "checkpoint_directory", "log_directory") and not value:

@@ -48,6 +48,8 @@ from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, retry_call
 from ._state import RESUMABLE, WorkflowRun
 from ._store import Claim, FileStore, LoadedState, Store
+from ._tuning import hold_tuning, release_tuning
+from ._turns import Turns
 
 __all__ = ["DEFAULT_DEFINITION", "Runtime", "WorkflowResult", "resolve_definition",
            "resume_workflow", "run_workflow"]
@@ -180,6 +182,8 @@ class Runtime:
         self.shutting_down = False
         self.loop_lag_ms: float | None = None
         self._monitor = RuntimeMonitor(self)  # loop lag, periodic health, admission
+        self.turns = Turns()  # at most so many stage starts per loop iteration
+        self._tuned = False
         self._registered: dict[str, tuple[DefinitionLike, WorkflowRun]] = {}
 
     def _path(self, value: str) -> Path:
@@ -201,6 +205,9 @@ class Runtime:
                               directory=self._path(self.config.log_directory)
                               if self.config.enable_monitoring else None)
         await self.store.open()
+        if self.config.tune_interpreter and not self._tuned:
+            hold_tuning()
+            self._tuned = True
         self._sampler = HealthSampler(self.project_root, self.clock)
         self._monitor.start()
         if self._handle_signals:
@@ -221,6 +228,9 @@ class Runtime:
                     await closer()
         self._shared.clear()
         await self.store.close()
+        if self._tuned:
+            release_tuning()
+            self._tuned = False
         if self._handle_signals:
             # Only now: a Ctrl-C while the store closes must not raise KeyboardInterrupt
             # into the middle of its last write.
@@ -357,6 +367,7 @@ class Runtime:
 
     async def _execute(self, definition: DefinitionLike, run: WorkflowRun, start: int, *,
                        claim: Claim | None = None) -> WorkflowResult:
+        await self.turns.turn()  # a burst of starts queues here, not in the loop
         if claim is None:
             await self._monitor.admit(run)
             claim = await self.store.claim(run.workflow_id) if self.persistence else None

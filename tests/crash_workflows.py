@@ -32,6 +32,7 @@ __all__ = ["CRASH_FLOW", "CRASH_STAGES", "PARKED_FLOW", "PARK_IN", "ROOT", "cras
 ROOT = Path(__file__).resolve().parent.parent
 CRASH_STAGES = ("fetch", "plan", "build", "test", "package", "publish")
 EFFECTS = "effects"
+DURABILITY_VARIABLE = "CRASH_TEST_DURABILITY"  # a child's durability mode, from its parent
 
 
 def subprocess_env() -> dict[str, str]:
@@ -42,7 +43,8 @@ def subprocess_env() -> dict[str, str]:
 def crash_config(**changes: Any) -> WorkflowConfiguration:
     """Quiet settings for crash runs: no health sampling, no log files."""
     settings: dict[str, Any] = {"enable_health_checks": False, "enable_monitoring": False,
-                                "log_level": "WARNING", "checkpoint_frequency": 2}
+                                "log_level": "WARNING", "checkpoint_frequency": 2,
+                                "durability": os.environ.get(DURABILITY_VARIABLE, "strict")}
     settings.update(changes)
     return WorkflowConfiguration(**settings)
 

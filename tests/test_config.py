@@ -121,6 +121,12 @@ class TestRefusals:
         ({"log_level": "LOUD"},
          "invalid log_level = 'LOUD' (from configuration file {path}): "
          "expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ({"durability": "eventual"},
+         "invalid durability = 'eventual' (from configuration file {path}): "
+         "expected one of strict, overlapped"),
+        ({"tune_interpreter": "yes"},
+         "invalid tune_interpreter = 'yes' (from configuration file {path}): "
+         "expected true or false"),
         ({"enable_monitoring": "yes"},
          "invalid enable_monitoring = 'yes' (from configuration file {path}): "
          "expected true or false"),
@@ -135,7 +141,8 @@ class TestRefusals:
         ({"github_repository": "just-a-name"},
          "invalid github_repository = 'just-a-name' (from configuration file {path}): "
          "expected owner/name"),
-    ], ids=["negative-retries", "string-retries", "bool-retries", "log-level", "bool-field",
+    ], ids=["negative-retries", "string-retries", "bool-retries", "log-level", "durability",
+            "tuning-flag", "bool-field",
             "zero-multiplier", "directory-type", "checkpoint-frequency", "repository"])
     def test_bad_file_value_names_field_source_and_accepted(
             self, tmp_path: Path, data: dict[str, Any], expected: str) -> None:

@@ -457,3 +457,45 @@ class TestScale:
         assert len(states) == 1000
         assert all(s.state["status"] == "completed" and len(s.state["completed_stages"]) == 19
                    for s in states)
+
+
+class TestOverlappedDurability:
+    async def test_every_stage_is_recorded_and_the_end_is_durable(self, tmp_path: Path) -> None:
+        """durability="overlapped" on a FileStore: each stage's record reaches the journal
+        (the next stage does not wait for it), and the final state is on disk at the end."""
+        config = settings(enable_monitoring=False, durability="overlapped")
+        async with Runtime(config, tmp_path, configure_logs=False) as runtime:
+            results = await asyncio.gather(*(runtime.run(NINETEEN_FLOW) for _ in range(50)))
+        assert {r.status for r in results} == {"completed"}
+        async with Runtime(config, tmp_path, configure_logs=False) as reader:
+            states = {s.state["workflow_id"]: s.state for s in await reader.store.list_states()}
+        assert set(states) == {r.workflow_id for r in results}
+        stages = [s.value for s in list(WorkflowStage)[:19]]
+        for state in states.values():
+            assert state["completed_stages"] == stages
+            assert [h["stage"] for h in state["monitoring_state"]["stage_history"]] == stages
+
+    async def test_a_failed_write_surfaces_at_the_next_stage_boundary(
+            self, tmp_path: Path) -> None:
+        """A stage's record that could not be written fails the workflow one stage later,
+        with the storage error, rather than being lost silently."""
+        config = settings(enable_monitoring=False, durability="overlapped")
+        async with Runtime(config, tmp_path, configure_logs=False) as runtime:
+            store = runtime.store
+            failing = ResourceError("cannot write journal: No space left on device")
+            real = store.save_nowait
+            writes = 0
+
+            def save_nowait(*args: Any, **kwargs: Any) -> asyncio.Future[None]:
+                nonlocal writes
+                writes += 1
+                if writes == 3:  # the second stage's completion
+                    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    future.set_exception(failing)
+                    return future
+                return real(*args, **kwargs)
+
+            store.save_nowait = save_nowait  # type: ignore[method-assign]
+            with pytest.raises(ResourceError, match="No space left"):
+                await runtime.run(FIVE_STAGE_FLOW)
+        assert [name for name, _, _ in CALLS] == ["checkout", "configure", "compile"]

@@ -290,6 +290,40 @@ class TestClaims:
         assert all(isinstance(o, WorkflowLockedError) for o in outcomes if o not in claims)
         claims[0].release()
 
+    async def test_claims_asked_for_together_take_one_thread_job(self, tmp_path: Path) -> None:
+        """A burst of starts (200 claims in one loop iteration) is one trip to a thread."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        jobs: list[int] = []
+        lock_all = store._lock_all
+
+        def counted(ids: list[str]) -> list[int]:
+            jobs.append(len(ids))
+            return lock_all(ids)
+
+        store._lock_all = counted  # type: ignore[method-assign]
+        ids = [f"workflow-20240115-142315-{i:04x}" for i in range(200)]
+        claims = await asyncio.gather(*(store.claim(w) for w in ids))
+        assert jobs == [200]
+        assert sorted(c.workflow_id for c in claims) == sorted(ids)
+        assert all((tmp_path / "states" / w / "lock").exists() for w in ids)
+        for claim in claims:
+            claim.release()
+
+    async def test_a_cancelled_claimer_gives_its_lock_back(self, tmp_path: Path) -> None:
+        """Cancelled while its lock was being taken: the lock is released, not leaked."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        claimer = asyncio.create_task(store.claim(WID))
+        await asyncio.sleep(0)  # queued for the next claim batch
+        claimer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await claimer
+        for _ in range(100):  # the batch finishes in its thread, then closes the lock
+            await asyncio.sleep(0.01)
+            if not store._claim_tasks:
+                break
+        (await store.claim(WID)).release()
+        assert not store._claimed
+
     def test_claim_held_by_another_process_is_refused(
             self, tmp_path: Path, children: list[subprocess.Popen[str]]) -> None:
         """A second process cannot claim a workflow another process holds; after it dies it can."""
