@@ -254,7 +254,11 @@ class Engine:
         live.progress = None
         self.runtime.emit("stage", run, stage=spec.name, attempt=attempt)
         if self.runtime.persistence:
-            self.runtime.store.save_soon(run.workflow_id, run.to_state)  # "started"
+            # "started": at once before a side-effecting stage (spec.checkpoint), so a
+            # crash inside it is on record as such; other stages' starts may be folded
+            # into their completion.
+            self.runtime.store.save_soon(run.workflow_id, run.to_state,
+                                         promptly=spec.checkpoint)
         return now
 
     async def _attempt(self, live: _Live, spec: StageSpecLike,
@@ -359,7 +363,8 @@ class Engine:
     def checkpoint_soon(self, run: WorkflowRun) -> None:
         if self.runtime.persistence:
             run.updated_at = self._clock.time()
-            self.runtime.store.save_soon(run.workflow_id, run.to_state)
+            # Outputs recorded mid-stage (an issue number the moment it exists): at once.
+            self.runtime.store.save_soon(run.workflow_id, run.to_state, promptly=True)
 
     async def checkpoint(self, run: WorkflowRun) -> None:
         if self.runtime.persistence:

@@ -20,6 +20,7 @@ dedicated thread as temp file + rename, then made durable with a single ``syncfs
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -29,6 +30,7 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +55,10 @@ Snapshot = Callable[[], dict[str, Any]]
 SCHEMA_VERSION = 1
 MAX_STATE_BYTES = 16 * 1024 * 1024  # a state file larger than this is refused, not parsed
 JOURNAL_LIMIT = 256 * 1024 * 1024  # past this, appends move to a fresh journal
+# An informational write (a stage's start) waits this long before it joins a batch: a
+# stage that ends sooner is recorded by its completion alone, so most stages of a busy
+# runtime cost one encoded state, not two. Long stages still show up as started.
+INFORMATIONAL_DELAY = 0.05
 
 
 class _NeverSaved(WorkflowNotFoundError):
@@ -91,8 +97,11 @@ class Store(Protocol):
         final record of a workflow stopped by a second Ctrl-C)."""
         ...
 
-    def save_soon(self, workflow_id: str, snapshot: Snapshot) -> None:
-        """Queue a write for the next batch without waiting (informational writes)."""
+    def save_soon(self, workflow_id: str, snapshot: Snapshot, *,
+                  promptly: bool = False) -> None:
+        """Queue an informational write without waiting. Unless ``promptly``, it may wait
+        a little before it is written; either way it is dropped when a durable save of the
+        workflow supersedes it."""
         ...
 
     def save_nowait(self, workflow_id: str, snapshot: Snapshot, *,
@@ -299,6 +308,9 @@ class FileStore:
         self._flusher: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._claimed: set[str] = set()
+        self._deferred: dict[str, tuple[float, Snapshot]] = {}  # informational, held back
+        self._deferred_order: collections.deque[tuple[float, str]] = collections.deque()
+        self._deferred_timer: asyncio.TimerHandle | None = None
         self._claim_requests: list[tuple[list[str], asyncio.Future[list[int]]]] = []
         self._claim_tasks: set[asyncio.Task[None]] = set()
         self._made_dirs: set[Path] = set()
@@ -334,6 +346,9 @@ class FileStore:
     async def close(self) -> None:
         if self._executor is None:
             return
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+        self._promote_deferred(everything=True)
         self._closing = True
         assert self._wakeup is not None and self._flusher is not None
         self._wakeup.set()
@@ -367,9 +382,41 @@ class FileStore:
 
     # --- writes (event loop side)
 
-    def save_soon(self, workflow_id: str, snapshot: Snapshot) -> None:
-        # Taken at flush time, and only if no durable save of this workflow supersedes it.
-        self._queue(workflow_id, snapshot, None)
+    def save_soon(self, workflow_id: str, snapshot: Snapshot, *,
+                  promptly: bool = False) -> None:
+        # Held back INFORMATIONAL_DELAY (unless promptly), then taken at flush time, and
+        # only if no durable save of this workflow came meanwhile (it says all this would).
+        if promptly:
+            self._deferred.pop(workflow_id, None)
+            earlier = self._pending.writes.get(workflow_id)
+            if earlier is None or not isinstance(earlier[0], bytes):
+                self._queue(workflow_id, snapshot, None)
+            return
+        due = time.monotonic() + INFORMATIONAL_DELAY
+        self._deferred[workflow_id] = (due, snapshot)
+        self._deferred_order.append((due, workflow_id))
+        if self._deferred_timer is None:
+            self._deferred_timer = asyncio.get_running_loop().call_later(
+                INFORMATIONAL_DELAY, self._promote_deferred)
+
+    def _promote_deferred(self, *, everything: bool = False) -> None:
+        """Move informational writes that waited long enough into the pending batch."""
+        self._deferred_timer = None
+        now = time.monotonic()
+        order, deferred = self._deferred_order, self._deferred
+        while order and (everything or order[0][0] <= now):
+            due, workflow_id = order.popleft()
+            entry = deferred.get(workflow_id)
+            if entry is None or entry[0] != due:
+                continue  # superseded by a durable save, or by a newer informational one
+            del deferred[workflow_id]
+            earlier = self._pending.writes.get(workflow_id)
+            if earlier is not None and isinstance(earlier[0], bytes):
+                continue  # a durable write of it is in the batch: keep that one
+            self._queue(workflow_id, entry[1], None)
+        if order:
+            self._deferred_timer = asyncio.get_running_loop().call_later(
+                max(0.0, order[0][0] - now), self._promote_deferred)
 
     async def save(self, workflow_id: str, snapshot: Snapshot, *,
                    checkpoint_stage: str | None = None) -> None:
@@ -394,6 +441,8 @@ class FileStore:
                checkpoint_stage: str | None) -> None:
         if self._executor is None:
             raise RuntimeError("the store is not open (use 'async with Runtime(...)')")
+        if isinstance(document, bytes):
+            self._deferred.pop(workflow_id, None)  # a durable write says it all
         writes = self._pending.writes
         earlier = writes.get(workflow_id)
         stages = earlier[1] if earlier is not None else set()
@@ -412,13 +461,15 @@ class FileStore:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            batch, self._pending = self._pending, _Batch()
-            if not batch.scheduled:
+            if not self._pending.scheduled:
+                # Checked before every wait, not after: close() may find a batch still
+                # pending, and its one wake-up must not be spent without ending here.
                 if self._closing:
                     return
+                await self._wakeup.wait()
+                self._wakeup.clear()
                 continue
+            batch, self._pending = self._pending, _Batch()
             # Snapshots still pending are taken here, on the loop: the thread never sees a
             # state the loop is still changing.
             items = [(w, d if isinstance(d, bytes) else encode_document(d()), stages)
@@ -876,7 +927,8 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
-    def save_soon(self, workflow_id: str, snapshot: Snapshot) -> None:
+    def save_soon(self, workflow_id: str, snapshot: Snapshot, *,
+                  promptly: bool = False) -> None:
         self._pending[workflow_id] = snapshot
 
     async def save(self, workflow_id: str, snapshot: Snapshot, *,

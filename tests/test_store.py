@@ -155,6 +155,35 @@ class TestRoundTrip:
             await store.close()
         assert all((tmp_path / "states" / w / "state.json").exists() for w in ids)
 
+    async def test_informational_writes_wait_unless_prompt_and_yield_to_durable_ones(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A held-back write (a short stage's start) never reaches the journal if a durable
+        save of its workflow comes first; a prompt one joins the next batch; a held-back one
+        with nothing superseding it is written by close at the latest."""
+        monkeypatch.setattr("reliability._store.INFORMATIONAL_DELAY", 3600.0)
+        ids = [f"workflow-20240115-142315-{n:04x}" for n in range(4)]
+        held, prompt, superseded, trigger = ids
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            def state(workflow_id: str, status: str, revision: int = 1) -> Any:
+                return lambda: {"workflow_id": workflow_id, "status": status,
+                                "revision": revision}
+
+            store.save_soon(held, state(held, "started"))
+            store.save_soon(prompt, state(prompt, "started"), promptly=True)
+            store.save_soon(superseded, state(superseded, "started"))
+            await store.save(superseded, state(superseded, "completed", 2))
+            await store.save(trigger, state(trigger, "running"))
+            (journal,) = (tmp_path / "states" / "_journal").glob("journal-*.log")
+            written = journal_documents(journal)
+            assert set(written) == {prompt, superseded, trigger}
+            assert written[superseded]["status"] == "completed"
+        finally:
+            await store.close()
+        assert state_of(tmp_path / "states" / held / "state.json")["status"] == "started"
+        assert state_of(tmp_path / "states" / superseded / "state.json")["status"] == "completed"
+
     async def test_memory_store_validates_like_a_file(self) -> None:
         """MemoryStore keeps encoded documents, lists by status and refuses double claims."""
         store = MemoryStore()

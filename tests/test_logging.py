@@ -1,0 +1,95 @@
+"""Structured logs through the queue listener: IDs, exceptions, redaction, buffering."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reliability._logging import (
+    LOGGER_NAME,
+    configure_logging,
+    logger,
+    register_secret,
+    shutdown_logging,
+    workflow_id_var,
+)
+
+WID = "workflow-20240115-142315-a7b3"
+
+
+@pytest.fixture
+def quiet_logger() -> Iterator[None]:
+    yield
+    shutdown_logging()
+    logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING)
+    logging.getLogger(LOGGER_NAME).propagate = True
+
+
+def log_lines(directory: Path) -> list[str]:
+    paths = list(directory.glob("workflow-*.log"))
+    return paths[0].read_text().splitlines() if paths else []
+
+
+def _fail_and_log() -> None:
+    try:
+        raise ValueError("the disk said no")
+    except ValueError:
+        logger.exception("Stage failed")
+
+
+@pytest.mark.usefixtures("quiet_logger")
+def test_detailed_records_carry_the_workflow_id_and_the_traceback(tmp_path: Path) -> None:
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    token = workflow_id_var.set(WID)
+    try:
+        logger.info("Stage transition: %s -> %s", "plan", "build")
+        _fail_and_log()
+    finally:
+        workflow_id_var.reset(token)
+    shutdown_logging()
+    text = "\n".join(log_lines(tmp_path))
+    assert f"- workflow_manager - INFO - [{WID}] Stage transition: plan -> build" in text
+    assert f"- ERROR - [{WID}] Stage failed" in text
+    assert "ValueError: the disk said no" in text and "Traceback" in text
+
+
+@pytest.mark.usefixtures("quiet_logger")
+def test_json_records_keep_the_exception_text(tmp_path: Path) -> None:
+    configure_logging(level="INFO", log_format="json", directory=tmp_path, console=False)
+    _fail_and_log()
+    shutdown_logging()
+    (line,) = log_lines(tmp_path)
+    entry = json.loads(line)
+    assert entry["message"] == "Stage failed" and entry["level"] == "ERROR"
+    assert "ValueError: the disk said no" in entry["exception"]
+
+
+@pytest.mark.usefixtures("quiet_logger")
+def test_secrets_are_redacted_before_the_record_is_queued(tmp_path: Path) -> None:
+    secret = "ghp_" + "s3cr3t" * 6
+    register_secret(secret)
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    logger.info("cloning with %s", secret)
+    shutdown_logging()
+    (line,) = log_lines(tmp_path)
+    assert secret not in line and "cloning with" in line
+
+
+@pytest.mark.usefixtures("quiet_logger")
+def test_a_burst_of_records_all_reach_the_file_in_order(tmp_path: Path) -> None:
+    """Writes are buffered per burst; none is lost or reordered, and the file is complete
+    once the burst has drained (not only at shutdown)."""
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    for index in range(2_000):
+        logger.info("record %d", index)
+    deadline = time.monotonic() + 10
+    while len(log_lines(tmp_path)) < 2_000 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the listener thread flushes when its queue runs dry
+    lines = log_lines(tmp_path)
+    assert [int(line.rsplit(" ", 1)[1]) for line in lines] == list(range(2_000))
+    shutdown_logging()
