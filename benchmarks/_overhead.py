@@ -123,6 +123,7 @@ def measure_overhead(plan: Plan) -> Figure:
     for case in _CASES:
         targets = (Target("overhead", "<=", 2.0, "<= 2 %"),) if case is _ALL else ()
         _add_ratio_row(figure, case.key, case.label, walls[case.key], bare, targets)
+    _add_few_workflow_rows(plan, figure)
     _add_saturated_row(plan, figure)
     figure.notes.append(f"median of {plan.repeats} alternating rounds; overhead = wall / bare "
                         "- 1; the engine's watchdog cannot be switched off, so every case "
@@ -135,6 +136,21 @@ def _add_ratio_row(figure: Figure, key: str, label: str, wall: float, bare: floa
     ratio = wall / bare
     figure.row(key, label, targets=targets).add("wall", wall, "s").add(
         "ratio", ratio, "x").add("overhead", (ratio - 1) * 100, "%")
+
+
+def _add_few_workflow_rows(plan: Plan, figure: Figure) -> None:
+    """All features with 1 and 10 workflows: the overhead per stage without the queueing
+    that 100 workflows' stages ending in the same millisecond add (each waits for the
+    bookkeeping of those ahead of it)."""
+    cases = tuple(c for c in _CASES if c.key in ("all", "all-overlapped"))
+    for count in (1, 10):
+        if count >= plan.overhead_workflows:
+            continue
+        walls = _measure_cases(plan, cases, count)
+        for case in cases:
+            _add_ratio_row(figure, f"{case.key}-{count}", f"{case.label}, {count} "
+                           f"workflow{'s' if count > 1 else ''}", walls[case.key],
+                           walls["bare"], ())
 
 
 def _add_saturated_row(plan: Plan, figure: Figure) -> None:

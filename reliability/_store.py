@@ -314,6 +314,9 @@ class FileStore:
         self._claim_requests: list[tuple[list[str], asyncio.Future[list[int]]]] = []
         self._claim_tasks: set[asyncio.Task[None]] = set()
         self._made_dirs: set[Path] = set()
+        self._file_paths: dict[str, dict[str, str]] = {}  # workflow -> {stage or "": path}
+        self._temporary_suffix = f".tmp-{os.getpid()}"
+        self._fsync_each = durable and _SYNCFS is None
         self._closing = False
         # Writer-thread state. Invariant: _newest holds, per workflow, the newest
         # journal document whose state.json has not been written from it yet.
@@ -556,9 +559,22 @@ class FileStore:
             os.fdatasync(self._journal_fd)
 
     def _materialize(self, workflow_id: str, document: bytes, stages: Iterable[str]) -> None:
-        self._write_atomically(self.state_path(workflow_id), document)
+        # Plain strings, built once per workflow and stage: this thread holds the GIL for
+        # every Python step, and pathlib's joins cost the event loop more than the writes.
+        paths = self._file_paths.get(workflow_id)
+        if paths is None:
+            if len(self._file_paths) > 50_000:
+                self._file_paths.clear()  # bounded: finished workflows' paths go stale
+            state_path = self.state_path(workflow_id)
+            self._ensure_dir(state_path.parent)
+            self._ensure_dir(self.checkpoint_directory)
+            paths = self._file_paths[workflow_id] = {"": str(state_path)}
+        _write_file(paths[""], document, self._temporary_suffix, self._fsync_each)
         for stage in stages:
-            self._write_atomically(self.checkpoint_path(workflow_id, stage), document)
+            path = paths.get(stage)
+            if path is None:
+                path = paths[stage] = str(self.checkpoint_path(workflow_id, stage))
+            _write_file(path, document, self._temporary_suffix, self._fsync_each)
         with self._handoff_lock:
             if self._newest.get(workflow_id) is document:  # nothing newer came meanwhile
                 del self._newest[workflow_id]
@@ -650,21 +666,7 @@ class FileStore:
 
     def _write_atomically(self, path: Path, document: bytes) -> None:
         self._ensure_dir(path.parent)
-        temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            view = memoryview(document)
-            while view:
-                view = view[os.write(fd, view):]
-            if self.durable and _SYNCFS is None:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-        os.close(fd)
-        os.replace(temporary, path)
+        _write_file(str(path), document, self._temporary_suffix, self._fsync_each)
 
     def _sync_filesystem(self) -> None:
         if _SYNCFS is not None:
@@ -858,6 +860,25 @@ class FileStore:
             os.close(fd)
             return -1
         return fd
+
+
+def _write_file(path: str, document: bytes, temporary_suffix: str, fsync: bool) -> None:
+    """``_write_atomically`` for a path already checked and a directory already made."""
+    temporary = path + temporary_suffix
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(document)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    os.close(fd)
+    os.replace(temporary, path)
 
 
 def _resolve(waiters: list[tuple[str, asyncio.Future[None]]],
