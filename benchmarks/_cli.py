@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import datetime
 import importlib.metadata
@@ -22,6 +23,7 @@ from rich.console import Console
 
 from ._endtoend import measure_end_to_end
 from ._healthcheck import measure_health
+from ._measure import settle
 from ._memory import measure_memory
 from ._overhead import measure_overhead
 from ._peer import dbos_version, measure_peer
@@ -30,7 +32,7 @@ from ._profile import print_profile, profile_throughput
 from ._report import compare_files, print_figures, to_document, write_json
 from ._results import Figure
 from ._resume import measure_resume
-from ._throughput import measure_throughput
+from ._throughput import measure_throughput, run_runtime_case
 
 __all__ = ["FIGURES", "main"]
 
@@ -62,7 +64,8 @@ def _run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Measure the runtime against DESIGN.md's performance targets. Other "
-                    "commands: 'compare OLD.json NEW.json', 'profile [--store file|memory]'.")
+                    "commands: 'compare OLD.json NEW.json', 'profile [--store file|memory]', "
+                    "'case [--store file|memory] [--workflows N] [--runs N]'.")
     parser.add_argument("--quick", action="store_true",
                         help="a small version that runs in seconds (100 workflows)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results here")
@@ -225,10 +228,36 @@ def _profile(argv: Sequence[str]) -> int:
     return 0
 
 
+def _case(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks case",
+        description="One throughput case in this process, printed as one line per run: "
+                    "for A/B comparisons, run it from two checkouts alternately.")
+    parser.add_argument("--store", choices=("file", "memory"), default="file")
+    parser.add_argument("--workflows", type=int, default=10_000, metavar="N")
+    parser.add_argument("--runs", type=int, default=1, metavar="N")
+    parser.add_argument("--scratch", type=Path, metavar="DIR")
+    args = parser.parse_args(argv)
+    if args.workflows < 1 or args.runs < 1:
+        parser.error("--workflows and --runs must be >= 1")
+    with tempfile.TemporaryDirectory(prefix="wm-case-", dir=args.scratch) as scratch:
+        plan = Plan(workflows=args.workflows, scratch=Path(scratch))
+        for _ in range(args.runs):
+            settle()
+            result = asyncio.run(run_runtime_case(plan, args.store, args.workflows))
+            print(f"{args.store} {args.workflows} workflows: {result.rate:,.0f} transitions/s, "
+                  f"checkpoint p50 {result.save_p50_ms:.1f} ms p99 {result.save_p99_ms:.1f} ms, "
+                  f"loop lag p99 {result.lag_p99_ms:.1f} ms max {result.lag_max_ms:.1f} ms",
+                  flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] == "compare":
         return _compare(arguments[1:])
+    if arguments and arguments[0] == "case":
+        return _case(arguments[1:])
     if arguments and arguments[0] == "profile":
         return _profile(arguments[1:])
     return _run(arguments)

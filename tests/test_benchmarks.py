@@ -105,3 +105,16 @@ def test_unknown_figure_is_refused_by_name() -> None:
     result = _run("--quick", "--only", "thruput", cwd=ROOT)
     assert result.returncode != 0
     assert "thruput" in result.stderr and "throughput" in result.stderr
+
+
+def test_case_prints_one_line_per_run(tmp_path: Path) -> None:
+    """``case`` runs one throughput case per line, for A/B runs across checkouts."""
+    result = _run("case", "--store", "memory", "--workflows", "20", "--runs", "2",
+                  "--scratch", str(tmp_path), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("memory 20 workflows: ") and "transitions/s" in line
+               for line in lines)
+    refused = _run("case", "--runs", "0", cwd=ROOT)
+    assert refused.returncode == 2 and "--runs must be >= 1" in refused.stderr
