@@ -98,6 +98,17 @@ def states_dir(root: Path) -> Path:
 
 
 class TestRoundTrip:
+    def test_outputs_keyed_by_numbers_encode_and_verify(self) -> None:
+        """A handler's outputs may use non-string keys; they are stored as JSON strings
+        and the document still verifies (the fast encoder falls back for them)."""
+        state = {"workflow_id": WID, "progress_data": {1: "one", "two": 2, 3.5: None}}
+        document = encode_document(state)
+        assert decode_document(document, "t")["progress_data"] == {
+            "1": "one", "two": 2, "3.5": None}
+        plain = {"workflow_id": WID, "progress_data": {"b": 1, "a": [2.5, "x"]}}
+        assert decode_document(encode_document(plain), "t") == plain
+        assert encode_document(plain) == encode_document(dict(reversed(plain.items())))
+
     async def test_saved_state_loads_back(self, tmp_path: Path) -> None:
         """save() then load() returns the same state, from state.json once materialized."""
         store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
