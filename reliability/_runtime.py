@@ -371,6 +371,9 @@ class Runtime:
         if claim is None:
             await self._monitor.admit(run)
             claim = await self.store.claim(run.workflow_id) if self.persistence else None
+            # One claim batch wakes thousands of starts at once: start them a fair
+            # share per loop iteration.
+            await self.turns.turn()
         else:
             try:
                 await self._monitor.admit(run)
@@ -391,6 +394,9 @@ class Runtime:
                 claim.release()
             self._remember(run)
             self.emit("finished", run)
+        # A durable batch wakes many final saves together; the report is the costly part
+        # of a workflow's ending, so it takes a turn like a stage.
+        await self.turns.turn()
         return result_for(run)
 
     def _engine(self, definition: DefinitionLike) -> Engine:

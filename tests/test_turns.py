@@ -12,6 +12,7 @@ import pytest
 
 from machines import StageSpec, WorkflowDefinition
 from reliability import MemoryStore, Runtime, WorkflowConfiguration
+from reliability._store import WAKE_CHUNK
 from reliability._tuning import (
     RUNTIME_SWITCH_INTERVAL,
     RUNTIME_THRESHOLDS,
@@ -160,3 +161,25 @@ async def test_runtime_holds_the_tuning_only_while_open_and_only_if_configured(
     async with Runtime(quick_config().replace(tune_interpreter=False),
                        project_root=tmp_path, store=MemoryStore(), configure_logs=False):
         assert gc.get_threshold() == (700, 10, 10)
+
+
+async def test_a_burst_of_starts_on_a_file_store_is_spread_over_iterations(
+        tmp_path: Path) -> None:
+    """1,000 workflows started at once: claims and first checkpoints are batched, yet no
+    loop iteration runs more first stages than one batch's wake-up share."""
+    counter = _IterationCounter()
+    started_in: dict[int, int] = {}
+
+    async def note_iteration(ctx: object) -> None:
+        started_in[counter.iteration] = started_in.get(counter.iteration, 0) + 1
+
+    flow = WorkflowDefinition("burst", [StageSpec(stage="only", handler=note_iteration)])
+    async with Runtime(quick_config(enable_monitoring=False), project_root=tmp_path,
+                       configure_logs=False) as rt:
+        results = await asyncio.gather(*(rt.run(flow) for _ in range(1_000)))
+    counter.stop()
+    assert {r.status for r in results} == {"completed"}
+    assert sum(started_in.values()) == 1_000
+    # At most one durable batch's wake-up share (its first checkpoint wakes them).
+    assert max(started_in.values()) <= WAKE_CHUNK
+    assert len(started_in) >= 1_000 // WAKE_CHUNK
