@@ -247,7 +247,9 @@ def kill_at_random_points(tmp_path: Path, fork_server: subprocess.Popen[str], po
 class TestRandomKillPoints:
     def test_hundred_random_kill_points_never_tear_state_and_always_resume(
             self, tmp_path: Path, fork_server: subprocess.Popen[str]) -> None:
-        kill_at_random_points(tmp_path, fork_server, KILL_POINTS, "strict")
+        # Kills land within 30 ms of the first effect: a run of 4 workflows x 6 stages of
+        # 4 ms takes ~30-40 ms here, so at least 80 % of them interrupt it.
+        kill_at_random_points(tmp_path, fork_server, KILL_POINTS, "strict", latest_kill=0.03)
 
     def test_overlapped_durability_reruns_at_most_the_stage_after_the_resumed_one(
             self, tmp_path: Path, overlapped_fork_server: subprocess.Popen[str]) -> None:
