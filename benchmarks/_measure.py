@@ -16,8 +16,8 @@ from typing import Any
 
 import psutil
 
-__all__ = ["CallTimer", "LagMonitor", "lag_monitor", "median", "percentile", "rss_bytes",
-           "settle"]
+__all__ = ["CallTimer", "FutureTimer", "LagMonitor", "lag_monitor", "median", "percentile",
+           "rss_bytes", "settle"]
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -78,15 +78,25 @@ async def lag_monitor(interval: float = 0.01) -> AsyncIterator[LagMonitor]:
         await monitor.stop()
 
 
-class CallTimer:
-    """Times every call of one async method of one object by shadowing the bound method.
+class _Latencies:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
 
-    For ``store.save`` each latency runs from the call until the write is durable: what a
-    workflow waits between two stages.
-    """
+    def p50_ms(self) -> float:
+        return percentile(self.latencies, 0.50) * 1000
+
+    def p99_ms(self) -> float:
+        return percentile(self.latencies, 0.99) * 1000
+
+    def total(self) -> float:
+        return sum(self.latencies)
+
+
+class CallTimer(_Latencies):
+    """Times every call of one async method of one object by shadowing the bound method."""
 
     def __init__(self, target: Any, method: str) -> None:
-        self.latencies: list[float] = []
+        super().__init__()
         self._inner: Callable[..., Awaitable[Any]] = getattr(target, method)
         setattr(target, method, self._timed)
 
@@ -97,14 +107,25 @@ class CallTimer:
         finally:
             self.latencies.append(time.perf_counter() - started)
 
-    def p50_ms(self) -> float:
-        return percentile(self.latencies, 0.50) * 1000
 
-    def p99_ms(self) -> float:
-        return percentile(self.latencies, 0.99) * 1000
+class FutureTimer(_Latencies):
+    """Times a method that returns a future: from the call until the future is done.
 
-    def total(self) -> float:
-        return sum(self.latencies)
+    For ``store.save_nowait`` (every save goes through it, awaited or not) each latency
+    runs from the call until the write is durable.
+    """
+
+    def __init__(self, target: Any, method: str) -> None:
+        super().__init__()
+        self._submit: Callable[..., asyncio.Future[Any]] = getattr(target, method)
+        setattr(target, method, self._timed)
+
+    def _timed(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        started = time.perf_counter()
+        future = self._submit(*args, **kwargs)
+        future.add_done_callback(
+            lambda _: self.latencies.append(time.perf_counter() - started))
+        return future
 
 
 def rss_bytes() -> int:

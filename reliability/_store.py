@@ -61,6 +61,9 @@ JOURNAL_LIMIT = 256 * 1024 * 1024  # past this, appends move to a fresh journal
 INFORMATIONAL_DELAY = 0.05
 
 
+_NO_STAGES: frozenset[str] = frozenset()  # most writes want no checkpoint file
+
+
 class _NeverSaved(WorkflowNotFoundError):
     """Raised when a workflow's directory holds a claim but no state was ever saved."""
 
@@ -281,7 +284,7 @@ def _newest_per_workflow(path: Path) -> dict[str, tuple[int, bytes]]:
 class _Batch:
     # workflow ID -> (encoded document, or a snapshot to take at flush time; stages whose
     # checkpoint file is wanted): coalesced per workflow, the newest write wins.
-    writes: dict[str, tuple[bytes | Snapshot, set[str]]] = field(default_factory=dict)
+    writes: dict[str, tuple[bytes | Snapshot, frozenset[str]]] = field(default_factory=dict)
     appends: dict[Path, list[bytes]] = field(default_factory=dict)
     waiters: list[tuple[str, asyncio.Future[None]]] = field(default_factory=list)
     scheduled: bool = False
@@ -329,7 +332,7 @@ class FileStore:
         self._journal_path: Path | None = None
         self._journal_size = 0
         self._newest: dict[str, bytes] = {}
-        self._handoff: dict[str, tuple[bytes, set[str]]] = {}  # journal -> materializer
+        self._handoff: dict[str, tuple[bytes, frozenset[str]]] = {}  # journal -> state files
         self._handoff_lock = threading.Lock()  # guards _newest and _handoff
         self._handoff_scheduled = False
         self.materialize_errors: list[str] = []
@@ -459,9 +462,9 @@ class FileStore:
             self._deferred.pop(workflow_id, None)  # a durable write says it all
         writes = self._pending.writes
         earlier = writes.get(workflow_id)
-        stages = earlier[1] if earlier is not None else set()
+        stages = earlier[1] if earlier is not None else _NO_STAGES
         if checkpoint_stage is not None:
-            stages.add(checkpoint_stage)
+            stages = stages | {checkpoint_stage}  # a new set only when there is a stage
         writes[workflow_id] = (document, stages)
         self._schedule()
 
@@ -514,7 +517,7 @@ class FileStore:
             return self._rotate_journal()
         return None
 
-    def _hand_off(self, items: list[tuple[str, bytes, set[str]]],
+    def _hand_off(self, items: list[tuple[str, bytes, frozenset[str]]],
                   appends: dict[Path, list[bytes]], retired: tuple[int, Path] | None) -> None:
         """After a batch is durable (on the loop): queue its state files for the second
         thread. Work it has not reached yet is coalesced, the newest document winning."""
@@ -523,7 +526,9 @@ class FileStore:
             for workflow_id, document, stages in items:
                 self._newest[workflow_id] = document
                 earlier = self._handoff.get(workflow_id)
-                self._handoff[workflow_id] = (document, stages | earlier[1] if earlier else stages)
+                if earlier is not None and earlier[1]:
+                    stages = stages | earlier[1]
+                self._handoff[workflow_id] = (document, stages)
             if not self._handoff_scheduled:
                 self._handoff_scheduled = True
                 self._materializer.submit(self._materialize_handoff)
@@ -965,7 +970,7 @@ class MemoryStore:
 
     async def save(self, workflow_id: str, snapshot: Snapshot, *,
                    checkpoint_stage: str | None = None) -> None:
-        self._keep(workflow_id, snapshot, checkpoint_stage)
+        await self.save_nowait(workflow_id, snapshot, checkpoint_stage=checkpoint_stage)
 
     def save_nowait(self, workflow_id: str, snapshot: Snapshot, *,
                     checkpoint_stage: str | None = None) -> asyncio.Future[None]:
