@@ -40,7 +40,7 @@ from ._batch import (
     expand_prompt_paths,
     run_batch,
 )
-from ._config import LOG_LEVELS, WorkflowConfiguration, load_configuration
+from ._config import DURABILITY_MODES, LOG_LEVELS, WorkflowConfiguration, load_configuration
 from ._context import DefinitionLike
 from ._diagnostics import build_bundle, redact, redact_text, stored_diagnostics, write_private_json
 from ._errors import ConfigurationError, WorkflowError, WorkflowLockedError
@@ -98,6 +98,10 @@ def _runner_options() -> argparse.ArgumentParser:
                                           "long ones, and admission control")
     group.add_argument("--max-retries", type=int, metavar="N",
                        help="retries per stage for transient failures (0-100)")
+    group.add_argument("--durability", choices=DURABILITY_MODES,
+                       help="strict (default): each stage's record is on disk before the "
+                            "next stage starts; overlapped: the next stage starts while it "
+                            "is written, and a crash may re-run one more stage")
     return runner
 
 
@@ -243,6 +247,7 @@ def _load_config(args: argparse.Namespace) -> WorkflowConfiguration:
                  "enable_monitoring": getattr(args, "enable_monitoring", None),
                  "enable_health_checks": getattr(args, "enable_health_checks", None),
                  "max_retries": getattr(args, "max_retries", None),
+                 "durability": getattr(args, "durability", None),
                  "concurrency": getattr(args, "concurrency", None)}
     return load_configuration(args.config, **overrides)
 

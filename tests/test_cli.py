@@ -74,6 +74,23 @@ class TestRunAndBatch:
         assert result["pr_url"].endswith(result["workflow_id"])
         assert result["reliability_metrics"]["performance_grade"]
 
+    def test_run_with_overlapped_durability_completes_and_records_every_stage(
+            self, tmp_path: Path) -> None:
+        """--durability overlapped: the run completes with every stage on record; a mode
+        that does not exist is refused by name (exit 2)."""
+        write_prompts(tmp_path, "one.md")
+        completed = cli(tmp_path, "run", "prompts/one.md", "--definition", DEFINITION,
+                        "--json", "--durability", "overlapped")
+        assert completed.returncode == 0, completed.stderr
+        workflow_id = as_json(completed)["workflow_id"]
+        shown = as_json(cli(tmp_path, "diagnostics", workflow_id, "--json"))
+        assert shown["status"] == "completed"
+        assert shown["completed_stages"] == ["prepare", "build", "publish"]
+        assert set(shown["stage_history"]) == {"prepare", "build", "publish"}
+        refused = cli(tmp_path, "run", "prompts/one.md", "--durability", "eventual")
+        assert refused.returncode == 2
+        assert "--durability" in refused.stderr and "overlapped" in refused.stderr
+
     def test_run_of_a_failing_workflow_exits_1(self, tmp_path: Path) -> None:
         """run: a workflow that fails gives exit code 1 and says why."""
         write_prompts(tmp_path, "fail.md")
