@@ -1,9 +1,10 @@
 """The engine: drives one workflow through its stages, one stage at a time.
 
-For each stage: fire the machine's trigger (bookkeeping only), queue a "started"
-checkpoint, run the handler under the watchdog, decide on failures (retry, recover,
-degrade, stop), merge outputs and make the "completed" checkpoint durable before the next
-stage starts.
+For each stage: take a fair turn (``_turns.py``), fire the machine's trigger (bookkeeping
+only), queue a "started" checkpoint, run the handler under the watchdog, decide on
+failures (retry, recover, degrade, stop), merge outputs and make the "completed"
+checkpoint durable before the next stage starts (``durability="strict"``) or before the
+stage after it ends (``"overlapped"``).
 
 Invariant (DESIGN rule 2): the workflow's task is cancelled by the runtime only while it
 is inside a handler (``_Live.in_handler``), never inside a trigger or a store write; a
