@@ -400,10 +400,10 @@ class FileStore:
         if self._executor is None:
             raise RuntimeError("the store is not open (use 'async with Runtime(...)')")
         if promptly:
+            # In the next batch, replacing any write of it there: taken at flush time, the
+            # snapshot holds all that write did and more (outputs recorded mid-stage).
             self._deferred.pop(workflow_id, None)
-            earlier = self._pending.writes.get(workflow_id)
-            if earlier is None or not isinstance(earlier[0], bytes):
-                self._queue(workflow_id, snapshot, None)
+            self._queue(workflow_id, snapshot, None)
             return
         due = time.monotonic() + INFORMATIONAL_DELAY
         self._deferred[workflow_id] = (due, snapshot)

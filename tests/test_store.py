@@ -195,6 +195,25 @@ class TestRoundTrip:
         assert state_of(tmp_path / "states" / held / "state.json")["status"] == "started"
         assert state_of(tmp_path / "states" / superseded / "state.json")["status"] == "completed"
 
+    async def test_a_prompt_write_carries_a_pending_durable_one_forward(
+            self, tmp_path: Path) -> None:
+        """An output recorded mid-stage (prompt) while the previous stage's record is
+        still queued: the batch writes the newer state and the earlier save still
+        completes, so neither the record nor the output is lost."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            queued = store.save_nowait(WID, lambda: {"workflow_id": WID, "revision": 1,
+                                                     "status": "running"})
+            store.save_soon(WID, lambda: {"workflow_id": WID, "revision": 2,
+                                          "status": "running", "issue_number": 7},
+                            promptly=True)
+            await queued
+            (journal,) = (tmp_path / "states" / "_journal").glob("journal-*.log")
+            assert journal_documents(journal)[WID]["issue_number"] == 7
+        finally:
+            await store.close()
+
     async def test_memory_store_validates_like_a_file(self) -> None:
         """MemoryStore keeps encoded documents, lists by status and refuses double claims."""
         store = MemoryStore()
