@@ -11,28 +11,27 @@ FileStore layout (the spec's paths, under the project root)::
     {state_directory}/{id}/history.jsonl.gz       compressed earlier states
     {checkpoint_directory}/{id}_checkpoint_{stage}.json
 
-Every write goes through one group-commit writer (DESIGN rule 4): writes queued while a
-batch is on disk form the next batch, coalesced per file (newest wins), written by one
-dedicated thread as temp file + rename, then made durable with a single ``syncfs`` (or an
-``fsync`` per file where ``syncfs`` is missing). A workflow awaits only its own files.
+Every write goes through one group-commit writer (DESIGN rule 4): the writes queued in
+one loop iteration form a batch, coalesced per workflow (newest wins), sent to the writer
+process (``_writer.py``), which appends every batch that arrived during its last sync to
+the journal with one ``fdatasync``: the durability point. A workflow awaits only its own
+record. State and checkpoint files are written from the journal afterwards (temp file +
+rename) and synced with one ``syncfs`` (or an ``fsync`` per file without it) before a
+journal is deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import ctypes
-import ctypes.util
+import errno
 import fcntl
-import gzip
 import hashlib
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +46,8 @@ from ._errors import (
     classify,
 )
 from ._ids import validate_workflow_id
+from ._writer import load_syncfs, make_private_directory, write_file
+from ._writer_link import WriterLink, WriterStartError
 
 __all__ = ["SCHEMA_VERSION", "Claim", "FileStore", "LoadedState", "MemoryStore", "Store",
            "decode_document", "encode_document", "make_private_directory"]
@@ -177,22 +178,6 @@ def decode_document(data: bytes, path: str) -> dict[str, Any]:
     return state
 
 
-def make_private_directory(directory: Path) -> None:
-    """Create ``directory`` and each missing parent with mode 0700.
-
-    ``Path.mkdir(mode=0o700, parents=True)`` gives the parents it creates the umask's
-    default (usually 0755), which would leave ``.github/workflow-states`` readable by all.
-    """
-    missing: list[Path] = []
-    current = directory
-    while not current.is_dir() and current != current.parent:
-        missing.append(current)
-        current = current.parent
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # made meanwhile by another writer
-            path.mkdir(mode=0o700)
-
-
 def _check_state(state: dict[str, Any], workflow_id: str, path: str) -> dict[str, Any]:
     if state.get("workflow_id") != workflow_id:
         raise StateCorruptedError(path, f"belongs to {state.get('workflow_id')!r}, "
@@ -218,16 +203,7 @@ class _FileClaim:
             self._registry.discard(self.workflow_id)
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function: Callable[[int], int] = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    return function
-
-
-_SYNCFS = _load_syncfs()
+_SYNCFS = load_syncfs()
 
 
 def _read_bounded(path: Path) -> bytes:
@@ -282,7 +258,7 @@ def _newest_per_workflow(path: Path) -> dict[str, tuple[int, bytes]]:
 
 @dataclass(slots=True)
 class _Batch:
-    # workflow ID -> (encoded document, or a snapshot to take at flush time; stages whose
+    # workflow ID -> (encoded document, or a snapshot to take at send time; stages whose
     # checkpoint file is wanted): coalesced per workflow, the newest write wins.
     writes: dict[str, tuple[bytes | Snapshot, frozenset[str]]] = field(default_factory=dict)
     appends: dict[Path, list[bytes]] = field(default_factory=dict)
@@ -290,17 +266,28 @@ class _Batch:
     scheduled: bool = False
 
 
-class FileStore:
-    """The embedded store: files under the project root, one group-commit writer thread.
+@dataclass(slots=True)
+class _Sent:
+    sequence: int
+    waiters: list[tuple[str, asyncio.Future[None]]]
+    workflow_ids: Iterable[str]
 
-    Durability point: a batch is durable once appended to this process's journal
-    (``{state_directory}/_journal/journal-*.log``) and ``fdatasync``-ed; one append and
-    one sync for thousands of workflows' writes. ``state.json`` and checkpoint files are
-    then materialized from the batch every ``checkpoint_frequency`` stages and at the end
-    of each workflow, without a sync each. Invariant: every state newer than its
-    ``state.json`` is in a journal that is not deleted until those files are synced. A
-    journal whose process died (its ``flock`` is free) is replayed into ``state.json``
-    files by the next store that opens, before anything else reads them.
+
+class FileStore:
+    """The embedded store: files under the project root, written by one writer process.
+
+    Durability point: a batch is durable once appended to this store's journal
+    (``{state_directory}/_journal/journal-{pid}-*.log``) and ``fdatasync``-ed; one append
+    and one sync for thousands of workflows' writes. ``state.json`` and checkpoint files
+    are then materialized every ``checkpoint_frequency`` stages and at the end of each
+    workflow, without a sync each. Invariant: every state newer than its ``state.json`` is
+    in a journal that is not deleted until those files are synced. A journal whose owner
+    died (its ``flock`` is free) is replayed into ``state.json`` files by the next store
+    that opens, before anything else reads them.
+
+    The loop encodes each record and hands batches to a child process (``_writer.py``)
+    through a pipe; that process does every file system call, so none of them competes
+    with the event loop for the GIL. It dies with this process, as a thread would.
     """
 
     def __init__(self, state_directory: Path, checkpoint_directory: Path, *,
@@ -310,11 +297,14 @@ class FileStore:
         self.journal_directory = state_directory / "_journal"
         self.durable = durable
         self._journal_limit = journal_limit
-        self._executor: ThreadPoolExecutor | None = None
-        self._materializer: ThreadPoolExecutor | None = None
+        self._link: WriterLink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = _Batch()
-        self._flusher: asyncio.Task[None] | None = None
-        self._wakeup: asyncio.Event | None = None
+        self._sequence = 0
+        self._sent: collections.deque[_Sent] = collections.deque()
+        self._flushes: dict[int, asyncio.Future[None]] = {}
+        self._unflushed = False  # sent writes whose state files may not be written yet
+        self._broken: BaseException | None = None  # why the writer stopped, if it did
         self._claimed: set[str] = set()
         self._deferred: dict[str, tuple[float, Snapshot]] = {}  # informational, held back
         self._deferred_order: collections.deque[tuple[float, str]] = collections.deque()
@@ -325,16 +315,6 @@ class FileStore:
         self._file_paths: dict[str, dict[str, str]] = {}  # workflow -> {stage or "": path}
         self._temporary_suffix = f".tmp-{os.getpid()}"
         self._fsync_each = durable and _SYNCFS is None
-        self._closing = False
-        # Writer-thread state. Invariant: _newest holds, per workflow, the newest
-        # journal document whose state.json has not been written from it yet.
-        self._journal_fd = -1
-        self._journal_path: Path | None = None
-        self._journal_size = 0
-        self._newest: dict[str, bytes] = {}
-        self._handoff: dict[str, tuple[bytes, frozenset[str]]] = {}  # journal -> state files
-        self._handoff_lock = threading.Lock()  # guards _newest and _handoff
-        self._handoff_scheduled = False
         self.materialize_errors: list[str] = []
         self.batches_written = 0
         self.files_written = 0
@@ -343,37 +323,42 @@ class FileStore:
     # --- lifecycle
 
     async def open(self) -> None:
-        if self._executor is not None:
+        if self._link is not None:
             return
-        # One thread: batches are serial by design, and the loop's default pool (shared
-        # with DNS lookups) is never flooded by thousands of workflows' writes.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-journal")
-        self._materializer = ThreadPoolExecutor(max_workers=1,
-                                                thread_name_prefix="workflow-state-files")
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_journal)
-        self._wakeup = asyncio.Event()
-        self._flusher = asyncio.create_task(self._flush_forever(), name="workflow-store-writer")
+        await asyncio.to_thread(self._prepare_journal_directory)
+        self._loop = asyncio.get_running_loop()
+        self._broken = None
+        try:
+            self._link = await WriterLink.start(
+                [str(self.journal_directory), str(self.state_directory),
+                 str(self.checkpoint_directory), "1" if self.durable else "0",
+                 str(self._journal_limit)],
+                self._received, self._writer_ended)
+        except WriterStartError as error:
+            raise _storage_error(Path(error.path), OSError(error.errno, error.message)) from None
 
     async def close(self) -> None:
-        if self._executor is None:
+        link = self._link
+        if link is None:
             return
         if self._deferred_timer is not None:
             self._deferred_timer.cancel()
         self._promote_deferred(everything=True)
-        self._closing = True
-        assert self._wakeup is not None and self._flusher is not None
-        self._wakeup.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._flusher
+        if self._pending.scheduled:
+            self._send_pending()
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor,
-                                                             self._retire_journal)
+            status = await link.finish()
         finally:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-            if self._materializer is not None:
-                self._materializer.shutdown(wait=True)
-                self._materializer = None
+            self._link = None
+        if status != 0 and self._broken is None:
+            raise _storage_error(Path(link.journal_path), OSError(
+                errno.EIO, f"the writer process ended with status {status}; the journal "
+                           "is replayed when the store opens next"))
+
+    @property
+    def journal_path(self) -> str:
+        """The journal this store appends to now ("" while closed)."""
+        return self._link.journal_path if self._link is not None else ""
 
     # --- paths
 
@@ -391,16 +376,31 @@ class FileStore:
                 "history_file": str(self.state_path(workflow_id).parent / "history.jsonl.gz"),
                 "journal_directory": str(self.journal_directory)}
 
-    # --- writes (event loop side)
+    def _file_paths_of(self, workflow_id: str, stages: Iterable[str]) -> tuple[str, list[str]]:
+        # Plain strings, built once per workflow and stage: pathlib's joins per record
+        # would cost the loop more than handing the record to the writer.
+        paths = self._file_paths.get(workflow_id)
+        if paths is None:
+            if len(self._file_paths) > 50_000:
+                self._file_paths.clear()  # bounded: finished workflows' paths go stale
+            paths = self._file_paths[workflow_id] = {"": str(self.state_path(workflow_id))}
+        checkpoints = []
+        for stage in stages:
+            path = paths.get(stage)
+            if path is None:
+                path = paths[stage] = str(self.checkpoint_path(workflow_id, stage))
+            checkpoints.append(path)
+        return paths[""], checkpoints
+
+    # --- writes
 
     def save_soon(self, workflow_id: str, snapshot: Snapshot, *,
                   promptly: bool = False) -> None:
-        # Held back INFORMATIONAL_DELAY (unless promptly), then taken at flush time, and
+        # Held back INFORMATIONAL_DELAY (unless promptly), then taken at send time, and
         # only if no durable save of this workflow came meanwhile (it says all this would).
-        if self._executor is None:
-            raise RuntimeError("the store is not open (use 'async with Runtime(...)')")
+        self._require_open()
         if promptly:
-            # In the next batch, replacing any write of it there: taken at flush time, the
+            # In the next batch, replacing any write of it there: taken at send time, the
             # snapshot holds all that write did and more (outputs recorded mid-stage).
             self._deferred.pop(workflow_id, None)
             self._queue(workflow_id, snapshot, None)
@@ -415,7 +415,7 @@ class FileStore:
     def _promote_deferred(self, *, everything: bool = False) -> None:
         """Move informational writes that waited long enough into the pending batch."""
         self._deferred_timer = None
-        if self._executor is None:  # closed meanwhile: close() already promoted them all
+        if self._link is None:  # closed meanwhile: close() already promoted them all
             self._deferred.clear()
             self._deferred_order.clear()
             return
@@ -442,10 +442,11 @@ class FileStore:
     def save_nowait(self, workflow_id: str, snapshot: Snapshot, *,
                     checkpoint_stage: str | None = None) -> asyncio.Future[None]:
         # Encoded now: the cost is spread over the loop's iterations instead of one burst
-        # at flush time, and the state cannot move on before it is written.
+        # at send time, and the state cannot move on before it is written.
         self._queue(workflow_id, encode_document(snapshot()), checkpoint_stage)
         # A future of its own: cancelling one waiter never disturbs the others in the batch.
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        waiter: asyncio.Future[None] = self._loop.create_future()
         self._pending.waiters.append((workflow_id, waiter))
         return waiter
 
@@ -454,10 +455,13 @@ class FileStore:
         self._pending.appends.setdefault(path, []).append(encode_document(state))
         self._schedule()
 
+    def _require_open(self) -> None:
+        if self._link is None:
+            raise RuntimeError("the store is not open (use 'async with Runtime(...)')")
+
     def _queue(self, workflow_id: str, document: bytes | Snapshot,
                checkpoint_stage: str | None) -> None:
-        if self._executor is None:
-            raise RuntimeError("the store is not open (use 'async with Runtime(...)')")
+        self._require_open()
         if isinstance(document, bytes):
             self._deferred.pop(workflow_id, None)  # a durable write says it all
         writes = self._pending.writes
@@ -469,180 +473,89 @@ class FileStore:
         self._schedule()
 
     def _schedule(self) -> None:
+        # Sent once per loop iteration: every write queued in this one shares the frame.
         if not self._pending.scheduled:
             self._pending.scheduled = True
-            assert self._wakeup is not None
-            self._wakeup.set()
+            assert self._loop is not None
+            self._loop.call_soon(self._send_pending)
 
-    async def _flush_forever(self) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending.scheduled:
-                # Checked before every wait, not after: close() may find a batch still
-                # pending, and its one wake-up must not be spent without ending here.
-                if self._closing:
-                    return
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                continue
-            batch, self._pending = self._pending, _Batch()
-            # Snapshots still pending are taken here, on the loop: the thread never sees a
-            # state the loop is still changing.
-            items = [(w, d if isinstance(d, bytes) else encode_document(d()), stages)
-                     for w, (d, stages) in batch.writes.items()]
-            data = b"".join(document for _, document, _ in items)
-            try:
-                retired = await loop.run_in_executor(self._executor, self._write_batch, data)
-            except BaseException as error:
-                if isinstance(error, OSError):
-                    error = _storage_error(self._journal_path or self.journal_directory, error)
-                _resolve(batch.waiters, {w: error for w in batch.writes})
-                if isinstance(error, asyncio.CancelledError):
-                    raise
-                continue
-            self._hand_off(items, batch.appends, retired)
-            _wake_in_chunks(loop, batch.waiters)
-            self.batches_written += 1
+    def _send_pending(self) -> None:
+        batch, self._pending = self._pending, _Batch()
+        if not batch.scheduled:
+            return  # close() sent it already
+        if self._broken is not None or self._link is None:
+            error = self._broken or RuntimeError("the store was closed before this write")
+            _resolve(batch.waiters, {w: error for w in batch.writes})
+            return
+        # Snapshots still pending are taken here: the record is the state as it is now.
+        items = []
+        for workflow_id, (document, stages) in batch.writes.items():
+            if not isinstance(document, bytes):
+                document = encode_document(document())
+            state_path, checkpoints = self._file_paths_of(workflow_id, stages)
+            items.append((workflow_id, document, state_path, checkpoints))
+        appends = [(str(path), documents) for path, documents in batch.appends.items()]
+        self._sequence += 1
+        self._sent.append(_Sent(self._sequence, batch.waiters, batch.writes.keys()))
+        self._unflushed = True
+        self._link.send(("W", self._sequence, items, appends))
 
-    # --- writes (writer thread side)
+    def _received(self, message: tuple[Any, ...]) -> None:
+        """A frame from the writer process (see ``_writer.py`` for what each says)."""
+        kind = message[0]
+        if kind == "A":
+            while self._sent and self._sent[0].sequence <= message[1]:
+                assert self._loop is not None
+                _wake_in_chunks(self._loop, self._sent.popleft().waiters)
+                self.batches_written += 1
+        elif kind == "E":
+            _, _, last, number, path, text = message
+            error = _storage_error(Path(path), OSError(number, text))
+            while self._sent and self._sent[0].sequence <= last:
+                sent = self._sent.popleft()
+                _resolve(sent.waiters, dict.fromkeys(sent.workflow_ids, error))
+        elif kind == "F":
+            flushed = self._flushes.pop(message[1], None)
+            if flushed is not None and not flushed.done():
+                flushed.set_result(None)
+        elif kind == "S":
+            self.files_written += message[1]
+            self.materialize_errors.extend(message[2])
 
-    def _write_batch(self, data: bytes) -> tuple[int, Path] | None:
-        """Append one batch to the journal and sync it: the writer thread's only job.
+    def _writer_ended(self) -> None:
+        """Its output ended: after close() that is the end; otherwise it died."""
+        link = self._link
+        if link is None or (link.finishing and not self._sent and not self._flushes):
+            return
+        pid = link.process.pid
+        self._broken = _storage_error(Path(link.journal_path), OSError(
+            errno.EIO, f"the writer process {pid} stopped unexpectedly; writes it had not "
+                       "acknowledged are not durable (the journal is replayed when the "
+                       "store opens next, and resuming the workflows continues them)"))
+        while self._sent:
+            sent = self._sent.popleft()
+            _resolve(sent.waiters, dict.fromkeys(sent.workflow_ids, self._broken))
+        for flushed in self._flushes.values():
+            if not flushed.done():
+                flushed.set_exception(self._broken)
+        self._flushes.clear()
 
-        Returns the retired journal (descriptor, path) when this append filled it up.
-        """
-        self._append_to_journal(data)
-        if self._journal_size > self._journal_limit:
-            return self._rotate_journal()
-        return None
+    async def _flush_state_files(self) -> None:
+        """Have the writer write every state only its journal holds, before a read."""
+        if self._link is None or not self._unflushed or self._broken is not None:
+            return
+        assert self._loop is not None
+        self._sequence += 1
+        flushed = self._flushes[self._sequence] = self._loop.create_future()
+        self._unflushed = False
+        self._link.send(("F", self._sequence))
+        await flushed
 
-    def _hand_off(self, items: list[tuple[str, bytes, frozenset[str]]],
-                  appends: dict[Path, list[bytes]], retired: tuple[int, Path] | None) -> None:
-        """After a batch is durable (on the loop): queue its state files for the second
-        thread. Work it has not reached yet is coalesced, the newest document winning."""
-        assert self._materializer is not None
-        with self._handoff_lock:
-            for workflow_id, document, stages in items:
-                self._newest[workflow_id] = document
-                earlier = self._handoff.get(workflow_id)
-                if earlier is not None and earlier[1]:
-                    stages = stages | earlier[1]
-                self._handoff[workflow_id] = (document, stages)
-            if not self._handoff_scheduled:
-                self._handoff_scheduled = True
-                self._materializer.submit(self._materialize_handoff)
-        if appends:
-            self._materializer.submit(self._append_history, appends)
-        if retired is not None:
-            # Submitted after this batch's documents are in _newest, so the old journal is
-            # deleted only once everything it holds is in synced state files.
-            self._materializer.submit(self._retire, *retired)
+    # --- journal replay (at open, in a thread)
 
-    def _materialize_handoff(self) -> None:
-        with self._handoff_lock:
-            items, self._handoff = self._handoff, {}
-            self._handoff_scheduled = False
-        for workflow_id, (document, stages) in items.items():
-            if not stages:
-                continue  # the journal and _newest hold it until a checkpoint or the end
-            try:
-                self._materialize(workflow_id, document, stages)
-            except OSError as error:
-                # The journal holds it durably; the files are written again later.
-                self.materialize_errors.append(f"{self.state_path(workflow_id)}: {error}")
-
-    def _append_history(self, appends: dict[Path, list[bytes]]) -> None:
-        for path, documents in appends.items():
-            with contextlib.suppress(OSError):  # history is a convenience, not the record
-                self._ensure_dir(path.parent)
-                with gzip.open(path, "ab") as history:
-                    history.writelines(documents)
-
-    def _append_to_journal(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self._journal_fd, view):]
-        except OSError:
-            # A torn batch would glue onto the next one's first line; cut it off. (If even
-            # this fails, replay skips the undecodable line: that batch was never durable.)
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._journal_fd, self._journal_size)
-            raise
-        self._journal_size += len(data)
-        if self.durable:
-            os.fdatasync(self._journal_fd)
-
-    def _materialize(self, workflow_id: str, document: bytes, stages: Iterable[str]) -> None:
-        # Plain strings, built once per workflow and stage: this thread holds the GIL for
-        # every Python step, and pathlib's joins cost the event loop more than the writes.
-        paths = self._file_paths.get(workflow_id)
-        if paths is None:
-            if len(self._file_paths) > 50_000:
-                self._file_paths.clear()  # bounded: finished workflows' paths go stale
-            state_path = self.state_path(workflow_id)
-            self._ensure_dir(state_path.parent)
-            self._ensure_dir(self.checkpoint_directory)
-            paths = self._file_paths[workflow_id] = {"": str(state_path)}
-        _write_file(paths[""], document, self._temporary_suffix, self._fsync_each)
-        for stage in stages:
-            path = paths.get(stage)
-            if path is None:
-                path = paths[stage] = str(self.checkpoint_path(workflow_id, stage))
-            _write_file(path, document, self._temporary_suffix, self._fsync_each)
-        with self._handoff_lock:
-            if self._newest.get(workflow_id) is document:  # nothing newer came meanwhile
-                del self._newest[workflow_id]
-        self.files_written += 1
-
-    def _materialize_all(self) -> None:
-        """Write every state that only the journal holds, then sync them to disk."""
-        self._materialize_handoff()
-        with self._handoff_lock:
-            remaining = list(self._newest.items())
-        for workflow_id, document in remaining:
-            self._materialize(workflow_id, document, ())
-        if self.durable:
-            self._sync_filesystem()
-
-    def _rotate_journal(self) -> tuple[int, Path]:
-        """Continue in a fresh journal; the full one is retired by the state-file thread.
-
-        The old journal stays locked and on disk until every state it holds is in a
-        synced state file, so appends never wait for that work.
-        """
-        old_fd, old_path = self._journal_fd, self._journal_path
-        assert old_path is not None
-        self._start_journal()
-        return old_fd, old_path
-
-    def _retire(self, fd: int, path: Path) -> None:
-        self._materialize_all()
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-    def _open_journal(self) -> None:
+    def _prepare_journal_directory(self) -> None:
         self._ensure_dir(self.journal_directory)
         self._replay_orphan_journals()
-        self._start_journal()
-
-    def _start_journal(self) -> None:
-        name = f"journal-{os.getpid()}-{os.urandom(4).hex()}.log"
-        self._journal_path = self.journal_directory / name
-        fd = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
-                     0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: "not an orphan"
-        self._journal_fd = fd
-        self._journal_size = 0
-
-    def _retire_journal(self) -> None:
-        if self._journal_fd < 0:
-            return
-        assert self._materializer is not None and self._journal_path is not None
-        self._materializer.submit(self._retire, self._journal_fd, self._journal_path).result()
-        self._journal_fd = -1
 
     def _replay_orphan_journals(self) -> None:
         """Bring state files up to date from journals left by processes that died."""
@@ -682,15 +595,15 @@ class FileStore:
 
     def _write_atomically(self, path: Path, document: bytes) -> None:
         self._ensure_dir(path.parent)
-        _write_file(str(path), document, self._temporary_suffix, self._fsync_each)
+        write_file(str(path), document, self._temporary_suffix, self._fsync_each)
 
     def _sync_filesystem(self) -> None:
         if _SYNCFS is not None:
             fd = os.open(self.state_directory, os.O_RDONLY)
             try:
                 if _SYNCFS(fd) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, os.strerror(errno), str(self.state_directory))
+                    number = ctypes.get_errno()
+                    raise OSError(number, os.strerror(number), str(self.state_directory))
             finally:
                 os.close(fd)
             return
@@ -706,16 +619,12 @@ class FileStore:
 
     async def load(self, workflow_id: str) -> LoadedState:
         validate_workflow_id(workflow_id)
+        await self._flush_state_files()
         return await asyncio.to_thread(self._load_sync, workflow_id)
 
     def _load_sync(self, workflow_id: str) -> LoadedState:
         path = self.state_path(workflow_id)
         _refuse_symlinked_directory(path.parent)
-        with self._handoff_lock:
-            newest = self._newest.get(workflow_id)
-        if newest is not None:  # durable in this process's journal, not yet in state.json
-            source = f"{self._journal_path} (journal)"
-            return LoadedState(decode_document(newest, source), source)
         problems: list[str] = []
         try:
             state = _check_state(decode_document(_read_bounded(path), str(path)), workflow_id,
@@ -757,6 +666,7 @@ class FileStore:
 
     async def list_states(self, statuses: Iterable[str] | None = None) -> list[LoadedState]:
         wanted = frozenset(statuses) if statuses is not None else None
+        await self._flush_state_files()
         return await asyncio.to_thread(self._list_sync, wanted)
 
     def _list_sync(self, wanted: frozenset[str] | None) -> list[LoadedState]:
@@ -876,25 +786,6 @@ class FileStore:
             os.close(fd)
             return -1
         return fd
-
-
-def _write_file(path: str, document: bytes, temporary_suffix: str, fsync: bool) -> None:
-    """``_write_atomically`` for a path already checked and a directory already made."""
-    temporary = path + temporary_suffix
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        view = memoryview(document)
-        while view:
-            view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    os.close(fd)
-    os.replace(temporary, path)
 
 
 def _resolve(waiters: list[tuple[str, asyncio.Future[None]]],

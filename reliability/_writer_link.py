@@ -1,0 +1,147 @@
+"""The event loop's end of FileStore's writer process (``_writer.py``): start it, send it
+frames, hand its answers to the store, notice when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import marshal
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._writer import FRAME_HEADER, encode_frame
+
+__all__ = ["WriterLink", "WriterStartError"]
+
+_WRITER_SCRIPT = str(Path(__file__).with_name("_writer.py"))
+_F_SETPIPE_SZ = 1031  # Linux: a 1 MiB pipe holds a burst of records without a wake-up each
+_PIPE_SIZE = 1 << 20
+
+Message = tuple[Any, ...]
+
+
+class WriterStartError(Exception):
+    """The writer could not open its journal: ``errno``, ``path``, ``message``."""
+
+    def __init__(self, errno: int, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.errno, self.path, self.message = errno, path, message
+
+
+class _Reader(asyncio.Protocol):
+    def __init__(self, link: WriterLink) -> None:
+        self._link = link
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= FRAME_HEADER.size:
+            (length,) = FRAME_HEADER.unpack_from(buffer, start)
+            end = start + FRAME_HEADER.size + length
+            if end > len(buffer):
+                break
+            self._link.received(marshal.loads(buffer[start + FRAME_HEADER.size:end]))
+            start = end
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._link.ended()
+
+
+class WriterLink:
+    """One writer process. ``on_message`` gets every frame after "ready"; ``on_exit`` is
+    called once when its output ends (it finished, or it died)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], journal_directory: str,
+                 on_message: Callable[[Message], None], on_exit: Callable[[], None]) -> None:
+        self.process = process
+        self._journal_directory = journal_directory
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self._ready: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._transport: asyncio.WriteTransport | None = None
+        self.journal_path = ""
+        self.finishing = False
+
+    @classmethod
+    async def start(cls, arguments: list[str], on_message: Callable[[Message], None],
+                    on_exit: Callable[[], None]) -> WriterLink:
+        """Start the writer and wait until its journal is open and locked.
+
+        Started from the loop's thread on purpose: the kernel's parent-death signal is
+        tied to the thread that started the process, and this one lives as long as the
+        store is open. ``-I -S``: the standard library only, no site packages to import.
+        """
+        # Blocking for the fork and exec only (~1 ms), once per store.
+        process = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-I", "-S", _WRITER_SCRIPT, str(os.getpid()), *arguments],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        assert process.stdin is not None and process.stdout is not None
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(process.stdin.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+        link = cls(process, arguments[0], on_message, on_exit)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, process.stdin)
+            link._transport = transport
+            await loop.connect_read_pipe(lambda: _Reader(link), process.stdout)
+            ready = await link._ready
+        except BaseException:
+            link.kill()
+            raise
+        if ready[0] == "X":
+            transport.close()
+            await link.wait_closed()
+            raise WriterStartError(*ready[1:])
+        link.journal_path = ready[1]
+        return link
+
+    def send(self, message: Message) -> None:
+        assert self._transport is not None
+        if not self._transport.is_closing():
+            self._transport.write(encode_frame(message))
+
+    @property
+    def alive(self) -> bool:
+        return not self._ended.done()
+
+    def received(self, message: Message) -> None:
+        if not self._ready.done():
+            self._ready.set_result(message)
+        else:
+            self._on_message(message)
+
+    def ended(self) -> None:
+        if not self._ready.done():
+            self._ready.set_result(("X", 0, self._journal_directory,
+                                    "the writer process stopped while starting"))
+        if not self._ended.done():
+            self._ended.set_result(None)
+            self._on_exit()
+
+    async def finish(self) -> int:
+        """End its input; it writes what it holds, deletes its journal and exits.
+
+        Returns its exit status (negative: the signal that ended it)."""
+        self.finishing = True
+        if self._transport is not None:
+            self._transport.close()  # end of input, after everything buffered is written
+        return await self.wait_closed()
+
+    async def wait_closed(self) -> int:
+        await asyncio.shield(self._ended)
+        return await asyncio.to_thread(self.process.wait)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        if self._transport is not None:
+            self._transport.close()
