@@ -22,9 +22,13 @@ _RANDOM = random.Random(secrets.randbits(64))
 
 
 def new_workflow_id(wall_time: float) -> str:
-    """A fresh ID stamped with ``wall_time`` (UTC) and 32 random bits."""
+    """A fresh ID stamped with ``wall_time`` (UTC) and 48 random bits.
+
+    48, not 32: 10,000 IDs made in one second collide with odds of 1 in 86 at 32 bits
+    (seen in a benchmark run as a refused claim), 1 in 5.6 million at 48.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(wall_time))
-    return f"workflow-{stamp}-{_RANDOM.getrandbits(32):08x}"
+    return f"workflow-{stamp}-{_RANDOM.getrandbits(48):012x}"
 
 
 def validate_workflow_id(value: object) -> str:
