@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -135,7 +136,22 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+QUIET_CPU_PERCENT = 20.0  # the whole machine's, over half a second
+SETTLE_LIMIT = 20.0  # seconds: a machine never this quiet is measured as it is
+
+
 def settle() -> None:
-    """Collect garbage twice so earlier figures' cycles do not land in this one's numbers."""
+    """Start each figure on a quiet machine: garbage collected twice, the previous
+    figure's files written back (``sync``) and the CPUs idle again.
+
+    Without the last two, the kernel's writeback and block discards of the previous
+    figure's tens of thousands of files took a core from the next one: the same FileStore
+    case measured 8.5k then 17k transitions/s in one process, its loop thread on a CPU
+    48 % then 87 % of the time.
+    """
     gc.collect()
     gc.collect()
+    os.sync()
+    deadline = time.monotonic() + SETTLE_LIMIT
+    while psutil.cpu_percent(interval=0.5) > QUIET_CPU_PERCENT and time.monotonic() < deadline:
+        pass

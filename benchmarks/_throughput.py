@@ -35,6 +35,7 @@ class RuntimeRun:
     save_p99_ms: float
     lag_p99_ms: float
     lag_max_ms: float
+    loop_cpu: float  # the loop thread's CPU time over the wall time: < 1 means it waited
 
 
 def _store(kind: str) -> Store | None:
@@ -49,11 +50,12 @@ async def run_runtime_case(plan: Plan, kind: str, count: int) -> RuntimeRun:
         _require_store(rt, kind)
         saves = FutureTimer(rt.store, "save_nowait")
         async with lag_monitor() as lag:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             await run_many(rt, FLOW, count)
             seconds = time.perf_counter() - started
+            cpu = time.thread_time() - cpu
     return RuntimeRun(seconds, count * STAGES / seconds, saves.p50_ms(), saves.p99_ms(),
-                      lag.p99_ms(), lag.max_ms())
+                      lag.p99_ms(), lag.max_ms(), cpu / seconds)
 
 
 def _require_store(rt: Runtime, kind: str) -> None:
