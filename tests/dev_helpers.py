@@ -7,6 +7,7 @@ Import the fixtures into a test module by name (they are kept out of ``conftest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -96,11 +97,17 @@ def commits_on_top(bare: Path, branch: str, base: str) -> list[str]:
 
 
 def workflow_ids(repo: Path) -> list[str]:
-    """The IDs of the workflows stored under ``repo`` (one directory each)."""
+    """The IDs of the workflows stored under ``repo``: a directory each, or, before their
+    first state file is written, records in a journal (one JSON document per line)."""
     states = repo / ".github" / "workflow-states"
     if not states.is_dir():
         return []
-    return sorted(p.name for p in states.iterdir() if p.name.startswith("workflow-"))
+    found = {p.name for p in states.iterdir() if p.name.startswith("workflow-")}
+    for journal in (states / "_journal").glob("journal-*.log"):
+        for line in journal.read_bytes().splitlines():
+            with contextlib.suppress(ValueError):  # a torn last line
+                found.add(json.loads(line)["state"]["workflow_id"])
+    return sorted(found)
 
 
 def read_state(repo: Path, workflow_id: str) -> dict[str, Any]:

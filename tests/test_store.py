@@ -364,8 +364,14 @@ class TestClaims:
         claims = await asyncio.gather(*(store.claim(w) for w in ids))
         assert jobs == [200]
         assert sorted(c.workflow_id for c in claims) == sorted(ids)
-        assert all((tmp_path / "states" / w / "lock").exists() for w in ids)
+        # Held for real: a second store (its own descriptors, as another process) is refused.
+        other = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        assert await other.claim_many(ids) == ([], ids)
         for claim in claims:
+            claim.release()
+        freed, refused = await other.claim_many(ids)
+        assert len(freed) == 200 and refused == []
+        for claim in freed:
             claim.release()
 
     async def test_a_cancelled_claimer_gives_its_lock_back(self, tmp_path: Path) -> None:
@@ -395,10 +401,10 @@ class TestClaims:
             claim = await store.claim(WID)
             claim.release()
 
-        lock = tmp_path / "states" / WID / "lock"
-        with pytest.raises(WorkflowLockedError, match=f"its lock {lock} is held"):
+        claims = tmp_path / "states" / "_claims.lock"
+        with pytest.raises(WorkflowLockedError, match=f"its lock in {claims} is held"):
             asyncio.run(claim_here())
-        kill(child)  # the kernel drops a dead process's flock
+        kill(child)  # the kernel drops a dead process's locks
         asyncio.run(claim_here())
 
     async def test_claim_many_splits_free_from_held(self, tmp_path: Path) -> None:
@@ -429,7 +435,8 @@ class TestPermissions:
         checkpoints = tmp_path / ".github/workflow-checkpoints"
         for directory in (states_dir(tmp_path), workflow_dir, checkpoints, journal_dir):
             assert _mode(directory) == 0o700, directory
-        files = [workflow_dir / "state.json", workflow_dir / "lock", *checkpoints.iterdir()]
+        files = [workflow_dir / "state.json", states_dir(tmp_path) / "_claims.lock",
+                 *checkpoints.iterdir()]
         assert len(files) == 2 + len(CRASH_FLOW.stages) + 1  # every stage, then "final"
         for path in files:
             assert _mode(path) == 0o600, path
@@ -559,10 +566,15 @@ class TestDamagedStateFile:
 
     def test_claimed_but_never_saved_is_not_found_and_not_listed(
             self, tmp_path: Path) -> None:
-        """A directory holding only a lock (the process died before its first save) is
+        """A claim followed by no save leaves nothing behind; a directory holding only a
+        lock file (left by an earlier version whose process died before its first save) is
         neither corrupted nor resumable: load says so, list_states skips it."""
         store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
         asyncio.run(store.claim(WID)).release()
+        with pytest.raises(WorkflowNotFoundError, match=f"no workflow {WID} under"):
+            _load(store)
+        (tmp_path / "states" / WID).mkdir(mode=0o700)
+        (tmp_path / "states" / WID / "lock").touch(mode=0o600)
         with pytest.raises(WorkflowNotFoundError, match="claimed but never saved"):
             _load(store)
         assert asyncio.run(store.list_states()) == []
