@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._store import make_private_directory
+from ._writer import make_private_directory
 
 __all__ = ["LOGGER_NAME", "DailyFileHandler", "configure_logging", "current_workflow_id",
            "logger", "redact_secrets", "register_secret", "shutdown_logging",

@@ -50,6 +50,7 @@ from ._errors import (
     classify,
 )
 from ._ids import validate_workflow_id
+from ._logging import logger
 from ._writer import load_syncfs, make_private_directory, write_file
 from ._writer_link import WriterLink, WriterStartError
 
@@ -64,6 +65,8 @@ JOURNAL_LIMIT = 256 * 1024 * 1024  # past this, appends move to a fresh journal
 # stage that ends sooner is recorded by its completion alone, so most stages of a busy
 # runtime cost one encoded state, not two. Long stages still show up as started.
 INFORMATIONAL_DELAY = 0.05
+# A writer process that dies is replaced this many times per store; then writes fail.
+WRITER_RESTARTS = 3
 
 
 _NO_STAGES: frozenset[str] = frozenset()  # most writes want no checkpoint file
@@ -284,9 +287,14 @@ class _Batch:
 
 @dataclass(slots=True)
 class _Sent:
-    sequence: int
+    message: tuple[Any, ...]  # kept until acknowledged: a restarted writer gets it again
     waiters: list[tuple[str, asyncio.Future[None]]]
     workflow_ids: Iterable[str]
+
+    @property
+    def sequence(self) -> int:
+        sequence: int = self.message[1]
+        return sequence
 
 
 class FileStore:
@@ -321,6 +329,8 @@ class FileStore:
         self._flushes: dict[int, asyncio.Future[None]] = {}
         self._unflushed = False  # sent writes whose state files may not be written yet
         self._broken: BaseException | None = None  # why the writer stopped, if it did
+        self._restarting: asyncio.Task[None] | None = None
+        self._restarts = 0
         self._claimed: set[str] = set()
         self._deferred: dict[str, tuple[float, Snapshot]] = {}  # informational, held back
         self._deferred_order: collections.deque[tuple[float, str]] = collections.deque()
@@ -344,11 +354,16 @@ class FileStore:
     async def open(self) -> None:
         if self._link is not None:
             return
-        await asyncio.to_thread(self._prepare_journal_directory)
         self._loop = asyncio.get_running_loop()
         self._broken = None
+        self._restarts = 0
+        self._link = await self._start_writer()
+
+    async def _start_writer(self) -> WriterLink:
+        """Replay journals whose writer died, then start this store's writer."""
+        await asyncio.to_thread(self._prepare_journal_directory)
         try:
-            self._link = await WriterLink.start(
+            return await WriterLink.start(
                 [str(self.journal_directory), str(self.state_directory),
                  str(self.checkpoint_directory), "1" if self.durable else "0",
                  str(self._journal_limit)],
@@ -363,6 +378,9 @@ class FileStore:
         if self._deferred_timer is not None:
             self._deferred_timer.cancel()
         self._promote_deferred(everything=True)
+        if self._restarting is not None:
+            await asyncio.shield(self._restarting)
+            link = self._link or link
         if self._pending.scheduled:
             self._send_pending()
         try:
@@ -376,6 +394,11 @@ class FileStore:
             raise _storage_error(Path(link.journal_path), OSError(
                 errno.EIO, f"the writer process ended with status {status}; the journal "
                            "is replayed when the store opens next"))
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's ID while the store is open (for diagnostics and tests)."""
+        return self._link.process.pid if self._link is not None else None
 
     @property
     def journal_path(self) -> str:
@@ -502,6 +525,8 @@ class FileStore:
             self._loop.call_soon(self._send_pending)
 
     def _send_pending(self) -> None:
+        if self._restarting is not None:
+            return  # still pending and scheduled: sent once the writer is back
         batch, self._pending = self._pending, _Batch()
         if not batch.scheduled:
             return  # close() sent it already
@@ -518,9 +543,10 @@ class FileStore:
             items.append((workflow_id, document, state_path, checkpoints))
         appends = [(str(path), documents) for path, documents in batch.appends.items()]
         self._sequence += 1
-        self._sent.append(_Sent(self._sequence, batch.waiters, batch.writes.keys()))
+        sent = _Sent(("W", self._sequence, items, appends), batch.waiters, batch.writes.keys())
+        self._sent.append(sent)
         self._unflushed = True
-        self._link.send(("W", self._sequence, items, appends))
+        self._link.send(sent.message)
 
     def _received(self, message: tuple[Any, ...]) -> None:
         """A frame from the writer process (see ``_writer.py`` for what each says)."""
@@ -549,11 +575,44 @@ class FileStore:
         link = self._link
         if link is None or (link.finishing and not self._sent and not self._flushes):
             return
+        if link.finishing or self._restarts >= WRITER_RESTARTS:
+            self._fail_everything_sent(link, None)
+            return
+        self._restarts += 1
+        self._restarting = asyncio.ensure_future(self._restart_writer(link))
+
+    async def _restart_writer(self, dead: WriterLink) -> None:
+        """Start a new writer and send it every batch the dead one did not acknowledge.
+
+        Records are whole states with revisions, so one written twice (durable in the dead
+        writer's journal, unacknowledged, sent again) is harmless; its journal is replayed
+        into state files first, once the kernel has freed its lock.
+        """
+        status = await dead.wait_closed()
+        logger.warning("The state writer process %d stopped (status %d); restarting it "
+                       "and sending it the %d batches it had not made durable",
+                       dead.process.pid, status, len(self._sent))
+        try:
+            link = await self._start_writer()
+        except Exception as error:
+            self._restarting = None
+            self._fail_everything_sent(dead, error)
+            return
+        self._link, self._restarting = link, None
+        for sent in self._sent:
+            link.send(sent.message)
+        for sequence in self._flushes:
+            link.send(("F", sequence))
+        if self._pending.scheduled:
+            self._send_pending()
+
+    def _fail_everything_sent(self, link: WriterLink, cause: BaseException | None) -> None:
         pid = link.process.pid
+        because = f": {cause}" if cause is not None else ""
         self._broken = _storage_error(Path(link.journal_path), OSError(
-            errno.EIO, f"the writer process {pid} stopped unexpectedly; writes it had not "
-                       "acknowledged are not durable (the journal is replayed when the "
-                       "store opens next, and resuming the workflows continues them)"))
+            errno.EIO, f"the writer process {pid} stopped unexpectedly{because}; writes it "
+                       "had not acknowledged are not durable (the journal is replayed when "
+                       "the store opens next, and resuming the workflows continues them)"))
         while self._sent:
             sent = self._sent.popleft()
             _resolve(sent.waiters, dict.fromkeys(sent.workflow_ids, self._broken))
@@ -561,6 +620,8 @@ class FileStore:
             if not flushed.done():
                 flushed.set_exception(self._broken)
         self._flushes.clear()
+        if self._pending.scheduled:
+            self._send_pending()  # fails those too, with the same error
 
     async def _flush_state_files(self) -> None:
         """Have the writer write every state only its journal holds, before a read."""

@@ -1,0 +1,146 @@
+"""FileStore's writer process: killed while writes are in flight, killed with its parent,
+unable to start, and the reads that must see what only its journal holds.
+
+Everything here uses the real writer (a child process fed through a pipe) and real
+signals; nothing is mocked except, in one test, the directory preparation that would
+otherwise stop the failure before the writer sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+from test_store import OTHER, WID, children, kill, start_child, wait_for_line
+
+from reliability import FileStore
+from reliability._store import WRITER_RESTARTS
+
+__all__ = ["children"]  # the fixture, imported for the tests below
+
+IDS = [f"workflow-20240115-142315-{n:04x}" for n in range(40)]
+
+
+def _state(workflow_id: str, revision: int) -> dict[str, object]:
+    return {"workflow_id": workflow_id, "revision": revision, "status": "running"}
+
+
+async def _save_rounds(store: FileStore, rounds: range, stage: str | None = None) -> None:
+    """Each workflow of IDS saves revision r for every r in ``rounds``, all concurrently."""
+    for revision in rounds:
+        await asyncio.gather(*(store.save(w, lambda w=w, r=revision: _state(w, r),
+                                          checkpoint_stage=stage) for w in IDS))
+
+
+def _kill_writer(store: FileStore) -> int:
+    pid = store.writer_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+class TestWriterKilled:
+    async def test_a_killed_writer_is_replaced_and_no_write_is_lost(
+            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """SIGKILL the writer with saves in flight: every save still completes (a new writer
+        gets the batches the dead one never acknowledged), and after close every workflow's
+        state file holds its last revision."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            await _save_rounds(store, range(1, 4))
+            in_flight = asyncio.gather(*(store.save(w, lambda w=w: _state(w, 4)) for w in IDS))
+            await asyncio.sleep(0)  # queued and sent, not yet acknowledged
+            dead = _kill_writer(store)
+            await in_flight
+            await _save_rounds(store, range(5, 8), stage="s7")
+            assert store.writer_pid not in (None, dead)
+        finally:
+            await store.close()
+        assert f"The state writer process {dead} stopped" in caplog.text
+        reopened = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        revisions = {w: (await reopened.load(w)).state["revision"] for w in IDS}
+        assert revisions == dict.fromkeys(IDS, 7)
+        assert not list((tmp_path / "states" / "_journal").glob("journal-*.log"))
+
+    async def test_a_writer_that_keeps_dying_fails_writes_with_one_clear_error(
+            self, tmp_path: Path) -> None:
+        """Past WRITER_RESTARTS replacements, a save fails with an OSError that names the
+        journal and says what happens to the writes; what was durable before stays."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            await store.save(WID, lambda: _state(WID, 1), checkpoint_stage="s1")
+            for _ in range(WRITER_RESTARTS):
+                _kill_writer(store)
+                await store.save(OTHER, lambda: _state(OTHER, 1))  # replaced each time
+            journal = store.journal_path
+            _kill_writer(store)
+            with pytest.raises(OSError, match="stopped unexpectedly") as failure:
+                await store.save(WID, lambda: _state(WID, 2))
+            assert journal in str(failure.value)
+            assert "resuming the workflows continues them" in str(failure.value)
+        finally:
+            await store.close()
+        reopened = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        assert (await reopened.load(WID)).state["revision"] == 1
+
+    def test_the_writer_dies_with_its_parent_and_its_journal_is_replayed(
+            self, tmp_path: Path, children: list[subprocess.Popen[str]]) -> None:
+        """SIGKILL the process that owns a store: the kernel kills its writer too, so the
+        journal's lock drops and the next store replays the record only it held."""
+        child = start_child("journal", str(tmp_path), WID)
+        children.append(child)
+        wait_for_line(child, "saved")
+        (writer,) = psutil.Process(child.pid).children()
+        assert "_writer.py" in " ".join(writer.cmdline())
+        kill(child)
+        gone, alive = psutil.wait_procs([writer], timeout=10)
+        assert gone and not alive, "the writer outlived its parent"
+
+        async def replayed() -> int:
+            store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+            await store.open()
+            await store.close()
+            return store.replayed_workflows
+
+        assert asyncio.run(replayed()) == 1
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        assert asyncio.run(store.load(WID)).state["revision"] == 1
+
+
+class TestWriterStart:
+    async def test_a_writer_that_cannot_open_its_journal_is_one_clear_error(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The journal directory vanished before the writer started: open() raises an
+        OSError naming the directory and the cause, and no writer is left running."""
+        monkeypatch.setattr(FileStore, "_prepare_journal_directory", lambda self: None)
+        store = FileStore(tmp_path / "missing" / "states", tmp_path / "checkpoints")
+        with pytest.raises(OSError, match="No such file or directory") as failure:
+            await store.open()
+        assert str(tmp_path / "missing" / "states" / "_journal") in str(failure.value)
+        assert store.writer_pid is None
+        assert not psutil.Process().children()
+
+
+class TestReads:
+    async def test_a_read_sees_a_state_only_the_journal_holds(self, tmp_path: Path) -> None:
+        """A save with no checkpoint reaches only the journal; load and list_states in the
+        same process still return it (the writer writes the state files first)."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            await store.save(WID, lambda: _state(WID, 1), checkpoint_stage="s1")
+            await store.save(WID, lambda: _state(WID, 2))
+            loaded = await store.load(WID)
+            listed = await store.list_states({"running"})
+        finally:
+            await store.close()
+        assert loaded.state["revision"] == 2
+        assert loaded.source == str(store.state_path(WID))
+        assert [s.state["revision"] for s in listed] == [2]
