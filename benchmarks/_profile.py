@@ -1,6 +1,6 @@
 """``python -m benchmarks profile``: cProfile of the throughput case, top functions by tottime.
 
-cProfile sees the event loop's thread only; the store's writer thread shows up as the
+cProfile sees the event loop's thread only; the store's writer process shows up as the
 time the loop spends waiting for its batches (``select``/``_run_once``).
 """
 

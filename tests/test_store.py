@@ -401,7 +401,8 @@ class TestClaims:
             claim = await store.claim(WID)
             claim.release()
 
-        claims = tmp_path / "states" / "_claims.lock"
+        claims = FileStore(tmp_path / "states", tmp_path / "checkpoints").claims_path(WID)
+        assert claims.parent == tmp_path / "states" / "_claims"
         with pytest.raises(WorkflowLockedError, match=f"its lock in {claims} is held"):
             asyncio.run(claim_here())
         kill(child)  # the kernel drops a dead process's locks
@@ -435,8 +436,9 @@ class TestPermissions:
         checkpoints = tmp_path / ".github/workflow-checkpoints"
         for directory in (states_dir(tmp_path), workflow_dir, checkpoints, journal_dir):
             assert _mode(directory) == 0o700, directory
-        files = [workflow_dir / "state.json", states_dir(tmp_path) / "_claims.lock",
-                 *checkpoints.iterdir()]
+        claims = states_dir(tmp_path) / "_claims"
+        assert _mode(claims) == 0o700
+        files = [workflow_dir / "state.json", *claims.iterdir(), *checkpoints.iterdir()]
         assert len(files) == 2 + len(CRASH_FLOW.stages) + 1  # every stage, then "final"
         for path in files:
             assert _mode(path) == 0o600, path
