@@ -36,6 +36,7 @@ import fcntl
 import gzip
 import marshal
 import os
+import signal
 import struct
 import sys
 import threading
@@ -359,6 +360,7 @@ def _write_group(writer: Writer, channel: _Channel, group: list[tuple[Any, ...]]
 def main(argv: list[str]) -> int:
     parent_pid, journal_directory, state_directory, checkpoint_directory, durable, limit = argv
     _die_with_parent(int(parent_pid))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     writer = Writer(int(parent_pid), journal_directory, state_directory, checkpoint_directory,
                     durable == "1", int(limit))
     channel = _Channel()

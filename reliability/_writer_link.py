@@ -83,7 +83,11 @@ class WriterLink:
         # Blocking for the fork and exec only (~1 ms), once per store.
         process = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-I", "-S", _WRITER_SCRIPT, str(os.getpid()), *arguments],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            # A session of its own: a terminal's Ctrl-C (SIGINT to the whole foreground
+            # group) is for the runtime, which then still needs its writer to save the
+            # interrupted states. It ends when its input does, or with its parent.
+            start_new_session=True)
         assert process.stdin is not None and process.stdout is not None
         with contextlib.suppress(OSError):
             fcntl.fcntl(process.stdin.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)

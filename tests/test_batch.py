@@ -89,22 +89,35 @@ def _wait_for_effects(root: Path, process: subprocess.Popen[bytes], count: int) 
     pytest.fail(f"batch ended or hung before {count} side effects (rc={process.poll()})")
 
 
-def test_ctrl_c_then_resume_all_finishes_every_workflow_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-process", "to-process-group"])
+def test_ctrl_c_then_resume_all_finishes_every_workflow_once(
+        tmp_path: Path, to_group: bool) -> None:
     """50 prompts, concurrency 10, two SIGINTs mid-batch: exit 130, then resume --all
-    completes all 50, and no stage's side effect happened more than twice."""
+    completes all 50, and no stage's side effect happened more than twice. Sent to the
+    whole process group too, as a terminal's Ctrl-C is: the store's writer process must
+    not die of it while the batch saves its interrupted states."""
     make_prompts(tmp_path / "prompts", 50)
     report = tmp_path / "report.json"
     with open(tmp_path / "batch.out", "wb") as out, open(tmp_path / "batch.err", "wb") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "reliability", "batch", str(tmp_path / "prompts"),
              "--definition", DEFINITION, "--concurrency", "10", "--report", str(report),
-             "--project-root", str(tmp_path)], cwd=REPO, env=_env(), stdout=out, stderr=err)
+             "--project-root", str(tmp_path)], cwd=REPO, env=_env(), stdout=out, stderr=err,
+            start_new_session=to_group)  # its own group, so the test's is not signalled
+
+        def ctrl_c() -> None:
+            if to_group:
+                os.killpg(process.pid, signal.SIGINT)
+            else:
+                process.send_signal(signal.SIGINT)
+
         try:
             _wait_for_effects(tmp_path, process, 25)
-            process.send_signal(signal.SIGINT)
+            ctrl_c()
             time.sleep(0.05)
-            process.send_signal(signal.SIGINT)  # a second Ctrl-C must not corrupt anything
+            ctrl_c()  # a second Ctrl-C must not corrupt anything
             assert process.wait(timeout=60) == 130, (tmp_path / "batch.err").read_text()
+            assert "Traceback" not in (tmp_path / "batch.err").read_text()
         finally:
             if process.poll() is None:
                 process.kill()
