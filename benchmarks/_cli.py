@@ -248,7 +248,8 @@ def _case(argv: Sequence[str]) -> int:
             print(f"{args.store} {args.workflows} workflows: {result.rate:,.0f} transitions/s, "
                   f"checkpoint p50 {result.save_p50_ms:.1f} ms p99 {result.save_p99_ms:.1f} ms, "
                   f"loop lag p99 {result.lag_p99_ms:.1f} ms max {result.lag_max_ms:.1f} ms, "
-                  f"loop thread on CPU {result.loop_cpu:.0%}",
+                  f"loop thread on CPU {result.loop_cpu:.0%}, "
+                  f"close {result.close_seconds:.1f} s",
                   flush=True)
     return 0
 
