@@ -16,13 +16,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ._measure import settle
+from ._measure import median, settle
 from ._plan import Plan
 from ._results import Figure, Target
 from ._throughput import run_runtime_case
 from ._workloads import STAGES
 
 __all__ = ["dbos_version", "measure_peer"]
+
+OUR_RUNS = 3
 
 
 def dbos_version() -> str | None:
@@ -69,10 +71,15 @@ def measure_peer(plan: Plan) -> Figure:
     count = plan.peer_workflows
     figure = Figure("peer", f"Peer: {count} workflows x {STAGES} steps, this runtime "
                             "(FileStore) vs DBOS on SQLite, same run")
-    settle()
-    ours = asyncio.run(run_runtime_case(plan, "file", count))
-    figure.row("ours", "this runtime + FileStore").add("rate", ours.rate, "/s",
-                                                       higher_is_better=True)
+    # Ours takes ~0.2 s, where one slow fdatasync moves the rate by a third; DBOS's run
+    # takes seconds and averages such moments out. So ours is the median of three.
+    rates = []
+    for _ in range(OUR_RUNS):
+        settle()
+        rates.append(asyncio.run(run_runtime_case(plan, "file", count)).rate)
+    ours = median(rates)
+    figure.row("ours", f"this runtime + FileStore (median of {OUR_RUNS} runs)").add(
+        "rate", ours, "/s", higher_is_better=True)
     dbos = _load_dbos()
     if isinstance(dbos, str):
         figure.row("dbos", "DBOS on SQLite").skipped = dbos
@@ -85,7 +92,7 @@ def measure_peer(plan: Plan) -> Figure:
         "rate", rate, "/s", higher_is_better=True).add("wall", seconds, "s")
     figure.row("ratio", "this runtime / DBOS", targets=(Target("ratio", ">=", 40.0,
                                                                 ">= 40x"),)).add(
-        "ratio", ours.rate / rate, "x", higher_is_better=True)
+        "ratio", ours / rate, "x", higher_is_better=True)
     figure.notes.append("DBOS's SQLite pool has 20 connections; far above that many concurrent "
                         "workflows it waits on pool timeouts (30 s), so the default stays "
                         "at 200 (--peer-workflows to change)")
