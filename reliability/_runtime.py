@@ -1,6 +1,6 @@
 """The runtime: services shared by every workflow in one event loop, and the entry points.
 
-One ``Runtime`` owns the store (and its single writer thread), the circuit breakers, the
+One ``Runtime`` owns the store (and its single writer process), the circuit breakers, the
 health sampler, shared objects such as HTTP clients, and the table of live workflows.
 ``run_workflow`` and ``resume_workflow`` are one-workflow conveniences around it.
 """
