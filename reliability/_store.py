@@ -51,7 +51,7 @@ from ._errors import (
 )
 from ._ids import validate_workflow_id
 from ._logging import logger
-from ._writer import load_syncfs, make_private_directory, write_file
+from ._writer import encode_frame, load_syncfs, make_private_directory, write_file
 from ._writer_link import WriterLink, WriterStartError
 
 __all__ = ["SCHEMA_VERSION", "Claim", "FileStore", "LoadedState", "MemoryStore", "Store",
@@ -292,14 +292,13 @@ class _Batch:
 
 @dataclass(slots=True)
 class _Sent:
-    message: tuple[Any, ...]  # kept until acknowledged: a restarted writer gets it again
+    sequence: int
+    # Encoded, kept until acknowledged so a restarted writer gets it again. Bytes and a
+    # tuple of strings, not the message's lists of tuples: the garbage collector would
+    # walk those again and again while thousands of batches wait for their sync.
+    frame: bytes
     waiters: list[tuple[str, asyncio.Future[None]]]
-    workflow_ids: Iterable[str]
-
-    @property
-    def sequence(self) -> int:
-        sequence: int = self.message[1]
-        return sequence
+    workflow_ids: tuple[str, ...]
 
 
 class FileStore:
@@ -331,6 +330,9 @@ class FileStore:
         self._pending = _Batch()
         self._sequence = 0
         self._sent: collections.deque[_Sent] = collections.deque()
+        self._to_wake: collections.deque[tuple[str, asyncio.Future[None]]] = (
+            collections.deque())
+        self._wake_scheduled = False
         self._flushes: dict[int, asyncio.Future[None]] = {}
         self._unflushed = False  # sent writes whose state files may not be written yet
         self._broken: BaseException | None = None  # why the writer stopped, if it did
@@ -548,19 +550,23 @@ class FileStore:
             items.append((workflow_id, document, state_path, checkpoints))
         appends = [(str(path), documents) for path, documents in batch.appends.items()]
         self._sequence += 1
-        sent = _Sent(("W", self._sequence, items, appends), batch.waiters, batch.writes.keys())
+        sent = _Sent(self._sequence, encode_frame(("W", self._sequence, items, appends)),
+                     batch.waiters, tuple(batch.writes))
         self._sent.append(sent)
         self._unflushed = True
-        self._link.send(sent.message)
+        self._link.send_frame(sent.frame)
 
     def _received(self, message: tuple[Any, ...]) -> None:
         """A frame from the writer process (see ``_writer.py`` for what each says)."""
         kind = message[0]
         if kind == "A":
             while self._sent and self._sent[0].sequence <= message[1]:
-                assert self._loop is not None
-                _wake_in_chunks(self._loop, self._sent.popleft().waiters)
+                self._to_wake.extend(self._sent.popleft().waiters)
                 self.batches_written += 1
+            if not self._wake_scheduled:
+                self._wake_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._wake_some)
         elif kind == "E":
             _, _, last, number, path, text = message
             error = _storage_error(Path(path), OSError(number, text))
@@ -574,6 +580,21 @@ class FileStore:
         elif kind == "S":
             self.files_written += message[1]
             self.materialize_errors.extend(message[2])
+
+    def _wake_some(self) -> None:
+        """Wake WAKE_CHUNK durable waiters this iteration, the rest in the next ones: one
+        queue for the whole store, so acknowledgements of several batches arriving
+        together never wake more than one chunk per iteration."""
+        to_wake = self._to_wake
+        for _ in range(min(WAKE_CHUNK, len(to_wake))):
+            _, waiter = to_wake.popleft()
+            if not waiter.done():  # its task was cancelled; the write happened all the same
+                waiter.set_result(None)
+        if to_wake:
+            assert self._loop is not None
+            self._loop.call_soon(self._wake_some)
+        else:
+            self._wake_scheduled = False
 
     def _writer_ended(self) -> None:
         """Its output ended: after close() that is the end; otherwise it died."""
@@ -605,7 +626,7 @@ class FileStore:
             return
         self._link, self._restarting = link, None
         for sent in self._sent:
-            link.send(sent.message)
+            link.send_frame(sent.frame)
         for sequence in self._flushes:
             link.send(("F", sequence))
         if self._pending.scheduled:
@@ -912,13 +933,6 @@ def _resolve(waiters: list[tuple[str, asyncio.Future[None]]],
 # runs on to its next stage boundary (~5-10 us): 256 keep an iteration near 2 ms, where
 # waking a 3,000-save batch at once held the loop for 20-30 ms.
 WAKE_CHUNK = 256
-
-
-def _wake_in_chunks(loop: asyncio.AbstractEventLoop,
-                    waiters: list[tuple[str, asyncio.Future[None]]]) -> None:
-    _resolve(waiters[:WAKE_CHUNK], {})
-    if len(waiters) > WAKE_CHUNK:
-        loop.call_soon(_wake_in_chunks, loop, waiters[WAKE_CHUNK:])
 
 
 def _storage_error(path: Path, error: OSError) -> BaseException:

@@ -109,9 +109,12 @@ class WriterLink:
         return link
 
     def send(self, message: Message) -> None:
+        self.send_frame(encode_frame(message))
+
+    def send_frame(self, frame: bytes) -> None:
         assert self._transport is not None
         if not self._transport.is_closing():
-            self._transport.write(encode_frame(message))
+            self._transport.write(frame)
 
     @property
     def alive(self) -> bool:
