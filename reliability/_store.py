@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -51,7 +50,13 @@ from ._errors import (
 )
 from ._ids import validate_workflow_id
 from ._logging import logger
-from ._writer import encode_frame, load_syncfs, make_private_directory, write_file
+from ._writer import (
+    encode_frame,
+    load_syncfs,
+    make_private_directory,
+    sync_filesystem,
+    write_file,
+)
 from ._writer_link import WriterLink, WriterStartError
 
 __all__ = ["SCHEMA_VERSION", "Claim", "FileStore", "LoadedState", "MemoryStore", "Store",
@@ -707,22 +712,7 @@ class FileStore:
         write_file(str(path), document, self._temporary_suffix, self._fsync_each)
 
     def _sync_filesystem(self) -> None:
-        if _SYNCFS is not None:
-            fd = os.open(self.state_directory, os.O_RDONLY)
-            try:
-                if _SYNCFS(fd) != 0:
-                    number = ctypes.get_errno()
-                    raise OSError(number, os.strerror(number), str(self.state_directory))
-            finally:
-                os.close(fd)
-            return
-        # Without syncfs each file was fsynced as written; the directories remain.
-        for directory in (self.state_directory, self.checkpoint_directory):
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        sync_filesystem(_SYNCFS, str(self.state_directory), str(self.checkpoint_directory))
 
     # --- reads
 

@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 __all__ = ["FRAME_HEADER", "encode_frame", "load_syncfs", "make_private_directory",
-           "write_file"]
+           "sync_filesystem", "write_file"]
 
 FRAME_HEADER = struct.Struct("<I")
 _READ_SIZE = 1 << 20
@@ -99,6 +99,27 @@ def load_syncfs() -> Callable[[int], int] | None:
     except (OSError, AttributeError):
         return None
     return function
+
+
+def sync_filesystem(syncfs: Callable[[int], int] | None, state_directory: str,
+                    checkpoint_directory: str) -> None:
+    """Make every file written so far durable: one ``syncfs`` of the state directory's
+    file system, or, without it (each file was fsynced as written), the directories."""
+    if syncfs is not None:
+        fd = os.open(state_directory, os.O_RDONLY)
+        try:
+            if syncfs(fd) != 0:
+                number = ctypes.get_errno()
+                raise OSError(number, os.strerror(number), state_directory)
+        finally:
+            os.close(fd)
+        return
+    for directory in (state_directory, checkpoint_directory):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class Writer:
@@ -249,22 +270,7 @@ class Writer:
             self._made_dirs.add(directory)
 
     def _sync_filesystem(self) -> None:
-        if self.syncfs is not None:
-            fd = os.open(self.state_directory, os.O_RDONLY)
-            try:
-                if self.syncfs(fd) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, os.strerror(errno), self.state_directory)
-            finally:
-                os.close(fd)
-            return
-        # Without syncfs each file was fsynced as written; the directories remain.
-        for directory in (self.state_directory, self.checkpoint_directory):
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        sync_filesystem(self.syncfs, self.state_directory, self.checkpoint_directory)
 
 
 def _yield_the_cpu() -> None:

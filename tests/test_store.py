@@ -76,6 +76,19 @@ def children() -> Iterator[list[subprocess.Popen[str]]]:
             child.communicate()
 
 
+def replayed_on_open(root: Path) -> int:
+    """How many workflows a store opening (and closing) under ``root`` replays from
+    journals whose process died."""
+
+    async def reopen() -> int:
+        store = FileStore(root / "states", root / "checkpoints")
+        await store.open()
+        await store.close()
+        return store.replayed_workflows
+
+    return asyncio.run(reopen())
+
+
 def journal_documents(journal: Path) -> dict[str, dict[str, Any]]:
     """The newest valid state per workflow in a journal file."""
     newest: dict[str, dict[str, Any]] = {}
@@ -277,17 +290,11 @@ class TestJournalReplay:
         journal_dir = tmp_path / "states" / "_journal"
         (live,) = journal_dir.glob("journal-*.log")
 
-        async def reopen() -> int:
-            store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
-            await store.open()
-            await store.close()
-            return store.replayed_workflows
-
-        assert asyncio.run(reopen()) == 0
+        assert replayed_on_open(tmp_path) == 0
         assert live.exists()
         assert not (tmp_path / "states" / WID / "state.json").exists()
         kill(child)
-        assert asyncio.run(reopen()) == 1
+        assert replayed_on_open(tmp_path) == 1
         assert not live.exists()
         assert state_of(tmp_path / "states" / WID / "state.json")["revision"] == 1
 
@@ -304,7 +311,7 @@ class TestJournalReplay:
             await store.open()
             await store.close()
 
-        asyncio.run(reopen())
+        replayed_on_open(tmp_path)
         assert state_of(tmp_path / "states" / WID / "state.json")["revision"] == 1
 
     def test_replay_never_goes_back_to_an_older_revision(self, tmp_path: Path) -> None:
@@ -318,13 +325,7 @@ class TestJournalReplay:
         (journal_dir / "journal-1-dead.log").write_bytes(encode_document(
             {"workflow_id": WID, "revision": 4, "status": "running"}))
 
-        async def reopen() -> int:
-            store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
-            await store.open()
-            await store.close()
-            return store.replayed_workflows
-
-        assert asyncio.run(reopen()) == 0
+        assert replayed_on_open(tmp_path) == 0
         assert state_of(directory / "state.json")["revision"] == 5
 
 

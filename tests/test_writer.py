@@ -16,7 +16,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_store import OTHER, WID, children, kill, start_child, wait_for_line
+from test_store import (
+    OTHER,
+    WID,
+    children,
+    kill,
+    replayed_on_open,
+    start_child,
+    wait_for_line,
+)
 
 from reliability import FileStore
 from reliability._store import WRITER_RESTARTS
@@ -102,14 +110,7 @@ class TestWriterKilled:
         kill(child)
         gone, alive = psutil.wait_procs([writer], timeout=10)
         assert gone and not alive, "the writer outlived its parent"
-
-        async def replayed() -> int:
-            store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
-            await store.open()
-            await store.close()
-            return store.replayed_workflows
-
-        assert asyncio.run(replayed()) == 1
+        assert replayed_on_open(tmp_path) == 1
         store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
         assert asyncio.run(store.load(WID)).state["revision"] == 1
 
