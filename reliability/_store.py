@@ -578,6 +578,9 @@ class FileStore:
             while self._sent and self._sent[0].sequence <= last:
                 sent = self._sent.popleft()
                 _resolve(sent.waiters, dict.fromkeys(sent.workflow_ids, error))
+        elif kind == "J":
+            assert self._link is not None
+            self._link.journal_path = message[1]
         elif kind == "F":
             flushed = self._flushes.pop(message[1], None)
             if flushed is not None and not flushed.done():

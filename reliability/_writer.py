@@ -19,7 +19,8 @@ parent -> writer
 writer -> parent
     ``("R", journal_path)`` ready; ``("X", errno, path, message)`` could not start;
     ``("A", seq)`` every write up to ``seq`` is durable; ``("E", first, last, errno,
-    path, message)`` writes ``first..last`` failed; ``("F", seq)`` flushed;
+    path, message)`` writes ``first..last`` failed; ``("J", path)`` appends continue in
+    a fresh journal; ``("F", seq)`` flushed;
     ``("S", files_written, materialize_errors)`` finished.
 
 Journal invariant (as before): every state newer than its ``state.json`` is in a journal
@@ -160,8 +161,10 @@ class Writer:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: "not an orphan"
         self.journal_fd, self.journal_path, self.journal_size = fd, path, 0
 
-    def append(self, data: bytes) -> None:
-        """Append one group of records and sync it: the moment they become durable."""
+    def append(self, data: bytes) -> bool:
+        """Append one group of records and sync it: the moment they become durable.
+
+        True when the journal was full and appends continue in a fresh one."""
         view = memoryview(data)
         try:
             while view:
@@ -181,6 +184,8 @@ class Writer:
             old = self.journal_fd, self.journal_path
             self.start_journal()
             self._materializer.submit(self._retire, *old)
+            return True
+        return False
 
     # --- state files (materializer thread)
 
@@ -353,12 +358,14 @@ def _write_group(writer: Writer, channel: _Channel, group: list[tuple[Any, ...]]
         return
     data = b"".join(document for _, _, items, _ in group for _, document, _, _ in items)
     try:
-        writer.append(data)
+        rotated = writer.append(data)
     except OSError as error:
         channel.send(("E", group[0][1], group[-1][1], error.errno or 0,
                       error.filename or writer.journal_path, error.strerror or str(error)))
         return
     channel.send(("A", group[-1][1]))
+    if rotated:
+        channel.send(("J", writer.journal_path))
     for _, _, items, appends in group:
         writer.hand_off(items, appends)
 

@@ -142,6 +142,25 @@ async def _hold_journal(project_root: Path, workflow_id: str) -> None:
     await asyncio.sleep(3600)
 
 
+async def _rotate(project_root: Path, workflows: int) -> None:
+    """Save revision after revision of ``workflows`` workflows through a store whose
+    journal rotates every 4 KiB, printing each acknowledged one, until killed. Only the
+    first revision asks for state files: the later ones live in journals until a full
+    journal is retired, which is what a kill must not lose."""
+    store = FileStore(project_root / "states", project_root / "checkpoints",
+                      journal_limit=4096)
+    await store.open()
+    ids = [f"workflow-20240115-142315-{n:04x}" for n in range(workflows)]
+    revision = 0
+    while True:
+        revision += 1
+        await asyncio.gather(*(
+            store.save(w, lambda w=w, r=revision: {"workflow_id": w, "revision": r,
+                                                   "status": "running"},
+                       checkpoint_stage="first" if revision == 1 else None) for w in ids))
+        print("acked", revision, flush=True)
+
+
 def serve() -> None:
     """Fork one child per stdin line ``ROOT COUNT SLEEP`` and print its pid.
 
@@ -168,7 +187,7 @@ def serve() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``run ROOT FLOW COUNT SLEEP`` | ``resume ROOT ID...`` | ``claim ROOT ID`` |
-    ``journal ROOT ID`` | ``serve``."""
+    ``journal ROOT ID`` | ``rotate ROOT WORKFLOWS`` | ``serve``."""
     command, *rest = argv if argv is not None else sys.argv[1:]
     if command == "serve":
         serve()
@@ -182,5 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(_hold_claim(project_root, rest[0]))
     elif command == "journal":
         asyncio.run(_hold_journal(project_root, rest[0]))
+    elif command == "rotate":
+        asyncio.run(_rotate(project_root, int(rest[0])))
     else:
         raise SystemExit(f"unknown command {command!r}")

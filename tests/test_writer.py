@@ -145,3 +145,49 @@ class TestReads:
         assert loaded.state["revision"] == 2
         assert loaded.source == str(store.state_path(WID))
         assert [s.state["revision"] for s in listed] == [2]
+
+
+class TestJournalRotation:
+    async def test_rotated_journals_are_deleted_once_their_states_are_in_files(
+            self, tmp_path: Path) -> None:
+        """A 4 KiB journal limit: the writer moves to fresh journals as it goes, deletes
+        each full one only after its states are in state files, and leaves none at close;
+        every state file holds its workflow's last revision."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints", journal_limit=4096)
+        await store.open()
+        journals: set[str] = set()
+        try:
+            for revision in range(1, 31):
+                await asyncio.gather(*(store.save(w, lambda w=w, r=revision: _state(w, r))
+                                       for w in IDS))
+                journals.add(store.journal_path)
+        finally:
+            await store.close()
+        assert len(journals) > 10  # it did rotate, many times
+        assert not list((tmp_path / "states" / "_journal").glob("journal-*.log"))
+        reopened = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        assert {w: (await reopened.load(w)).state["revision"] for w in IDS} == dict.fromkeys(
+            IDS, 30)
+
+    def test_sigkill_while_rotating_loses_no_acknowledged_revision(
+            self, tmp_path: Path, children: list[subprocess.Popen[str]]) -> None:
+        """SIGKILL a process whose journal rotates every 4 KiB: after replay, every
+        workflow's state holds at least the last revision the process saw acknowledged."""
+        child = start_child("rotate", str(tmp_path), "20")
+        children.append(child)
+        acknowledged = 40  # dozens of rotations: 20 states of ~250 bytes fill 4 KiB
+        for revision in range(1, acknowledged + 1):
+            wait_for_line(child, f"acked {revision}")
+        kill(child)
+        ids = [f"workflow-20240115-142315-{n:04x}" for n in range(20)]
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+
+        async def recovered() -> dict[str, int]:
+            await store.open()
+            try:
+                return {w: (await store.load(w)).state["revision"] for w in ids}
+            finally:
+                await store.close()
+
+        revisions = asyncio.run(recovered())
+        assert all(revision >= acknowledged for revision in revisions.values()), revisions
