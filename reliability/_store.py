@@ -51,10 +51,12 @@ from ._errors import (
 from ._ids import validate_workflow_id
 from ._logging import logger
 from ._writer import (
+    SCHEMA_VERSION,
     encode_frame,
     load_syncfs,
     make_private_directory,
     sync_filesystem,
+    wrap_document,
     write_file,
 )
 from ._writer_link import WriterLink, WriterStartError
@@ -63,7 +65,6 @@ __all__ = ["SCHEMA_VERSION", "Claim", "FileStore", "LoadedState", "MemoryStore",
            "decode_document", "encode_document", "make_private_directory"]
 
 Snapshot = Callable[[], dict[str, Any]]
-SCHEMA_VERSION = 1
 MAX_STATE_BYTES = 16 * 1024 * 1024  # a state file larger than this is refused, not parsed
 JOURNAL_LIMIT = 256 * 1024 * 1024  # past this, appends move to a fresh journal
 # An informational write (a stage's start) waits this long before it joins a batch: a
@@ -163,10 +164,7 @@ def _canonical(state: Mapping[str, Any]) -> bytes:
 
 def encode_document(state: Mapping[str, Any]) -> bytes:
     """The on-disk form: schema version, SHA-256 of the canonical state, then the state."""
-    body = _canonical(state)
-    digest = hashlib.sha256(body).hexdigest()
-    return b'{"schema_version":%d,"checksum":"sha256:%s","state":%s}\n' % (
-        SCHEMA_VERSION, digest.encode(), body)
+    return wrap_document(_canonical(state))
 
 
 def decode_document(data: bytes, path: str) -> dict[str, Any]:
@@ -287,7 +285,7 @@ def _newest_per_workflow(path: Path) -> dict[str, tuple[int, bytes]]:
 
 @dataclass(slots=True)
 class _Batch:
-    # workflow ID -> (encoded document, or a snapshot to take at send time; stages whose
+    # workflow ID -> (canonical state, or a snapshot to take at send time; stages whose
     # checkpoint file is wanted): coalesced per workflow, the newest write wins.
     writes: dict[str, tuple[bytes | Snapshot, frozenset[str]]] = field(default_factory=dict)
     appends: dict[Path, list[bytes]] = field(default_factory=dict)
@@ -499,8 +497,9 @@ class FileStore:
     def save_nowait(self, workflow_id: str, snapshot: Snapshot, *,
                     checkpoint_stage: str | None = None) -> asyncio.Future[None]:
         # Encoded now: the cost is spread over the loop's iterations instead of one burst
-        # at send time, and the state cannot move on before it is written.
-        self._queue(workflow_id, encode_document(snapshot()), checkpoint_stage)
+        # at send time, and the state cannot move on before it is written. Canonical JSON
+        # only: the writer process adds the checksum (wrap_document).
+        self._queue(workflow_id, _canonical(snapshot()), checkpoint_stage)
         # A future of its own: cancelling one waiter never disturbs the others in the batch.
         assert self._loop is not None
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -550,7 +549,7 @@ class FileStore:
         items = []
         for workflow_id, (document, stages) in batch.writes.items():
             if not isinstance(document, bytes):
-                document = encode_document(document())
+                document = _canonical(document())
             state_path, checkpoints = self._file_paths_of(workflow_id, stages)
             items.append((workflow_id, document, state_path, checkpoints))
         appends = [(str(path), documents) for path, documents in batch.appends.items()]

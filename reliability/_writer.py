@@ -12,8 +12,9 @@ journal's ``flock`` meaning "the process that owns these workflows is alive".
 Frames, both ways: a 4-byte little-endian length, then a ``marshal``-ed tuple.
 
 parent -> writer
-    ``("W", seq, items, appends)``: items are ``(workflow_id, document, state_path,
-    checkpoint_paths)``; appends are ``(history_path, documents)``.
+    ``("W", seq, items, appends)``: items are ``(workflow_id, canonical_state,
+    state_path, checkpoint_paths)`` (wrapped here by ``wrap_document``); appends are
+    ``(history_path, documents)``.
     ``("F", seq)``: write every state file that only the journal holds, then answer.
     End of input: finish (state files written and synced, journal deleted), then exit.
 writer -> parent
@@ -35,6 +36,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import gzip
+import hashlib
 import marshal
 import os
 import signal
@@ -45,12 +47,26 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["FRAME_HEADER", "encode_frame", "load_syncfs", "make_private_directory",
-           "sync_filesystem", "write_file"]
+__all__ = ["FRAME_HEADER", "SCHEMA_VERSION", "encode_frame", "load_syncfs",
+           "make_private_directory", "sync_filesystem", "wrap_document", "write_file"]
 
 FRAME_HEADER = struct.Struct("<I")
 _READ_SIZE = 1 << 20
 _PR_SET_PDEATHSIG = 1
+
+
+SCHEMA_VERSION = 1
+
+
+def wrap_document(body: bytes) -> bytes:
+    """The on-disk form of a canonical state: schema version, its SHA-256, the state.
+
+    Done here for every record the store sends, so the event loop pays for the
+    canonical encoding only (the hash and the copy were 1.4 of its 3.4 us per record).
+    """
+    digest = hashlib.sha256(body).hexdigest().encode()
+    return b'{"schema_version":%d,"checksum":"sha256:%s","state":%s}\n' % (
+        SCHEMA_VERSION, digest, body)
 
 
 def encode_frame(message: tuple[Any, ...]) -> bytes:
@@ -356,7 +372,10 @@ def _write_group(writer: Writer, channel: _Channel, group: list[tuple[Any, ...]]
     """One append and one sync for every batch that arrived while the last one synced."""
     if not group:
         return
-    data = b"".join(document for _, _, items, _ in group for _, document, _, _ in items)
+    batches = [[(workflow_id, wrap_document(body), state_path, checkpoints)
+                for workflow_id, body, state_path, checkpoints in items]
+               for _, _, items, _ in group]
+    data = b"".join(document for items in batches for _, document, _, _ in items)
     try:
         rotated = writer.append(data)
     except OSError as error:
@@ -366,7 +385,7 @@ def _write_group(writer: Writer, channel: _Channel, group: list[tuple[Any, ...]]
     channel.send(("A", group[-1][1]))
     if rotated:
         channel.send(("J", writer.journal_path))
-    for _, _, items, appends in group:
+    for items, (_, _, _, appends) in zip(batches, group, strict=True):
         writer.hand_off(items, appends)
 
 
