@@ -357,11 +357,16 @@ class Engine:
             await self.runtime.store.save_nowait(run.workflow_id, run.to_state,
                                                  checkpoint_stage=stage)
             return
+        store = self.runtime.store
         previous = live.unsynced
-        live.unsynced = self.runtime.store.save_nowait(run.workflow_id, run.to_state,
-                                                       checkpoint_stage=stage)
+        if previous is not None and not previous.done():
+            store.expedite()  # before queueing the next write, which nobody waits for yet
+        # Lazy: nobody waits for it until the next stage ends, so its answer need not
+        # wake the loop in the middle of that stage.
+        live.unsynced = store.save_nowait(run.workflow_id, run.to_state,
+                                          checkpoint_stage=stage, lazy=True)
         if previous is not None:
-            await previous  # done long ago, as a rule; a write error surfaces here
+            await previous  # durable long ago, as a rule; a write error surfaces here
 
     def checkpoint_soon(self, run: WorkflowRun) -> None:
         if self.runtime.persistence:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -48,7 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 __all__ = ["FRAME_HEADER", "SCHEMA_VERSION", "encode_frame", "load_syncfs",
-           "make_private_directory", "sync_filesystem", "wrap_document", "write_file"]
+           "make_private_directory", "make_workflow_directory",
+           "sync_filesystem", "wrap_document", "write_file"]
 
 FRAME_HEADER = struct.Struct("<I")
 _READ_SIZE = 1 << 20
@@ -88,6 +90,14 @@ def make_private_directory(directory: str | os.PathLike[str]) -> None:
     for path in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made meanwhile by another writer
             os.mkdir(path, 0o700)
+
+
+def make_workflow_directory(directory: str | os.PathLike[str]) -> None:
+    """A workflow's own directory: made private if missing, refused if it is a link (its
+    state is never written through a link that may point out of the state directory)."""
+    make_private_directory(directory)
+    if os.path.islink(directory):
+        raise OSError(errno.ELOOP, "is a symbolic link; refused", os.fspath(directory))
 
 
 def write_file(path: str, document: bytes, temporary_suffix: str, fsync: bool) -> None:
@@ -246,9 +256,9 @@ class Writer:
             self._materialize(workflow_id, document, state_path, checkpoints)
 
     def _materialize(self, workflow_id: str, document: bytes, state_path: str,
-                     checkpoints: Iterable[str]) -> None:
+                     checkpoints: Iterable[str]) -> bool:
         try:
-            self._ensure_dir(os.path.dirname(state_path))
+            self._ensure_dir(os.path.dirname(state_path), workflow=True)
             write_file(state_path, document, self.temporary_suffix, self.fsync_each)
             for path in checkpoints:
                 self._ensure_dir(os.path.dirname(path))
@@ -256,27 +266,31 @@ class Writer:
         except OSError as error:
             # The journal holds it durably; the files are written again later.
             self.materialize_errors.append(f"{state_path}: {error}")
-            return
+            return False
         with self._lock:
             newest = self._newest.get(workflow_id)
             if newest is not None and newest[0] is document:  # nothing newer came meanwhile
                 del self._newest[workflow_id]
         self.files_written += 1
+        return True
 
-    def _materialize_all(self, sync: bool) -> None:
+    def _materialize_all(self, sync: bool) -> bool:
+        """Write every state only a journal holds; False if any could not be written."""
         self._materialize_handoff()
         with self._lock:
             remaining = list(self._newest.items())
-        for workflow_id, (document, state_path) in remaining:
-            self._materialize(workflow_id, document, state_path, ())
+        written = [self._materialize(workflow_id, document, state_path, ())
+                   for workflow_id, (document, state_path) in remaining]
         if sync and self.durable:
             self._sync_filesystem()
+        return all(written)
 
     def _retire(self, fd: int, path: str) -> None:
-        self._materialize_all(True)
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        complete = self._materialize_all(True)
+        os.close(fd)  # its lock goes: unless deleted below, the next store replays it
+        if complete:  # else it is the only copy of a state its file could not take
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _append_history(self, appends: list[tuple[str, list[bytes]]]) -> None:
         for path, documents in appends:
@@ -285,9 +299,9 @@ class Writer:
                 with gzip.open(path, "ab") as history:
                     history.writelines(documents)
 
-    def _ensure_dir(self, directory: str) -> None:
+    def _ensure_dir(self, directory: str, *, workflow: bool = False) -> None:
         if directory not in self._made_dirs:
-            make_private_directory(directory)
+            (make_workflow_directory if workflow else make_private_directory)(directory)
             self._made_dirs.add(directory)
 
     def _sync_filesystem(self) -> None:

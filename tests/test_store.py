@@ -329,6 +329,43 @@ class TestJournalReplay:
         assert state_of(directory / "state.json")["revision"] == 5
 
 
+    async def test_a_state_its_file_cannot_take_keeps_its_journal(
+            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """A workflow's directory replaced by a link: nothing is written through it, the
+        close says which file failed, and the journal (the state's only copy) is kept;
+        once the directory is real again, the next start writes the state from it."""
+        states, outside = tmp_path / "states", tmp_path / "outside"
+        states.mkdir()
+        outside.mkdir()
+        (states / WID).symlink_to(outside)
+
+        async def reopen() -> FileStore:
+            store = FileStore(states, tmp_path / "checkpoints")
+            await store.open()
+            await store.close()
+            return store
+
+        store = FileStore(states, tmp_path / "checkpoints")
+        await store.open()
+        await store.save(WID, lambda: {"workflow_id": WID, "revision": 1, "status": "running"},
+                         checkpoint_stage="one")
+        await store.close()
+        assert list(outside.iterdir()) == []
+        assert f"{states / WID}/state.json: [Errno 40] is a symbolic link; refused" in caplog.text
+        (journal,) = (states / "_journal").glob("journal-*.log")
+
+        caplog.clear()
+        assert (await reopen()).replayed_workflows == 0  # still a link: warned, kept
+        assert journal.exists() and list(outside.iterdir()) == []
+        assert f"Could not write {states / WID}/state.json from the journal {journal}" in (
+            caplog.text)
+
+        (states / WID).unlink()
+        assert (await reopen()).replayed_workflows == 1
+        assert not journal.exists()
+        assert state_of(states / WID / "state.json")["revision"] == 1
+
+
 class TestClaims:
     async def test_second_claim_in_one_process_is_refused(self, tmp_path: Path) -> None:
         """Two claims on one ID from one store: the second raises WorkflowLockedError."""
@@ -350,22 +387,17 @@ class TestClaims:
         assert all(isinstance(o, WorkflowLockedError) for o in outcomes if o not in claims)
         claims[0].release()
 
-    async def test_claims_asked_for_together_take_one_thread_job(self, tmp_path: Path) -> None:
-        """A burst of starts (200 claims in one loop iteration) is one trip to a thread."""
+    async def test_a_burst_of_claims_holds_real_locks_without_a_descriptor_each(
+            self, tmp_path: Path) -> None:
+        """200 claims: each is a lock another store (as another process) is refused by,
+        and none opens a file descriptor of its own (the claims files are opened once)."""
         store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
-        jobs: list[int] = []
-        lock_all = store._lock_all
-
-        def counted(ids: list[str]) -> list[int]:
-            jobs.append(len(ids))
-            return lock_all(ids)
-
-        store._lock_all = counted  # type: ignore[method-assign]
+        await store.open()  # opens the claims files
+        descriptors = len(os.listdir("/proc/self/fd"))
         ids = [f"workflow-20240115-142315-{i:04x}" for i in range(200)]
         claims = await asyncio.gather(*(store.claim(w) for w in ids))
-        assert jobs == [200]
+        assert len(os.listdir("/proc/self/fd")) == descriptors
         assert sorted(c.workflow_id for c in claims) == sorted(ids)
-        # Held for real: a second store (its own descriptors, as another process) is refused.
         other = FileStore(tmp_path / "states", tmp_path / "checkpoints")
         assert await other.claim_many(ids) == ([], ids)
         for claim in claims:
@@ -374,21 +406,30 @@ class TestClaims:
         assert len(freed) == 200 and refused == []
         for claim in freed:
             claim.release()
+        await store.close()
 
     async def test_a_cancelled_claimer_gives_its_lock_back(self, tmp_path: Path) -> None:
-        """Cancelled while its lock was being taken: the lock is released, not leaked."""
+        """Cancelled while the claims files were being opened: nothing is held after."""
         store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
         claimer = asyncio.create_task(store.claim(WID))
-        await asyncio.sleep(0)  # queued for the next claim batch
+        await asyncio.sleep(0)  # inside its thread hop, opening the claims files
         claimer.cancel()
         with pytest.raises(asyncio.CancelledError):
             await claimer
-        for _ in range(100):  # the batch finishes in its thread, then closes the lock
-            await asyncio.sleep(0.01)
-            if not store._claim_tasks:
-                break
         (await store.claim(WID)).release()
         assert not store._claimed
+
+    async def test_a_claim_outlives_its_store_closing(self, tmp_path: Path) -> None:
+        """A claim still held when its store closes stays held until it is released."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        claim = await store.claim(WID)
+        await store.close()
+        other = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        assert await other.claim_many([WID]) == ([], [WID])
+        claim.release()
+        claim.release()  # twice is harmless
+        (await other.claim(WID)).release()
 
     def test_claim_held_by_another_process_is_refused(
             self, tmp_path: Path, children: list[subprocess.Popen[str]]) -> None:
@@ -439,8 +480,9 @@ class TestPermissions:
             assert _mode(directory) == 0o700, directory
         claims = states_dir(tmp_path) / "_claims"
         assert _mode(claims) == 0o700
+        assert len(list(claims.iterdir())) == 256
         files = [workflow_dir / "state.json", *claims.iterdir(), *checkpoints.iterdir()]
-        assert len(files) == 2 + len(CRASH_FLOW.stages) + 1  # every stage, then "final"
+        assert len(files) == 1 + 256 + len(CRASH_FLOW.stages) + 1  # every stage, "final"
         for path in files:
             assert _mode(path) == 0o600, path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import subprocess
 from pathlib import Path
@@ -23,6 +24,7 @@ from test_store import (
     kill,
     replayed_on_open,
     start_child,
+    state_of,
     wait_for_line,
 )
 
@@ -191,3 +193,45 @@ class TestJournalRotation:
 
         revisions = asyncio.run(recovered())
         assert all(revision >= acknowledged for revision in revisions.values()), revisions
+
+
+class TestLazyWrites:
+    async def test_lazy_answers_wait_in_the_pipe_until_someone_waits(
+            self, tmp_path: Path) -> None:
+        """A lazy write's answer is left unread (it would wake the loop mid-sleep) until
+        expedite(), which completes it at once from the pipe; an eager write is read."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            lazy = store.save_nowait(WID, lambda: _state(WID, 1), lazy=True)
+            answers = store._link._answers if store._link is not None else -1
+            await asyncio.to_thread(select.select, [answers], [], [], 10.0)
+            await asyncio.sleep(0.05)  # the loop runs on: nothing reads the answer
+            assert not lazy.done()
+            store.expedite()
+            assert lazy.done() and lazy.exception() is None  # no await in between
+
+            eager = store.save_nowait(OTHER, lambda: _state(OTHER, 1))
+            await asyncio.wait_for(asyncio.shield(eager), 10.0)  # read without expedite()
+            assert eager.exception() is None
+        finally:
+            await store.close()
+
+    async def test_lazy_writes_survive_the_writer_dying_unnoticed(self, tmp_path: Path) -> None:
+        """The writer dies with lazy writes unanswered: the next wait notices, a new writer
+        gets them, and they complete."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            await store.save(OTHER, lambda: _state(OTHER, 1))
+            lazy = [store.save_nowait(w, lambda w=w: _state(w, 1), lazy=True) for w in IDS]
+            await asyncio.sleep(0)  # sent
+            dead = _kill_writer(store)
+            await asyncio.to_thread(psutil.Process(dead).wait, 10.0)
+            store.expedite()
+            await asyncio.wait_for(asyncio.gather(*lazy), 20.0)
+            assert store.writer_pid not in (None, dead)
+        finally:
+            await store.close()
+        for workflow_id in IDS:
+            assert state_of(tmp_path / "states" / workflow_id / "state.json")["revision"] == 1
