@@ -14,7 +14,9 @@ import logging
 import logging.handlers
 import os
 import queue
+import threading
 import time
+from asyncio import _get_running_loop as asyncio_running_loop
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,33 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
     to protect.
     """
 
+    def __init__(self, records: queue.SimpleQueue[Any]) -> None:
+        super().__init__(records)
+        self._batches = threading.local()
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        """On an event loop's thread, hand the records of one loop iteration over
+        together: one wake-up of the writing thread instead of one per record (each
+        took the GIL back and forth ~5 times: 10 futex calls per stage, measured)."""
+        loop = asyncio_running_loop()
+        if loop is None:
+            self.queue.put_nowait(record)
+            return
+        batch: list[logging.LogRecord] | None = getattr(self._batches, "records", None)
+        if batch is None:
+            batch = self._batches.records = []
+            loop.call_soon(self.hand_over)
+        batch.append(record)
+        if len(batch) >= _BATCH_LIMIT:
+            self.hand_over()
+
+    def hand_over(self) -> None:
+        """Queue the records this thread holds back (also called before shutting down)."""
+        batch = getattr(self._batches, "records", None)
+        self._batches.records = None
+        if batch:
+            self.queue.put_nowait(batch)
+
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         message = record.getMessage()
         if record.exc_info:
@@ -122,6 +151,20 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
         record.args = None
         record.exc_info = None  # tracebacks hold frames; the text above is what is kept
         return record
+
+
+_BATCH_LIMIT = 512  # records held back at most, however long an iteration runs
+
+
+class _BatchListener(logging.handlers.QueueListener):
+    """QueueListener that also takes the lists ``_InPlaceQueueHandler`` hands over."""
+
+    def handle(self, record: Any) -> None:
+        if isinstance(record, list):
+            for each in record:
+                super().handle(each)
+        else:
+            super().handle(record)
 
 
 class DailyFileHandler(logging.Handler):
@@ -199,13 +242,16 @@ def configure_logging(*, level: str, log_format: str, directory: Path | None,
     front.addFilter(_WorkflowIdFilter())  # here, in the logging task, where the ID is set
     logger.addHandler(front)
     _installed.append(front)
-    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    listener = _BatchListener(records, *handlers, respect_handler_level=True)
     listener.start()
     _listener.append(listener)
 
 
 def shutdown_logging() -> None:
     """Flush queued records and remove the handlers ``configure_logging`` installed."""
+    for handler in _installed:
+        if isinstance(handler, _InPlaceQueueHandler):
+            handler.hand_over()  # this thread's held-back records, before the listener stops
     for listener in _listener:
         listener.stop()
         for handler in listener.handlers:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import logging.handlers
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +95,41 @@ def test_a_burst_of_records_all_reach_the_file_in_order(tmp_path: Path) -> None:
     lines = log_lines(tmp_path)
     assert [int(line.rsplit(" ", 1)[1]) for line in lines] == list(range(2_000))
     shutdown_logging()
+
+
+async def test_records_of_one_loop_iteration_are_handed_over_together(
+        tmp_path: Path) -> None:
+    """On an event loop, the records logged in one iteration reach the writing thread as
+    one queue item (one wake-up, not one per record), complete and in order."""
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    (front,) = [h for h in logger.handlers if isinstance(h, logging.handlers.QueueHandler)]
+    handed: list[int] = []
+    real = front.queue
+
+    class Counting:
+        def put_nowait(self, item: list[logging.LogRecord]) -> None:
+            handed.append(len(item))
+            real.put_nowait(item)
+
+    front.queue = Counting()  # type: ignore[assignment]
+    for index in range(300):
+        logger.info("record %d", index)
+    assert handed == []  # held until the iteration ends
+    await asyncio.sleep(0)
+    logger.info("record %d", 300)
+    await asyncio.sleep(0)
+    assert handed == [300, 1]
+    shutdown_logging()
+    lines = log_lines(tmp_path)
+    assert [int(line.rsplit(" ", 1)[1]) for line in lines] == list(range(301))
+
+
+async def test_records_held_back_are_written_by_a_shutdown_in_the_same_iteration(
+        tmp_path: Path) -> None:
+    """Shutting logging down before the loop hands the iteration's records over still
+    writes them all (a runtime closing right after its last log line)."""
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    for index in range(3):
+        logger.info("record %d", index)
+    shutdown_logging()
+    assert [int(line.rsplit(" ", 1)[1]) for line in log_lines(tmp_path)] == [0, 1, 2]
