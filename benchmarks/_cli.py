@@ -76,7 +76,7 @@ def _run_parser() -> argparse.ArgumentParser:
                         help="concurrent workflows in the overhead figure (default 100)")
     parser.add_argument("--peer-workflows", type=int, metavar="N",
                         help="workflows in the DBOS comparison (default 200)")
-    parser.add_argument("--repeats", type=int, metavar="N", help="overhead rounds (default 3)")
+    parser.add_argument("--repeats", type=int, metavar="N", help="overhead rounds (default 5)")
     parser.add_argument("--only", metavar="NAMES",
                         help="comma-separated figures to run: " + ", ".join(FIGURES))
     parser.add_argument("--scratch", type=Path, metavar="DIR",

@@ -22,7 +22,7 @@ class Plan:
     # waiting for connections (30 s each) and measures the pool, not the engine.
     peer_workflows: int = 200
     health_calls: int = 1_000
-    repeats: int = 3
+    repeats: int = 5
     quick: bool = False
     scratch: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
@@ -42,7 +42,7 @@ class Plan:
     def full_plan(cls, scratch: Path, workflows: int | None = None) -> Plan:
         n = workflows or 10_000
         return cls(workflows=n, overhead_workflows=min(n, 100), peer_workflows=min(n, 200),
-                   health_calls=1_000, repeats=3, quick=False, scratch=scratch)
+                   health_calls=1_000, repeats=5, quick=False, scratch=scratch)
 
     @property
     def levels(self) -> tuple[int, ...]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -17,9 +19,9 @@ from machines import StageContext, StageSpec, WorkflowDefinition
 from reliability import Clock, Runtime, Store, WorkflowConfiguration, WorkflowResult
 
 __all__ = ["FLOW", "IO_BREAKER_FLOW", "IO_FLOW", "IO_FULL_FLOW", "IO_HEALTH_FLOW",
-           "PARKED_FLOW", "RESUME_FLOW", "STAGES", "Gate", "bare_io", "bare_step",
+           "PARKED_FLOW", "RESUME_FLOW", "STAGES", "Gate", "Peer", "bare_io", "bare_step",
            "configuration", "install_gate", "remove_gate", "run_bare", "run_many",
-           "runtime"]
+           "runtime", "with_connections"]
 
 STAGES = 19  # the development workflow's stage count, so rates compare with real use
 IO_SECONDS = 0.01
@@ -30,12 +32,66 @@ async def bare_step(ctx: object) -> None:
     await asyncio.sleep(0)
 
 
+class Peer:
+    """The loopback peer (``_responder.py``) that answers each request IO_SECONDS later:
+    the stages' "10 ms of awaited I/O" is a real socket round trip, as a network call
+    would be (see that module for why not ``asyncio.sleep``)."""
+
+    def __init__(self, delay: float = IO_SECONDS) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", str(Path(__file__).with_name("_responder.py")), str(delay)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.strip().isdigit():
+            self.close()
+            raise RuntimeError(f"the benchmark's loopback peer did not start: {line!r}")
+        self.port = int(line)
+
+    def close(self) -> None:
+        self._process.kill()
+        self._process.wait()
+        for pipe in (self._process.stdin, self._process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+
+async def with_connections(port: int, count: int, work: Awaitable[Any]) -> Any:
+    """Await ``work`` with ``count`` connections to the peer open (one per concurrent
+    stage), opened before and closed after: no figure times a connect."""
+    for _ in range(count):
+        _connections.append(await asyncio.open_connection("127.0.0.1", port))
+    try:
+        return await work
+    finally:
+        for _, writer in _connections:
+            writer.close()
+        _connections.clear()
+
+
+async def _round_trip() -> None:
+    connection = _connections.pop()
+    reader, writer = connection
+    writer.write(b"q")
+    await reader.readexactly(1)
+    _connections.append(connection)
+
+
 async def bare_io(ctx: object) -> None:
-    await asyncio.sleep(IO_SECONDS)
+    await _round_trip()
 
 
 async def _io_call() -> None:
-    await asyncio.sleep(IO_SECONDS)
+    await _round_trip()
 
 
 async def io_via_breaker(ctx: StageContext) -> None:

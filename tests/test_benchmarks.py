@@ -6,6 +6,7 @@ timing assertions belong to the benchmarks themselves, not to tests (DESIGN.md).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from benchmarks import FIGURES
+from benchmarks._workloads import Peer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURE_KEYS = set(FIGURES)
@@ -118,3 +120,27 @@ def test_case_prints_one_line_per_run(tmp_path: Path) -> None:
                for line in lines)
     refused = _run("case", "--runs", "0", cwd=ROOT)
     assert refused.returncode == 2 and "--runs must be >= 1" in refused.stderr
+
+
+async def test_the_overhead_figure_s_peer_answers_each_request_and_ends_with_its_input(
+) -> None:
+    """Each byte sent to the loopback peer is answered with one byte (the stages' I/O);
+    when its input ends (the benchmark exited or died) it exits too, leaving nothing."""
+    peer = Peer(delay=0.001)
+    try:
+        async def round_trips() -> bytes:
+            return await _first(*await asyncio.open_connection("127.0.0.1", peer.port))
+
+        async def _first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+            writer.write(b"qq")
+            answer = await asyncio.wait_for(reader.readexactly(2), 10)
+            writer.close()
+            return answer
+
+        assert await round_trips() == b"rr"
+        process = peer._process
+        assert process.stdin is not None
+        process.stdin.close()
+        assert process.wait(timeout=10) == 0
+    finally:
+        peer.close()
