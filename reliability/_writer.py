@@ -16,7 +16,9 @@ parent -> writer
     state_path, checkpoint_paths)`` (wrapped here by ``wrap_document``); appends are
     ``(history_path, documents)``.
     ``("F", seq)``: write every state file that only the journal holds, then answer.
-    End of input: finish (state files written and synced, journal deleted), then exit.
+    ``("Q",)``: the store is closing. At the end of input after it: finish (state files
+    written and synced, journal deleted), then exit. An end of input without it means
+    the parent died: exit at once and leave the journal to be replayed.
 writer -> parent
     ``("R", journal_path)`` ready; ``("X", errno, path, message)`` could not start;
     ``("A", seq)`` every write up to ``seq`` is durable; ``("E", first, last, errno,
@@ -368,7 +370,9 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _serve(writer: Writer, channel: _Channel) -> None:
+def _serve(writer: Writer, channel: _Channel) -> bool:
+    """Serve until the input ends; True if the parent said it was closing ("Q") first."""
+    closing = False
     while (frames := channel.receive()) is not None:
         group: list[tuple[Any, ...]] = []
         for frame in frames:
@@ -377,9 +381,13 @@ def _serve(writer: Writer, channel: _Channel) -> None:
                 continue
             _write_group(writer, channel, group)
             group = []
+            if frame[0] == "Q":
+                closing = True
+                continue
             writer.flush()
             channel.send(("F", frame[1]))
         _write_group(writer, channel, group)
+    return closing
 
 
 def _write_group(writer: Writer, channel: _Channel, group: list[tuple[Any, ...]]) -> None:
@@ -417,9 +425,15 @@ def main(argv: list[str]) -> int:
                       error.strerror or str(error)))
         return 1
     channel.send(("R", writer.journal_path))
+    closing = False
     try:
-        _serve(writer, channel)
+        closing = _serve(writer, channel)
     finally:
+        if not closing:
+            # The input ended without a "Q": its parent died (the kernel's SIGKILL is on
+            # its way). Stop now, as a thread of it would have: the journal stays, locked
+            # until this exit, for the next start to replay.
+            os._exit(1)
         writer.finish()
     channel.send(("S", writer.files_written, writer.materialize_errors))
     return 0

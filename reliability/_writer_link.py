@@ -120,6 +120,8 @@ class WriterLink:
 
     def read_available(self) -> None:
         """Handle every answer waiting in the pipe now, without waiting for more."""
+        if self._answers_file.closed:
+            return  # its descriptor number may belong to another file by now
         try:
             data = os.read(self._answers, _READ_SIZE)
         except BlockingIOError:
@@ -173,6 +175,7 @@ class WriterLink:
         self.read_answers(True)  # its end of output is what this waits for
         self.finishing = True
         if self._transport is not None:
+            self.send(("Q",))  # an end of input without this means "the parent died"
             self._transport.close()  # end of input, after everything buffered is written
         return await self.wait_closed()
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from crash_workflows import CRASH_FLOW, PARK_IN, crash_config, effect_counts, subprocess_env
 
@@ -60,9 +61,17 @@ def wait_for_line(child: subprocess.Popen[str], expected: str, timeout: float = 
 
 
 def kill(child: subprocess.Popen[str]) -> None:
+    """SIGKILL ``child`` and wait until its store's writer process is gone too (the kernel
+    kills it with its parent): only then is its journal's lock free for a replay."""
+    try:
+        writers = psutil.Process(child.pid).children()
+    except psutil.NoSuchProcess:
+        writers = []
     child.send_signal(signal.SIGKILL)
     child.communicate()
     assert child.returncode == -signal.SIGKILL
+    _, alive = psutil.wait_procs(writers, timeout=10)
+    assert not alive, f"processes outlived their parent: {alive}"
 
 
 @pytest.fixture
