@@ -8,7 +8,7 @@ process dies).
 FileStore layout (the spec's paths, under the project root)::
 
     {state_directory}/{id}/state.json             current state, atomic, checksummed
-    {state_directory}/_claims.lock                every claim: one locked byte each
+    {state_directory}/_claims/{00..ff}.lock       every claim: one locked byte each
     {state_directory}/_journal/journal-*.log      the durability point (see FileStore)
     {state_directory}/{id}/history.jsonl.gz       compressed earlier states
     {checkpoint_directory}/{id}_checkpoint_{stage}.json
