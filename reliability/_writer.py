@@ -52,7 +52,7 @@ from typing import Any
 
 __all__ = ["FRAME_HEADER", "SCHEMA_VERSION", "encode_frame", "load_syncfs",
            "make_private_directory", "make_workflow_directory",
-           "sync_filesystem", "wrap_document", "write_file"]
+           "sync_filesystem", "take_frames", "wrap_document", "write_file"]
 
 FRAME_HEADER = struct.Struct("<I")
 _READ_SIZE = 1 << 20
@@ -76,6 +76,20 @@ def wrap_document(body: bytes) -> bytes:
 def encode_frame(message: tuple[Any, ...]) -> bytes:
     payload = marshal.dumps(message)
     return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def take_frames(buffer: bytearray) -> list[tuple[Any, ...]]:
+    """Decode and remove the complete frames at the start of ``buffer``."""
+    frames, start = [], 0
+    while len(buffer) - start >= FRAME_HEADER.size:
+        (length,) = FRAME_HEADER.unpack_from(buffer, start)
+        end = start + FRAME_HEADER.size + length
+        if end > len(buffer):
+            break
+        frames.append(marshal.loads(buffer[start + FRAME_HEADER.size:end]))
+        start = end
+    del buffer[:start]
+    return frames
 
 
 def make_private_directory(directory: str | os.PathLike[str]) -> None:
@@ -343,16 +357,7 @@ class _Channel:
             self._buffer += chunk
 
     def _complete_frames(self) -> list[tuple[Any, ...]]:
-        frames, start, buffer = [], 0, self._buffer
-        while len(buffer) - start >= FRAME_HEADER.size:
-            (length,) = FRAME_HEADER.unpack_from(buffer, start)
-            end = start + FRAME_HEADER.size + length
-            if end > len(buffer):
-                break
-            frames.append(marshal.loads(buffer[start + FRAME_HEADER.size:end]))
-            start = end
-        del buffer[:start]
-        return frames
+        return take_frames(self._buffer)
 
     @staticmethod
     def send(message: tuple[Any, ...]) -> None:

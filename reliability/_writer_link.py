@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import marshal
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._writer import FRAME_HEADER, encode_frame
+from ._writer import encode_frame, take_frames
 
 __all__ = ["WriterLink", "WriterStartError"]
 
@@ -132,17 +131,9 @@ class WriterLink:
             self._close_answers()
             self.ended()
             return
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        while len(buffer) - start >= FRAME_HEADER.size:
-            (length,) = FRAME_HEADER.unpack_from(buffer, start)
-            end = start + FRAME_HEADER.size + length
-            if end > len(buffer):
-                break
-            self.received(marshal.loads(buffer[start + FRAME_HEADER.size:end]))
-            start = end
-        del buffer[:start]
+        self._buffer += data
+        for message in take_frames(self._buffer):
+            self.received(message)
 
     def _close_answers(self) -> None:
         if self._reading:
