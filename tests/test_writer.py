@@ -29,7 +29,7 @@ from test_store import (
 )
 
 from reliability import FileStore
-from reliability._store import WRITER_RESTARTS
+from reliability._store import UNREAD_LIMIT, WRITER_RESTARTS
 
 __all__ = ["children"]  # the fixture, imported for the tests below
 
@@ -214,6 +214,23 @@ class TestLazyWrites:
             eager = store.save_nowait(OTHER, lambda: _state(OTHER, 1))
             await asyncio.wait_for(asyncio.shield(eager), 10.0)  # read without expedite()
             assert eager.exception() is None
+        finally:
+            await store.close()
+
+    async def test_unanswered_lazy_batches_are_read_past_the_limit(self, tmp_path: Path) -> None:
+        """Lazy writes nobody expedites: once more than UNREAD_LIMIT batches are
+        unanswered, the answers are read anyway (the writer never blocks on a full pipe,
+        the store never holds more than that many sent batches)."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            lazy = []
+            for revision in range(1, UNREAD_LIMIT + 10):
+                lazy.append(store.save_nowait(WID, lambda r=revision: _state(WID, r),
+                                              lazy=True))
+                await asyncio.sleep(0)  # one batch per loop iteration
+            await asyncio.wait_for(asyncio.shield(lazy[0]), 20.0)
+            assert lazy[0].exception() is None
         finally:
             await store.close()
 
