@@ -330,13 +330,36 @@ async def _runtime(config: WorkflowConfiguration, root: Path, *, console_level: 
     guard = _SignalGuard()
     if handle_signals:
         guard.install()
-    with _logging_for(config, root, console or Console(stderr=True), console_level):
+    console = console or Console(stderr=True)
+    with _logging_for(config, root, console, console_level):
         async with Runtime(config, root, configure_logs=False) as runtime:
             guard.runtime = runtime
             try:
                 yield runtime
             finally:
                 guard.runtime = None
+                await close_saying_why_it_waits(runtime, console)
+
+
+CLOSE_NOTICE_AFTER = 1.0  # seconds of closing before the command says what it waits for
+
+
+async def close_saying_why_it_waits(runtime: Runtime, console: Console,
+                                    after: float = CLOSE_NOTICE_AFTER) -> None:
+    """Close ``runtime``; if that takes a while, say why instead of looking hung.
+
+    After a burst of thousands of workflows the store's writer still creates their state
+    and checkpoint files (seconds here); they are durable in its journal already."""
+    closing = asyncio.ensure_future(runtime.close())
+    try:
+        done, _ = await asyncio.wait({closing}, timeout=after)
+        if not done:
+            console.print("Writing the state files of this run (already durable in the "
+                          "journal)...", style="dim")
+        await closing
+    except asyncio.CancelledError:
+        closing.cancel()
+        raise
 
 
 # --------------------------------------------------------------------------- output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -215,3 +216,39 @@ class TestErrors:
             assert completed.returncode == 0
             assert f"workflow-manager {command}" in completed.stdout
             assert "examples:" in completed.stdout
+
+
+class TestClosing:
+    async def test_a_slow_close_says_what_it_waits_for_and_a_quick_one_says_nothing(
+            self) -> None:
+        """Closing that takes longer than the notice delay prints one line saying the
+        state files are being written (already durable); a quick close prints nothing."""
+        from rich.console import Console
+
+        from reliability._cli import close_saying_why_it_waits
+
+        class Closing:
+            def __init__(self, gate: asyncio.Event) -> None:
+                self.gate, self.closed = gate, False
+
+            async def close(self) -> None:
+                await self.gate.wait()
+                self.closed = True
+
+        quick, slow = asyncio.Event(), asyncio.Event()
+        quick.set()
+        console = Console(record=True, width=200)
+        runtime = Closing(quick)
+        await close_saying_why_it_waits(runtime, console, after=0.05)  # type: ignore[arg-type]
+        assert runtime.closed and console.export_text() == ""
+
+        runtime = Closing(slow)
+        closing = asyncio.ensure_future(
+            close_saying_why_it_waits(runtime, console, after=0.05))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)  # the loop runs the 0.05 s notice timer before this one
+        assert "Writing the state files" in console.export_text(clear=False)
+        assert not closing.done()
+        slow.set()
+        await closing
+        assert runtime.closed
+        assert console.export_text().count("already durable in the journal") == 1
