@@ -229,9 +229,9 @@ def _claim_position(workflow_id: str) -> tuple[int, int]:
 class _FileClaim:
     __slots__ = ("_store", "workflow_id")
 
-    def __init__(self, workflow_id: str, store: FileStore | None) -> None:
+    def __init__(self, workflow_id: str, store: FileStore) -> None:
         self.workflow_id = workflow_id
-        self._store = store
+        self._store: FileStore | None = store
 
     def release(self) -> None:
         store, self._store = self._store, None
@@ -361,7 +361,6 @@ class FileStore:
         # loop's thread (a few microseconds), no open, no thread hop, no descriptor each.
         self._claim_fds: list[int] = []
         self._opening_claims: asyncio.Future[list[int]] | None = None
-        self._closed = True
         self._made_dirs: set[Path] = set()
         self._file_paths: dict[str, dict[str, str]] = {}  # workflow -> {stage or "": path}
         self._temporary_suffix = f".tmp-{os.getpid()}"
@@ -379,9 +378,13 @@ class FileStore:
         self._loop = asyncio.get_running_loop()
         self._broken = None
         self._restarts = 0
-        self._closed = False
         await self._open_claim_files()
-        self._link = await self._start_writer()
+        try:
+            self._link = await self._start_writer()
+        except BaseException:
+            if not self._claimed:
+                self._close_claim_files()
+            raise
 
     async def _start_writer(self) -> WriterLink:
         """Replay journals whose writer died, then start this store's writer."""
@@ -411,7 +414,6 @@ class FileStore:
             status = await link.finish()
         finally:
             self._link = None
-            self._closed = True
             if not self._claimed:  # else the last release closes them: claims stay held
                 self._close_claim_files()
         if self.materialize_errors:
@@ -790,15 +792,13 @@ class FileStore:
             return -1
         return int(state.get("revision") or 0)
 
-    def _ensure_dir(self, directory: Path) -> None:
+    def _ensure_dir(self, directory: Path, *, workflow: bool = False) -> None:
         if directory not in self._made_dirs:
-            make_private_directory(directory)
+            (make_workflow_directory if workflow else make_private_directory)(directory)
             self._made_dirs.add(directory)
 
     def _write_atomically(self, path: Path, document: bytes) -> None:
-        if path.parent not in self._made_dirs:
-            make_workflow_directory(path.parent)
-            self._made_dirs.add(path.parent)
+        self._ensure_dir(path.parent, workflow=True)
         write_file(str(path), document, self._temporary_suffix, self._fsync_each)
 
     def _sync_filesystem(self) -> None:
@@ -959,7 +959,7 @@ class FileStore:
         self._claimed.discard(workflow_id)
         if self._claim_fds:
             self._lock(workflow_id, fcntl.F_UNLCK)
-            if self._closed and not self._claimed:
+            if self._link is None and not self._claimed:  # the store closed before
                 self._close_claim_files()
 
     def _close_claim_files(self) -> None:

@@ -430,16 +430,17 @@ def main(argv: list[str]) -> int:
                       error.strerror or str(error)))
         return 1
     channel.send(("R", writer.journal_path))
-    closing = False
     try:
         closing = _serve(writer, channel)
-    finally:
-        if not closing:
-            # The input ended without a "Q": its parent died (the kernel's SIGKILL is on
-            # its way). Stop now, as a thread of it would have: the journal stays, locked
-            # until this exit, for the next start to replay.
-            os._exit(1)
-        writer.finish()
+    except BaseException:
+        writer.finish()  # what it acknowledged is in files; the traceback says the rest
+        raise
+    if not closing:
+        # The input ended without a "Q": its parent died (the kernel's SIGKILL is on its
+        # way). Stop now, as a thread of it would have: the journal stays, locked until
+        # this exit, for the next start to replay.
+        os._exit(1)
+    writer.finish()
     channel.send(("S", writer.files_written, writer.materialize_errors))
     return 0
 
