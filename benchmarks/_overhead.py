@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from machines import WorkflowDefinition
 from reliability._logging import LOGGER_NAME, configure_logging, shutdown_logging
 
-from ._measure import median, settle
+from ._measure import idle_wake_penalty, median, settle
 from ._plan import Plan
 from ._results import Figure, Target
 from ._workloads import (
@@ -90,31 +90,47 @@ def _file_logging(directory: Path, enabled: bool) -> Iterator[None]:
         logging.getLogger(LOGGER_NAME).propagate = True
 
 
-async def _time_case(case: _Case, root: Path, count: int) -> float:
+@dataclass(frozen=True, slots=True)
+class _Timing:
+    """One case's median over the rounds: wall seconds, and the event loop thread's CPU
+    seconds in the same span (what the runtime's bookkeeping cost, apart from waiting)."""
+
+    wall: float
+    loop_cpu: float
+
+
+async def _cpu_timed(work: Awaitable[object]) -> tuple[float, float]:
+    cpu_before, started = time.thread_time(), time.perf_counter()
+    await work
+    return time.perf_counter() - started, time.thread_time() - cpu_before
+
+
+async def _time_case(case: _Case, root: Path, count: int) -> tuple[float, float]:
     config = configuration(persistence=case.persistence, health=case.health,
                            monitoring=case.monitoring, log_level="INFO" if case.monitoring
                            else "WARNING", durability=case.durability)
     with _file_logging(root / "logs", case.monitoring):
         async with runtime(root, config) as rt:
-            started = time.perf_counter()
-            await run_many(rt, case.flow, count)
-            return time.perf_counter() - started
+            return await _cpu_timed(run_many(rt, case.flow, count))
 
 
-def _measure_cases(plan: Plan, cases: tuple[_Case, ...], count: int) -> dict[str, float]:
-    """Median wall seconds per case key (``bare`` included) over ``plan.repeats`` rounds."""
-    times: dict[str, list[float]] = {"bare": [], **{c.key: [] for c in cases}}
-    with Peer() as peer:
+def _measure_cases(plan: Plan, cases: tuple[_Case, ...], count: int, *,
+                   io_seconds: float = IO_SECONDS) -> dict[str, _Timing]:
+    """Median timing per case key (``bare`` included) over ``plan.repeats`` rounds."""
+    times: dict[str, list[tuple[float, float]]] = {"bare": [], **{c.key: [] for c in cases}}
+    with Peer(io_seconds) as peer:
         for _ in range(plan.repeats):
             settle()
             times["bare"].append(asyncio.run(
-                with_connections(peer.port, count, run_bare(count, bare_io))))
+                with_connections(peer.port, count, _cpu_timed(run_bare(count, bare_io)))))
             for case in cases:
                 settle()
                 root = plan.fresh_root(f"overhead-{case.key}")
                 times[case.key].append(asyncio.run(
                     with_connections(peer.port, count, _time_case(case, root, count))))
-    return {key: median(values) for key, values in times.items()}
+    return {key: _Timing(median([wall for wall, _ in values]),
+                         median([cpu for _, cpu in values]))
+            for key, values in times.items()}
 
 
 def measure_overhead(plan: Plan) -> Figure:
@@ -122,27 +138,35 @@ def measure_overhead(plan: Plan) -> Figure:
     figure = Figure("overhead", f"Overhead vs bare asyncio: {count} workflows x {STAGES} "
                                 f"stages of {IO_SECONDS * 1000:.0f} ms I/O (a loopback peer "
                                 "answering after 10 ms)")
-    walls = _measure_cases(plan, _CASES, count)
-    bare = walls["bare"]
+    timings = _measure_cases(plan, _CASES, count)
+    bare = timings["bare"]
     figure.row("bare", "bare asyncio (same handlers, in sequence)").add(
-        "wall", bare, "s").add("floor", STAGES * IO_SECONDS, "s")
+        "wall", bare.wall, "s").add("floor", STAGES * IO_SECONDS, "s").add(
+        "loop_cpu", _per_stage_us(bare, count), "us/stage")
     for case in _CASES:
         targets = (Target("overhead", "<=", 2.0, "<= 2 %"),) if case is _ALL else ()
-        _add_ratio_row(figure, case.key, case.label, walls[case.key], bare, targets)
+        _add_ratio_row(figure, case.key, case.label, timings[case.key], bare, count, targets)
     _add_few_workflow_rows(plan, figure)
     _add_saturated_row(plan, figure)
+    _add_idle_wake_row(figure)
     figure.notes.append(f"median of {plan.repeats} alternating rounds; overhead = wall / bare "
                         "- 1; the engine's watchdog cannot be switched off, so every case "
                         "includes it; each stage is one round trip to a loopback peer that "
-                        "answers 10 ms later")
+                        "answers 10 ms later; loop_cpu = the event loop thread's CPU time "
+                        "per stage (starting and ending the workflows included)")
     return figure
 
 
-def _add_ratio_row(figure: Figure, key: str, label: str, wall: float, bare: float,
-                   targets: tuple[Target, ...]) -> None:
-    ratio = wall / bare
-    figure.row(key, label, targets=targets).add("wall", wall, "s").add(
-        "ratio", ratio, "x").add("overhead", (ratio - 1) * 100, "%")
+def _per_stage_us(timing: _Timing, count: int) -> float:
+    return timing.loop_cpu / (count * STAGES) * 1e6
+
+
+def _add_ratio_row(figure: Figure, key: str, label: str, timing: _Timing, bare: _Timing,
+                   count: int, targets: tuple[Target, ...]) -> None:
+    ratio = timing.wall / bare.wall
+    figure.row(key, label, targets=targets).add("wall", timing.wall, "s").add(
+        "ratio", ratio, "x").add("overhead", (ratio - 1) * 100, "%").add(
+        "loop_cpu", _per_stage_us(timing, count), "us/stage")
 
 
 def _add_few_workflow_rows(plan: Plan, figure: Figure) -> None:
@@ -153,11 +177,22 @@ def _add_few_workflow_rows(plan: Plan, figure: Figure) -> None:
     for count in (1, 10):
         if count >= plan.overhead_workflows:
             continue
-        walls = _measure_cases(plan, cases, count)
+        timings = _measure_cases(plan, cases, count)
         for case in cases:
             _add_ratio_row(figure, f"{case.key}-{count}", f"{case.label}, {count} "
-                           f"workflow{'s' if count > 1 else ''}", walls[case.key],
-                           walls["bare"], ())
+                           f"workflow{'s' if count > 1 else ''}", timings[case.key],
+                           timings["bare"], count, ())
+    _add_hot_rows(plan, figure, cases)
+
+
+def _add_hot_rows(plan: Plan, figure: Figure, cases: tuple[_Case, ...]) -> None:
+    """One workflow again, its peer answering at once: the loop's CPU per stage when the
+    CPU never idles between stages, against the rows above where each stage idles 10 ms
+    (the difference is what waking from idle costs this machine, see ``idle-wake``)."""
+    timings = _measure_cases(plan, (_CASES[0], *cases), 1, io_seconds=0.0)
+    for case in (_CASES[0], *cases):
+        figure.row(f"{case.key}-1-hot", f"{case.label}, 1 workflow, peer answering at once"
+                   ).add("loop_cpu", _per_stage_us(timings[case.key], 1), "us/stage")
 
 
 def _add_saturated_row(plan: Plan, figure: Figure) -> None:
@@ -165,6 +200,17 @@ def _add_saturated_row(plan: Plan, figure: Figure) -> None:
     count = min(plan.workflows, plan.overhead_workflows * 10)
     if count <= plan.overhead_workflows:
         return
-    walls = _measure_cases(Plan(repeats=1, scratch=plan.scratch), (_ALL,), count)
+    timings = _measure_cases(Plan(repeats=1, scratch=plan.scratch), (_ALL,), count)
     _add_ratio_row(figure, f"all-{count}", f"all features, {count} workflows (bare "
-                   f"{walls['bare']:.2f} s)", walls[_ALL.key], walls["bare"], ())
+                   f"{timings['bare'].wall:.2f} s)", timings[_ALL.key], timings["bare"],
+                   count, ())
+
+
+def _add_idle_wake_row(figure: Figure) -> None:
+    """What this machine charges for waking up: the same pure-Python work timed back to
+    back and right after a 10 ms idle. Every stage's bookkeeping runs after such an idle
+    (its handler's I/O), so this ratio multiplies what the bookkeeping costs when hot."""
+    hot, after_idle = idle_wake_penalty(IO_SECONDS)
+    figure.row("idle-wake", "reference: the same Python work back to back / right after a "
+                            "10 ms idle").add("hot", hot * 1e6, "us").add(
+        "after_idle", after_idle * 1e6, "us").add("ratio", after_idle / hot, "x")

@@ -91,6 +91,25 @@ def test_throughput_has_reference_and_store_rows(quick_document: dict[str, Any])
             assert {"rate", "checkpoint_p50", "checkpoint_p99", "lag_p99"} <= set(row["metrics"])
 
 
+def test_overhead_rows_carry_the_loop_s_cpu_and_the_machine_s_wake_cost(
+        quick_document: dict[str, Any]) -> None:
+    """Each overhead row says what the loop thread spent per stage (so a wall-time gap can
+    be told from waiting), with one workflow also measured hot, and the machine's cost of
+    waking from idle is measured beside them."""
+    figure = next(f for f in quick_document["figures"] if f["key"] == "overhead")
+    rows = {row["key"]: row["metrics"] for row in figure["rows"]}
+    timed = [key for key in rows if key not in ("idle-wake",) and not key.endswith("-hot")]
+    assert {"bare", "engine", "all", "all-overlapped", "all-1", "all-overlapped-1"} <= set(timed)
+    for key in timed:
+        assert rows[key]["loop_cpu"]["value"] > 0, key
+    assert {"engine-1-hot", "all-1-hot", "all-overlapped-1-hot"} <= set(rows)
+    assert all(rows[key]["loop_cpu"]["unit"] == "us/stage" for key in rows if key != "idle-wake")
+    wake = rows["idle-wake"]
+    assert wake["hot"]["value"] > 0 and wake["after_idle"]["value"] > 0
+    assert wake["ratio"]["value"] == pytest.approx(
+        wake["after_idle"]["value"] / wake["hot"]["value"])
+
+
 def test_compare_prints_a_ratio_per_metric(quick_document: dict[str, Any],
                                            tmp_path: Path) -> None:
     """``compare OLD NEW`` of a document with itself reads every metric as the same."""
