@@ -166,7 +166,8 @@ def settle() -> None:
 
 
 def _bookkeeping_like_work() -> int:
-    """~50 us of the kind of work a stage's bookkeeping does: build a state, encode it."""
+    """~25 us (here) of the kind of work a stage's bookkeeping does: build a state and
+    encode it."""
     history = [{"stage": f"s{i}", "duration": i / 7, "attempts": 1, "status": "completed"}
                for i in range(19)]
     state = {"workflow_id": "wf-0123456789ab", "stages": [h["stage"] for h in history],
@@ -176,9 +177,10 @@ def _bookkeeping_like_work() -> int:
 
 def idle_wake_penalty(idle: float, samples: int = 50) -> tuple[float, float]:
     """Median seconds of the same work run back to back, and right after ``idle`` seconds
-    of sleep. On a virtual machine whose idle CPU halts, the second is several times the
-    first (caches refilled after the host ran something else): a cost every stage's
-    bookkeeping pays after its handler's I/O, and no code change of ours removes."""
+    of sleep. Where an idle CPU halts (a virtual machine's vCPU, deep C-states) the second
+    is slower (1.6-2.1x on the machine the README reports), as caches and predictors are
+    refilled: a cost every stage's bookkeeping pays after its handler's I/O, which only
+    doing less work reduces."""
     hot: list[float] = []
     after_idle: list[float] = []
     for _ in range(samples):
