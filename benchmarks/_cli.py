@@ -60,12 +60,15 @@ _SKIPPED_WHEN_QUICK = {"end_to_end": "skipped in --quick: it runs real git, agen
                                     "commands (run without --quick, or --only end_to_end)"}
 
 
-def _run_parser() -> argparse.ArgumentParser:
+def _run_parser(prog: str) -> argparse.ArgumentParser:
+    examples = ("--quick", "--json bench-results/full.json", "compare old.json new.json",
+                "case --store file --workflows 10000 --runs 2")
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure the runtime against DESIGN.md's performance targets. Other "
                     "commands: 'compare OLD.json NEW.json', 'profile [--store file|memory]', "
-                    "'case [--store file|memory] [--workflows N] [--runs N]'.")
+                    "'case [--store file|memory] [--workflows N] [--runs N]'.",
+        epilog="examples:\n" + "\n".join(f"  {prog} {example}" for example in examples))
     parser.add_argument("--quick", action="store_true",
                         help="a small version that runs in seconds (100 workflows)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results here")
@@ -165,8 +168,8 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _run(argv: Sequence[str]) -> int:
-    args = _run_parser().parse_args(argv)
+def _run(argv: Sequence[str], prog: str) -> int:
+    args = _run_parser(prog).parse_args(argv)
     names = _selected(args.only)
     console = _console()
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -195,8 +198,8 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=120)
 
 
-def _compare(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks compare",
+def _compare(argv: Sequence[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(prog=f"{prog} compare",
                                      description="Print new/old for every figure's metrics.")
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
@@ -205,9 +208,9 @@ def _compare(argv: Sequence[str]) -> int:
     return 0
 
 
-def _profile(argv: Sequence[str]) -> int:
+def _profile(argv: Sequence[str], prog: str) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks profile",
+        prog=f"{prog} profile",
         description="cProfile the throughput case; print the top functions by tottime.")
     parser.add_argument("--store", choices=("file", "memory", "both"), default="both")
     parser.add_argument("--workflows", type=int, default=10_000, metavar="N")
@@ -228,9 +231,9 @@ def _profile(argv: Sequence[str]) -> int:
     return 0
 
 
-def _case(argv: Sequence[str]) -> int:
+def _case(argv: Sequence[str], prog: str) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks case",
+        prog=f"{prog} case",
         description="One throughput case in this process, printed as one line per run: "
                     "for A/B comparisons, run it from two checkouts alternately.")
     parser.add_argument("--store", choices=("file", "memory"), default="file")
@@ -254,12 +257,14 @@ def _case(argv: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks") -> int:
+    """Run the suite, or ``compare``, ``case`` or ``profile``; ``prog`` names the command
+    in help and errors (``workflow-manager bench`` forwards here)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] == "compare":
-        return _compare(arguments[1:])
+        return _compare(arguments[1:], prog)
     if arguments and arguments[0] == "case":
-        return _case(arguments[1:])
+        return _case(arguments[1:], prog)
     if arguments and arguments[0] == "profile":
-        return _profile(arguments[1:])
-    return _run(arguments)
+        return _profile(arguments[1:], prog)
+    return _run(arguments, prog)

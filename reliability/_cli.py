@@ -184,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("workflow_id", metavar="ID")
     bundle.add_argument("--output", metavar="FILE",
                         help="default: diagnostic-bundle-ID.json in the project root")
+
+    # Listed for --help only: main() hands "bench ..." to the benchmark harness as is.
+    bench = add("bench", "measure the runtime against DESIGN.md's performance targets "
+                         "(the same as python -m benchmarks; 'bench --help' for its options)",
+                _examples("bench --quick", "bench --json results.json",
+                          "bench compare old.json new.json"), [])
+    bench.add_argument("arguments", metavar="ARGS", nargs=argparse.REMAINDER,
+                       help="options of the benchmark harness")
     return parser
 
 
@@ -212,7 +220,10 @@ def main(argv: Sequence[str] | None = None, *, keep_sigint_ignored: bool = False
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        return _bench(arguments[1:])
+    args = build_parser().parse_args(arguments)
     debug = (args.log_level or os.environ.get("WORKFLOW_LOG_LEVEL", "")).upper() == "DEBUG"
     try:
         root, config = _prepare(args)
@@ -229,6 +240,17 @@ def _main(argv: Sequence[str] | None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done; see entry()
         shutdown_logging()
+
+
+def _bench(arguments: list[str]) -> int:
+    """The benchmark harness (``benchmarks/``, installed beside this package)."""
+    try:
+        from benchmarks import main as run_benchmarks
+    except ImportError as error:
+        print(f"{PROG} bench: error: the benchmark harness is not installed here ({error}); "
+              "run 'python -m benchmarks' from a source checkout", file=sys.stderr)
+        return EXIT_USAGE
+    return run_benchmarks(arguments, prog=f"{PROG} bench")
 
 
 def _token() -> list[str]:

@@ -121,6 +121,22 @@ def test_compare_prints_a_ratio_per_metric(quick_document: dict[str, Any],
     assert "worse" not in result.stdout
 
 
+def test_workflow_manager_bench_is_the_harness(quick_document: dict[str, Any],
+                                              tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``workflow-manager bench ...`` hands its arguments to the harness unchanged."""
+    from reliability._cli import main as workflow_manager
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(quick_document))
+    assert workflow_manager(["bench", "compare", str(path), str(path)]) == 0
+    assert "1.00x" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage_error:
+        workflow_manager(["bench", "compare", str(path)])
+    assert usage_error.value.code == 2
+    assert "workflow-manager bench compare" in capsys.readouterr().err
+
+
 def test_unknown_figure_is_refused_by_name() -> None:
     """A typo in --only names the figures that exist instead of running nothing."""
     result = _run("--quick", "--only", "thruput", cwd=ROOT)

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEFINITION = "tests.workflows_for_tests:RECORDING"
 TOKEN = "s3cr3tTOKENvalue42"
-COMMANDS = ("run", "batch", "resume", "diagnostics", "list", "cancel", "bundle")
+COMMANDS = ("run", "batch", "resume", "diagnostics", "list", "cancel", "bundle", "bench")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
