@@ -1,4 +1,5 @@
-"""``workflow-manager`` (also ``python -m reliability``): run, batch, resume and inspect workflows.
+"""``workflow-manager`` (also ``python -m reliability``): run, batch, resume and inspect workflows;
+``bench`` runs the benchmark harness.
 
 Output is for people by default (tables, colour only on a terminal); ``--json`` prints one
 JSON document on stdout instead. Exit codes: 0 every workflow the command ran completed
