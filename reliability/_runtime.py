@@ -42,7 +42,7 @@ from ._health import (
     worst,
 )
 from ._ids import new_workflow_id, validate_workflow_id
-from ._logging import configure_logging, logger, register_secret
+from ._logging import configure_logging, hand_over_held_records, logger, register_secret
 from ._monitor import RuntimeMonitor
 from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, retry_call
@@ -216,6 +216,12 @@ class Runtime:
                 loop.add_signal_handler(signum, self.request_shutdown, signum)
 
     async def close(self) -> None:
+        try:
+            await self._close()
+        finally:
+            hand_over_held_records()  # the last few ms of records, before the loop may end
+
+    async def _close(self) -> None:
         await self._monitor.stop()
         for task in list(self._tasks):
             task.cancel()

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+import reliability._logging
+from reliability import Runtime, WorkflowConfiguration
 from reliability._logging import (
+    HAND_OVER_INTERVAL,
     LOGGER_NAME,
     configure_logging,
     logger,
@@ -97,11 +100,7 @@ def test_a_burst_of_records_all_reach_the_file_in_order(tmp_path: Path) -> None:
     shutdown_logging()
 
 
-async def test_records_of_one_loop_iteration_are_handed_over_together(
-        tmp_path: Path) -> None:
-    """On an event loop, the records logged in one iteration reach the writing thread as
-    one queue item (one wake-up, not one per record), complete and in order."""
-    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+def _count_hand_overs() -> list[int]:
     (front,) = [h for h in logger.handlers if isinstance(h, logging.handlers.QueueHandler)]
     handed: list[int] = []
     real = front.queue
@@ -112,16 +111,75 @@ async def test_records_of_one_loop_iteration_are_handed_over_together(
             real.put_nowait(item)
 
     front.queue = Counting()  # type: ignore[assignment]
+    return handed
+
+
+async def _quiet_spell() -> None:
+    """Longer than the hand-over interval since anything was handed over (an earlier
+    test's loop ran in this thread), so the next record goes when its iteration ends."""
+    await asyncio.sleep(HAND_OVER_INTERVAL * 2)
+
+
+async def test_records_of_one_loop_iteration_are_handed_over_together(
+        tmp_path: Path) -> None:
+    """On an event loop, the records logged in one iteration reach the writing thread as
+    one queue item (one wake-up, not one per record), complete and in order."""
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    handed = _count_hand_overs()
+    await _quiet_spell()
     for index in range(300):
         logger.info("record %d", index)
     assert handed == []  # held until the iteration ends
     await asyncio.sleep(0)
-    logger.info("record %d", 300)
-    await asyncio.sleep(0)
-    assert handed == [300, 1]
+    assert handed == [300]
     shutdown_logging()
     lines = log_lines(tmp_path)
-    assert [int(line.rsplit(" ", 1)[1]) for line in lines] == list(range(301))
+    assert [int(line.rsplit(" ", 1)[1]) for line in lines] == list(range(300))
+
+
+@pytest.mark.usefixtures("quiet_logger")
+async def test_a_busy_loop_hands_records_over_at_most_every_interval(tmp_path: Path) -> None:
+    """Records of iterations that follow a hand-over closely wait for the interval to end
+    (one wake-up of the writing thread for several iterations), then arrive together; a
+    record after a quiet spell goes when its iteration ends, with no wait."""
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    handed = _count_hand_overs()
+    await _quiet_spell()
+    logger.info("record %d", 0)
+    await asyncio.sleep(0)
+    assert handed == [1]
+    for index in (1, 2, 3):  # three more iterations, well within the interval
+        logger.info("record %d", index)
+        await asyncio.sleep(0)
+    assert handed == [1]
+    await asyncio.sleep(HAND_OVER_INTERVAL * 2)  # its timer is due first, so it has run
+    assert handed == [1, 3]
+    await asyncio.sleep(HAND_OVER_INTERVAL * 2)  # quiet: the next record goes at once
+    logger.info("record %d", 4)
+    await asyncio.sleep(0)
+    assert handed == [1, 3, 1]
+    shutdown_logging()
+    assert [int(line.rsplit(" ", 1)[1]) for line in log_lines(tmp_path)] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.usefixtures("quiet_logger")
+async def test_a_runtime_closing_hands_over_what_its_loop_still_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing a runtime queues the records its loop holds back for the interval, so an
+    ``asyncio.run`` that ends right after (not waiting for timers) loses none."""
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    handed = _count_hand_overs()
+    await _quiet_spell()
+    logger.info("record %d", 0)
+    await asyncio.sleep(0)
+    # Longer than the runtime takes to open and close, so only the close can hand it over.
+    monkeypatch.setattr(reliability._logging, "HAND_OVER_INTERVAL", 60.0)
+    logger.info("record %d", 1)  # held: the interval since the first hand-over runs on
+    async with Runtime(WorkflowConfiguration(enable_persistence=False), project_root=tmp_path,
+                       configure_logs=False, handle_signals=False):
+        pass
+    assert handed == [1, 1]
+    shutdown_logging()
 
 
 async def test_records_held_back_are_written_by_a_shutdown_in_the_same_iteration(
