@@ -147,6 +147,23 @@ class TestRoundTrip:
         assert loaded.source == str(tmp_path / "states" / WID / "state.json")
         assert (tmp_path / "checkpoints" / f"{WID}_checkpoint_alpha.json").exists()
 
+    async def test_checkpoint_files_are_written_where_checkpoint_path_says(
+            self, tmp_path: Path) -> None:
+        """Stage names with spaces, separators and non-ASCII letters: the writer's file
+        (its path built once per workflow and stage) is the one checkpoint_path names."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        stages = ("alpha", "two words/and..a slash", "étape-1", "x" * 120)
+        try:
+            for stage in stages:
+                await store.save(WID, lambda: {"workflow_id": WID, "revision": 1},
+                                 checkpoint_stage=stage)
+        finally:
+            await store.close()
+        expected = {store.checkpoint_path(WID, stage).name for stage in stages}
+        assert {path.name for path in (tmp_path / "checkpoints").iterdir()} == expected
+        assert len(expected) == len(stages)
+
     async def test_document_carries_schema_version_and_checksum(self) -> None:
         """The on-disk form is schema_version, sha256 checksum, state: decodable again."""
         document = encode_document({"workflow_id": WID, "revision": 3})
