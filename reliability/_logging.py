@@ -137,8 +137,12 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
             return
         held = self._batches
         batch: list[logging.LogRecord] | None = getattr(held, "records", None)
-        if batch is None:
-            batch = held.records = []
+        # A batch left by a loop that ended before handing it over (asyncio.run does not
+        # wait for timers) is handed over by the next loop of this thread.
+        if batch is None or held.loop is not loop:
+            if batch is None:
+                batch = held.records = []
+            held.loop = loop
             wait = getattr(held, "handed_at", -math.inf) + HAND_OVER_INTERVAL - time.monotonic()
             if wait <= 0:
                 loop.call_soon(self.hand_over)

@@ -163,6 +163,31 @@ async def test_a_busy_loop_hands_records_over_at_most_every_interval(tmp_path: P
 
 
 @pytest.mark.usefixtures("quiet_logger")
+def test_records_a_finished_loop_still_held_go_with_the_next_loop_s(tmp_path: Path) -> None:
+    """asyncio.run ends without running the hand-over timer; the records it held go out
+    with the next loop's first hand-over in the same thread, not after 512 more."""
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    handed = _count_hand_overs()
+    time.sleep(HAND_OVER_INTERVAL * 2)
+
+    async def log_twice() -> None:
+        logger.info("record %d", 0)
+        await asyncio.sleep(0)  # handed over at once
+        logger.info("record %d", 1)  # held for the interval; this loop ends first
+
+    async def log_once() -> None:
+        logger.info("record %d", 2)
+        await asyncio.sleep(HAND_OVER_INTERVAL * 2)
+
+    asyncio.run(log_twice())
+    assert handed == [1]
+    asyncio.run(log_once())
+    assert handed == [1, 2]
+    shutdown_logging()
+    assert [int(line.rsplit(" ", 1)[1]) for line in log_lines(tmp_path)] == [0, 1, 2]
+
+
+@pytest.mark.usefixtures("quiet_logger")
 async def test_a_runtime_closing_hands_over_what_its_loop_still_holds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Closing a runtime queues the records its loop holds back for the interval, so an
