@@ -178,7 +178,7 @@ def _bookkeeping_like_work() -> int:
 def idle_wake_penalty(idle: float, samples: int = 50) -> tuple[float, float]:
     """Median seconds of the same work run back to back, and right after ``idle`` seconds
     of sleep. Where an idle CPU halts (a virtual machine's vCPU, deep C-states) the second
-    is slower (1.6-2.1x on the machine the README reports), as caches and predictors are
+    is slower (1.6-3.9x on the machine the README reports), as caches and predictors are
     refilled: a cost every stage's bookkeeping pays after its handler's I/O, which only
     doing less work reduces."""
     hot: list[float] = []
