@@ -3,8 +3,9 @@
 The diagnostic bundle is the spec's support file, ``diagnostic-bundle-{id}.json``:
 workflow diagnostics, system health, configuration, the workflow's log lines, its state
 and checkpoint files, and its performance report. Every secret in it is replaced by
-``***`` (the configured token's value and anything shaped like a GitHub token, a bearer
-credential or a token in a git URL), and the file is created readable by its owner only.
+``***`` (the secrets the configuration and its sections know of, and anything shaped like
+a well-known access token, a bearer credential or a token in a URL), and the file is
+created readable by its owner only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import aiofiles
 
 from ._errors import StateCorruptedError
 from ._ids import validate_workflow_id
+from ._logging import redact_secrets
 from ._state import WorkflowRun
 from ._store import FileStore, _read_bounded
 
@@ -46,7 +48,9 @@ _SECRET_KEY = re.compile(r"(?i)(token|secret|password|passwd|authorization|api[_
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every known secret value and every token-shaped string as ``***``."""
+    """``text`` with every known secret value (``secrets``, and those registered for the
+    logs) and every token-shaped string as ``***``."""
+    text = redact_secrets(text)
     for secret in secrets:
         if secret:
             text = text.replace(secret, REDACTED)
@@ -168,8 +172,7 @@ async def build_bundle(runtime: Runtime, workflow_id: str) -> dict[str, Any]:
             "loop_lag_ms": runtime.loop_lag_ms,
         },
     }
-    secrets = [runtime.config.github_token, os.environ.get("GITHUB_TOKEN", "")]
-    redacted: dict[str, Any] = redact(bundle, secrets)
+    redacted: dict[str, Any] = redact(bundle, runtime.config.secret_values())
     return redacted
 
 

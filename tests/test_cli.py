@@ -161,7 +161,8 @@ class TestInspection:
                 "state_files", "performance_metrics"} <= set(bundle)
         assert bundle["log_files"] and all(workflow_id in line for line in bundle["log_files"])
         assert any(path.endswith("state.json") for path in bundle["state_files"])
-        assert bundle["configuration"]["github_token"] == "***"
+        # GITHUB_TOKEN is read by the GitHub forge when it starts, never into the settings.
+        assert bundle["configuration"]["github_token"] == ""
 
     def test_cancel_a_stored_workflow(self, tmp_path: Path) -> None:
         """cancel: a stopped workflow becomes cancelled (exit 0); again, nothing to do (1)."""
