@@ -253,3 +253,25 @@ class TestClosing:
         await closing
         assert runtime.closed
         assert console.export_text().count("already durable in the journal") == 1
+
+
+class TestInterpreterTuning:
+    @pytest.mark.parametrize(("argv", "tuned"), [
+        (["run", "p.md"], True), (["batch", "prompts"], True), (["resume", "--all"], True),
+        (["list"], False), (["diagnostics", "workflow-20240115-142315-a7b3"], False),
+    ])
+    def test_long_running_commands_tune_the_interpreter(
+            self, argv: list[str], tuned: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        """run, batch and resume turn tune_interpreter on; short commands leave it off."""
+        from reliability._cli import _load_config, build_parser
+
+        monkeypatch.delenv("WORKFLOW_TUNE_INTERPRETER", raising=False)
+        assert _load_config(build_parser().parse_args(argv)).tune_interpreter is tuned
+
+    def test_the_configuration_may_still_turn_it_off(self,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+        """WORKFLOW_TUNE_INTERPRETER=false beats the command's default."""
+        from reliability._cli import _load_config, build_parser
+
+        monkeypatch.setenv("WORKFLOW_TUNE_INTERPRETER", "false")
+        assert _load_config(build_parser().parse_args(["batch", "x"])).tune_interpreter is False
