@@ -5,11 +5,11 @@ defaults; keyword overrides beat all three. Every value is checked where it ente
 one stops with one message naming the field, where the value came from, and what is
 accepted.
 
-Settings sections: a workflow package adds settings of its own (the development workflow's
-forge, commands and reviewers) by registering a ``SettingsSection``: a frozen dataclass
-whose fields are the settings, and a checker. Its fields are then accepted under their own
-flat names wherever a core setting is (``WorkflowConfiguration(forge="github")``, the JSON
-file, ``WORKFLOW_FORGE``), read back as attributes (``config.forge``), typed through
+Settings sections: a workflow package adds settings of its own by registering a
+``SettingsSection``: a frozen dataclass whose fields are the settings, and a checker. Its
+fields are then accepted under their own flat names wherever a core setting is
+(``WorkflowConfiguration(repository="o/r")``, the JSON file, ``WORKFLOW_REPOSITORY``), read
+back as attributes (``config.repository``), typed through
 ``config.section(TheSettings)``, and listed by ``redacted()``. A name no section registered
 is refused, naming where it came from. Packages that declare a ``workflow_manager.plugins``
 entry point are imported the first time an unknown name is met, so a configuration file

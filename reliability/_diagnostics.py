@@ -38,6 +38,7 @@ _READ_CHUNK = 1 << 20
 REDACTED = "***"
 
 _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # Well-known access-token shapes (forge personal and app tokens), whoever configured them
     (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{8,}"), REDACTED),
     (re.compile(r"\bgithub_pat_[A-Za-z0-9_]{8,}"), REDACTED),
     (re.compile(r"(?i)\b(bearer|token|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1\2" + REDACTED),

@@ -63,8 +63,8 @@ _resolver: TargetResolver | None = None
 
 def register_target_resolver(resolver: TargetResolver | None) -> None:
     """Make ``resolver`` how ``Runtime.run("a/path")`` turns a path into a workflow, for every
-    runtime not given one of its own. Importing ``machines.development`` registers its
-    resolver (a path is a prompt file for the development workflow). None unregisters."""
+    runtime not given one of its own; a workflow package registers its own when imported
+    (see the module docstring). None unregisters."""
     global _resolver
     _resolver = resolver
 

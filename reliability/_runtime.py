@@ -156,8 +156,8 @@ class Runtime:
                  configure_logs: bool = True,
                  target_resolver: TargetResolver | None = None) -> None:
         """``target_resolver`` turns a path given to ``run``/``register`` into a workflow;
-        without one, the registered default (``register_target_resolver``; importing
-        ``machines.development`` registers the development workflow's) is used."""
+        without one, the registered default (``register_target_resolver``, called by the
+        installed workflow package that owns paths) is used."""
         self.config = config if config is not None else load_configuration()
         for secret in self.config.secret_values():
             register_secret(secret)  # never in a log or a stored error
@@ -273,7 +273,8 @@ class Runtime:
     async def run(self, target: str | os.PathLike[str] | DefinitionLike, *,
                   context: Mapping[str, Any] | None = None) -> WorkflowResult:
         """Run one workflow to its end: a definition, or a path the target resolver turns into
-        one (with ``machines`` installed, a prompt file for the development workflow)."""
+        one (with this project's workflows installed, a prompt file for the development
+        workflow)."""
         definition, inputs, prompt_file = self._target(target, context)
         if self.shutting_down:
             raise WorkflowError("the runtime is shutting down; no new workflows start")
@@ -622,7 +623,8 @@ class Runtime:
         check = await self.perform_health_check(run.workflow_id)
         if self._live.get(run.workflow_id) is None:
             run.record_health_check(check.to_dict())
-        # A busy CPU alone (WARNING) is normal while agents and tests run; log it quietly.
+        # A busy CPU alone (WARNING) is normal while handlers' subprocesses run; log it
+        # quietly.
         level = "info" if check.status in (HealthStatus.HEALTHY, HealthStatus.WARNING) else (
             "warning")
         getattr(logger, level)("Health check completed (%s): %s (CPU: %.0f%%, Memory: %.0f%%)",
