@@ -57,7 +57,8 @@ def _prepare(plan: Plan) -> tuple[Path, list[Path]]:
 
 def _configuration() -> WorkflowConfiguration:
     agent = shlex.quote(str(EXAMPLES / "agent.py"))
-    return WorkflowConfiguration(forge="local", log_level="WARNING",
+    # Tuned as 'workflow-manager batch' tunes it: the figure is the batch command's.
+    return WorkflowConfiguration(forge="local", log_level="WARNING", tune_interpreter=True,
                                  agent_command=f"{{python}} {agent} {{prompt_file}}")
 
 

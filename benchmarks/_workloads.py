@@ -171,10 +171,13 @@ RESUME_FLOW = _flow("RESUME_FLOW", bare_step, special={2: resume_gate})  # block
 def configuration(*, persistence: bool = False, health: bool = False,
                   monitoring: bool = False, log_level: str = "WARNING",
                   durability: str = "strict") -> WorkflowConfiguration:
-    """Every optional feature off unless asked for, so each figure names what it measures."""
+    """Every optional feature off unless asked for, so each figure names what it measures.
+
+    The interpreter is tuned as the command line's long-running commands tune it (the
+    library's default leaves it alone): the figures measure the runtime as it is run."""
     return WorkflowConfiguration(log_level=log_level, enable_persistence=persistence,
                                  enable_health_checks=health, enable_monitoring=monitoring,
-                                 durability=durability)
+                                 durability=durability, tune_interpreter=True)
 
 
 @contextlib.asynccontextmanager

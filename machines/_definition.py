@@ -1,8 +1,9 @@
 """Workflow definitions: ``StageSpec``s built into one shared ``transitions`` machine.
 
-DESIGN rules 1-2: one ``AsyncMachine`` per definition; each running workflow is a model
-on it (``auto_transitions=False``, ``queued="model"``, identity comparison); its triggers
-only move the state. Handlers never run inside them.
+One ``AsyncMachine`` per definition; each running workflow is a model on it
+(``auto_transitions=False``, ``queued="model"``, identity comparison); its triggers only
+move the state, and handlers never run inside them (docs/architecture.md, invariants 1
+and 2).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import itertools
 import sys
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -29,29 +30,37 @@ PENDING = "pending"
 _OUTCOME_NAMES = tuple(o.value for o in OUTCOMES)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class StageSpec:
     """One stage: its name, handler and reliability settings.
 
-    Timing fields left as None take the spec's defaults for that stage (scaled by the
-    configuration's ``timeout_multiplier``); given values are used exactly.
+    ``StageSpec("fetch", fetch, timeout_seconds=30)``: the stage and its handler are
+    positional, every setting after them is keyword-only. Timing fields left as None take
+    the spec's defaults for that stage (scaled by the configuration's
+    ``timeout_multiplier``); given values are used exactly. ``recovery_actions`` and
+    ``warning_actions`` take any sequence of action names and are kept as tuples.
     """
 
     stage: WorkflowStage | str
     handler: StageHandler
+    _: KW_ONLY
     timeout_seconds: float | None = None
     warning_threshold_seconds: float | None = None
     baseline_seconds: float | None = None
     max_retries: int | None = None
     critical: bool = True
-    recovery_actions: tuple[str, ...] | None = None
-    warning_actions: tuple[str, ...] = ()
+    recovery_actions: Sequence[str] | None = None
+    warning_actions: Sequence[str] = ()
     heartbeat_timeout_seconds: float | None = None
     health_check: bool = False
     checkpoint: bool = False
 
     def __post_init__(self) -> None:
         name = self.name
+        for label in ("recovery_actions", "warning_actions"):
+            actions = getattr(self, label)
+            if actions is not None:
+                object.__setattr__(self, label, _action_names(name, label, actions))
         if not name or not all(c.isalnum() or c in "_-" for c in name):
             raise ValueError(f"stage name {name!r} must be letters, digits, '_' or '-'")
         if name == PENDING or name in _OUTCOME_NAMES:
@@ -72,6 +81,16 @@ class StageSpec:
     @property
     def name(self) -> str:
         return self.stage.value if isinstance(self.stage, Enum) else str(self.stage)
+
+
+def _action_names(stage: str, label: str, actions: object) -> tuple[str, ...]:
+    # A str is a sequence too: "retry" would become ("r", "e", "t", "r", "y").
+    names = tuple(actions) if isinstance(actions, Iterable) and not isinstance(
+        actions, (str, bytes)) else None
+    if names is None or not all(isinstance(a, str) and a for a in names):
+        raise TypeError(f"stage {stage!r}: {label} must be a list or tuple of action names, "
+                        f"not {actions!r}")
+    return names
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +126,8 @@ def _resolve(spec: StageSpec, own_actions: Mapping[str, RecoveryAction]) -> _Res
     else:  # the spec's defaults name actions not every definition has: keep those it does
         actions = tuple(a for a in default.recovery_actions
                         if a in own_actions or a in BUILTIN_ACTIONS)
-    resolve_action_names(spec.warning_actions, own_actions, where=f"stage {spec.name!r} warning")
+    resolve_action_names(tuple(spec.warning_actions), own_actions,
+                         where=f"stage {spec.name!r} warning")
     return _ResolvedStage(
         name=spec.name, handler=spec.handler, timeout_seconds=float(timeout),
         warning_threshold_seconds=float(warning),

@@ -7,7 +7,14 @@ breakers and a durable checkpoint, so an interrupted workflow resumes where it s
 
 from ._breaker import Breaker
 from ._clock import Clock, FakeClock, SystemClock
-from ._config import BreakerSettings, WorkflowConfiguration, load_configuration
+from ._config import (
+    BreakerSettings,
+    SettingsSection,
+    WorkflowConfiguration,
+    load_configuration,
+    register_settings_section,
+    setting_error,
+)
 from ._errors import (
     CircuitOpenError,
     ConfigurationError,
@@ -26,6 +33,7 @@ from ._errors import (
 )
 from ._health import HealthStatus, SystemHealthCheck
 from ._ids import new_workflow_id, validate_workflow_id
+from ._plugins import ResolvedTarget, TargetResolver, register_target_resolver
 from ._retry import RetryPolicy
 from ._runtime import Runtime, WorkflowResult, resume_workflow, run_workflow
 from ._store import FileStore, MemoryStore, Store
@@ -44,14 +52,17 @@ __all__ = [
     "InvalidWorkflowIdError",
     "MemoryStore",
     "RateLimitedError",
+    "ResolvedTarget",
     "ResourceError",
     "RetryPolicy",
     "Runtime",
+    "SettingsSection",
     "StageTimeoutError",
     "StateCorruptedError",
     "Store",
     "SystemClock",
     "SystemHealthCheck",
+    "TargetResolver",
     "TransientError",
     "WorkflowConfiguration",
     "WorkflowError",
@@ -61,7 +72,10 @@ __all__ = [
     "classify",
     "load_configuration",
     "new_workflow_id",
+    "register_settings_section",
+    "register_target_resolver",
     "resume_workflow",
     "run_workflow",
+    "setting_error",
     "validate_workflow_id",
 ]

@@ -41,7 +41,13 @@ from ._batch import (
     expand_prompt_paths,
     run_batch,
 )
-from ._config import DURABILITY_MODES, LOG_LEVELS, WorkflowConfiguration, load_configuration
+from ._config import (
+    DURABILITY_MODES,
+    LOG_LEVELS,
+    WorkflowConfiguration,
+    environment_secrets,
+    load_configuration,
+)
 from ._context import DefinitionLike
 from ._diagnostics import build_bundle, redact, redact_text, stored_diagnostics, write_private_json
 from ._errors import ConfigurationError, WorkflowError, WorkflowLockedError
@@ -54,7 +60,8 @@ from ._logging import (
     logger,
     shutdown_logging,
 )
-from ._runtime import DEFAULT_DEFINITION, Runtime, WorkflowResult, resolve_definition
+from ._plugins import load_plugins
+from ._runtime import Runtime, WorkflowResult, resolve_definition
 from ._state import STATUSES, WorkflowRun
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -108,9 +115,9 @@ def _runner_options() -> argparse.ArgumentParser:
 
 def _definition_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--definition", metavar="MODULE:NAME",
-                        help="a workflow definition to run instead of the development "
-                             f"workflow ({DEFAULT_DEFINITION}); each prompt path is passed "
-                             "to it as the input 'prompt_file'")
+                        help="a workflow definition to run instead of the installed default "
+                             "(the development workflow); each prompt path is passed to it "
+                             "as the input 'prompt_file'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: diagnostic-bundle-ID.json in the project root")
 
     # Listed for --help only: main() hands "bench ..." to the benchmark harness as is.
-    bench = add("bench", "measure the runtime against DESIGN.md's performance targets "
-                         "(the same as python -m benchmarks; 'bench --help' for its options)",
+    bench = add("bench", "measure the runtime against its performance targets (the same "
+                         "as python -m benchmarks; 'bench --help' for its options)",
                 _examples("bench --quick", "bench --json results.json",
                           "bench compare old.json new.json"), [])
     bench.add_argument("arguments", metavar="ARGS", nargs=argparse.REMAINDER,
@@ -225,6 +232,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if arguments[:1] == ["bench"]:
         return _bench(arguments[1:])
     args = build_parser().parse_args(arguments)
+    load_plugins()  # installed workflow packages: their settings, the default target
     debug = (args.log_level or os.environ.get("WORKFLOW_LOG_LEVEL", "")).upper() == "DEBUG"
     try:
         root, config = _prepare(args)
@@ -235,7 +243,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except (WorkflowError, OSError) as error:
         if debug:
             traceback.print_exc()
-        print(f"{PROG} {args.command}: error: {redact_text(str(error), _token())}",
+        print(f"{PROG} {args.command}: error: {redact_text(str(error), _secrets())}",
               file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigurationError) else EXIT_FAILED
     finally:
@@ -254,8 +262,10 @@ def _bench(arguments: list[str]) -> int:
     return run_benchmarks(arguments, prog=f"{PROG} bench")
 
 
-def _token() -> list[str]:
-    return [os.environ.get("GITHUB_TOKEN", "")]
+def _secrets() -> list[str]:
+    # The configuration's own secrets are registered (redact_text applies them) when its
+    # runtime is made; these are the environment's, which nothing may have read yet.
+    return environment_secrets()
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Path, WorkflowConfiguration]:
@@ -265,14 +275,20 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, WorkflowConfiguration]:
     return root.resolve(), _load_config(args)
 
 
+# Commands that run workflows for long: they tune the interpreter unless the configuration
+# says otherwise (a library leaves it alone; the command line owns its process).
+_LONG_RUNNING = frozenset({"run", "batch", "resume"})
+
+
 def _load_config(args: argparse.Namespace) -> WorkflowConfiguration:
+    defaults = {"tune_interpreter": True} if args.command in _LONG_RUNNING else {}
     overrides = {"log_level": args.log_level,
                  "enable_monitoring": getattr(args, "enable_monitoring", None),
                  "enable_health_checks": getattr(args, "enable_health_checks", None),
                  "max_retries": getattr(args, "max_retries", None),
                  "durability": getattr(args, "durability", None),
                  "concurrency": getattr(args, "concurrency", None)}
-    return load_configuration(args.config, **overrides)
+    return load_configuration(args.config, defaults=defaults, **overrides)
 
 
 # --------------------------------------------------------------------------- logging
@@ -395,7 +411,7 @@ def _stdout() -> Console:
 
 
 def _print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(redact(document, _token()), indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(redact(document, _secrets()), indent=2, default=str) + "\n")
 
 
 def _when(wall_time: object) -> str:
@@ -424,7 +440,7 @@ def _results_table(results: Sequence[WorkflowResult], title: str) -> Table:
         table.add_row(result.workflow_id, _status(result.status),
                       escape(str(result.current_stage or "-")), escape(str(pr)),
                       escape(str(result.reliability_metrics.get("performance_grade", "-"))),
-                      escape(redact_text(result.error or "", _token())))
+                      escape(redact_text(result.error or "", _secrets())))
     return table
 
 
@@ -534,12 +550,12 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
                                           err if live else None)
         interrupted = runtime.shutting_down
     report = batch_report(
-        items, project_root=root,
-        definition=args.definition or DEFAULT_DEFINITION, concurrency=config.concurrency,
+        items, project_root=root, definition=args.definition or _default_label(runtime, prompts),
+        concurrency=config.concurrency,
         started_at=started_at, finished_at=time.time(), interrupted=interrupted)
     report_path = report_path or default_report_path(root, started_at)
     report_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_private_json(report_path, redact(report, [config.github_token, *_token()]))
+    write_private_json(report_path, redact(report, config.secret_values()))
     _show_batch(report, report_path, args)
     return _exit_code([row["status"] for row in report["workflows"]], interrupted)
 
@@ -559,6 +575,12 @@ async def _batch_with_display(runtime: Runtime, prompts: list[Path],
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
+
+
+def _default_label(runtime: Runtime, prompts: list[Path]) -> str:
+    """The definition the target resolver runs prompts with, for the batch report."""
+    definition = runtime.resolve_target(str(prompts[0])).definition
+    return definition.import_path or definition.name
 
 
 def _show_batch(report: dict[str, Any], report_path: Path, args: argparse.Namespace) -> None:
@@ -598,7 +620,7 @@ async def _cmd_diagnostics(args: argparse.Namespace, config: WorkflowConfigurati
     if args.json:
         _print_json(diagnostics)
     else:
-        _show_diagnostics(redact(diagnostics, [config.github_token, *_token()]))
+        _show_diagnostics(redact(diagnostics, config.secret_values()))
     return EXIT_OK
 
 
@@ -637,14 +659,16 @@ def _show_diagnostics(diagnostics: dict[str, Any]) -> None:
 
 
 async def _cmd_list(args: argparse.Namespace, config: WorkflowConfiguration, root: Path) -> int:
+    statistics = None
     async with _runtime(config, root, console_level="WARNING") as runtime:
-        states = await runtime.store.list_states({args.status} if args.status else None)
-    rows = sorted((s.state for s in states), key=lambda s: float(s.get("created_at") or 0))
-    statistics = stage_statistics(
-        (s.get("monitoring_state") or {}).get("stage_history") or () for s in rows
-    ) if args.stats else None
+        rows = await runtime.list_workflows(args.status)
+        if args.stats:
+            states = await runtime.store.list_states({args.status} if args.status else None)
+            statistics = stage_statistics(
+                (s.state.get("monitoring_state") or {}).get("stage_history") or ()
+                for s in states)
     if args.json:
-        document: dict[str, Any] = {"workflows": [_list_row(s) for s in rows]}
+        document: dict[str, Any] = {"workflows": rows}
         if statistics is not None:
             document["stage_statistics"] = statistics
         _print_json(document)
@@ -653,24 +677,13 @@ async def _cmd_list(args: argparse.Namespace, config: WorkflowConfiguration, roo
     return EXIT_OK
 
 
-def _list_row(state: dict[str, Any]) -> dict[str, Any]:
-    return {"workflow_id": state.get("workflow_id"), "status": state.get("status"),
-            "current_stage": state.get("current_stage"),
-            "definition": state.get("definition") or state.get("definition_name"),
-            "prompt_file": state.get("prompt_file") or (state.get("context") or {}).get(
-                "prompt_file"),
-            "created_at": state.get("created_at"), "updated_at": state.get("updated_at"),
-            "error": state.get("error")}
-
-
 def _show_list(rows: list[dict[str, Any]], statistics: dict[str, Any] | None) -> None:
     console = _stdout()
     table = Table(title=f"Workflows ({len(rows)})")
     table.add_column("workflow", no_wrap=True)
     for column in ("status", "stage", "prompt", "updated"):
         table.add_column(column, overflow="fold")
-    for state in rows:
-        row = _list_row(state)
+    for row in rows:
         prompt = Path(str(row["prompt_file"])).name if row["prompt_file"] else "-"
         table.add_row(str(row["workflow_id"]), _status(str(row["status"])),
                       escape(str(row["current_stage"] or "-")), escape(prompt),

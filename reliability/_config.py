@@ -1,8 +1,19 @@
-"""``WorkflowConfiguration``: the spec's settings, validated, from defaults, a file and the env.
+"""``WorkflowConfiguration``: the runtime's settings, validated, from defaults, a file and the env.
 
 Precedence: ``WORKFLOW_*`` environment variables beat the JSON file, which beats the
-defaults. Every value is checked where it enters; a bad one stops with one message naming
-the field, where the value came from, and what is accepted.
+defaults; keyword overrides beat all three. Every value is checked where it enters; a bad
+one stops with one message naming the field, where the value came from, and what is
+accepted.
+
+Settings sections: a workflow package adds settings of its own by registering a
+``SettingsSection``: a frozen dataclass whose fields are the settings, and a checker. Its
+fields are then accepted under their own flat names wherever a core setting is
+(``WorkflowConfiguration(repository="o/r")``, the JSON file, ``WORKFLOW_REPOSITORY``), read
+back as attributes (``config.repository``), typed through
+``config.section(TheSettings)``, and listed by ``redacted()``. A name no section registered
+is refused, naming where it came from. Packages that declare a ``workflow_manager.plugins``
+entry point are imported the first time an unknown name is met, so a configuration file
+written for an installed workflow package loads without importing that package first.
 """
 
 from __future__ import annotations
@@ -11,19 +22,26 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ._errors import ConfigurationError
+from ._plugins import load_plugins
 
-__all__ = ["BreakerSettings", "WorkflowConfiguration", "load_configuration"]
+__all__ = ["BreakerSettings", "SettingsSection", "WorkflowConfiguration", "environment_secrets",
+           "load_configuration", "register_settings_section", "setting_error"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("detailed", "json")
-FORGES = ("auto", "local", "github")
 DURABILITY_MODES = ("strict", "overlapped")
+S = TypeVar("S")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,24 +52,91 @@ class BreakerSettings:
     recovery_timeout: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.failure_threshold, int) or self.failure_threshold < 1:
+        if type(self.failure_threshold) is not int or self.failure_threshold < 1:
             raise ValueError("failure_threshold must be a whole number >= 1")
         if not _is_number(self.recovery_timeout) or self.recovery_timeout <= 0:
             raise ValueError("recovery_timeout must be a number of seconds > 0")
 
 
+# A breaker nobody configured: 5 failures open it for a minute.
+FALLBACK_BREAKER = BreakerSettings(5, 60.0)
+
+
 def _default_breakers() -> dict[str, BreakerSettings]:
-    # The spec's defaults: GitHub 3 failures / 5 minutes, implementation 5 / 10, system 2 / 2.
-    return {
-        "github": BreakerSettings(3, 300.0),
-        "implementation": BreakerSettings(5, 600.0),
-        "system": BreakerSettings(2, 120.0),
-    }
+    return {"system": BreakerSettings(2, 120.0)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class SettingsSection:
+    """Settings a workflow package adds to ``WorkflowConfiguration``.
+
+    ``settings`` is a frozen dataclass whose fields (each with a default) are the settings'
+    names; ``check(name, value, source)`` raises ``setting_error(...)`` for a bad value
+    (values arrive already converted: a sequence as a tuple, an env string parsed by the
+    field default's type). ``secrets`` names fields ``repr`` and ``redacted()`` never show;
+    ``secret_environment`` names environment variables whose values diagnostics redact.
+    ``breakers`` are the package's default circuit breakers (a configured one wins).
+    """
+
+    name: str
+    settings: type[Any]
+    check: Callable[[str, Any, str], None]
+    secrets: frozenset[str] = frozenset()
+    secret_environment: tuple[str, ...] = ()
+    breakers: Mapping[str, BreakerSettings] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not dataclasses.is_dataclass(self.settings):
+            raise TypeError(f"settings section {self.name!r}: settings must be a dataclass")
+        for f in dataclasses.fields(self.settings):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise TypeError(f"settings section {self.name!r}: field {f.name!r} needs a "
+                                "default")
+
+
+_SECTIONS: dict[str, SettingsSection] = {}
+_SECTION_OF: dict[str, SettingsSection] = {}  # setting name -> the section that owns it
+
+
+def register_settings_section(section: SettingsSection) -> None:
+    """Make ``section``'s settings known to every ``WorkflowConfiguration`` made after this.
+
+    Registering the same section again (a module re-imported) replaces it; a setting name
+    another section or the core already owns is refused.
+    """
+    names = [f.name for f in dataclasses.fields(section.settings)]
+    for name in names:
+        owner = "the core" if name in _CORE else getattr(_SECTION_OF.get(name), "name", None)
+        if owner is not None and owner != section.name:
+            raise ValueError(f"settings section {section.name!r}: setting {name!r} already "
+                             f"belongs to {owner}")
+    previous = _SECTIONS.get(section.name)
+    if previous is not None:
+        for f in dataclasses.fields(previous.settings):
+            _SECTION_OF.pop(f.name, None)
+    _SECTIONS[section.name] = section
+    for name in names:
+        _SECTION_OF[name] = section
+
+
+def setting_error(name: str, value: object, source: str, accepted: str) -> ConfigurationError:
+    """The one message every refused setting gets: field, value, source, what is accepted."""
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ConfigurationError(f"invalid {name} = {shown} (from {source}): expected {accepted}")
+
+
+@dataclass(frozen=True, init=False)
 class WorkflowConfiguration:
-    """Every setting of the runtime. Construct it directly or with ``load_configuration``."""
+    """Every setting of the runtime, as keyword arguments: ``WorkflowConfiguration(
+    max_retries=5, reviewers=["alice"])``. Or build one with ``load_configuration``.
+
+    Sequences may be any sequence (not a lone string) and are kept as tuples;
+    ``circuit_breakers`` takes ``BreakerSettings`` or plain mappings with
+    ``failure_threshold`` and ``recovery_timeout``. Settings of registered sections are
+    accepted by name and read back as attributes.
+    """
 
     # Core reliability features
     enable_monitoring: bool = True
@@ -74,8 +159,10 @@ class WorkflowConfiguration:
     # "overlapped": the next stage starts while it is written; a crash in that window
     # (one group commit, about a millisecond) re-runs the stage on resume.
     durability: str = "strict"
-    # GC thresholds and thread switch interval while a runtime is open (_tuning.py)
-    tune_interpreter: bool = True
+    # GC thresholds and thread switch interval while a runtime is open (_tuning.py). Off:
+    # a library leaves the host interpreter alone unless the application asks; the
+    # command line's long-running commands turn it on.
+    tune_interpreter: bool = False
     # Storage, relative to the project root unless absolute
     state_directory: str = ".github/workflow-states"
     checkpoint_directory: str = ".github/workflow-checkpoints"
@@ -83,178 +170,242 @@ class WorkflowConfiguration:
     performance_baselines: Mapping[str, float] = field(default_factory=dict)
     recovery_strategies: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     circuit_breakers: Mapping[str, BreakerSettings] = field(default_factory=_default_breakers)
-    # The development workflow
-    forge: str = "auto"
-    github_repository: str = ""
-    github_api_url: str = "https://api.github.com"
-    github_token: str = field(default="", repr=False)
-    agent_command: str = "claude -p {prompt_file}"
-    test_command: str = "{python} -m pytest -q"
-    docs_command: str = ""
-    reviewers: tuple[str, ...] = ()
-    base_branch: str = "main"
+    # Workflows a batch runs at once
     concurrency: int = 8
+    # Registered sections' settings that differ from their defaults, by section name
+    sections: Mapping[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_field(f.name, getattr(self, f.name), "argument")
+    def __init__(self, **settings: Any) -> None:
+        _fill(self, settings, {}, "argument")
 
-    @property
-    def resolved_forge(self) -> str:
-        """``local`` or ``github``: ``auto`` means GitHub only when a token is set."""
-        if self.forge != "auto":
-            return self.forge
-        return "github" if self.github_token and self.github_repository else "local"
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: a section's setting, read by its flat name.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        section = _SECTION_OF.get(name)
+        if section is None:
+            raise AttributeError(f"WorkflowConfiguration has no setting {name!r}")
+        return getattr(self.section(section.settings), name)
+
+    def section(self, settings: type[S]) -> S:
+        """The registered section whose dataclass is ``settings``: ``config.section(
+        DevelopmentSettings).forge``, typed. Defaults when nothing of it was set."""
+        for section in _SECTIONS.values():
+            if section.settings is settings:
+                stored = self.sections.get(section.name)
+                return stored if stored is not None else settings()
+        raise ConfigurationError(f"{settings.__name__} is not a registered settings section")
+
+    def breaker_settings(self, name: str) -> BreakerSettings:
+        """Breaker ``name``'s settings: configured, else a section's default, else 5 / 60 s."""
+        configured = self.circuit_breakers.get(name)
+        if configured is not None:
+            return configured
+        for section in _SECTIONS.values():
+            if name in section.breakers:
+                return section.breakers[name]
+        return FALLBACK_BREAKER
+
+    def secret_values(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """Every secret this configuration or its sections know of: secret settings and
+        the sections' secret environment variables. For redacting what is shown or saved."""
+        found: list[str] = []
+        for section in _SECTIONS.values():
+            values = self.section(section.settings)
+            found.extend(str(getattr(values, name) or "") for name in section.secrets)
+        return [value for value in found if value] + environment_secrets(environ)
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a plain dict with every secret replaced, for logs and bundles."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["github_token"] = "***" if self.github_token else ""
-        data["circuit_breakers"] = {k: dataclasses.asdict(v)
-                                    for k, v in self.circuit_breakers.items()}
+        data: dict[str, Any] = {name: getattr(self, name) for name in _CORE}
+        breakers = {name: dataclasses.asdict(settings)
+                    for section in _SECTIONS.values()
+                    for name, settings in section.breakers.items()}
+        breakers.update({k: dataclasses.asdict(v) for k, v in self.circuit_breakers.items()})
+        data["circuit_breakers"] = breakers
         data["performance_baselines"] = dict(self.performance_baselines)
         data["recovery_strategies"] = {k: list(v) for k, v in self.recovery_strategies.items()}
-        data["reviewers"] = list(self.reviewers)
+        for section in _SECTIONS.values():
+            values = self.section(section.settings)
+            for f in dataclasses.fields(section.settings):
+                value = getattr(values, f.name)
+                if f.name in section.secrets:
+                    value = "***" if value else ""
+                data[f.name] = list(value) if isinstance(value, tuple) else value
         return data
 
     def replace(self, **changes: Any) -> WorkflowConfiguration:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (core or section settings), checked like a new one."""
+        values: dict[str, Any] = {name: getattr(self, name) for name in _CORE}
+        for stored in self.sections.values():
+            values.update({f.name: getattr(stored, f.name)
+                           for f in dataclasses.fields(stored)})
+        values.update(changes)
+        return WorkflowConfiguration(**values)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-        value)
+_CORE = {f.name: f for f in dataclasses.fields(WorkflowConfiguration) if f.name != "sections"}
 
 
-def _fail(name: str, value: object, source: str, accepted: str) -> ConfigurationError:
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return ConfigurationError(f"invalid {name} = {shown} (from {source}): expected {accepted}")
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _fill(config: WorkflowConfiguration, values: Mapping[str, Any], sources: Mapping[str, str],
+          default_source: str) -> None:
+    """Convert, check and set every value on ``config`` (a frozen dataclass being built)."""
+    core: dict[str, Any] = {}
+    by_section: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        source = sources.get(name, default_source)
+        section = _section_for(name, source)
+        converted = _convert(name, value, source, section)
+        if section is None:
+            _check_core(name, converted, source)
+            core[name] = converted
+        else:
+            section.check(name, converted, source)
+            by_section.setdefault(section.name, {})[name] = converted
+    for name, f in _CORE.items():
+        object.__setattr__(config, name, core[name] if name in core else _default(f))
+    sections: dict[str, Any] = {}
+    for section_name, given in by_section.items():
+        settings = _SECTIONS[section_name].settings(**given)
+        if settings != _SECTIONS[section_name].settings():
+            sections[section_name] = settings
+    object.__setattr__(config, "sections", sections)
+
+
+def _section_for(name: str, source: str) -> SettingsSection | None:
+    if name in _CORE:
+        return None
+    if name not in _SECTION_OF:
+        load_plugins()  # an installed workflow package may own it
+    section = _SECTION_OF.get(name)
+    if section is None:
+        known = ", ".join(sorted([*_CORE, *_SECTION_OF]))
+        raise ConfigurationError(f"unknown setting {name!r} (from {source}); known: {known}")
+    return section
+
+
+def names_tuple(name: str, value: object, source: str, accepted: str) -> tuple[str, ...]:
+    """Any sequence of non-empty strings as a tuple; a lone string is refused, not split."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise setting_error(name, value, source, accepted)
+    names = tuple(value)
+    if not all(isinstance(item, str) and item for item in names):
+        raise setting_error(name, value, source, accepted)
+    return names
+
+
+def _convert(name: str, value: Any, source: str,
+             section: SettingsSection | None) -> Any:
+    """A value given in Python, JSON or the environment, in its stored form."""
+    if section is not None:
+        default = _default(next(f for f in dataclasses.fields(section.settings)
+                                if f.name == name))
+        if isinstance(default, tuple):
+            return names_tuple(name, value, source, "a list of names")
+        return value
+    if name == "recovery_strategies":
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise setting_error(name, value, source,
+                                "a mapping of names to lists of action names")
+        return {k: names_tuple(f"recovery_strategies.{k}", v, source, "a list of action names")
+                for k, v in value.items()}
+    if name == "circuit_breakers":
+        return _convert_breakers(value, source)
+    if name == "performance_baselines":
+        if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and _is_number(v) and v > 0 for k, v in value.items()):
+            raise setting_error(name, value, source, "a mapping of stage names to seconds > 0")
+        return dict(value)
+    return value
+
+
+def _convert_breakers(value: Any, source: str) -> dict[str, BreakerSettings]:
+    if not isinstance(value, Mapping):
+        raise setting_error(
+            "circuit_breakers", value, source,
+            'a mapping like {"name": {"failure_threshold": 3, "recovery_timeout": 300}}')
+    merged = _default_breakers()
+    for key, settings in value.items():
+        if isinstance(settings, BreakerSettings):
+            merged[str(key)] = settings
+            continue
+        try:
+            if not isinstance(settings, Mapping):
+                raise TypeError("not a mapping")
+            merged[str(key)] = BreakerSettings(**settings)
+        except (TypeError, ValueError) as error:
+            raise setting_error(f"circuit_breakers.{key}", settings, source,
+                                f"failure_threshold (>= 1) and recovery_timeout (> 0): {error}"
+                                ) from None
+    return merged
 
 
 _BOOLS = {"enable_monitoring", "enable_health_checks", "enable_recovery", "enable_persistence",
           "tune_interpreter"}
 _POSITIVE_NUMBERS = {"timeout_multiplier", "health_check_interval", "retry_max_delay",
                      "retry_budget_seconds"}
-_STRINGS = {"state_directory", "checkpoint_directory", "log_directory", "github_repository",
-            "github_api_url", "github_token", "agent_command", "test_command", "docs_command",
-            "base_branch"}
+_DIRECTORIES = {"state_directory", "checkpoint_directory", "log_directory"}
 
 
-def _check_field(name: str, value: object, source: str) -> None:
+def _check_core(name: str, value: object, source: str) -> None:
     if name in _BOOLS and not isinstance(value, bool):
-        raise _fail(name, value, source, "true or false")
+        raise setting_error(name, value, source, "true or false")
     if name in _POSITIVE_NUMBERS and (not _is_number(value) or value <= 0):  # type: ignore[operator]
-        raise _fail(name, value, source, "a finite number > 0")
+        raise setting_error(name, value, source, "a finite number > 0")
     if name == "retry_base_delay" and (not _is_number(value) or value < 0):  # type: ignore[operator]
-        raise _fail(name, value, source, "a finite number >= 0")
+        raise setting_error(name, value, source, "a finite number >= 0")
     if name == "max_retries" and (type(value) is not int or not 0 <= value <= 100):
-        raise _fail(name, value, source, "a whole number from 0 to 100")
+        raise setting_error(name, value, source, "a whole number from 0 to 100")
     if name in ("checkpoint_frequency", "concurrency") and (
             type(value) is not int or not 1 <= value <= 100_000):
-        raise _fail(name, value, source, "a whole number >= 1")
+        raise setting_error(name, value, source, "a whole number >= 1")
     if name == "log_level" and value not in LOG_LEVELS:
-        raise _fail(name, value, source, "one of " + ", ".join(LOG_LEVELS))
+        raise setting_error(name, value, source, "one of " + ", ".join(LOG_LEVELS))
     if name == "log_format" and value not in LOG_FORMATS:
-        raise _fail(name, value, source, "one of " + ", ".join(LOG_FORMATS))
-    if name == "forge" and value not in FORGES:
-        raise _fail(name, value, source, "one of " + ", ".join(FORGES))
+        raise setting_error(name, value, source, "one of " + ", ".join(LOG_FORMATS))
     if name == "durability" and value not in DURABILITY_MODES:
-        raise _fail(name, value, source, "one of " + ", ".join(DURABILITY_MODES))
-    if name in _STRINGS and not isinstance(value, str):
-        raise _fail(name, value, source, "a string")
-    if name in ("state_directory", "checkpoint_directory", "log_directory") and not value:
-        raise _fail(name, value, source, "a non-empty directory path")
-    if name == "github_repository" and value and (
-            not isinstance(value, str) or value.count("/") != 1 or value.startswith("/")
-            or value.endswith("/")):
-        raise _fail(name, value, source, "owner/name")
-    if name == "reviewers" and not (isinstance(value, tuple) and all(
-            isinstance(r, str) and r for r in value)):
-        raise _fail(name, value, source, "a list of GitHub user names")
-    if name == "performance_baselines":
-        _check_baselines(value, source)
-    if name == "recovery_strategies":
-        _check_strategies(value, source)
-    if name == "circuit_breakers" and not (isinstance(value, Mapping) and all(
-            isinstance(v, BreakerSettings) for v in value.values())):
-        raise _fail(name, value, source, "a mapping of name to BreakerSettings")
-
-
-def _check_baselines(value: object, source: str) -> None:
-    if not isinstance(value, Mapping) or not all(
-            isinstance(k, str) and _is_number(v) and v > 0 for k, v in value.items()):
-        raise _fail("performance_baselines", value, source,
-                    "an object mapping stage names to seconds > 0")
-
-
-def _check_strategies(value: object, source: str) -> None:
-    if not isinstance(value, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, tuple) and all(isinstance(a, str) for a in v)
-            for k, v in value.items()):
-        raise _fail("recovery_strategies", value, source,
-                    "an object mapping names to lists of action names")
-
-
-_FIELD_TYPES = {f.name: f for f in dataclasses.fields(WorkflowConfiguration)}
-
-
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """Turn a JSON or environment value into the field's Python type, or fail clearly."""
-    if name not in _FIELD_TYPES:
-        accepted = ", ".join(sorted(_FIELD_TYPES))
-        raise ConfigurationError(f"unknown setting {name!r} (from {source}); known: {accepted}")
-    if name == "reviewers":
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        return tuple(value) if isinstance(value, list) else value
-    if name == "recovery_strategies" and isinstance(value, Mapping):
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-    if name == "circuit_breakers":
-        return _coerce_breakers(value, source)
-    return value
-
-
-def _coerce_breakers(value: Any, source: str) -> dict[str, BreakerSettings]:
-    if not isinstance(value, Mapping):
-        raise _fail("circuit_breakers", value, source,
-                    'an object like {"github": {"failure_threshold": 3, "recovery_timeout": 300}}')
-    merged = _default_breakers()
-    for key, settings in value.items():
-        try:
-            merged[key] = BreakerSettings(**settings)
-        except (TypeError, ValueError) as error:
-            raise _fail(f"circuit_breakers.{key}", settings, source,
-                        f"failure_threshold (>= 1) and recovery_timeout (> 0): {error}") from None
-    return merged
+        raise setting_error(name, value, source, "one of " + ", ".join(DURABILITY_MODES))
+    if name in _DIRECTORIES and not isinstance(value, str):
+        raise setting_error(name, value, source, "a string")
+    if name in _DIRECTORIES and not value:
+        raise setting_error(name, value, source, "a non-empty directory path")
 
 
 def _parse_env(name: str, raw: str, source: str) -> Any:
-    f = _FIELD_TYPES[name]
-    default = f.default if f.default is not dataclasses.MISSING else None
+    """A ``WORKFLOW_*`` string as the type of the setting's default."""
+    section = _SECTION_OF.get(name)
+    fields = dataclasses.fields(section.settings) if section is not None else _CORE.values()
+    default = _default(next(f for f in fields if f.name == name))
     if isinstance(default, bool):
         lowered = raw.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        raise _fail(name, raw, source, "true or false")
+        raise setting_error(name, raw, source, "true or false")
     if isinstance(default, int):
         try:
             return int(raw)
         except ValueError:
-            raise _fail(name, raw, source, "a whole number") from None
+            raise setting_error(name, raw, source, "a whole number") from None
     if isinstance(default, float):
         try:
             return float(raw)
         except ValueError:
-            raise _fail(name, raw, source, "a number") from None
-    if name in ("performance_baselines", "recovery_strategies", "circuit_breakers"):
+            raise setting_error(name, raw, source, "a number") from None
+    if isinstance(default, tuple):  # a comma-separated list: "ann, bob"
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    if isinstance(default, Mapping):
         try:
             return json.loads(raw)
         except json.JSONDecodeError:
-            raise _fail(name, raw, source, "a JSON object") from None
+            raise setting_error(name, raw, source, "a JSON object") from None
     return raw
 
 
@@ -278,34 +429,38 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 def load_configuration(path: str | os.PathLike[str] | None = None, *,
                        environ: Mapping[str, str] | None = None,
+                       defaults: Mapping[str, Any] | None = None,
                        **overrides: Any) -> WorkflowConfiguration:
-    """Defaults, then the JSON file at ``path``, then ``WORKFLOW_*`` variables, then overrides.
-
-    ``GITHUB_TOKEN`` supplies the token. Raises ConfigurationError naming the bad field.
-    """
+    """Defaults (``defaults`` replacing built-in ones), then the JSON file at ``path``, then
+    ``WORKFLOW_*`` variables, then overrides (a None override means "not given"). Raises
+    ConfigurationError naming the bad field and where it came from."""
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
+    values: dict[str, Any] = dict(defaults or {})
+    sources: dict[str, str] = dict.fromkeys(values, "defaults")
     if path is not None:
+        source = f"configuration file {path}"
         for name, value in _read_file(Path(path)).items():
-            source = f"configuration file {path}"
-            values[name] = _coerce(name, value, source)
-            sources[name] = source
-    for key, raw in env.items():
-        if not key.startswith("WORKFLOW_"):
-            continue
-        name = key.removeprefix("WORKFLOW_").lower()
-        if name not in _FIELD_TYPES:
+            _section_for(name, source)  # an unknown name is refused here, naming the file
+            values[name], sources[name] = value, source
+    variables = [(key, key.removeprefix("WORKFLOW_").lower()) for key in env
+                 if key.startswith("WORKFLOW_")]
+    if any(name not in _CORE and name not in _SECTION_OF for _, name in variables):
+        load_plugins()  # WORKFLOW_FORGE may belong to an installed workflow package
+    for key, name in variables:
+        if name not in _CORE and name not in _SECTION_OF:
             continue  # other tools share the prefix; only our own names are read
         source = f"environment variable {key}"
-        values[name] = _coerce(name, _parse_env(name, raw, source), source)
-        sources[name] = source
-    if "github_token" not in values and env.get("GITHUB_TOKEN"):
-        values["github_token"] = env["GITHUB_TOKEN"]
+        values[name], sources[name] = _parse_env(name, env[key], source), source
     for name, value in overrides.items():
         if value is not None:
-            values[name] = _coerce(name, value, "command-line option")
-            sources[name] = "command-line option"
-    for name, value in values.items():
-        _check_field(name, value, sources.get(name, "environment variable GITHUB_TOKEN"))
-    return WorkflowConfiguration(**values)
+            values[name], sources[name] = value, "command-line option"
+    config = object.__new__(WorkflowConfiguration)
+    _fill(config, values, sources, "argument")
+    return config
+
+
+def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The values of the environment variables registered sections call secret."""
+    env = os.environ if environ is None else environ
+    return [env[variable] for section in _SECTIONS.values()
+            for variable in section.secret_environment if env.get(variable)]

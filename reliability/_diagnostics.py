@@ -3,8 +3,9 @@
 The diagnostic bundle is the spec's support file, ``diagnostic-bundle-{id}.json``:
 workflow diagnostics, system health, configuration, the workflow's log lines, its state
 and checkpoint files, and its performance report. Every secret in it is replaced by
-``***`` (the configured token's value and anything shaped like a GitHub token, a bearer
-credential or a token in a git URL), and the file is created readable by its owner only.
+``***`` (the secrets the configuration and its sections know of, and anything shaped like
+a well-known access token, a bearer credential or a token in a URL), and the file is
+created readable by its owner only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import aiofiles
 
 from ._errors import StateCorruptedError
 from ._ids import validate_workflow_id
+from ._logging import redact_secrets
 from ._state import WorkflowRun
 from ._store import FileStore, _read_bounded
 
@@ -36,6 +38,7 @@ _READ_CHUNK = 1 << 20
 REDACTED = "***"
 
 _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # Well-known access-token shapes (forge personal and app tokens), whoever configured them
     (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{8,}"), REDACTED),
     (re.compile(r"\bgithub_pat_[A-Za-z0-9_]{8,}"), REDACTED),
     (re.compile(r"(?i)\b(bearer|token|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1\2" + REDACTED),
@@ -46,7 +49,9 @@ _SECRET_KEY = re.compile(r"(?i)(token|secret|password|passwd|authorization|api[_
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every known secret value and every token-shaped string as ``***``."""
+    """``text`` with every known secret value (``secrets``, and those registered for the
+    logs) and every token-shaped string as ``***``."""
+    text = redact_secrets(text)
     for secret in secrets:
         if secret:
             text = text.replace(secret, REDACTED)
@@ -168,8 +173,7 @@ async def build_bundle(runtime: Runtime, workflow_id: str) -> dict[str, Any]:
             "loop_lag_ms": runtime.loop_lag_ms,
         },
     }
-    secrets = [runtime.config.github_token, os.environ.get("GITHUB_TOKEN", "")]
-    redacted: dict[str, Any] = redact(bundle, secrets)
+    redacted: dict[str, Any] = redact(bundle, runtime.config.secret_values())
     return redacted
 
 

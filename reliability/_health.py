@@ -1,9 +1,10 @@
-"""Health checks: one cheap sampler per runtime, plus checks users and machines register.
+"""Health checks: one cheap sampler per runtime, plus checks workflows and users register.
 
-DESIGN rule 5: sampling never blocks the loop. ``psutil.cpu_percent(interval=None)``
-compares against the previous call (primed at start, so the first real reading is not
-0.0), memory and disk are single syscalls, and a sample is reused for ``min_interval``
-seconds so thousands of workflows asking at once cost one reading.
+Sampling never blocks the loop (docs/architecture.md, invariant 5):
+``psutil.cpu_percent(interval=None)`` compares against the previous call (primed at
+start, so the first real reading is not 0.0), memory and disk are single syscalls, and a
+sample is reused for ``min_interval`` seconds so thousands of workflows asking at once
+cost one reading.
 """
 
 from __future__ import annotations
@@ -46,15 +47,13 @@ HealthCheckFunction = Callable[[str | None], "Mapping[str, Any] | Awaitable[Mapp
 
 @dataclass(frozen=True, slots=True)
 class SystemHealthCheck:
-    """The spec's health result. ``custom`` holds what registered checks reported."""
+    """The health result. ``custom`` holds what each registered check reported, by the
+    check's name (a workflow package's own probes: its services, tools, repository)."""
 
     status: HealthStatus
     cpu_usage: float
     memory_usage: float
     disk_usage: float
-    git_status: str = "unknown"
-    github_connectivity: bool | None = None
-    claude_availability: bool | None = None
     recommendations: tuple[str, ...] = ()
     timestamp: float = 0.0
     loop_lag_ms: float | None = None
@@ -63,8 +62,6 @@ class SystemHealthCheck:
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status.value, "cpu_usage": self.cpu_usage,
                 "memory_usage": self.memory_usage, "disk_usage": self.disk_usage,
-                "git_status": self.git_status, "github_connectivity": self.github_connectivity,
-                "claude_availability": self.claude_availability,
                 "recommendations": list(self.recommendations), "timestamp": self.timestamp,
                 "loop_lag_ms": self.loop_lag_ms, "custom": dict(self.custom)}
 

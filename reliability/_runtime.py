@@ -13,7 +13,7 @@ import importlib
 import os
 import signal
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from ._analytics import performance_report
 from ._breaker import Breaker
 from ._clock import Clock, SystemClock
-from ._config import BreakerSettings, WorkflowConfiguration, load_configuration
+from ._config import WorkflowConfiguration, load_configuration
 from ._context import DefinitionLike, RecoveryAction, StageSpecLike
 from ._engine import Engine, _Live
 from ._errors import (
@@ -44,18 +44,18 @@ from ._health import (
 from ._ids import new_workflow_id, validate_workflow_id
 from ._logging import configure_logging, hand_over_held_records, logger, register_secret
 from ._monitor import RuntimeMonitor
+from ._plugins import ResolvedTarget, TargetResolver, default_target_resolver
 from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, retry_call
-from ._state import RESUMABLE, WorkflowRun
+from ._state import RESUMABLE, STATUSES, WorkflowRun
 from ._store import Claim, FileStore, LoadedState, Store
 from ._tuning import hold_tuning, release_tuning
 from ._turns import Turns
 
-__all__ = ["DEFAULT_DEFINITION", "Runtime", "WorkflowResult", "resolve_definition",
-           "resume_workflow", "run_workflow"]
+__all__ = ["Runtime", "WorkflowResult", "resolve_definition", "resume_workflow", "run_workflow",
+           "workflow_row"]
 
 T = TypeVar("T")
-DEFAULT_DEFINITION = "machines.development:DEVELOPMENT_WORKFLOW"
 ErrorHandler = Callable[[str, BaseException, str, dict[str, Any]], Any]
 Listener = Callable[..., None]
 _REMEMBERED = 1000  # finished runs kept in memory for diagnostics; older ones are on disk
@@ -153,9 +153,15 @@ class Runtime:
     def __init__(self, config: WorkflowConfiguration | None = None,
                  project_root: str | os.PathLike[str] = ".", *, store: Store | None = None,
                  clock: Clock | None = None, handle_signals: bool = False,
-                 configure_logs: bool = True) -> None:
+                 configure_logs: bool = True,
+                 target_resolver: TargetResolver | None = None) -> None:
+        """``target_resolver`` turns a path given to ``run``/``register`` into a workflow;
+        without one, the registered default (``register_target_resolver``, called by the
+        installed workflow package that owns paths) is used."""
         self.config = config if config is not None else load_configuration()
-        register_secret(self.config.github_token)  # never in a log or a stored error
+        for secret in self.config.secret_values():
+            register_secret(secret)  # never in a log or a stored error
+        self._target_resolver = target_resolver
         self.project_root = Path(project_root).resolve()
         self.clock: Clock = clock or SystemClock()
         self.store: Store = store or FileStore(self._path(self.config.state_directory),
@@ -266,7 +272,9 @@ class Runtime:
 
     async def run(self, target: str | os.PathLike[str] | DefinitionLike, *,
                   context: Mapping[str, Any] | None = None) -> WorkflowResult:
-        """Run one workflow to its end: a prompt file (development workflow) or a definition."""
+        """Run one workflow to its end: a definition, or a path the target resolver turns into
+        one (with this project's workflows installed, a prompt file for the development
+        workflow)."""
         definition, inputs, prompt_file = self._target(target, context)
         if self.shutting_down:
             raise WorkflowError("the runtime is shutting down; no new workflows start")
@@ -331,6 +339,25 @@ class Runtime:
                                 if start < len(definition.stages) else "completed")
         run.error = run.error_category = None
         return definition, run, start
+
+    async def list_workflows(self, status: str | Iterable[str] | None = None
+                             ) -> list[dict[str, Any]]:
+        """The stored workflows, oldest first, as the rows ``workflow-manager list --json``
+        prints: ``workflow_id, status, current_stage, definition, prompt_file, created_at,
+        updated_at, error``. ``status`` keeps only those with that status (or any of
+        several); ``"corrupted"`` lists the states that cannot be read.
+
+        A coroutine: the store reads its files off the loop (in a thread).
+        """
+        wanted = None if status is None else (
+            {status} if isinstance(status, str) else set(status))
+        unknown = sorted((wanted or set()) - {*STATUSES, "corrupted"})
+        if unknown:
+            raise ValueError(f"unknown status {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join([*STATUSES, 'corrupted'])}")
+        states = [loaded.state for loaded in await self.store.list_states(wanted)]
+        states.sort(key=lambda state: float(state.get("created_at") or 0))
+        return [workflow_row(state) for state in states]
 
     async def resume_all(self) -> list[WorkflowResult]:
         """Find every stored workflow that did not finish (running when a process died,
@@ -416,16 +443,26 @@ class Runtime:
         while len(self._finished) > _REMEMBERED:
             self._finished.popitem(last=False)
 
+    def resolve_target(self, target: str | os.PathLike[str],
+                       context: Mapping[str, Any] | None = None) -> ResolvedTarget:
+        """What the target resolver makes of a path (see ``__init__``)."""
+        resolver = self._target_resolver or default_target_resolver()
+        if resolver is None:
+            raise ConfigurationError(
+                f"cannot run {os.fspath(target)!r}: a path needs a target resolver, and none "
+                "is registered. Pass a WorkflowDefinition, give Runtime(target_resolver=...), "
+                "or install a workflow package that registers one")
+        return resolver(target, dict(context or {}))
+
     def _target(self, target: str | os.PathLike[str] | DefinitionLike,
                 context: Mapping[str, Any] | None) -> tuple[DefinitionLike, dict[str, Any],
                                                             str | None]:
-        inputs = dict(context or {})
         if isinstance(target, (str, os.PathLike)):
-            prompt = os.path.abspath(os.fspath(target))  # resumable from any directory
-            inputs.setdefault("prompt_file", prompt)
-            return resolve_definition(DEFAULT_DEFINITION), inputs, prompt
+            resolved = self.resolve_target(target, context)
+            return resolved.definition, dict(resolved.context), resolved.prompt_file
+        inputs = dict(context or {})
         if not hasattr(target, "stages"):
-            raise TypeError("run() takes a prompt file path or a WorkflowDefinition, not "
+            raise TypeError("run() takes a path or a WorkflowDefinition, not "
                             f"{type(target).__name__}")
         if target.import_path is None and id(target) not in self._warned_unbound:
             self._warned_unbound.add(id(target))
@@ -494,7 +531,7 @@ class Runtime:
     def breaker(self, name: str) -> Breaker:
         breaker = self.breakers.get(name)
         if breaker is None:
-            settings = self.config.circuit_breakers.get(name, BreakerSettings(5, 60.0))
+            settings = self.config.breaker_settings(name)
             breaker = self.breakers[name] = Breaker(
                 name, failure_threshold=settings.failure_threshold,
                 recovery_timeout=settings.recovery_timeout, clock=self.clock)
@@ -562,7 +599,6 @@ class Runtime:
         status = worst(status, lag_status)
         advice.extend(lag_advice)
         custom: dict[str, Any] = {}
-        fields: dict[str, Any] = {}
         for check in self.health_checks:
             name = getattr(check, "__name__", "check")
             try:
@@ -570,15 +606,12 @@ class Runtime:
             except Exception as error:
                 answer = {"status": "DEGRADED", "error": f"{type(error).__name__}: {error}"}
             status = worst(status, parse_status(answer.get("status", "HEALTHY")))
-            for key in ("git_status", "github_connectivity", "claude_availability"):
-                if key in answer:
-                    fields[key] = answer[key]
             advice.extend(answer.get("recommendations", ()))
             custom[name] = dict(answer)
         check_result = SystemHealthCheck(
             status=status, cpu_usage=sample.cpu, memory_usage=sample.memory,
             disk_usage=sample.disk, recommendations=tuple(dict.fromkeys(advice)),
-            timestamp=self.clock.time(), loop_lag_ms=self.loop_lag_ms, custom=custom, **fields)
+            timestamp=self.clock.time(), loop_lag_ms=self.loop_lag_ms, custom=custom)
         live = self._live.get(workflow_id) if workflow_id else None
         if live is not None:
             live.run.record_health_check(check_result.to_dict())
@@ -590,7 +623,8 @@ class Runtime:
         check = await self.perform_health_check(run.workflow_id)
         if self._live.get(run.workflow_id) is None:
             run.record_health_check(check.to_dict())
-        # A busy CPU alone (WARNING) is normal while agents and tests run; log it quietly.
+        # A busy CPU alone (WARNING) is normal while handlers' subprocesses run; log it
+        # quietly.
         level = "info" if check.status in (HealthStatus.HEALTHY, HealthStatus.WARNING) else (
             "warning")
         getattr(logger, level)("Health check completed (%s): %s (CPU: %.0f%%, Memory: %.0f%%)",
@@ -636,6 +670,17 @@ def diagnostics_for(run: WorkflowRun, live: _Live | None, clock: Clock,
         "error": run.error,
         "files": dict(files),
     }
+
+
+def workflow_row(state: Mapping[str, Any]) -> dict[str, Any]:
+    """One stored workflow as ``list_workflows`` returns it."""
+    return {"workflow_id": state.get("workflow_id"), "status": state.get("status"),
+            "current_stage": state.get("current_stage"),
+            "definition": state.get("definition") or state.get("definition_name"),
+            "prompt_file": state.get("prompt_file") or (state.get("context") or {}).get(
+                "prompt_file"),
+            "created_at": state.get("created_at"), "updated_at": state.get("updated_at"),
+            "error": state.get("error")}
 
 
 def _history_status(entry: Mapping[str, Any]) -> str:

@@ -1,7 +1,9 @@
 """Interpreter settings for a process running thousands of workflows in one loop.
 
-Two process-wide settings, each replaced only while a runtime is open, only if the
-process still has CPython's default, and put back by the last runtime to close:
+Two process-wide settings, changed only when the application asks (``tune_interpreter``,
+off by default; the command line's run, batch and resume turn it on), each replaced only
+while a runtime is open, only if the process still has CPython's default, and put back by
+the last runtime to close:
 
 Garbage-collector thresholds. Measured here (10,000 workflows x 19 stages in one loop,
 MemoryStore): with CPython's (700, 10, 10) the collector ran 2,600 times, 18 of them full

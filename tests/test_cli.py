@@ -161,7 +161,8 @@ class TestInspection:
                 "state_files", "performance_metrics"} <= set(bundle)
         assert bundle["log_files"] and all(workflow_id in line for line in bundle["log_files"])
         assert any(path.endswith("state.json") for path in bundle["state_files"])
-        assert bundle["configuration"]["github_token"] == "***"
+        # GITHUB_TOKEN is read by the GitHub forge when it starts, never into the settings.
+        assert bundle["configuration"]["github_token"] == ""
 
     def test_cancel_a_stored_workflow(self, tmp_path: Path) -> None:
         """cancel: a stopped workflow becomes cancelled (exit 0); again, nothing to do (1)."""
@@ -252,3 +253,25 @@ class TestClosing:
         await closing
         assert runtime.closed
         assert console.export_text().count("already durable in the journal") == 1
+
+
+class TestInterpreterTuning:
+    @pytest.mark.parametrize(("argv", "tuned"), [
+        (["run", "p.md"], True), (["batch", "prompts"], True), (["resume", "--all"], True),
+        (["list"], False), (["diagnostics", "workflow-20240115-142315-a7b3"], False),
+    ])
+    def test_long_running_commands_tune_the_interpreter(
+            self, argv: list[str], tuned: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        """run, batch and resume turn tune_interpreter on; short commands leave it off."""
+        from reliability._cli import _load_config, build_parser
+
+        monkeypatch.delenv("WORKFLOW_TUNE_INTERPRETER", raising=False)
+        assert _load_config(build_parser().parse_args(argv)).tune_interpreter is tuned
+
+    def test_the_configuration_may_still_turn_it_off(self,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+        """WORKFLOW_TUNE_INTERPRETER=false beats the command's default."""
+        from reliability._cli import _load_config, build_parser
+
+        monkeypatch.setenv("WORKFLOW_TUNE_INTERPRETER", "false")
+        assert _load_config(build_parser().parse_args(["batch", "x"])).tune_interpreter is False

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from machines.development import DevelopmentSettings, settings_of
 from reliability import (
     BreakerSettings,
     ConfigurationError,
+    SettingsSection,
     WorkflowConfiguration,
     load_configuration,
+    register_settings_section,
+    setting_error,
 )
 
 
@@ -37,14 +42,24 @@ class TestDefaults:
         assert config.checkpoint_directory == ".github/workflow-checkpoints"
         assert config.log_directory == ".github/workflow-logs"
 
-    def test_added_fields_have_the_design_s_defaults(self) -> None:
-        """Forge settings and breakers default as DESIGN.md says."""
+    def test_added_fields_have_their_documented_defaults(self) -> None:
+        """Forge settings and breakers default as the README's Configuration says."""
         config = WorkflowConfiguration()
         assert config.github_api_url == "https://api.github.com"
-        assert config.forge in ("auto", "local") and config.resolved_forge == "local"
-        assert dict(config.circuit_breakers) == {
-            "github": BreakerSettings(3, 300.0), "implementation": BreakerSettings(5, 600.0),
-            "system": BreakerSettings(2, 120.0)}
+        assert config.forge == "auto" and settings_of(config).resolved_forge({}) == "local"
+        assert config.breaker_settings("github") == BreakerSettings(3, 300.0)
+        assert config.breaker_settings("implementation") == BreakerSettings(5, 600.0)
+        assert config.breaker_settings("system") == BreakerSettings(2, 120.0)
+        assert config.breaker_settings("anything-else") == BreakerSettings(5, 60.0)
+
+    def test_a_library_leaves_the_interpreter_alone_by_default(self) -> None:
+        """tune_interpreter is off unless the application (or the CLI) turns it on."""
+        assert WorkflowConfiguration().tune_interpreter is False
+        assert load_configuration(environ={}).tune_interpreter is False
+        assert load_configuration(environ={}, defaults={"tune_interpreter": True}
+                                  ).tune_interpreter is True
+        assert load_configuration(environ={"WORKFLOW_TUNE_INTERPRETER": "0"},
+                                  defaults={"tune_interpreter": True}).tune_interpreter is False
 
     def test_loading_with_nothing_set_equals_the_plain_defaults(self) -> None:
         """No file and no variables give exactly WorkflowConfiguration()."""
@@ -98,13 +113,139 @@ class TestSources:
         config = load_configuration(environ={"WORKFLOW_RUN_ID": "17"})
         assert config == WorkflowConfiguration()
 
-    def test_github_token_comes_from_the_environment_and_is_never_shown(self) -> None:
-        """GITHUB_TOKEN fills github_token; repr() and redacted() hide it."""
-        config = load_configuration(environ={"GITHUB_TOKEN": "ghp_secret"})
-        assert config.github_token == "ghp_secret"
-        assert "ghp_secret" not in repr(config)
+    def test_github_token_stays_in_the_environment_until_the_forge_needs_it(self) -> None:
+        """GITHUB_TOKEN is not copied into the settings; the forge's token() reads it, and
+        it is a secret to redact."""
+        environ = {"GITHUB_TOKEN": "ghp_secret"}
+        config = load_configuration(environ=environ)
+        assert config.github_token == ""
+        assert settings_of(config).token(environ) == "ghp_secret"
+        assert settings_of(config.replace(github_repository="o/r")).resolved_forge(
+            environ) == "github"
+        assert "ghp_secret" in config.secret_values(environ)
+        assert "ghp_secret" not in repr(config) + json.dumps(config.redacted(), default=str)
+
+    def test_a_given_token_is_never_shown(self) -> None:
+        """github_token given explicitly: repr() and redacted() hide it; it wins over env."""
+        config = WorkflowConfiguration(github_token="ghp_given")
+        assert "ghp_given" not in repr(config)
         assert config.redacted()["github_token"] == "***"
-        assert "ghp_secret" not in json.dumps(config.redacted(), default=str)
+        assert "ghp_given" not in json.dumps(config.redacted(), default=str)
+        assert settings_of(config).token({"GITHUB_TOKEN": "ghp_env"}) == "ghp_given"
+        assert "ghp_given" in config.secret_values({})
+
+
+class TestOrdinaryPython:
+    def test_reviewers_take_a_list_and_are_kept_as_a_tuple(self) -> None:
+        """WorkflowConfiguration(reviewers=["alice"]) works; any sequence is a tuple."""
+        assert WorkflowConfiguration(reviewers=["alice"]).reviewers == ("alice",)
+        assert WorkflowConfiguration(reviewers=("a", "b")).reviewers == ("a", "b")
+
+    def test_a_lone_string_is_not_a_list_of_reviewers(self) -> None:
+        """reviewers="alice" is refused clearly instead of becoming ("a", "l", ...)."""
+        with pytest.raises(ConfigurationError, match=(
+                r"invalid reviewers = 'alice' \(from argument\): expected a list of names")):
+            WorkflowConfiguration(reviewers="alice")
+
+    def test_recovery_strategies_take_lists(self) -> None:
+        """recovery_strategies values may be lists; they are stored as tuples."""
+        config = WorkflowConfiguration(recovery_strategies={"transient": ["wait_for_breakers"]})
+        assert config.recovery_strategies == {"transient": ("wait_for_breakers",)}
+        with pytest.raises(ConfigurationError, match=r"invalid recovery_strategies\.transient"):
+            WorkflowConfiguration(recovery_strategies={"transient": "wait_for_breakers"})
+
+    def test_circuit_breakers_take_plain_mappings_or_breaker_settings(self) -> None:
+        """{"github": {"failure_threshold": 3, "recovery_timeout": 1.0}} is BreakerSettings."""
+        config = WorkflowConfiguration(circuit_breakers={
+            "github": {"failure_threshold": 3, "recovery_timeout": 1.0},
+            "db": BreakerSettings(2, 5.0)})
+        assert config.circuit_breakers["github"] == BreakerSettings(3, 1.0)
+        assert config.breaker_settings("github") == BreakerSettings(3, 1.0)
+        assert config.circuit_breakers["db"] == BreakerSettings(2, 5.0)
+        with pytest.raises(ConfigurationError, match=r"invalid circuit_breakers\.db"):
+            WorkflowConfiguration(circuit_breakers={"db": {"failure_threshold": 0,
+                                                           "recovery_timeout": 1}})
+
+    def test_github_forge_settings_built_in_python(self) -> None:
+        """WorkflowConfiguration(forge="github", github_repository="o/r") is accepted."""
+        config = WorkflowConfiguration(forge="github", github_repository="o/r")
+        assert (config.forge, config.github_repository) == ("github", "o/r")
+        assert settings_of(config) == DevelopmentSettings(forge="github",
+                                                          github_repository="o/r")
+
+    def test_replace_keeps_and_changes_section_settings(self) -> None:
+        """replace() carries section settings over and checks new ones like the constructor."""
+        config = WorkflowConfiguration(forge="local", reviewers=["ann"])
+        changed = config.replace(max_retries=7, base_branch="trunk")
+        assert (changed.forge, changed.reviewers, changed.max_retries,
+                changed.base_branch) == ("local", ("ann",), 7, "trunk")
+        assert config.replace() == config
+        with pytest.raises(ConfigurationError, match="invalid forge"):
+            config.replace(forge="gitlab")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReportSettings:
+    report_url: str = ""
+    report_key: str = dataclasses.field(default="", repr=False)
+    report_retries: int = 2
+
+
+def _check_report(name: str, value: Any, source: str) -> None:
+    if name == "report_retries" and (type(value) is not int or value < 0):
+        raise setting_error(name, value, source, "a whole number >= 0")
+
+
+register_settings_section(SettingsSection(
+    "test-report", _ReportSettings, _check_report, secrets=frozenset({"report_key"}),
+    secret_environment=("REPORT_TEST_KEY",)))
+
+
+class TestSettingsSections:
+    def test_a_section_s_settings_come_from_arguments_file_and_environment(
+            self, tmp_path: Path) -> None:
+        """Registered names are flat settings everywhere, with the usual precedence."""
+        path = write_config(tmp_path, {"report_url": "https://file", "report_retries": 4})
+        config = load_configuration(path, environ={"WORKFLOW_REPORT_RETRIES": "9"})
+        assert (config.report_url, config.report_retries) == ("https://file", 9)
+        assert config.section(_ReportSettings) == _ReportSettings("https://file", "", 9)
+        assert WorkflowConfiguration(report_retries=1).report_retries == 1
+        assert WorkflowConfiguration().section(_ReportSettings) == _ReportSettings()
+
+    def test_a_section_s_checker_names_the_source(self, tmp_path: Path) -> None:
+        """The section's own check refuses a bad value, naming field and source."""
+        with pytest.raises(ConfigurationError, match=(
+                r"invalid report_retries = -1 \(from environment variable "
+                r"WORKFLOW_REPORT_RETRIES\): expected a whole number >= 0")):
+            load_configuration(environ={"WORKFLOW_REPORT_RETRIES": "-1"})
+        with pytest.raises(ConfigurationError, match=r"\(from argument\)"):
+            WorkflowConfiguration(report_retries=-1)
+
+    def test_a_section_s_secrets_are_hidden_and_known(self) -> None:
+        """Secret fields are *** in redacted(), absent from repr, listed by secret_values."""
+        config = WorkflowConfiguration(report_key="k-123456")
+        assert config.redacted()["report_key"] == "***"
+        assert "k-123456" not in repr(config)
+        assert set(config.secret_values({"REPORT_TEST_KEY": "env-key"})) >= {
+            "k-123456", "env-key"}
+
+    def test_an_unregistered_name_is_one_error_naming_it_and_its_source(self) -> None:
+        """A name no section registered: ConfigurationError with the name and the source."""
+        with pytest.raises(ConfigurationError, match=(
+                r"^unknown setting 'forgee' \(from argument\); known: .*forge")):
+            WorkflowConfiguration(forgee="github")
+        with pytest.raises(ConfigurationError, match=(
+                r"^unknown setting 'forgee' \(from command-line option\)")):
+            load_configuration(environ={}, forgee="github")
+
+    def test_a_name_owned_twice_is_refused(self) -> None:
+        """A section may not take a core setting's name or another section's."""
+        @dataclasses.dataclass(frozen=True)
+        class Clash:
+            max_retries: int = 1
+
+        with pytest.raises(ValueError, match="already belongs to the core"):
+            register_settings_section(SettingsSection("clash", Clash, _check_report))
 
 
 class TestRefusals:

@@ -107,6 +107,29 @@ class TestWorkflowStage:
 
 
 class TestStageSpec:
+    def test_stage_and_handler_are_positional_the_rest_keyword_only(self) -> None:
+        """StageSpec("fetch", fetch, timeout_seconds=30) works; a third positional does not."""
+        spec = StageSpec("fetch", noop, timeout_seconds=30)
+        assert (spec.name, spec.handler, spec.timeout_seconds) == ("fetch", noop, 30)
+        flow = WorkflowDefinition("t", [spec, StageSpec("report", noop, critical=False)])
+        assert [s.name for s in flow.stages] == ["fetch", "report"]
+        with pytest.raises(TypeError):
+            StageSpec("fetch", noop, 30)  # type: ignore[misc]
+
+    def test_action_lists_take_any_sequence_and_are_kept_as_tuples(self) -> None:
+        """recovery_actions=["cleanup_resources"] is accepted and stored as a tuple."""
+        spec = StageSpec("fetch", noop, recovery_actions=["cleanup_resources"],
+                         warning_actions=["check_system_health"])
+        assert spec.recovery_actions == ("cleanup_resources",)
+        assert spec.warning_actions == ("check_system_health",)
+        stage = WorkflowDefinition("t", [spec]).stages[0]
+        assert stage.recovery_actions == ("cleanup_resources",)
+
+    def test_one_string_is_not_a_list_of_actions(self) -> None:
+        """recovery_actions="retry_with_backoff" is refused, not split into letters."""
+        with pytest.raises(TypeError, match="recovery_actions must be a list or tuple"):
+            StageSpec("fetch", noop, recovery_actions="retry_with_backoff")
+
     def test_spec_stage_takes_the_spec_s_default_timing(self) -> None:
         """A WorkflowStage with no timing gets the spec's values (pr_creation: 120/90/60)."""
         flow = WorkflowDefinition("t", [StageSpec(stage=WorkflowStage.PR_CREATION,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from dev_helpers import (
+    AGENT_COMMAND,
     PROMPTS,
     TOKEN,
     assert_one_marked_commit,
@@ -29,7 +30,7 @@ from dev_helpers import (
 from github_emulator import GitHubEmulator
 
 from machines.development import marker_for
-from reliability import Runtime, run_workflow
+from reliability import Runtime, WorkflowConfiguration, run_workflow
 
 EXAMPLE_AGENT = Path(__file__).resolve().parents[1] / "examples" / "agent.py"
 
@@ -118,6 +119,24 @@ class TestGitHubForge:
         assert read_state(repo, result.workflow_id)["status"] == "completed"
         _assert_token_absent(repo, json.dumps(result.to_dict(), default=str))
 
+    async def test_configuration_built_in_python_takes_the_token_from_the_environment(
+        self, github_setup: tuple[Path, Path, GitHubEmulator], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """WorkflowConfiguration(forge="github", github_repository=...) with GITHUB_TOKEN in
+        the environment runs on GitHub; the token shows nowhere."""
+        repo, _, gh = github_setup
+        monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+        config = WorkflowConfiguration(forge="github", github_repository="acme/widgets",
+                                       github_api_url=gh.url, agent_command=AGENT_COMMAND,
+                                       retry_base_delay=0.01, retry_max_delay=0.5)
+        assert TOKEN not in repr(config) + json.dumps(config.redacted())
+
+        result = await run_workflow(PROMPTS[0], config=config, project_root=repo)
+
+        assert result.status == "completed", result.error
+        assert list(gh.pulls) == [result.outputs["pr_number"]]
+        _assert_token_absent(repo, json.dumps(result.to_dict(), default=str))
+
 
 BAD_PROMPTS = {
     "missing": None,
@@ -173,10 +192,11 @@ class TestHealthProbes:
             result = await runtime.run(PROMPTS[0])
             health = await runtime.perform_health_check()
         assert result.status == "completed"
-        assert health.git_status == "clean"
-        assert health.github_connectivity is True
-        assert health.claude_availability is True
-        assert health.custom["development_health"]["forge"] == "local forge (offline)"
+        probes = health.custom["development_health"]
+        assert probes["git_status"] == "clean"
+        assert probes["github_connectivity"] is True
+        assert probes["claude_availability"] is True
+        assert probes["forge"] == "local forge (offline)"
 
     async def test_agent_gone_from_disk_degrades_health(self, example_repo: Path,
                                                          tmp_path: Path) -> None:
@@ -192,5 +212,5 @@ class TestHealthProbes:
             agent.unlink()
             health = await runtime.perform_health_check()
         assert health.status.value == "DEGRADED"
-        assert health.claude_availability is False
+        assert health.custom["development_health"]["claude_availability"] is False
         assert any(str(agent) in advice for advice in health.recommendations)

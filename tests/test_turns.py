@@ -154,8 +154,8 @@ def test_tuning_leaves_thresholds_the_process_chose_itself() -> None:
 @pytest.mark.usefixtures("default_thresholds")
 async def test_runtime_holds_the_tuning_only_while_open_and_only_if_configured(
         tmp_path: Path) -> None:
-    async with Runtime(quick_config(), project_root=tmp_path, store=MemoryStore(),
-                       configure_logs=False):
+    async with Runtime(quick_config(tune_interpreter=True), project_root=tmp_path,
+                       store=MemoryStore(), configure_logs=False):
         assert gc.get_threshold() == RUNTIME_THRESHOLDS
     assert gc.get_threshold() == (700, 10, 10)
     async with Runtime(quick_config().replace(tune_interpreter=False),

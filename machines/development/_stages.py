@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from reliability import ConfigurationError, CriticalError, TransientError
 from reliability._context import StageContext
-from reliability._errors import ConfigurationError, CriticalError, TransientError
+from reliability._logging import register_secret
 
 from .._stages import DEFAULT_TIMEOUTS, WorkflowStage
 from . import _git
@@ -28,6 +29,7 @@ from ._commands import format_command, run_command
 from ._forge import Forge, LocalForge
 from ._github import GitHubForge
 from ._prompt import Prompt, load_prompt_async
+from ._settings import TOKEN_VARIABLE, settings_of
 
 __all__ = ["HANDLERS", "forge_for", "marker_for"]
 
@@ -49,11 +51,19 @@ async def forge_for(ctx: StageContext) -> Forge:
     """The runtime's one forge (made on first use), as the configuration chooses."""
 
     async def make() -> Forge:
-        config = ctx.config
-        if config.resolved_forge == "github":
-            guard = _GitHubGuard(ctx)
-            return GitHubForge(config.github_repository, config.github_token,
-                               api_url=config.github_api_url, clock=ctx.clock, guard=guard)
+        settings = settings_of(ctx.config)
+        if settings.resolved_forge() == "github":
+            # Read when the forge starts, not when the configuration is built: a token not
+            # given explicitly never sits in a configuration object.
+            token = settings.token()
+            if not (token and settings.github_repository):
+                raise ConfigurationError(
+                    "forge 'github' needs github_repository (owner/name) and a token: "
+                    f"github_token, or {TOKEN_VARIABLE} in the environment")
+            register_secret(token)  # never in a log line or a stored error
+            return GitHubForge(settings.github_repository, token,
+                               api_url=settings.github_api_url, clock=ctx.clock,
+                               guard=_GitHubGuard(ctx))
         return LocalForge(ctx.project_root, ctx.clock)
 
     return await ctx.shared(_FORGE_KEY, make)
@@ -72,7 +82,7 @@ class _GitHubGuard:
 async def _register_health_probes(ctx: StageContext) -> bool:
     """Once per runtime: forge connectivity and rate limit, git status, agent on PATH."""
     runtime, forge, root = ctx.runtime, await forge_for(ctx), ctx.project_root
-    agent = ctx.config.agent_command
+    agent = settings_of(ctx.config).agent_command
 
     clock = ctx.clock
     cached: list[tuple[float, dict[str, Any]]] = []
@@ -133,17 +143,13 @@ async def initialization(ctx: StageContext) -> Outputs:
     """Validate the prompt file, the repository and the commands before anything happens."""
     prompt = await _prompt(ctx)
     await _git.ensure_repository(ctx.project_root)
-    config = ctx.config
-    if not config.agent_command.strip():
+    settings = settings_of(ctx.config)
+    if not settings.agent_command.strip():
         raise ConfigurationError("agent_command is empty: set it to the command that "
                                  "implements a prompt, e.g. 'claude -p {prompt_file}'")
-    if config.resolved_forge == "github" and not (config.github_token
-                                                  and config.github_repository):
-        raise ConfigurationError("forge 'github' needs github_repository (owner/name) and "
-                                 "a token in GITHUB_TOKEN")
-    _program_on_path(config.agent_command, "agent_command")
-    _program_on_path(config.test_command, "test_command")
-    forge = await forge_for(ctx)
+    _program_on_path(settings.agent_command, "agent_command")
+    _program_on_path(settings.test_command, "test_command")
+    forge = await forge_for(ctx)  # the GitHub forge checks its repository and token
     await ctx.shared(_HEALTH_KEY, lambda: _register_health_probes(ctx))
     ctx.logger.info("Prompt %s: %r; forge: %s", prompt.path, prompt.title, forge.label)
     return {"prompt_file": str(prompt.path), "feature_name": prompt.title,
@@ -204,7 +210,7 @@ async def branch_setup(ctx: StageContext) -> Outputs:
     branch = f"feature/{ctx.context['slug']}-{ctx.context['issue_number']}"
     path = ctx.project_root / _WORKTREES / ctx.workflow_id
     worktree = await _git.ensure_worktree(ctx.project_root, path, branch,
-                                          ctx.config.base_branch)
+                                          settings_of(ctx.config).base_branch)
     return {"branch_name": branch, "worktree": str(worktree)}
 
 
@@ -242,7 +248,7 @@ def _command(ctx: StageContext, template: str, setting: str) -> str:
 
 async def implementation_start(ctx: StageContext) -> Outputs:
     """Check the agent command can run before handing it the worktree."""
-    return {"agent_command": _command(ctx, ctx.config.agent_command, "agent_command")}
+    return {"agent_command": _command(ctx, settings_of(ctx.config).agent_command, "agent_command")}
 
 
 async def implementation_progress(ctx: StageContext) -> Outputs:
@@ -263,16 +269,16 @@ async def implementation_progress(ctx: StageContext) -> Outputs:
 
 async def implementation_complete(ctx: StageContext) -> Outputs:
     """Record what the agent changed; no change at all is a failure a person must see."""
-    diff = await _git.diff_numstat(_worktree(ctx), ctx.config.base_branch)
+    diff = await _git.diff_numstat(_worktree(ctx), settings_of(ctx.config).base_branch)
     if not diff.files_changed:
         raise CriticalError(f"the agent made no changes in {_worktree(ctx)}; check "
-                            f"agent_command ({ctx.config.agent_command!r})")
+                            f"agent_command ({settings_of(ctx.config).agent_command!r})")
     return {"files_changed": list(diff.files_changed), "lines_added": diff.lines_added,
             "lines_deleted": diff.lines_deleted}
 
 
 async def testing_start(ctx: StageContext) -> Outputs:
-    return {"test_command": _command(ctx, ctx.config.test_command, "test_command")}
+    return {"test_command": _command(ctx, settings_of(ctx.config).test_command, "test_command")}
 
 
 def parse_test_counts(output: str) -> dict[str, int]:
@@ -301,7 +307,7 @@ async def testing_complete(ctx: StageContext) -> Outputs:
 
 async def documentation_update(ctx: StageContext) -> Outputs:
     """Run ``docs_command`` when one is configured (a non-critical stage)."""
-    template = ctx.config.docs_command
+    template = settings_of(ctx.config).docs_command
     if not template.strip():
         return {"docs_updated": False, "docs_note": "no docs_command configured"}
     command = _command(ctx, template, "docs_command")
@@ -342,7 +348,7 @@ async def pr_creation(ctx: StageContext) -> Outputs:
                 f"{ctx.context.get('test_counts') or 'passed'}.\n\n"
                 f"{marker_for(ctx.workflow_id)}\n")
         pull = await forge.create_pull(str(ctx.context["feature_name"]), body, branch,
-                                       ctx.config.base_branch)
+                                       settings_of(ctx.config).base_branch)
         ctx.logger.info("Opened pull request #%d: %s", pull.number, pull.url)
     await ctx.save_output_durably(pr_number=pull.number, pr_url=pull.url)
     return {"pr_number": pull.number, "pr_url": pull.url}
@@ -360,7 +366,7 @@ async def pr_verification(ctx: StageContext) -> Outputs:
 
 
 async def review_request(ctx: StageContext) -> Outputs:
-    reviewers = list(ctx.config.reviewers)
+    reviewers = list(settings_of(ctx.config).reviewers)
     if reviewers:
         forge = await forge_for(ctx)
         await forge.request_reviewers(int(ctx.context["pr_number"]), reviewers)
