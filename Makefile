@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_REPO := example-run/repo
 
-.PHONY: demo test check bench clean
+.PHONY: demo test check bench postgres clean
 
 $(BIN)/workflow-manager: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,13 @@ demo: $(BIN)/workflow-manager
 	WORKFLOW_AGENT_COMMAND='{python} $(CURDIR)/examples/agent.py {prompt_file}' \
 		$(BIN)/workflow-manager batch examples/prompts --project-root $(DEMO_REPO)
 
-## test: the whole test suite
+## test: the whole test suite (the PostgreSQL tests start a throwaway server of their own)
 test: $(BIN)/workflow-manager
 	$(BIN)/python -m pytest -q
+
+## postgres: a throwaway PostgreSQL server for development; prints its URL, Ctrl-C stops it
+postgres: $(BIN)/workflow-manager
+	$(BIN)/python tests/postgres_server.py
 
 ## check: linters and type checks
 check: $(BIN)/workflow-manager

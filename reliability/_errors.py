@@ -19,10 +19,13 @@ __all__ = [
     "CircuitOpenError",
     "ConfigurationError",
     "CriticalError",
+    "DatabaseUnavailableError",
     "ErrorCategory",
+    "FencedError",
     "InvalidWorkflowIdError",
     "RateLimitedError",
     "ResourceError",
+    "SchemaVersionError",
     "StageTimeoutError",
     "StateCorruptedError",
     "TransientError",
@@ -126,6 +129,30 @@ class StateCorruptedError(WorkflowError):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
+
+
+class FencedError(WorkflowError):
+    """Raised when a write for a workflow was refused: this worker no longer owns it at that
+    epoch (another worker claimed it after this one's lease ran out). Nothing more may be
+    written for it here; the new owner carries it on (docs/architecture.md, invariant 9)."""
+
+    category = ErrorCategory.CRITICAL
+
+    def __init__(self, workflow_id: str, owner: str, epoch: int, reason: str) -> None:
+        super().__init__(f"write for workflow {workflow_id} refused: worker {owner} at epoch "
+                         f"{epoch} {reason}")
+        self.workflow_id = workflow_id
+        self.owner = owner
+        self.epoch = epoch
+
+
+class DatabaseUnavailableError(TransientError):
+    """Raised when the database cannot be reached or refuses a connection; the message
+    names the server with the password masked."""
+
+
+class SchemaVersionError(ConfigurationError):
+    """Raised when the database's schema is newer than this code knows: upgrade first."""
 
 
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET,

@@ -1,0 +1,721 @@
+"""``PostgresStore``: workflows shared by worker processes on many hosts through PostgreSQL.
+
+The same ``Store`` interface as the file store, plus what workers need (``enqueue``,
+``claim_next``, ``wait_for_work``). How it keeps its promises:
+
+- Group commit (docs/architecture.md, invariant 4): saves are queued; one committer task
+  sends everything queued meanwhile as one statement (arrays through ``unnest``), so a
+  thousand workflows' checkpoints cost one round trip and one WAL flush. Its future
+  completes when that statement committed (synchronous_commit on: durable).
+- Claims (invariant 9): ``UPDATE ... FOR UPDATE SKIP LOCKED``; each raises the
+  workflow's epoch. Every write is conditional on (owner, epoch): a write by a worker
+  that lost the workflow changes nothing, is recorded as refused in ``workflow_writes``
+  and fails its future with FencedError; nothing more is sent for that workflow.
+- Liveness: one ``workflow_workers`` row per store, its lease renewed every third of
+  ``lease_seconds`` from the database's clock. Any store deletes rows whose lease ran out
+  and re-queues their workflows with a new epoch.
+- Wake-up: LISTEN on a dedicated connection (channel ``workflow_work``), with a jittered
+  poll as fallback, reconnected when lost.
+- The URL's password is never shown: messages use the masked URL, driver errors pass
+  through ``scrub``. Every statement is parameterized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .._errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    FencedError,
+    WorkflowLockedError,
+    WorkflowNotFoundError,
+)
+from .._ids import validate_workflow_id
+from .._logging import logger
+from .._store import Claim, LoadedState
+from ._schema import migrate
+from ._url import DatabaseURL, parse_url, scrub
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = ["WORK_CHANNEL", "PostgresStore"]
+
+Snapshot = Callable[[], dict[str, Any]]
+WORK_CHANNEL = "workflow_work"
+CLAIMABLE = ("pending", "running", "interrupted")
+_RETRY_FIRST, _RETRY_MAX = 0.05, 2.0  # reconnect backoff of the committer, seconds
+
+_SAVE = """
+WITH input AS (
+    SELECT * FROM unnest($2::text[], $3::bigint[], $4::jsonb[], $5::text[], $6::bigint[])
+        AS i(workflow_id, epoch, state, status, revision)),
+applied AS (
+    UPDATE workflows w SET state = i.state, status = i.status, revision = i.revision,
+                           updated_at = now()
+    FROM input i
+    WHERE w.workflow_id = i.workflow_id AND w.owner = $1 AND w.epoch = i.epoch
+    RETURNING w.workflow_id),
+checkpoints AS (
+    INSERT INTO workflow_checkpoints AS c (workflow_id, stage, epoch, revision, state)
+    SELECT i.workflow_id, s.stage, i.epoch, i.revision, i.state
+    FROM unnest($7::text[], $8::text[]) AS s(workflow_id, stage)
+    JOIN applied a ON a.workflow_id = s.workflow_id
+    JOIN input i ON i.workflow_id = s.workflow_id
+    ON CONFLICT (workflow_id, stage) DO UPDATE
+        SET epoch = EXCLUDED.epoch, revision = EXCLUDED.revision, state = EXCLUDED.state,
+            created_at = now()),
+audit AS (
+    INSERT INTO workflow_writes (workflow_id, owner, epoch, revision, kind, applied)
+    SELECT i.workflow_id, $1, i.epoch, i.revision, 'save', a.workflow_id IS NOT NULL
+    FROM input i LEFT JOIN applied a ON a.workflow_id = i.workflow_id)
+SELECT workflow_id FROM applied
+"""
+
+# A save by a store that holds no claim: allowed only while nobody ever claimed the
+# workflow (owner NULL, epoch 0): registering it, or queueing it for workers.
+_REGISTER = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::bigint[], $5::text[],
+                         $6::text[])
+        AS i(workflow_id, state, status, revision, definition, queue)),
+applied AS (
+    INSERT INTO workflows AS w (workflow_id, state, status, revision, definition, queue)
+    SELECT * FROM input
+    ON CONFLICT (workflow_id) DO UPDATE
+        SET state = EXCLUDED.state, status = EXCLUDED.status, revision = EXCLUDED.revision,
+            definition = EXCLUDED.definition, queue = EXCLUDED.queue, updated_at = now()
+        WHERE w.owner IS NULL AND w.epoch = 0
+    RETURNING w.workflow_id, w.queue),
+audit AS (
+    INSERT INTO workflow_writes (workflow_id, owner, epoch, revision, kind, applied)
+    SELECT i.workflow_id, NULL, 0, i.revision, 'register', a.workflow_id IS NOT NULL
+    FROM input i LEFT JOIN applied a ON a.workflow_id = i.workflow_id)
+SELECT workflow_id, queue FROM applied
+"""
+
+_RELEASE = """
+WITH input AS (SELECT * FROM unnest($2::text[], $3::bigint[]) AS i(workflow_id, epoch)),
+released AS (
+    UPDATE workflows w SET owner = NULL, claimed_at = NULL
+    FROM input i
+    WHERE w.workflow_id = i.workflow_id AND w.owner = $1 AND w.epoch = i.epoch
+    RETURNING w.workflow_id, w.epoch, w.queue, w.status),
+audit AS (
+    INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
+    SELECT workflow_id, $1, epoch, 'release', true FROM released)
+SELECT DISTINCT queue FROM released WHERE queue IS NOT NULL AND status = ANY($4::text[])
+"""
+
+# A workflow is free if nobody owns it or its owner's lease ran out (dead, not yet reaped).
+_FREE = """(w.owner IS NULL OR NOT EXISTS (
+    SELECT 1 FROM workflow_workers k WHERE k.worker_id = w.owner AND k.lease_expires_at > now()))"""
+
+_CLAIM = f"""
+WITH claimed AS (
+    UPDATE workflows w SET owner = $1, epoch = w.epoch + 1, claimed_at = now()
+    WHERE w.workflow_id = ANY($2::text[]) AND {_FREE}
+    RETURNING w.workflow_id, w.epoch),
+audit AS (
+    INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
+    SELECT workflow_id, $1, epoch, 'claim', true FROM claimed)
+SELECT workflow_id, epoch FROM claimed
+"""
+
+_CLAIM_NEW = """
+WITH claimed AS (
+    INSERT INTO workflows (workflow_id, owner, epoch, claimed_at)
+    SELECT i, $1, 1, now() FROM unnest($2::text[]) AS u(i)
+    ON CONFLICT (workflow_id) DO NOTHING
+    RETURNING workflow_id, epoch),
+audit AS (
+    INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
+    SELECT workflow_id, $1, epoch, 'claim', true FROM claimed)
+SELECT workflow_id, epoch FROM claimed
+"""
+
+_CLAIM_NEXT = """
+WITH picked AS (
+    SELECT workflow_id FROM workflows
+    WHERE queue = $2 AND owner IS NULL AND status = ANY($4::text[])
+    ORDER BY created_at, workflow_id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED),
+claimed AS (
+    UPDATE workflows w SET owner = $1, epoch = w.epoch + 1, claimed_at = now()
+    FROM picked p WHERE w.workflow_id = p.workflow_id
+    RETURNING w.workflow_id, w.epoch, w.state),
+audit AS (
+    INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
+    SELECT workflow_id, $1, epoch, 'claim', true FROM claimed)
+SELECT workflow_id, epoch, state FROM claimed
+"""
+
+_RENEW = """
+UPDATE workflow_workers
+SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $2)
+WHERE worker_id = $1
+RETURNING lease_expires_at
+"""
+
+_REGISTER_WORKER = """
+INSERT INTO workflow_workers (worker_id, host, pid, lease_expires_at)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+ON CONFLICT (worker_id) DO UPDATE SET lease_expires_at = EXCLUDED.lease_expires_at,
+                                      heartbeat_at = now()
+"""
+
+_REAP = """
+WITH dead AS (
+    DELETE FROM workflow_workers WHERE lease_expires_at < now() RETURNING worker_id),
+requeued AS (
+    UPDATE workflows w SET owner = NULL, epoch = w.epoch + 1, claimed_at = NULL
+    FROM dead d WHERE w.owner = d.worker_id
+    RETURNING w.workflow_id, w.epoch, w.queue, d.worker_id),
+audit AS (
+    INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
+    SELECT workflow_id, worker_id, epoch, 'requeue', true FROM requeued)
+SELECT workflow_id, queue FROM requeued
+"""
+
+
+def _encode(state: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(state, option=orjson.OPT_SORT_KEYS, default=str).decode()
+    except TypeError:  # keys that are not strings (outputs keyed by numbers)
+        return orjson.dumps(state, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
+                            default=str).decode()
+
+
+def _connection_lost(error: BaseException) -> bool:
+    """True for errors after which the same statement may succeed on a new connection."""
+    import asyncpg
+    return isinstance(error, (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+                              asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                              asyncpg.exceptions.AdminShutdownError,
+                              asyncpg.exceptions.CrashShutdownError,
+                              asyncpg.exceptions.TooManyConnectionsError))
+
+
+class _PostgresClaim:
+    __slots__ = ("_store", "epoch", "workflow_id")
+
+    def __init__(self, workflow_id: str, epoch: int, store: PostgresStore) -> None:
+        self.workflow_id = workflow_id
+        self.epoch = epoch
+        self._store: PostgresStore | None = store
+
+    def release(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            store._release(self.workflow_id, self.epoch)
+
+    def __repr__(self) -> str:
+        return f"<claim {self.workflow_id} epoch {self.epoch}>"
+
+
+@dataclass(slots=True)
+class _Batch:
+    # workflow ID -> (encoded state or a snapshot to take at send time, checkpoint stages,
+    # the epoch of this store's claim when the write was asked for, None without a claim)
+    writes: dict[str, tuple[str | Snapshot, frozenset[str], int | None]] = field(
+        default_factory=dict)
+    waiters: list[tuple[str, asyncio.Future[None]]] = field(default_factory=list)
+    releases: dict[str, int] = field(default_factory=dict)
+    done: asyncio.Future[None] | None = None
+
+    def empty(self) -> bool:
+        return not (self.writes or self.releases)
+
+
+class PostgresStore:
+    """Workflow states in a PostgreSQL database shared by many worker processes.
+
+    ``lease_seconds``: how long this store's claims outlive its last heartbeat.
+    ``on_fenced(workflow_id)``: called when a write for a workflow was refused (another
+    worker owns it now), so the caller stops it at once.
+    """
+
+    def __init__(self, url: str, *, lease_seconds: float = 30.0, pool_size: int = 4,
+                 worker_id: str | None = None, apply_migrations: bool = True,
+                 poll_interval: float = 5.0,
+                 on_fenced: Callable[[str], None] | None = None) -> None:
+        if lease_seconds <= 0:
+            raise ConfigurationError(f"lease_seconds must be positive, got {lease_seconds!r}")
+        self.url: DatabaseURL = parse_url(url)
+        self.lease_seconds = float(lease_seconds)
+        self.pool_size = pool_size
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.apply_migrations = apply_migrations
+        self.poll_interval = poll_interval
+        self.on_fenced = on_fenced
+        self._pool: asyncpg.Pool | None = None
+        self._epochs: dict[str, int] = {}  # claims held: workflow ID -> epoch
+        self._lost: set[str] = set()  # fenced off: nothing more is sent for these
+        self._pending = _Batch()
+        self._wake = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._work = asyncio.Event()
+        self._renewed_at = 0.0
+        self._closing = False
+        self.batches_committed = 0
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.url.masked!r}, worker_id={self.worker_id!r})"
+
+    # --- lifecycle
+
+    async def _connect_error(self, error: BaseException) -> DatabaseUnavailableError:
+        reason = scrub(f"{type(error).__name__}: {error}".replace("\n", " "), self.url.secret)
+        return DatabaseUnavailableError(
+            f"cannot use PostgreSQL at {self.url.server} ({self.url.masked}): {reason}")
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            import asyncpg
+        except ImportError:
+            raise ConfigurationError("the PostgreSQL store needs asyncpg: pip install "
+                                     "'workflow-manager[postgres]'") from None
+        try:
+            pool = await asyncpg.create_pool(self.url.secret, min_size=1,
+                                             max_size=self.pool_size)
+        except Exception as error:
+            raise await self._connect_error(error) from None
+        try:
+            async with pool.acquire() as connection:
+                if self.apply_migrations:
+                    await migrate(connection)
+                await connection.execute(_REGISTER_WORKER, self.worker_id,
+                                         socket.gethostname(), os.getpid(), self.lease_seconds)
+        except (ConfigurationError, DatabaseUnavailableError):
+            await pool.close()
+            raise
+        except Exception as error:
+            await pool.close()
+            if _connection_lost(error):
+                raise await self._connect_error(error) from None
+            raise
+        self._pool = pool
+        self._closing = False
+        self._renewed_at = time.monotonic()
+        self._committer = asyncio.create_task(self._commit_loop(), name="postgres-committer")
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(),
+                                              name="postgres-heartbeat")
+
+    async def close(self) -> None:
+        pool = self._pool
+        if pool is None:
+            return
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        # Claims still held are given back, so other workers take them at once.
+        for workflow_id, epoch in list(self._epochs.items()):
+            self._release(workflow_id, epoch)
+        await self._flush()
+        self._closing = True
+        self._wake.set()
+        if self._committer is not None:
+            await self._committer
+        with contextlib.suppress(Exception):
+            await pool.execute("DELETE FROM workflow_workers WHERE worker_id = $1",
+                               self.worker_id)
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+        self._pool = None
+        await pool.close()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the PostgreSQL store is not open")
+        return self._pool
+
+    # --- writes
+
+    def _queue(self, workflow_id: str, entry: str | Snapshot, stages: frozenset[str]) -> None:
+        batch = self._pending
+        earlier = batch.writes.get(workflow_id)
+        if earlier is not None:
+            stages = stages | earlier[1]
+        batch.writes[workflow_id] = (entry, stages, self._epochs.get(workflow_id))
+        self._wake.set()
+
+    def save_soon(self, workflow_id: str, snapshot: Snapshot, *,
+                  promptly: bool = False) -> None:
+        if workflow_id in self._lost:
+            return
+        earlier = self._pending.writes.get(workflow_id)
+        if earlier is not None and isinstance(earlier[0], str):
+            return  # a durable write of it is queued: keep that one
+        self._queue(workflow_id, snapshot, frozenset())
+
+    async def save(self, workflow_id: str, snapshot: Snapshot, *,
+                   checkpoint_stage: str | None = None) -> None:
+        await self.save_nowait(workflow_id, snapshot, checkpoint_stage=checkpoint_stage)
+
+    def save_nowait(self, workflow_id: str, snapshot: Snapshot, *,
+                    checkpoint_stage: str | None = None,
+                    lazy: bool = False) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if workflow_id in self._lost:
+            waiter.set_exception(self._fenced(workflow_id, "lost its claim earlier"))
+            return waiter
+        self._require_pool()
+        stages = frozenset((checkpoint_stage,)) if checkpoint_stage else frozenset()
+        self._queue(workflow_id, _encode(snapshot()), stages)
+        self._pending.waiters.append((workflow_id, waiter))
+        return waiter
+
+    def expedite(self) -> None:
+        return None  # every batch is sent as soon as the previous one committed
+
+    def archive(self, state: dict[str, Any]) -> None:
+        return None  # the database keeps the current state and each stage's checkpoint
+
+    def _fenced(self, workflow_id: str, reason: str) -> FencedError:
+        return FencedError(workflow_id, self.worker_id, self._epochs.get(workflow_id, 0),
+                           reason)
+
+    def _lose(self, workflow_id: str) -> None:
+        if workflow_id in self._lost:
+            return
+        self._lost.add(workflow_id)
+        self._epochs.pop(workflow_id, None)
+        logger.warning("Workflow %s: another worker owns it now; %s writes nothing more "
+                       "for it", workflow_id, self.worker_id)
+        if self.on_fenced is not None:
+            self.on_fenced(workflow_id)
+
+    async def _flush(self) -> None:
+        """Wait until everything queued so far is committed (or failed)."""
+        if self._pending.empty():
+            return
+        if self._pending.done is None:
+            self._pending.done = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._pending.done)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, _Batch()
+            if batch.empty():
+                if self._closing:
+                    return
+                continue
+            await self._commit_with_retries(batch)
+            if batch.done is not None and not batch.done.done():
+                batch.done.set_result(None)
+
+    async def _commit_with_retries(self, batch: _Batch) -> None:
+        delay = _RETRY_FIRST
+        logged = False
+        while True:
+            try:
+                failures = await self._commit(batch)
+                break
+            except Exception as error:
+                if not _connection_lost(error) or self._closing:
+                    failure = error if not _connection_lost(error) else (
+                        await self._connect_error(error))
+                    failures = dict.fromkeys((w for w, _ in batch.waiters), failure)
+                    break
+                if not logged:
+                    logger.warning("PostgreSQL at %s unreachable (%s); retrying the commit "
+                                   "of %d workflow(s) until it is back", self.url.server,
+                                   scrub(str(error), self.url.secret), len(batch.writes))
+                    logged = True
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, _RETRY_MAX)
+        if logged:
+            logger.warning("PostgreSQL at %s reachable again; commits go on", self.url.server)
+        self.batches_committed += 1
+        for workflow_id, waiter in batch.waiters:
+            if waiter.done():
+                continue
+            outcome = failures.get(workflow_id)
+            if outcome is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(outcome)
+
+    async def _commit(self, batch: _Batch) -> dict[str, BaseException]:
+        fenced_ids, fenced_epochs, fenced_states, fenced_status, fenced_revisions = (
+            [], [], [], [], [])
+        checkpoint_ids: list[str] = []
+        checkpoint_stages: list[str] = []
+        register: list[tuple[str, str, str, int, str | None]] = []
+        failures: dict[str, BaseException] = {}
+        for workflow_id, (entry, stages, epoch) in batch.writes.items():
+            if workflow_id in self._lost:
+                failures[workflow_id] = self._fenced(workflow_id, "lost its claim earlier")
+                continue
+            state = entry() if callable(entry) else None
+            encoded = _encode(state) if state is not None else entry
+            assert isinstance(encoded, str)
+            if state is None:
+                state = orjson.loads(encoded)
+            status = str(state.get("status") or "pending")
+            revision = int(state.get("revision") or 0)
+            if epoch is None:
+                register.append((workflow_id, encoded, status, revision,
+                                 state.get("definition") or state.get("definition_name")))
+                continue
+            fenced_ids.append(workflow_id)
+            fenced_epochs.append(epoch)
+            fenced_states.append(encoded)
+            fenced_status.append(status)
+            fenced_revisions.append(revision)
+            for stage in stages:
+                checkpoint_ids.append(workflow_id)
+                checkpoint_stages.append(stage)
+        pool = self._require_pool()
+        async with pool.acquire() as connection, connection.transaction():
+            if fenced_ids:
+                rows = await connection.fetch(_SAVE, self.worker_id, fenced_ids, fenced_epochs,
+                                              fenced_states, fenced_status, fenced_revisions,
+                                              checkpoint_ids, checkpoint_stages)
+                applied = {row["workflow_id"] for row in rows}
+                for workflow_id in fenced_ids:
+                    if workflow_id not in applied:
+                        failures[workflow_id] = self._fenced(
+                            workflow_id, "no longer owns it (claimed again by another worker)")
+            if register:
+                rows = await connection.fetch(
+                    _REGISTER, [r[0] for r in register], [r[1] for r in register],
+                    [r[2] for r in register], [r[3] for r in register],
+                    [r[4] for r in register], [None] * len(register))
+                applied = {row["workflow_id"] for row in rows}
+                for workflow_id, *_ in register:
+                    if workflow_id not in applied:
+                        failures[workflow_id] = FencedError(
+                            workflow_id, self.worker_id, 0,
+                            "holds no claim on it, and it was claimed before")
+            if batch.releases:
+                queues = await connection.fetch(
+                    _RELEASE, self.worker_id, list(batch.releases),
+                    list(batch.releases.values()), list(CLAIMABLE))
+                for row in queues:
+                    await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL,
+                                             row["queue"])
+        for workflow_id, failure in failures.items():
+            if isinstance(failure, FencedError) and workflow_id in self._epochs:
+                self._lose(workflow_id)
+        return failures
+
+    # --- workers and queues
+
+    async def enqueue(self, states: Iterable[dict[str, Any]], *, queue: str = "default") -> None:
+        """Queue new workflows (their first states) for any worker of ``queue``; durable
+        when it returns. Refused (FencedError) for a workflow that exists already."""
+        rows = [(validate_workflow_id(s["workflow_id"]), _encode(s),
+                 str(s.get("status") or "pending"), int(s.get("revision") or 0),
+                 s.get("definition") or s.get("definition_name")) for s in states]
+        if not rows:
+            return
+        pool = self._require_pool()
+        async with pool.acquire() as connection, connection.transaction():
+            applied = await connection.fetch(
+                _REGISTER, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                [r[3] for r in rows], [r[4] for r in rows], [queue] * len(rows))
+            await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL, queue)
+        if len(applied) != len(rows):
+            done = {r["workflow_id"] for r in applied}
+            refused = [r[0] for r in rows if r[0] not in done]
+            raise FencedError(refused[0], self.worker_id, 0,
+                              f"cannot queue it: it exists already ({len(refused)} refused)")
+
+    async def claim_next(self, limit: int = 1, *,
+                         queue: str = "default") -> list[tuple[Claim, LoadedState]]:
+        """Claim up to ``limit`` queued workflows (oldest first), with their states."""
+        pool = self._require_pool()
+        rows = await pool.fetch(_CLAIM_NEXT, self.worker_id, queue, limit, list(CLAIMABLE))
+        claimed: list[tuple[Claim, LoadedState]] = []
+        for row in rows:
+            workflow_id, epoch = row["workflow_id"], row["epoch"]
+            self._lost.discard(workflow_id)
+            self._epochs[workflow_id] = epoch
+            claimed.append((_PostgresClaim(workflow_id, epoch, self),
+                            LoadedState(orjson.loads(row["state"]), self._source(workflow_id))))
+        return claimed
+
+    async def wait_for_work(self, poll: float | None = None) -> bool:
+        """Wait for a NOTIFY of new work (True) or a jittered poll interval (False)."""
+        await self._listen()
+        limit = self.poll_interval if poll is None else poll
+        try:
+            await asyncio.wait_for(self._work.wait(), limit * random.uniform(0.8, 1.0))
+        except TimeoutError:
+            return False
+        self._work.clear()
+        return True
+
+    async def _listen(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        import asyncpg
+        try:
+            connection = await asyncpg.connect(self.url.secret)
+            await connection.add_listener(WORK_CHANNEL, self._notified)
+        except Exception as error:
+            if _connection_lost(error):
+                logger.warning("%s", await self._connect_error(error))
+                return  # the poll still finds work; the next wait tries again
+            raise
+        connection.add_termination_listener(self._listener_lost)
+        self._listener = connection
+        self._work.set()  # something may have been queued while nobody listened
+
+    def _notified(self, *_: object) -> None:
+        self._work.set()
+
+    def _listener_lost(self, *_: object) -> None:
+        self._listener = None
+        self._work.set()
+
+    @property
+    def lease_valid(self) -> bool:
+        """False when the lease was not renewed for half of it: start nothing new."""
+        return time.monotonic() - self._renewed_at < self.lease_seconds / 2
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await self.renew()
+                await self.reap()
+            except Exception as error:
+                if not _connection_lost(error):
+                    raise
+                logger.warning("%s", await self._connect_error(error))
+
+    async def renew(self) -> None:
+        """Extend this worker's lease; if it was found dead meanwhile, every claim is lost."""
+        pool = self._require_pool()
+        renewed = await pool.fetchval(_RENEW, self.worker_id, self.lease_seconds)
+        if renewed is None:
+            for workflow_id in list(self._epochs):
+                self._lose(workflow_id)
+            await pool.execute(_REGISTER_WORKER, self.worker_id, socket.gethostname(),
+                               os.getpid(), self.lease_seconds)
+        self._renewed_at = time.monotonic()
+
+    async def reap(self) -> list[str]:
+        """Re-queue the workflows of workers whose lease ran out; their IDs."""
+        pool = self._require_pool()
+        async with pool.acquire() as connection:
+            rows = await connection.fetch(_REAP)
+            for queue in {r["queue"] for r in rows if r["queue"] is not None}:
+                await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL, queue)
+        if rows:
+            logger.warning("Re-queued %d workflow(s) of dead workers", len(rows))
+        return [r["workflow_id"] for r in rows]
+
+    # --- reads
+
+    def _source(self, workflow_id: str) -> str:
+        return f"{self.url.masked}#workflows/{workflow_id}"
+
+    async def load(self, workflow_id: str) -> LoadedState:
+        validate_workflow_id(workflow_id)
+        await self._flush()
+        state = await self._require_pool().fetchval(
+            "SELECT state FROM workflows WHERE workflow_id = $1", workflow_id)
+        if state is None:
+            raise WorkflowNotFoundError(f"no workflow {workflow_id} in {self.url.masked}")
+        return LoadedState(orjson.loads(state), self._source(workflow_id))
+
+    async def list_states(self, statuses: Iterable[str] | None = None) -> list[LoadedState]:
+        await self._flush()
+        pool = self._require_pool()
+        if statuses is None:
+            rows = await pool.fetch("SELECT workflow_id, state FROM workflows "
+                                    "WHERE state IS NOT NULL ORDER BY created_at")
+        else:
+            rows = await pool.fetch("SELECT workflow_id, state FROM workflows WHERE state IS NOT "
+                                    "NULL AND status = ANY($1::text[]) ORDER BY created_at",
+                                    list(statuses))
+        return [LoadedState(orjson.loads(r["state"]), self._source(r["workflow_id"]))
+                for r in rows]
+
+    async def checkpoint(self, workflow_id: str, stage: str) -> LoadedState:
+        """The state saved as ``stage``'s checkpoint."""
+        state = await self._require_pool().fetchval(
+            "SELECT state FROM workflow_checkpoints WHERE workflow_id = $1 AND stage = $2",
+            workflow_id, stage)
+        if state is None:
+            raise WorkflowNotFoundError(f"no checkpoint of {stage!r} for {workflow_id}")
+        return LoadedState(orjson.loads(state), f"{self._source(workflow_id)}/{stage}")
+
+    def describe(self, workflow_id: str) -> dict[str, str]:
+        return {"database": self.url.masked, "workflow": f"workflows/{workflow_id}",
+                "worker": self.worker_id}
+
+    # --- claims
+
+    async def claim(self, workflow_id: str) -> Claim:
+        claims, refused = await self.claim_many([workflow_id])
+        if refused:
+            raise WorkflowLockedError(f"workflow {workflow_id} is already running (claimed by "
+                                      f"a live worker in {self.url.masked}); not starting it "
+                                      "twice")
+        return claims[0]
+
+    async def claim_many(self, workflow_ids: Iterable[str]) -> tuple[list[Claim], list[str]]:
+        ids = [validate_workflow_id(w) for w in workflow_ids]
+        mine = [w for w in ids if w in self._epochs]
+        wanted = [w for w in dict.fromkeys(ids) if w not in self._epochs]
+        granted: dict[str, int] = {}
+        if wanted:
+            await self._flush()  # a registration still queued must exist before its claim
+            async with self._require_pool().acquire() as connection, \
+                    connection.transaction():
+                for row in await connection.fetch(_CLAIM, self.worker_id, wanted):
+                    granted[row["workflow_id"]] = row["epoch"]
+                missing = [w for w in wanted if w not in granted]
+                if missing:
+                    for row in await connection.fetch(_CLAIM_NEW, self.worker_id, missing):
+                        granted[row["workflow_id"]] = row["epoch"]
+        claims: list[Claim] = []
+        refused: list[str] = list(mine)
+        for workflow_id in wanted:
+            epoch = granted.get(workflow_id)
+            if epoch is None:
+                refused.append(workflow_id)
+                continue
+            self._lost.discard(workflow_id)
+            self._epochs[workflow_id] = epoch
+            claims.append(_PostgresClaim(workflow_id, epoch, self))
+        return claims, refused
+
+    def _release(self, workflow_id: str, epoch: int) -> None:
+        if self._epochs.get(workflow_id) != epoch:
+            return  # lost meanwhile: the new owner's, not ours to release
+        del self._epochs[workflow_id]
+        if self._pool is None:
+            return
+        self._pending.releases[workflow_id] = epoch
+        self._wake.set()
+
+    def epoch_of(self, workflow_id: str) -> int | None:
+        """The epoch this store holds ``workflow_id`` at, if it holds a claim on it."""
+        return self._epochs.get(workflow_id)

@@ -1,0 +1,73 @@
+"""Shared fixtures: a real PostgreSQL server for the tests that need one.
+
+One throwaway server per test session (``tests/postgres_server.py``), started only when a
+test asks for ``postgres_url``; ``WORKFLOW_TEST_POSTGRES_URL`` names an existing server
+instead. Each test gets a database of its own, dropped afterwards. Where no server can
+be started the tests that need one are skipped, except in CI (``CI=true``), where that is
+a failure: they must always run there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from postgres_server import PostgresServer, ServerUnavailable
+
+_URL_VARIABLE = "WORKFLOW_TEST_POSTGRES_URL"
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must run the PostgreSQL tests, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer | str]:
+    """The session's server (or the URL of the one ``WORKFLOW_TEST_POSTGRES_URL`` names)."""
+    given = os.environ.get(_URL_VARIABLE)
+    if given:
+        yield given
+        return
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        _unavailable("asyncpg is not installed (pip install -e '.[test]')")
+    try:
+        server = PostgresServer().start()
+    except ServerUnavailable as error:
+        _unavailable(str(error))
+        raise  # not reached: _unavailable skips or fails
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+def _base_url(server: PostgresServer | str) -> str:
+    return server if isinstance(server, str) else server.url
+
+
+async def _admin(url: str, statement: str) -> None:
+    import asyncpg
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer | str) -> Iterator[str]:
+    """A fresh, empty database on the session's server, for this test only."""
+    base = _base_url(postgres_server)
+    name = f"test_{secrets.token_hex(6)}"  # generated here: safe to put in a statement
+    asyncio.run(_admin(base, f"CREATE DATABASE {name}"))
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        asyncio.run(_admin(base, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

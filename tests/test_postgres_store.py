@@ -1,0 +1,331 @@
+"""The PostgreSQL store against a real server: durability, group commit, claims, fencing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from reliability._errors import (
+    DatabaseUnavailableError,
+    FencedError,
+    SchemaVersionError,
+    WorkflowLockedError,
+)
+from reliability._postgres import PostgresStore, latest_version, migrate, parse_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _state(workflow_id: str, revision: int = 1, status: str = "running",
+           **extra: Any) -> dict[str, Any]:
+    return {"workflow_id": workflow_id, "revision": revision, "status": status,
+            "definition": "tests.workflows_for_tests:NOOP", "progress_data": extra}
+
+
+def _id(n: int) -> str:
+    return f"workflow-20250101-000000-{n:08x}"
+
+
+@pytest.fixture
+async def store(postgres_url: str) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(postgres_url, lease_seconds=30)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    connection = await asyncpg.connect(url)
+    try:
+        return list(await connection.fetch(query, *args))
+    finally:
+        await connection.close()
+
+
+async def test_save_and_load_round_trip(store: PostgresStore, postgres_url: str) -> None:
+    """A claimed workflow's saved state and its stage checkpoint read back as written."""
+    workflow_id = _id(1)
+    claim = await store.claim(workflow_id)
+    state = _state(workflow_id, 3, answer={"n": 1, "text": "é ✓"}, numbers=[1.5, 2])
+    await store.save(workflow_id, lambda: state, checkpoint_stage="plan")
+    assert (await store.load(workflow_id)).state == state
+    assert (await store.checkpoint(workflow_id, "plan")).state == state
+    later = _state(workflow_id, 4, status="completed")
+    await store.save(workflow_id, lambda: later)
+    assert [s.state for s in await store.list_states({"completed"})] == [later]
+    assert await store.list_states({"running"}) == []
+    claim.release()
+    await store.close()
+    reopened = PostgresStore(postgres_url)
+    await reopened.open()
+    try:
+        assert (await reopened.load(workflow_id)).state == later
+    finally:
+        await reopened.close()
+
+
+async def test_many_saves_are_one_commit(store: PostgresStore, postgres_url: str) -> None:
+    """Saves asked for together are committed in one transaction (group commit)."""
+    ids = [_id(n) for n in range(300)]
+    claims, refused = await store.claim_many(ids)
+    assert len(claims) == 300 and not refused
+    before = store.batches_committed
+    futures = [store.save_nowait(w, lambda w=w: _state(w, 2), checkpoint_stage="s1")
+               for w in ids]
+    await asyncio.gather(*futures)
+    assert store.batches_committed - before == 1
+    rows = await _fetch(postgres_url, "SELECT count(*) AS n FROM workflow_checkpoints")
+    assert rows[0]["n"] == 300
+
+
+async def test_a_workflow_is_claimed_once_among_tasks_and_stores(postgres_url: str) -> None:
+    """Concurrent claims by two stores' tasks grant each workflow to exactly one of them."""
+    stores = [PostgresStore(postgres_url) for _ in range(2)]
+    for s in stores:
+        await s.open()
+    try:
+        ids = [_id(n) for n in range(50)]
+        results = await asyncio.gather(*(s.claim_many(ids) for s in stores for _ in range(3)))
+        granted = [c.workflow_id for claims, _ in results for c in claims]
+        assert sorted(granted) == sorted(ids)
+        with pytest.raises(WorkflowLockedError):
+            await stores[0].claim(ids[0]) if ids[0] in stores[1]._epochs else \
+                await stores[1].claim(ids[0])
+    finally:
+        for s in stores:
+            await s.close()
+
+
+_WORKER = textwrap.dedent("""
+    import asyncio, json, sys
+    from reliability._postgres import PostgresStore
+
+    async def main():
+        store = PostgresStore(sys.argv[1])
+        await store.open()
+        mine = []
+        while True:
+            claimed = await store.claim_next(7, queue="q")
+            if not claimed:
+                break
+            for claim, loaded in claimed:
+                mine.append([claim.workflow_id, claim.epoch])
+                done = {**loaded.state, "status": "completed"}
+                await store.save(claim.workflow_id, lambda: done)
+                claim.release()
+        await store.close()
+        print(json.dumps(mine))
+
+    asyncio.run(main())
+""")
+
+
+async def test_queued_workflows_are_claimed_once_by_processes(store: PostgresStore,
+                                                              postgres_url: str) -> None:
+    """Three processes draining one queue claim every workflow exactly once (SKIP LOCKED)."""
+    ids = [_id(n) for n in range(400)]
+    await store.enqueue([_state(w, status="pending") for w in ids], queue="q")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    workers = [await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WORKER, postgres_url, env=env,
+        stdout=asyncio.subprocess.PIPE) for _ in range(3)]
+    outputs = [json.loads((await w.communicate())[0]) for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    claimed = [tuple(pair) for output in outputs for pair in output]
+    assert sorted(w for w, _ in claimed) == sorted(ids)
+    assert {epoch for _, epoch in claimed} == {1}
+    rows = await _fetch(postgres_url, "SELECT count(*) AS n FROM workflow_writes "
+                                      "WHERE kind = 'claim'")
+    assert rows[0]["n"] == 400
+
+
+async def test_a_stale_epoch_is_fenced_off_and_audited(postgres_url: str) -> None:
+    """After a worker's lease ran out and another claimed its workflow, its writes are
+    refused with FencedError, change nothing, and are recorded as refused."""
+    fenced: list[str] = []
+    old = PostgresStore(postgres_url, on_fenced=fenced.append)
+    new = PostgresStore(postgres_url)
+    await old.open()
+    await new.open()
+    try:
+        workflow_id = _id(7)
+        await old.claim(workflow_id)
+        await old.save(workflow_id, lambda: _state(workflow_id, 1))
+        with pytest.raises(WorkflowLockedError):
+            await new.claim(workflow_id)  # the old worker's lease is still valid
+        # The old worker stops renewing (as if stopped); its lease runs out.
+        await _fetch(postgres_url, "UPDATE workflow_workers SET lease_expires_at = now() "
+                                   "- interval '1 second' WHERE worker_id = $1", old.worker_id)
+        assert await new.reap() == [workflow_id]
+        claim = await new.claim(workflow_id)
+        assert claim.epoch == 3  # 1 (first claim), 2 (re-queued), 3 (claimed again)
+        await new.save(workflow_id, lambda: _state(workflow_id, 2, by="new"))
+        with pytest.raises(FencedError, match=old.worker_id):
+            await old.save(workflow_id, lambda: _state(workflow_id, 9, by="old"))
+        assert fenced == [workflow_id]
+        with pytest.raises(FencedError):  # refused locally now, nothing sent
+            await old.save(workflow_id, lambda: _state(workflow_id, 10, by="old"))
+        assert (await new.load(workflow_id)).state["progress_data"] == {"by": "new"}
+        audit = await _fetch(postgres_url, "SELECT owner, epoch, kind, applied FROM "
+                                           "workflow_writes WHERE workflow_id = $1 ORDER BY id",
+                             workflow_id)
+        assert [(r["owner"] == old.worker_id, r["epoch"], r["kind"], r["applied"])
+                for r in audit] == [
+            (True, 1, "claim", True), (True, 1, "save", True), (True, 2, "requeue", True),
+            (False, 3, "claim", True), (False, 3, "save", True), (True, 1, "save", False)]
+        assert not [r for r in audit if r["owner"] == old.worker_id and r["applied"]
+                    and r["kind"] == "save" and r["epoch"] != 1]
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def test_a_released_workflow_is_claimable_at_once(store: PostgresStore,
+                                                        postgres_url: str) -> None:
+    """release() gives the workflow back after its last save, with a NOTIFY for workers."""
+    ids = [_id(n) for n in range(3)]
+    await store.enqueue([_state(w, status="pending") for w in ids], queue="q")
+    [(claim, loaded)] = await store.claim_next(1, queue="q")
+    assert loaded.state["workflow_id"] == ids[0]
+    other = PostgresStore(postgres_url)
+    await other.open()
+    try:
+        await other.wait_for_work(poll=0.01)  # listening from here on
+        store.save_nowait(ids[0], lambda: _state(ids[0], 2, status="interrupted"))
+        claim.release()
+        assert await other.wait_for_work(poll=60)  # woken by the NOTIFY, not the poll
+        again = await other.claim_next(3, queue="q")
+        assert sorted(c.workflow_id for c, _ in again) == ids
+        assert {c.workflow_id: c.epoch for c, _ in again}[ids[0]] == 2
+    finally:
+        await other.close()
+
+
+_MIGRATE = textwrap.dedent("""
+    import asyncio, json, sys
+    import asyncpg
+    from reliability._postgres import migrate
+
+    async def main():
+        connection = await asyncpg.connect(sys.argv[1])
+        print(json.dumps(await migrate(connection)))
+        await connection.close()
+
+    asyncio.run(main())
+""")
+
+
+async def test_two_processes_migrating_at_once(postgres_url: str) -> None:
+    """Of two processes migrating an empty database at once, one applies every migration
+    and the other waits for it, then proceeds with nothing to do."""
+    from reliability._postgres._schema import MIGRATION_LOCK
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        processes = [await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _MIGRATE, postgres_url, env=env,
+            stdout=asyncio.subprocess.PIPE) for _ in range(2)]
+        # Both wait on the lock before it is let go: they really are at it at once. Polled:
+        # the server's lock table is the only place that says so.
+        while await holder.fetchval(  # noqa: ASYNC110
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") < 2:
+            await asyncio.sleep(0.01)
+        await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        results = sorted([json.loads((await p.communicate())[0]) for p in processes])
+        assert all(p.returncode == 0 for p in processes)
+        assert results == [[], list(range(1, latest_version() + 1))]
+        assert await holder.fetchval("SELECT count(*) FROM workflow_schema_migrations") == \
+            latest_version()
+    finally:
+        await holder.close()
+
+
+async def test_a_database_newer_than_the_code_is_refused(postgres_url: str) -> None:
+    """A schema migrated by newer code is refused with one line saying so."""
+    connection = await asyncpg.connect(postgres_url)
+    try:
+        await migrate(connection)
+        await connection.execute("INSERT INTO workflow_schema_migrations (version, name) "
+                                 "VALUES (999, '0999_future.sql')")
+        with pytest.raises(SchemaVersionError) as caught:
+            await PostgresStore(postgres_url).open()
+        assert "999" in str(caught.value) and "upgrade workflow-manager" in str(caught.value)
+        assert "\n" not in str(caught.value)
+    finally:
+        await connection.close()
+
+
+async def test_a_refused_connection_names_the_server_not_the_password(
+        postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Wrong port, or a server refusing more connections: one clear error naming the host,
+    with the password masked there, in repr and in logs."""
+    url = parse_url(postgres_url)
+    password = url.secret.split(":")[2].split("@")[0]
+    from postgres_server import free_port
+    wrong_port = postgres_url.replace(f":{url.port}/", f":{free_port()}/")
+    store = PostgresStore(wrong_port)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        await store.open()
+    message = str(caught.value)
+    assert "127.0.0.1:" in message and "***" in message and password not in message
+    assert password not in repr(store) and password not in str(store.describe(_id(1)))
+    # A role allowed no connection at all: the server refuses as at max_connections.
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute("CREATE ROLE limited LOGIN PASSWORD 'pw-Zq9-secret' "
+                            "CONNECTION LIMIT 0")
+    finally:
+        await admin.close()
+    limited = postgres_url.replace(f"workflow:{password}@", "limited:pw-Zq9-secret@")
+    with pytest.raises(DatabaseUnavailableError, match="too many connections") as caught:
+        await PostgresStore(limited).open()
+    assert "pw-Zq9-secret" not in str(caught.value) and url.server in str(caught.value)
+    assert password not in caplog.text and "pw-Zq9-secret" not in caplog.text
+
+
+def test_urls_are_shown_masked() -> None:
+    """Every form of the password is masked: user part, query parameter, PGPASSWORD."""
+    from reliability._postgres import mask_url, scrub
+    url = "postgresql://me:p%40ss@db.example:6543/app?password=other&sslmode=require"
+    assert mask_url(url) == "postgresql://me:***@db.example:6543/app?password=***&sslmode=require"
+    assert str(parse_url(url)) == repr(parse_url(url))[13:-2]
+    assert "p@ss" not in repr(parse_url(url)) and parse_url(url).server == "db.example:6543"
+    assert scrub("failed for p@ss and other", url) == "failed for *** and ***"
+    os.environ["PGPASSWORD"] = "from-env"
+    try:
+        assert scrub("x from-env y", "postgresql://h/db") == "x *** y"
+    finally:
+        del os.environ["PGPASSWORD"]
+
+
+def test_the_server_script_prints_a_url(tmp_path: Path) -> None:
+    """`make postgres`'s script starts a server, prints its URL, and stops on SIGTERM."""
+    with subprocess.Popen([sys.executable, str(ROOT / "tests" / "postgres_server.py")],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True) as process:
+        try:
+            assert process.stdout is not None
+            lines = [process.stdout.readline() for _ in range(2)]
+            assert lines[1].startswith("export WORKFLOW_STORE_URL='postgresql://"), lines
+            directory = lines[0].split(" running in ")[1].split(" ")[0]
+            assert Path(directory).is_dir()
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    assert process.returncode == 0
+    assert not Path(directory).exists()
