@@ -38,7 +38,7 @@ class TestDefaults:
         assert config.log_directory == ".github/workflow-logs"
 
     def test_added_fields_have_the_design_s_defaults(self) -> None:
-        """Forge settings and breakers default as DESIGN.md says."""
+        """Forge settings and breakers default as the README's Configuration section says."""
         config = WorkflowConfiguration()
         assert config.github_api_url == "https://api.github.com"
         assert config.forge in ("auto", "local") and config.resolved_forge == "local"
