@@ -36,4 +36,4 @@ bench: $(BIN)/workflow-manager
 	$(BIN)/python -m benchmarks --json bench-results/latest.json
 
 clean:
-	rm -rf $(VENV) example-run bench-results
+	rm -rf $(VENV) example-run bench-results build

@@ -65,7 +65,8 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
                 "case --store file --workflows 10000 --runs 2")
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Measure the runtime against DESIGN.md's performance targets. Other "
+        description="Measure the runtime against its performance targets (listed in "
+                    "benchmarks/README.md). Other "
                     "commands: 'compare OLD.json NEW.json', 'profile [--store file|memory]', "
                     "'case [--store file|memory] [--workflows N] [--runs N]'.",
         epilog="examples:\n" + "\n".join(f"  {prog} {example}" for example in examples))
@@ -85,16 +86,23 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--scratch", type=Path, metavar="DIR",
                         help="where workflows' files go (default: a temporary directory); "
                              "put it on the disk you want measured")
+    _add_no_wait_idle(parser)
     return parser
+
+
+def _add_no_wait_idle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-wait-idle", dest="wait_idle", action="store_false",
+                        help="start each figure at once instead of waiting (up to 20 s) for "
+                             "idle CPUs and a written-back disk: for tests on a busy machine; "
+                             "the numbers are then not comparable")
 
 
 def _plan(args: argparse.Namespace, scratch: Path) -> Plan:
     base = (Plan.quick_plan if args.quick else Plan.full_plan)(scratch, args.workflows)
     overrides = {"overhead_workflows": args.overhead_workflows,
                  "peer_workflows": args.peer_workflows, "repeats": args.repeats}
-    return Plan(**{**{name: getattr(base, name) for name in (
-        "workflows", "overhead_workflows", "peer_workflows", "health_calls", "repeats",
-        "quick", "scratch")}, **{k: v for k, v in overrides.items() if v is not None}})
+    return dataclasses.replace(base, wait_idle=args.wait_idle,
+                               **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _selected(only: str | None) -> list[str]:
@@ -152,7 +160,7 @@ def _meta(plan: Plan, started_at: str) -> dict[str, Any]:
         "plan": {"workflows": plan.workflows, "levels": list(plan.levels),
                  "overhead_workflows": plan.overhead_workflows,
                  "peer_workflows": plan.peer_workflows, "health_calls": plan.health_calls,
-                 "repeats": plan.repeats, "quick": plan.quick},
+                 "repeats": plan.repeats, "quick": plan.quick, "wait_idle": plan.wait_idle},
         "argv": sys.argv[1:],
         # Other processes on a 2-core machine move every number; read them with this.
         "load_average_start": list(os.getloadavg()),
@@ -240,13 +248,14 @@ def _case(argv: Sequence[str], prog: str) -> int:
     parser.add_argument("--workflows", type=int, default=10_000, metavar="N")
     parser.add_argument("--runs", type=int, default=1, metavar="N")
     parser.add_argument("--scratch", type=Path, metavar="DIR")
+    _add_no_wait_idle(parser)
     args = parser.parse_args(argv)
     if args.workflows < 1 or args.runs < 1:
         parser.error("--workflows and --runs must be >= 1")
     with tempfile.TemporaryDirectory(prefix="wm-case-", dir=args.scratch) as scratch:
-        plan = Plan(workflows=args.workflows, scratch=Path(scratch))
+        plan = Plan(workflows=args.workflows, scratch=Path(scratch), wait_idle=args.wait_idle)
         for _ in range(args.runs):
-            settle()
+            settle(wait_idle=plan.wait_idle)
             result = asyncio.run(run_runtime_case(plan, args.store, args.workflows))
             print(f"{args.store} {args.workflows} workflows: {result.rate:,.0f} transitions/s, "
                   f"checkpoint p50 {result.save_p50_ms:.1f} ms p99 {result.save_p99_ms:.1f} ms, "

@@ -51,7 +51,7 @@ def measure_health(plan: Plan) -> Figure:
     target = (Target("p99", "<=", 5.0, "<= 5 ms"),)
     for key, label, clock in (("cached", "reading reused (within 1 s)", SystemClock()),
                               ("fresh", "fresh psutil reading every call", _StaleClock())):
-        settle()
+        settle(wait_idle=plan.wait_idle)
         timings = asyncio.run(_timings(plan, calls, clock))
         figure.row(key, label, targets=target).add(
             "median", median(timings) * 1000, "ms").add(

@@ -22,31 +22,31 @@ __all__ = ["measure_memory"]
 _DRAIN_SECONDS = 0.5  # lets queued "stage started" writes reach disk: measure steady state
 
 
-def _reading(traced: bool) -> int:
-    settle()
+def _reading(plan: Plan, traced: bool) -> int:
+    settle(wait_idle=plan.wait_idle)
     return tracemalloc.get_traced_memory()[0] if traced else rss_bytes()
 
 
-def _start(traced: bool) -> int:
+def _start(plan: Plan, traced: bool) -> int:
     if traced:
         tracemalloc.start()
-    return _reading(traced)
+    return _reading(plan, traced)
 
 
-def _finish(traced: bool) -> int:
-    after = _reading(traced)
+def _finish(plan: Plan, traced: bool) -> int:
+    after = _reading(plan, traced)
     if traced:
         # Stopped before the workflows wind down: tracing makes every allocation slower.
         tracemalloc.stop()
     return after
 
 
-async def _bare(count: int, traced: bool) -> float:
+async def _bare(plan: Plan, count: int, traced: bool) -> float:
     gate = Gate(count)
-    before = _start(traced)
+    before = _start(plan, traced)
     tasks = [asyncio.create_task(gate.enter()) for _ in range(count)]
     await gate.all_in.wait()
-    after = _finish(traced)
+    after = _finish(plan, traced)
     gate.release()
     await asyncio.gather(*tasks)
     return (after - before) / count
@@ -57,11 +57,11 @@ async def _runtime(plan: Plan, count: int, traced: bool) -> float:
     try:
         root = plan.fresh_root("memory")
         async with runtime(root, configuration(persistence=True)) as rt:
-            before = _start(traced)
+            before = _start(plan, traced)
             tasks = [asyncio.create_task(rt.run(PARKED_FLOW)) for _ in range(count)]
             await gate.all_in.wait()
             await asyncio.sleep(_DRAIN_SECONDS)
-            after = _finish(traced)
+            after = _finish(plan, traced)
             # Interrupting is one write per workflow; finishing would be 18 stages more.
             rt.request_shutdown()
             await asyncio.gather(*tasks)
@@ -79,7 +79,7 @@ def measure_memory(plan: Plan) -> Figure:
     count = plan.workflows
     figure = Figure("memory", f"Memory per in-flight workflow: {count} workflows parked "
                               "in stage 1 (empty context)")
-    rss, traced = _per_workflow(lambda traced: _bare(count, traced))
+    rss, traced = _per_workflow(lambda traced: _bare(plan, count, traced))
     figure.row("bare", "bare asyncio task parked on an Event").add(
         "tracemalloc", traced, "B").add("rss", rss, "B")
     rss, traced = _per_workflow(lambda traced: _runtime(plan, count, traced))

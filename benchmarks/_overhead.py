@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Iterator
@@ -121,11 +122,11 @@ def _measure_cases(plan: Plan, cases: tuple[_Case, ...], count: int, *,
     times: dict[str, list[tuple[float, float]]] = {"bare": [], **{c.key: [] for c in cases}}
     with Peer(io_seconds) as peer:
         for _ in range(plan.repeats):
-            settle()
+            settle(wait_idle=plan.wait_idle)
             times["bare"].append(asyncio.run(
                 with_connections(peer.port, count, _cpu_timed(run_bare(count, bare_io)))))
             for case in cases:
-                settle()
+                settle(wait_idle=plan.wait_idle)
                 root = plan.fresh_root(f"overhead-{case.key}")
                 times[case.key].append(asyncio.run(
                     with_connections(peer.port, count, _time_case(case, root, count))))
@@ -202,7 +203,7 @@ def _add_saturated_row(plan: Plan, figure: Figure) -> None:
     count = min(plan.workflows, plan.overhead_workflows * 10)
     if count <= plan.overhead_workflows:
         return
-    timings = _measure_cases(Plan(repeats=1, scratch=plan.scratch), (_ALL,), count)
+    timings = _measure_cases(dataclasses.replace(plan, repeats=1), (_ALL,), count)
     _add_ratio_row(figure, f"all-{count}", f"all features, {count} workflows (bare "
                    f"{timings['bare'].wall:.2f} s)", timings[_ALL.key], timings["bare"],
                    count, ())

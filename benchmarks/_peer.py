@@ -75,7 +75,7 @@ def measure_peer(plan: Plan) -> Figure:
     # takes seconds and averages such moments out. So ours is the median of three.
     rates = []
     for _ in range(OUR_RUNS):
-        settle()
+        settle(wait_idle=plan.wait_idle)
         rates.append(asyncio.run(run_runtime_case(plan, "file", count)).rate)
     ours = median(rates)
     figure.row("ours", f"this runtime + FileStore (median of {OUR_RUNS} runs)").add(
@@ -84,7 +84,7 @@ def measure_peer(plan: Plan) -> Figure:
     if isinstance(dbos, str):
         figure.row("dbos", "DBOS on SQLite").skipped = dbos
         return figure
-    settle()
+    settle(wait_idle=plan.wait_idle)
     database = plan.fresh_root("dbos") / "dbos.sqlite"
     seconds = asyncio.run(_dbos_run(dbos, database, count))
     rate = count * STAGES / seconds

@@ -24,6 +24,9 @@ class Plan:
     health_calls: int = 1_000
     repeats: int = 5
     quick: bool = False
+    # False for the tests: figures start at once instead of on a settled machine, so the
+    # harness's output can be checked on a busy one (its numbers are then not comparable).
+    wait_idle: bool = True
     scratch: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
     def __post_init__(self) -> None:

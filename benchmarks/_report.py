@@ -54,7 +54,7 @@ def _figure_table(number: int, figure: Figure) -> Table:
     table = Table(title=f"{number}. {figure.title}", title_justify="left", show_lines=True)
     table.add_column("case", ratio=3)
     table.add_column("measured", ratio=3)
-    table.add_column("target (DESIGN.md)", ratio=2)
+    table.add_column("target (benchmarks/README.md)", ratio=2)
     if figure.skipped:
         table.add_row("[yellow]skipped[/yellow]", figure.skipped, "")
     for row in figure.rows:
@@ -69,12 +69,19 @@ def print_figures(console: Console, meta: Mapping[str, Any], figures: Sequence[F
     console.print(f"[bold]workflow-manager benchmarks[/bold]: Python {meta['python']} "
                   f"({meta['implementation']}), {meta['cores']} cores, {meta['platform']}; "
                   f"N = {meta['plan']['workflows']}{' (quick)' if meta['plan']['quick'] else ''}"
+                  f"{_unsettled(meta)}"
                   f"; total {meta.get('seconds', 0.0):.0f} s; load average "
                   f"{_load(meta, 'load_average_start')} at start, "
                   f"{_load(meta, 'load_average_end')} at end; scratch on "
                   f"{meta.get('scratch_filesystem', '?')}")
     for number, figure in enumerate(figures, start=1):
         console.print(_figure_table(number, figure))
+
+
+def _unsettled(meta: Mapping[str, Any]) -> str:
+    if meta["plan"].get("wait_idle", True):
+        return ""
+    return " (--no-wait-idle: figures did not wait for a settled machine; not comparable)"
 
 
 def _load(meta: Mapping[str, Any], key: str) -> str:

@@ -37,7 +37,8 @@ class Metric:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A DESIGN.md performance target on one metric of a row: ``metric op value``."""
+    """A performance target on one metric of a row, ``metric op value`` (the targets and
+    where they come from: benchmarks/README.md)."""
 
     metric: str
     op: str  # "<=" or ">="

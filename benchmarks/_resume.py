@@ -100,9 +100,9 @@ def measure_resume(plan: Plan) -> Figure:
                               "from disk in a fresh runtime")
     root = plan.fresh_root("resume")
     try:
-        settle()
+        settle(wait_idle=plan.wait_idle)
         setup = asyncio.run(_interrupt_all(root, count))
-        settle()
+        settle(wait_idle=plan.wait_idle)
         timings = asyncio.run(_resume_all(root, count))
     finally:
         remove_gate("resume")

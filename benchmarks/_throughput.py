@@ -115,18 +115,18 @@ def measure_throughput(plan: Plan) -> Figure:
         "p50", percentile(syncs, 0.5) * 1000, "ms").add(
         "p99", percentile(syncs, 0.99) * 1000, "ms")
     for count in plan.levels:
-        settle()
+        settle(wait_idle=plan.wait_idle)
         seconds = asyncio.run(run_bare(count, bare_step))
         figure.row(f"bare-{count}", f"bare asyncio, {count} workflows").add(
             "rate", count * STAGES / seconds, "/s", higher_is_better=True)
-        settle()
+        settle(wait_idle=plan.wait_idle)
         seconds = asyncio.run(_triggers_only(count))
         figure.row(f"transitions-{count}", f"state machine triggers only, {count} workflows",
                    note="attach, 20 advance triggers, detach").add(
             "rate", count * STAGES / seconds, "/s", higher_is_better=True)
     for kind in ("memory", "file"):
         for count in plan.levels:
-            settle()
+            settle(wait_idle=plan.wait_idle)
             result = asyncio.run(run_runtime_case(plan, kind, count))
             targets = _targets() if kind == "file" and count == biggest else ()
             label = "MemoryStore" if kind == "memory" else "FileStore"

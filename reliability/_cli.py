@@ -252,12 +252,19 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _bench(arguments: list[str]) -> int:
-    """The benchmark harness (``benchmarks/``, installed beside this package)."""
+    """The benchmark harness (``benchmarks/``). It is not in the wheel: it runs from the
+    checkout this package was installed from (editable) or is run in."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "benchmarks" / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))  # an editable install maps only the wheel's packages
     try:
         from benchmarks import main as run_benchmarks
-    except ImportError as error:
-        print(f"{PROG} bench: error: the benchmark harness is not installed here ({error}); "
-              "run 'python -m benchmarks' from a source checkout", file=sys.stderr)
+    except ModuleNotFoundError as error:
+        if error.name != "benchmarks":
+            raise  # the harness is here but something it imports is not: show that
+        print(f"{PROG} bench: error: the benchmark harness is not installed with the "
+              "package; run 'python -m benchmarks' (or 'make bench') in a checkout of "
+              "the repository", file=sys.stderr)
         return EXIT_USAGE
     return run_benchmarks(arguments, prog=f"{PROG} bench")
 

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from batch_workflows import GATE_AFTER
 from workflows_for_tests import RECORDING
 
 from reliability import ConfigurationError, FakeClock, MemoryStore, Runtime, WorkflowConfiguration
 from reliability._batch import NOT_STARTED, expand_prompt_paths, run_batch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFINITION = "tests.workflows_for_tests:RECORDING"
+GATED = "tests.batch_workflows:GATED"
 
 
 def make_prompts(directory: Path, count: int) -> list[Path]:
@@ -80,13 +81,13 @@ def _env() -> dict[str, str]:
 
 
 def _wait_for_effects(root: Path, process: subprocess.Popen[bytes], count: int) -> None:
-    deadline = time.monotonic() + 30  # a safety net for a hung child, not a timing assertion
+    """Until ``count`` side effects exist (pytest's timeout bounds a hung child)."""
     effects = root / "effects"
-    while time.monotonic() < deadline and process.poll() is None:
+    while process.poll() is None:
         if effects.is_dir() and len(os.listdir(effects)) >= count:
             return
         time.sleep(0.01)
-    pytest.fail(f"batch ended or hung before {count} side effects (rc={process.poll()})")
+    pytest.fail(f"batch ended before {count} side effects (rc={process.poll()})")
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["to-process", "to-process-group"])
@@ -101,7 +102,7 @@ def test_ctrl_c_then_resume_all_finishes_every_workflow_once(
     with open(tmp_path / "batch.out", "wb") as out, open(tmp_path / "batch.err", "wb") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "reliability", "batch", str(tmp_path / "prompts"),
-             "--definition", DEFINITION, "--concurrency", "10", "--report", str(report),
+             "--definition", GATED, "--concurrency", "10", "--report", str(report),
              "--project-root", str(tmp_path)], cwd=REPO, env=_env(), stdout=out, stderr=err,
             start_new_session=to_group)  # its own group, so the test's is not signalled
 
@@ -112,7 +113,9 @@ def test_ctrl_c_then_resume_all_finishes_every_workflow_once(
                 process.send_signal(signal.SIGINT)
 
         try:
-            _wait_for_effects(tmp_path, process, 25)
+            # Stages wait at the gate from the 25th effect on: the batch is mid-way
+            # whatever the machine's load, and cannot finish before the Ctrl-C.
+            _wait_for_effects(tmp_path, process, GATE_AFTER)
             ctrl_c()
             time.sleep(0.05)
             ctrl_c()  # a second Ctrl-C must not corrupt anything
@@ -128,6 +131,7 @@ def test_ctrl_c_then_resume_all_finishes_every_workflow_once(
     assert {row["status"] for row in interrupted["workflows"]} <= {
         "completed", "interrupted", NOT_STARTED}
 
+    (tmp_path / "gate").touch()
     resumed = cli(tmp_path, "resume", "--all", "--json")
     assert resumed.returncode == 0, resumed.stderr
     listed = json.loads(cli(tmp_path, "list", "--json").stdout)["workflows"]

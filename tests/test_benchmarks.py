@@ -1,7 +1,9 @@
 """The benchmark harness: ``--quick --json`` runs and writes a well-formed document.
 
 Only the output's shape is pinned (figures, rows, finite metrics), never a measured value:
-timing assertions belong to the benchmarks themselves, not to tests (DESIGN.md).
+timing assertions belong to the benchmarks themselves, not to tests. The runs here pass
+``--no-wait-idle``: the harness otherwise waits for idle CPUs before each figure, which a
+busy machine (or another test run) never gives it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from typing import Any
 
 import pytest
 
+import benchmarks._cli
+import benchmarks._measure
+import benchmarks._overhead
 from benchmarks import FIGURES
+from benchmarks._measure import settle
+from benchmarks._plan import Plan
+from benchmarks._results import Figure
 from benchmarks._workloads import Peer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +45,8 @@ def quick_document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One ``--quick --json`` run, shared by the shape tests below (it takes seconds)."""
     directory = tmp_path_factory.mktemp("bench")
     output = directory / "quick.json"
-    result = _run("--quick", "--json", str(output), "--scratch", str(directory), cwd=ROOT)
+    result = _run("--quick", "--no-wait-idle", "--json", str(output), "--scratch",
+                  str(directory), cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     document: dict[str, Any] = json.loads(output.read_text())
     return document
@@ -50,6 +59,7 @@ def test_quick_run_reports_machine_and_python(quick_document: dict[str, Any]) ->
     assert isinstance(meta["cores"], int) and meta["cores"] >= 1
     assert meta["python"].count(".") == 2
     assert meta["plan"]["quick"] is True
+    assert meta["plan"]["wait_idle"] is False
 
 
 def test_quick_run_has_every_figure_in_order(quick_document: dict[str, Any]) -> None:
@@ -137,6 +147,44 @@ def test_workflow_manager_bench_is_the_harness(quick_document: dict[str, Any],
     assert "workflow-manager bench compare" in capsys.readouterr().err
 
 
+def test_no_wait_idle_starts_a_figure_without_asking_the_machine(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without waiting, settling neither syncs the disk nor reads the CPUs (either could
+    hold a figure for seconds on a busy machine); by default it does both."""
+    asked: list[str] = []
+
+    def cpu_percent(interval: float | None = None) -> float:
+        asked.append("cpu")
+        return 0.0
+
+    monkeypatch.setattr(benchmarks._measure.psutil, "cpu_percent", cpu_percent)
+    monkeypatch.setattr(benchmarks._measure.os, "sync", lambda: asked.append("sync"))
+    settle(wait_idle=False)
+    assert asked == []
+    settle()
+    assert asked == ["sync", "cpu"]
+
+
+def test_no_wait_idle_reaches_every_plan_a_figure_settles_by(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--no-wait-idle`` is in the plan the figures get, and in the plan the overhead
+    figure makes for its saturated row (a fresh plan there waited for idle CPUs again)."""
+    parser = benchmarks._cli._run_parser("bench")
+    plan = benchmarks._cli._plan(parser.parse_args(["--quick", "--no-wait-idle"]), tmp_path)
+    assert plan.wait_idle is False and plan.quick is True
+    assert benchmarks._cli._plan(parser.parse_args([]), tmp_path).wait_idle is True
+    seen: list[Plan] = []
+
+    def measure_cases(plan: Plan, cases: Any, count: int) -> dict[str, Any]:
+        seen.append(plan)
+        timing = benchmarks._overhead._Timing(1.0, 0.1)
+        return {"bare": timing, **{case.key: timing for case in cases}}
+
+    monkeypatch.setattr(benchmarks._overhead, "_measure_cases", measure_cases)
+    benchmarks._overhead._add_saturated_row(plan, Figure("overhead", "overhead"))
+    assert [p.wait_idle for p in seen] == [False]
+
+
 def test_unknown_figure_is_refused_by_name() -> None:
     """A typo in --only names the figures that exist instead of running nothing."""
     result = _run("--quick", "--only", "thruput", cwd=ROOT)
@@ -147,7 +195,7 @@ def test_unknown_figure_is_refused_by_name() -> None:
 def test_case_prints_one_line_per_run(tmp_path: Path) -> None:
     """``case`` runs one throughput case per line, for A/B runs across checkouts."""
     result = _run("case", "--store", "memory", "--workflows", "20", "--runs", "2",
-                  "--scratch", str(tmp_path), cwd=ROOT)
+                  "--no-wait-idle", "--scratch", str(tmp_path), cwd=ROOT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2

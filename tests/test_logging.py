@@ -6,7 +6,9 @@ import asyncio
 import json
 import logging
 import logging.handlers
+import math
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,12 +94,50 @@ def test_a_burst_of_records_all_reach_the_file_in_order(tmp_path: Path) -> None:
     configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
     for index in range(2_000):
         logger.info("record %d", index)
-    deadline = time.monotonic() + 10
-    while len(log_lines(tmp_path)) < 2_000 and time.monotonic() < deadline:
+    while len(log_lines(tmp_path)) < 2_000:  # pytest's timeout bounds a lost record
         time.sleep(0.01)  # the listener thread flushes when its queue runs dry
     lines = log_lines(tmp_path)
     assert [int(line.rsplit(" ", 1)[1]) for line in lines] == list(range(2_000))
     shutdown_logging()
+
+
+class _FrozenTime:
+    """Time that moves only when a test moves it: the hand-over interval's clock (the
+    logging module's ``time.monotonic``) and the event loop's, so a loaded machine
+    cannot make an iteration outlast the interval."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        frozen = self
+
+        class FrozenLoop(asyncio.SelectorEventLoop):
+            def time(self) -> float:
+                return frozen.now
+
+        return FrozenLoop()
+
+
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> _FrozenTime:
+    clock = _FrozenTime()
+    everything_else = {name: getattr(time, name) for name in dir(time)
+                       if not name.startswith("_")}  # the file's date, records' times
+    monkeypatch.setattr(reliability._logging, "time",
+                        types.SimpleNamespace(**{**everything_else,
+                                                 "monotonic": clock.monotonic}))
+    return clock
+
+
+async def _run_due_timers() -> None:
+    """Two iterations: the first moves due timers to the ready queue and runs them after
+    this task's step, the second resumes this task."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 def _count_hand_overs() -> list[int]:
@@ -138,37 +178,45 @@ async def test_records_of_one_loop_iteration_are_handed_over_together(
 
 
 @pytest.mark.usefixtures("quiet_logger")
-async def test_a_busy_loop_hands_records_over_at_most_every_interval(tmp_path: Path) -> None:
+def test_a_busy_loop_hands_records_over_at_most_every_interval(
+        tmp_path: Path, frozen: _FrozenTime) -> None:
     """Records of iterations that follow a hand-over closely wait for the interval to end
     (one wake-up of the writing thread for several iterations), then arrive together; a
     record after a quiet spell goes when its iteration ends, with no wait."""
     configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
     handed = _count_hand_overs()
-    await _quiet_spell()
-    logger.info("record %d", 0)
-    await asyncio.sleep(0)
-    assert handed == [1]
-    for index in (1, 2, 3):  # three more iterations, well within the interval
-        logger.info("record %d", index)
+
+    async def busy_then_quiet() -> None:
+        logger.info("record %d", 0)  # the first since the handler was made: no wait
         await asyncio.sleep(0)
-    assert handed == [1]
-    await asyncio.sleep(HAND_OVER_INTERVAL * 2)  # its timer is due first, so it has run
-    assert handed == [1, 3]
-    await asyncio.sleep(HAND_OVER_INTERVAL * 2)  # quiet: the next record goes at once
-    logger.info("record %d", 4)
-    await asyncio.sleep(0)
-    assert handed == [1, 3, 1]
+        assert handed == [1]
+        for index in (1, 2, 3):  # three more iterations within the interval
+            logger.info("record %d", index)
+            await asyncio.sleep(0)
+        frozen.now += HAND_OVER_INTERVAL / 2
+        await _run_due_timers()
+        assert handed == [1]
+        frozen.now += HAND_OVER_INTERVAL / 2  # the interval has passed: its timer runs
+        await _run_due_timers()
+        assert handed == [1, 3]
+        frozen.now += HAND_OVER_INTERVAL * 2  # quiet: the next record goes at once
+        logger.info("record %d", 4)
+        await asyncio.sleep(0)
+        assert handed == [1, 3, 1]
+
+    with asyncio.Runner(loop_factory=frozen.loop) as runner:
+        runner.run(busy_then_quiet())
     shutdown_logging()
     assert [int(line.rsplit(" ", 1)[1]) for line in log_lines(tmp_path)] == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.usefixtures("quiet_logger")
-def test_records_a_finished_loop_still_held_go_with_the_next_loop_s(tmp_path: Path) -> None:
+def test_records_a_finished_loop_still_held_go_with_the_next_loop_s(
+        tmp_path: Path, frozen: _FrozenTime) -> None:
     """asyncio.run ends without running the hand-over timer; the records it held go out
     with the next loop's first hand-over in the same thread, not after 512 more."""
     configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
     handed = _count_hand_overs()
-    time.sleep(HAND_OVER_INTERVAL * 2)
 
     async def log_twice() -> None:
         logger.info("record %d", 0)
@@ -177,11 +225,14 @@ def test_records_a_finished_loop_still_held_go_with_the_next_loop_s(tmp_path: Pa
 
     async def log_once() -> None:
         logger.info("record %d", 2)
-        await asyncio.sleep(HAND_OVER_INTERVAL * 2)
+        frozen.now += HAND_OVER_INTERVAL
+        await _run_due_timers()
 
-    asyncio.run(log_twice())
+    with asyncio.Runner(loop_factory=frozen.loop) as runner:
+        runner.run(log_twice())
     assert handed == [1]
-    asyncio.run(log_once())
+    with asyncio.Runner(loop_factory=frozen.loop) as runner:
+        runner.run(log_once())
     assert handed == [1, 2]
     shutdown_logging()
     assert [int(line.rsplit(" ", 1)[1]) for line in log_lines(tmp_path)] == [0, 1, 2]
@@ -197,8 +248,8 @@ async def test_a_runtime_closing_hands_over_what_its_loop_still_holds(
     await _quiet_spell()
     logger.info("record %d", 0)
     await asyncio.sleep(0)
-    # Longer than the runtime takes to open and close, so only the close can hand it over.
-    monkeypatch.setattr(reliability._logging, "HAND_OVER_INTERVAL", 60.0)
+    # A timer that never fires: only the close can hand the record over.
+    monkeypatch.setattr(reliability._logging, "HAND_OVER_INTERVAL", math.inf)
     logger.info("record %d", 1)  # held: the interval since the first hand-over runs on
     async with Runtime(WorkflowConfiguration(enable_persistence=False), project_root=tmp_path,
                        configure_logs=False, handle_signals=False):
