@@ -23,7 +23,7 @@ import aiofiles
 from ._errors import StateCorruptedError
 from ._ids import validate_workflow_id
 from ._state import WorkflowRun
-from ._store import FileStore, _read_bounded
+from ._store import FileStore, read_bounded
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -133,7 +133,7 @@ def _read_state_files(store: FileStore, workflow_id: str) -> dict[str, Any]:
     files: dict[str, Any] = {}
     for path in paths:
         try:  # bounded, and never through a symbolic link: the store's own reader
-            files[str(path)] = json.loads(_read_bounded(path))
+            files[str(path)] = json.loads(read_bounded(path))
         except FileNotFoundError:
             files[str(path)] = {"error": "missing"}
         except StateCorruptedError as error:
