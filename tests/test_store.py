@@ -567,7 +567,7 @@ class TestPortableClaims:
 class TestPlatforms:
     def test_without_fcntl_import_works_and_a_file_store_says_what_is_missing(
             self, tmp_path: Path) -> None:
-        """As on Windows (no fcntl): the package imports, a MemoryStore runtime works, and
+        """As on Windows (no fcntl): the package imports, a MemoryStore works, and
         opening a FileStore raises one ConfigurationError naming fcntl."""
         code = (
             "import sys; sys.modules['fcntl'] = None\n"
