@@ -25,7 +25,7 @@ from ._errors import StateCorruptedError
 from ._ids import validate_workflow_id
 from ._logging import redact_secrets
 from ._state import WorkflowRun
-from ._store import FileStore, _read_bounded
+from ._store import FileStore, read_bounded
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -138,7 +138,7 @@ def _read_state_files(store: FileStore, workflow_id: str) -> dict[str, Any]:
     files: dict[str, Any] = {}
     for path in paths:
         try:  # bounded, and never through a symbolic link: the store's own reader
-            files[str(path)] = json.loads(_read_bounded(path))
+            files[str(path)] = json.loads(read_bounded(path))
         except FileNotFoundError:
             files[str(path)] = {"error": "missing"}
         except StateCorruptedError as error:

@@ -21,8 +21,6 @@ from asyncio import _get_running_loop as asyncio_running_loop
 from pathlib import Path
 from typing import Any
 
-from ._writer import make_private_directory
-
 __all__ = ["LOGGER_NAME", "DailyFileHandler", "configure_logging", "current_workflow_id",
            "hand_over_held_records", "logger", "redact_secrets", "register_secret",
            "shutdown_logging", "workflow_id_var"]
@@ -207,6 +205,9 @@ class DailyFileHandler(logging.Handler):
         if day != self._day or self._stream is None:
             if self._stream is not None:
                 self._stream.close()
+            # Imported here: the store's modules import this one (for its logger).
+            from ._store import make_private_directory
+
             make_private_directory(self.directory)
             path = self.directory / f"workflow-{day}.log"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -638,7 +638,7 @@ class Runtime:
         live = self._live.get(workflow_id)
         run = live.run if live is not None else self._finished.get(workflow_id)
         if run is None:
-            loader = getattr(self.store, "_load_sync", None)
+            loader = getattr(self.store, "load_sync", None)
             if loader is None:
                 raise ConfigurationError(f"workflow {workflow_id} is not known to this runtime")
             run = WorkflowRun.from_state(loader(workflow_id).state)

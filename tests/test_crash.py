@@ -29,12 +29,16 @@ from crash_workflows import (
     effect_counts,
     subprocess_env,
 )
+from test_store import portable
 
 from reliability import Runtime, WorkflowResult
 from reliability._store import decode_document
 
+__all__ = ["portable"]  # the fixture: each test below on both kinds of claim locks
+
 CODE = "import crash_workflows; crash_workflows.main()"
 KILL_POINTS = 100
+PORTABLE_KILL_POINTS = 30  # the same paths but claims and the writer's end: fewer suffice
 WORKFLOWS_PER_RUN = 4
 STAGE_SLEEP = 0.004
 
@@ -141,9 +145,11 @@ async def final_states(root: Path) -> dict[str, dict[str, Any]]:
         return {s.state["workflow_id"]: s.state for s in await runtime.store.list_states()}
 
 
+@pytest.mark.usefixtures("portable")
 class TestKillMidStage:
     def test_killed_workflow_resumes_in_a_new_process(self, tmp_path: Path) -> None:
-        """SIGKILL during 'build'; a new process resumes; completed stages ran exactly once."""
+        """SIGKILL during 'build'; a new process resumes; completed stages ran exactly once
+        (on Linux's claims and writer, and on the portable ones)."""
         running = child("run", str(tmp_path), "crash", "1", "0.05")
         try:
             wait_until(lambda: effect_lines(tmp_path) >= 3, "the third stage to start")
@@ -183,8 +189,8 @@ def stop_fork_server(server: subprocess.Popen[str]) -> None:
 
 
 @pytest.fixture
-def fork_server() -> Iterator[subprocess.Popen[str]]:
-    server = start_fork_server("strict")
+def fork_server(portable: bool) -> Iterator[subprocess.Popen[str]]:
+    server = start_fork_server("strict")  # its children inherit WORKFLOW_STORE_PORTABLE
     yield server
     stop_fork_server(server)
 
@@ -246,13 +252,18 @@ def kill_at_random_points(tmp_path: Path, fork_server: subprocess.Popen[str], po
 
 class TestRandomKillPoints:
     def test_hundred_random_kill_points_never_tear_state_and_always_resume(
-            self, tmp_path: Path, fork_server: subprocess.Popen[str]) -> None:
+            self, tmp_path: Path, fork_server: subprocess.Popen[str], portable: bool) -> None:
+        """Seeded SIGKILLs mid-run: no torn file, every workflow resumes and completes,
+        completed stages never rerun (both kinds of claim locks and writer ends)."""
         # Kills land within 30 ms of the first effect: a run of 4 workflows x 6 stages of
         # 4 ms takes ~30-40 ms here, so at least 80 % of them interrupt it.
-        kill_at_random_points(tmp_path, fork_server, KILL_POINTS, "strict", latest_kill=0.03)
+        points = PORTABLE_KILL_POINTS if portable else KILL_POINTS
+        kill_at_random_points(tmp_path, fork_server, points, "strict", latest_kill=0.03)
 
     def test_overlapped_durability_reruns_at_most_the_stage_after_the_resumed_one(
             self, tmp_path: Path, overlapped_fork_server: subprocess.Popen[str]) -> None:
+        """Seeded SIGKILLs with durability="overlapped": at most the stage after the one
+        resumed at reruns."""
         # Its runs end sooner (no stage waits for a disk sync), so the kills come earlier.
         kill_at_random_points(tmp_path, overlapped_fork_server, KILL_POINTS // 3, "overlapped",
                               latest_kill=0.02)

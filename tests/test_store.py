@@ -21,7 +21,14 @@ from typing import Any
 
 import psutil
 import pytest
-from crash_workflows import CRASH_FLOW, PARK_IN, crash_config, effect_counts, subprocess_env
+from crash_workflows import (
+    CRASH_FLOW,
+    CRASH_STAGES,
+    PARK_IN,
+    crash_config,
+    effect_counts,
+    subprocess_env,
+)
 
 from reliability import (
     FileStore,
@@ -32,7 +39,13 @@ from reliability import (
     WorkflowNotFoundError,
 )
 from reliability._logging import logger as runtime_logger
-from reliability._store import SCHEMA_VERSION, decode_document, encode_document
+from reliability._store import (
+    PORTABLE_VARIABLE,
+    SCHEMA_VERSION,
+    decode_document,
+    encode_document,
+)
+from reliability._store._claims import FileLocks
 
 WID = "workflow-20240115-142315-a7b3"
 OTHER = "workflow-20240115-142316-b8c4"
@@ -68,7 +81,8 @@ def kill(child: subprocess.Popen[str]) -> None:
     except psutil.NoSuchProcess:
         writers = []
     child.send_signal(signal.SIGKILL)
-    child.communicate()
+    # Bounded: its writer shares its stderr, so a writer that outlives it holds this open.
+    child.communicate(timeout=10)
     assert child.returncode == -signal.SIGKILL
     _, alive = psutil.wait_procs(writers, timeout=10)
     assert not alive, f"processes outlived their parent: {alive}"
@@ -117,6 +131,18 @@ def state_of(path: Path) -> dict[str, Any]:
 
 def states_dir(root: Path) -> Path:
     return root / ".github/workflow-states"
+
+
+@pytest.fixture(params=["byte-locks", "portable"])
+def portable(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Each claims test twice: Linux's OFD byte locks, and the flock file per workflow
+    macOS and the BSDs use (forced here by WORKFLOW_STORE_PORTABLE, which child
+    processes inherit)."""
+    portable = request.param == "portable"
+    if not portable and not sys.platform.startswith("linux"):
+        pytest.skip("OFD byte locks are Linux's")
+    monkeypatch.setenv(PORTABLE_VARIABLE, "1" if portable else "0")
+    return portable
 
 
 class TestRoundTrip:
@@ -210,7 +236,7 @@ class TestRoundTrip:
         """A held-back write (a short stage's start) never reaches the journal if a durable
         save of its workflow comes first; a prompt one joins the next batch; a held-back one
         with nothing superseding it is written by close at the latest."""
-        monkeypatch.setattr("reliability._store.INFORMATIONAL_DELAY", 3600.0)
+        monkeypatch.setattr("reliability._store._file.INFORMATIONAL_DELAY", 3600.0)
         ids = [f"workflow-20240115-142315-{n:04x}" for n in range(4)]
         held, prompt, superseded, trigger = ids
         store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
@@ -392,6 +418,7 @@ class TestJournalReplay:
         assert state_of(states / WID / "state.json")["revision"] == 1
 
 
+@pytest.mark.usefixtures("portable")
 class TestClaims:
     async def test_second_claim_in_one_process_is_refused(self, tmp_path: Path) -> None:
         """Two claims on one ID from one store: the second raises WorkflowLockedError."""
@@ -414,25 +441,30 @@ class TestClaims:
         claims[0].release()
 
     async def test_a_burst_of_claims_holds_real_locks_without_a_descriptor_each(
-            self, tmp_path: Path) -> None:
-        """200 claims: each is a lock another store (as another process) is refused by,
-        and none opens a file descriptor of its own (the claims files are opened once)."""
+            self, tmp_path: Path, portable: bool) -> None:
+        """200 claims: each is a lock another store (as another process) is refused by;
+        with byte locks none opens a file descriptor of its own (the claims files are
+        opened once), portable ones hold one each until released, and leave no file."""
         store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
         await store.open()  # opens the claims files
         descriptors = len(os.listdir("/proc/self/fd"))
         ids = [f"workflow-20240115-142315-{i:04x}" for i in range(200)]
         claims = await asyncio.gather(*(store.claim(w) for w in ids))
-        assert len(os.listdir("/proc/self/fd")) == descriptors
+        assert len(os.listdir("/proc/self/fd")) == descriptors + (200 if portable else 0)
         assert sorted(c.workflow_id for c in claims) == sorted(ids)
         other = FileStore(tmp_path / "states", tmp_path / "checkpoints")
         assert await other.claim_many(ids) == ([], ids)
         for claim in claims:
             claim.release()
+        # (the other store holds its claims files open: byte locks only)
+        assert len(os.listdir("/proc/self/fd")) == descriptors + (0 if portable else 256)
         freed, refused = await other.claim_many(ids)
         assert len(freed) == 200 and refused == []
         for claim in freed:
             claim.release()
         await store.close()
+        if portable:
+            assert list((tmp_path / "states" / "_claims").iterdir()) == []
 
     async def test_a_cancelled_claimer_gives_its_lock_back(self, tmp_path: Path) -> None:
         """Cancelled while the claims files were being opened: nothing is held after."""
@@ -484,6 +516,79 @@ class TestClaims:
         assert [c.workflow_id for c in claims] == [OTHER] and refused == [WID]
         for claim in (*claims, held):
             claim.release()
+
+
+class TestPortableClaims:
+    def test_a_lock_taken_on_a_file_deleted_meanwhile_is_tried_again(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A contender that opened the lock file just before its holder deleted it gets a
+        lock on the deleted file: it must notice, and find the new holder's file held."""
+        first, second, third = (FileLocks(tmp_path) for _ in range(3))
+        for locks in (first, second, third):
+            locks.open()
+        assert first.lock(WID)
+        stale = os.open(first.path(WID), os.O_RDWR)  # the contender's open, then a pause
+        first.unlock(WID)  # deleted, then unlocked
+        assert not first.path(WID).exists()
+        assert third.lock(WID)  # a new file at the same path
+        real_open = os.open
+        opens = iter([stale])
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "open", lambda *a, **k: next(opens, None) or real_open(*a, **k))
+            assert not second.lock(WID)  # its flock on the stale file succeeded: not enough
+        third.unlock(WID)
+        assert second.lock(WID)
+        second.close()
+        assert not second.path(WID).exists()
+
+    def test_a_lock_file_left_by_a_dead_holder_is_claimed(self, tmp_path: Path) -> None:
+        """A process that died holding a claim leaves its (unlocked) file: the next
+        claim takes it, and its release deletes it."""
+        locks = FileLocks(tmp_path)
+        locks.open()
+        locks.path(WID).touch(mode=0o600)
+        assert locks.lock(WID)
+        locks.unlock(WID)
+        assert list(tmp_path.iterdir()) == []
+
+    def test_portable_is_the_default_off_linux_and_forced_by_the_variable(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """WORKFLOW_STORE_PORTABLE=1 (or portable=True) picks flock files; the argument
+        beats the variable; elsewhere than Linux it is the only choice."""
+        monkeypatch.setenv(PORTABLE_VARIABLE, "1")
+        assert FileStore(tmp_path, tmp_path).portable
+        assert not FileStore(tmp_path, tmp_path, portable=False).portable
+        monkeypatch.setenv(PORTABLE_VARIABLE, "0")
+        assert FileStore(tmp_path, tmp_path).portable is not sys.platform.startswith("linux")
+        assert FileStore(tmp_path, tmp_path, portable=True).claims_path(WID) == (
+            tmp_path / "_claims" / f"{WID}.lock")
+
+
+class TestPlatforms:
+    def test_without_fcntl_import_works_and_a_file_store_says_what_is_missing(
+            self, tmp_path: Path) -> None:
+        """As on Windows (no fcntl): the package imports, a MemoryStore works, and
+        opening a FileStore raises one ConfigurationError naming fcntl."""
+        code = (
+            "import sys; sys.modules['fcntl'] = None\n"
+            "import asyncio, reliability\n"
+            "from reliability import ConfigurationError, FileStore, MemoryStore\n"
+            "from pathlib import Path\n"
+            "store = FileStore(Path(sys.argv[1]) / 'states', Path(sys.argv[1]) / 'checkpoints')\n"
+            "async def main():\n"
+            "    memory = MemoryStore(); await memory.open(); (await memory.claim("
+            f"{WID!r})).release()\n"
+            "    try:\n"
+            "        await store.open()\n"
+            "    except ConfigurationError as error:\n"
+            "        print(error)\n"
+            "asyncio.run(main())\n")
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "FileStore is not supported on this platform" in done.stdout
+        assert "no fcntl" in done.stdout
+        assert list(tmp_path.iterdir()) == []  # refused before anything was made
 
 
 class TestPermissions:
@@ -704,3 +809,17 @@ class TestResumeFromCheckpoint:
         counts = effect_counts(tmp_path)[workflow_id]
         assert counts == {"fetch": 1, "plan": 1, "build": 2, "test": 1, "package": 1,
                           "publish": 1}
+
+    async def test_diagnostics_of_a_workflow_only_on_disk_read_its_files(
+            self, tmp_path: Path) -> None:
+        """A runtime that never ran the workflow diagnoses it from its state file (the
+        file store's synchronous load), naming where its files are."""
+        (tmp_path / "effects").mkdir()
+        async with Runtime(crash_config(), tmp_path, configure_logs=False) as runtime:
+            result = await runtime.run(CRASH_FLOW, context={"stage_sleep": 0})
+        async with Runtime(crash_config(), tmp_path, configure_logs=False) as runtime:
+            diagnostics = runtime.get_workflow_diagnostics(result.workflow_id)
+        assert diagnostics["status"] == "completed"
+        assert diagnostics["running_here"] is False
+        assert diagnostics["completed_stages"] == list(CRASH_STAGES)
+        assert str(states_dir(tmp_path) / result.workflow_id / "state.json") in str(diagnostics)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pytest
 from fault_flows import effect_counts
 
 from reliability import FileStore
@@ -25,6 +26,14 @@ FAULTS = Path(__file__).resolve().parent
 STATES = Path(".github") / "workflow-states"
 CHECKPOINTS = Path(".github") / "workflow-checkpoints"
 AGENT_COMMAND = f"{{python}} {ROOT / 'examples' / 'agent.py'} {{prompt_file}}"
+
+
+# Parametrizes a test over the two kinds of claim locks (and writer ends): Linux's, and
+# the portable ones macOS and the BSDs use, forced here by WORKFLOW_STORE_PORTABLE=1.
+CLAIM_LOCKS: dict[str, Any] = {
+    "argvalues": [pytest.param("0", marks=pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="OFD byte locks are Linux's")), "1"],
+    "ids": ["byte-locks", "portable"]}
 
 
 def cli_env(**extra: str) -> dict[str, str]:

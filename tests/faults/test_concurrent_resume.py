@@ -7,26 +7,29 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from fault_flows import effect_lines
-from fault_helpers import ROOT, cli, cli_env, stored_states
+from fault_helpers import CLAIM_LOCKS, ROOT, cli, cli_env, stored_states
 
 
-def _start(root: Path, *args: str) -> subprocess.Popen[str]:
+def _start(root: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "reliability", *args, "--project-root",
-                             str(root)], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                             str(root)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_two_resumes_of_one_workflow_at_once_run_it_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("portable", **CLAIM_LOCKS)
+def test_two_resumes_of_one_workflow_at_once_run_it_once(tmp_path: Path, portable: str) -> None:
     """Both start together: one holds the claim and completes (exit 0); the other is
     refused at once with exit 1 and a line naming the held lock; cancel from a third
-    process is refused too; every stage ran once."""
+    process is refused too; every stage ran once (both kinds of claim locks)."""
+    env = cli_env(WORKFLOW_STORE_PORTABLE=portable)
     root = tmp_path / "project"
     root.mkdir()
     prompt = tmp_path / "p.md"
     prompt.write_text("# p\n")
     # A run parked in its "hold" stage, then stopped: interrupted, resumable.
-    first = _start(root, "run", str(prompt), "--definition", "fault_flows:PARK")
+    first = _start(root, env, "run", str(prompt), "--definition", "fault_flows:PARK")
     deadline = time.monotonic() + 60
     while not any("hold 1" in effect_lines(root, w) for w in _workflow_ids(root)):
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
@@ -36,14 +39,14 @@ def test_two_resumes_of_one_workflow_at_once_run_it_once(tmp_path: Path) -> None
     assert first.returncode == 130
     [workflow_id] = _workflow_ids(root)
 
-    racers = [_start(root, "resume", workflow_id, "--json") for _ in range(2)]
+    racers = [_start(root, env, "resume", workflow_id, "--json") for _ in range(2)]
     while all(r.poll() is None for r in racers):  # the loser ends; the winner holds
         assert time.monotonic() < deadline, "neither resume ended"
         time.sleep(0.02)
     [loser] = [r for r in racers if r.poll() is not None]
     [winner] = [r for r in racers if r is not loser]
     stderr = loser.communicate()[1]
-    cancel = cli(root, "cancel", workflow_id)
+    cancel = cli(root, "cancel", workflow_id, env=env)
     (root / "release").touch()
     err = winner.communicate(timeout=60)[1]
 

@@ -16,6 +16,7 @@ from dev_helpers import bare_branches, commits_on_top, forge_records, git, make_
 from fault_flows import SIX_STAGES, effect_counts
 from fault_helpers import (
     AGENT_COMMAND,
+    CLAIM_LOCKS,
     Snapshots,
     cli,
     cli_env,
@@ -33,17 +34,19 @@ from machines.development import marker_for
 SEED = 20240115
 
 
+@pytest.mark.parametrize("portable", **CLAIM_LOCKS)
 def test_batch_sigkilled_twenty_times_then_resume_all_runs_completed_stages_once(
-    tmp_path: Path,
+    tmp_path: Path, portable: str,
 ) -> None:
     """40 six-stage workflows, 20 SIGKILLs at seeded points: all complete, no durably
-    completed stage ever runs again, at most the in-flight stage re-runs per kill."""
+    completed stage ever runs again, at most the in-flight stage re-runs per kill (both
+    kinds of claim locks and writer ends)."""
     workflows, kills_wanted = 40, 20
     rng = random.Random(SEED)
     root = tmp_path / "project"
     root.mkdir()
     prompts = write_prompts(tmp_path / "prompts", workflows)
-    env = cli_env(WORKFLOW_CONCURRENCY="40")
+    env = cli_env(WORKFLOW_CONCURRENCY="40", WORKFLOW_STORE_PORTABLE=portable)
     snapshots = Snapshots()
     log = tmp_path / "child.log"
     kills = 0

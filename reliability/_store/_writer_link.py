@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._platform import LINUX, require_file_locks
 from ._writer import encode_frame, take_frames
 
 __all__ = ["WriterLink", "WriterStartError"]
@@ -60,9 +60,11 @@ class WriterLink:
                     on_exit: Callable[[], None]) -> WriterLink:
         """Start the writer and wait until its journal is open and locked.
 
-        Started from the loop's thread on purpose: the kernel's parent-death signal is
-        tied to the thread that started the process, and this one lives as long as the
-        store is open. ``-I -S``: the standard library only, no site packages to import.
+        Started from the loop's thread on purpose: Linux's parent-death signal is tied to
+        the thread that started the process, and this one lives as long as the store is
+        open. (Without that signal, ``portable``, the writer exits when its input pipe
+        closes, which this process's death does too.) ``-I -S``: the standard library
+        only, no site packages to import.
         """
         # Blocking for the fork and exec only (~1 ms), once per store.
         process = subprocess.Popen(  # noqa: ASYNC220
@@ -73,9 +75,11 @@ class WriterLink:
             # interrupted states. It ends when its input does, or with its parent.
             start_new_session=True)
         assert process.stdin is not None and process.stdout is not None
-        for pipe in (process.stdin, process.stdout):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+        if LINUX:  # elsewhere a pipe's size is the kernel's to choose
+            fcntl = require_file_locks()
+            for pipe in (process.stdin, process.stdout):
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
         link = cls(process, arguments[0], on_message, on_exit)
         loop = asyncio.get_running_loop()
         try:

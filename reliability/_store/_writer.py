@@ -6,8 +6,12 @@ the loop. Under 10,000 workflows that was 1.8 million futex calls per 190,000 st
 a quarter of the loop's time spent waiting. Here the loop only hands encoded records to
 a pipe; this process, with its own interpreter, appends them to the journal, syncs, and
 answers. It uses the standard library alone (started as ``python -I -S``), so it starts in
-a few milliseconds, and it dies with its parent (``PR_SET_PDEATHSIG``), which keeps the
-journal's ``flock`` meaning "the process that owns these workflows is alive".
+a few milliseconds, and it dies with its parent, which keeps the journal's ``flock``
+meaning "the process that owns these workflows is alive": on Linux by the parent-death
+signal (``PR_SET_PDEATHSIG``); everywhere (and on Linux with ``portable``) because its
+parent's death closes its input, an end of input without "Q" (below), and it exits then.
+The client imports this module too (it defines the frames and the file helpers both
+sides use), so nothing at its top level may need more than every OS offers.
 
 Frames, both ways: a 4-byte little-endian length, then a ``marshal``-ed tuple.
 
@@ -37,7 +41,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import gzip
 import hashlib
 import marshal
@@ -136,6 +139,9 @@ def write_file(path: str, document: bytes, temporary_suffix: str, fsync: bool) -
 
 
 def load_syncfs() -> Callable[[int], int] | None:
+    """Linux's ``syncfs`` from the C library; None elsewhere (then each file is fsynced)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         function: Callable[[int], int] = libc.syncfs
@@ -170,6 +176,7 @@ class Writer:
 
     def __init__(self, parent_pid: int, journal_directory: str, state_directory: str,
                  checkpoint_directory: str, durable: bool, journal_limit: int) -> None:
+        self.sync_data = _data_sync()
         self.parent_pid = parent_pid
         self.journal_directory = journal_directory
         self.state_directory = state_directory
@@ -199,6 +206,8 @@ class Writer:
     def start_journal(self) -> None:
         name = f"journal-{self.parent_pid}-{os.urandom(4).hex()}.log"
         path = os.path.join(self.journal_directory, name)
+        import fcntl  # here: the client imports this module, and Windows has no fcntl
+
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: "not an orphan"
         self.journal_fd, self.journal_path, self.journal_size = fd, path, 0
@@ -219,7 +228,7 @@ class Writer:
             raise
         self.journal_size += len(data)
         if self.durable:
-            os.fdatasync(self.journal_fd)
+            self.sync_data(self.journal_fd)
         if self.journal_size > self.journal_limit:
             # Continue in a fresh journal; the full one stays locked and on disk until
             # every state it holds is in a synced state file (queued after this group).
@@ -332,10 +341,13 @@ def _yield_the_cpu() -> None:
     the thread took a core from the event loop. Behind, it coalesces (newest state wins)
     and catches up when the loop pauses; journal appends keep their normal priority.
     """
+    if not sys.platform.startswith("linux"):
+        return  # no per-thread priority to lower: it competes as any thread does
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         with contextlib.suppress(AttributeError, OSError):
+            # Linux only: a thread's ID names that thread here (elsewhere, a process).
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
@@ -366,13 +378,28 @@ class _Channel:
             view = view[os.write(1, view):]
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when its parent dies, as a writer thread would die with it."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)
+def _die_with_parent(parent_pid: int, portable: bool) -> None:
+    """SIGKILL this process when its parent dies, as a writer thread would die with it
+    (Linux). Portable, or elsewhere: nothing to set up; the end of input says it."""
+    if not portable and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)
     if os.getppid() != parent_pid:  # it died before the line above took effect
         os._exit(1)
+
+
+def _data_sync() -> Callable[[int], None]:
+    """What makes an append durable: ``fdatasync`` (Linux, the BSDs); on macOS, whose
+    ``fsync`` leaves the data in the drive's cache, ``F_FULLFSYNC``."""
+    import fcntl  # the writer process only (see start_journal)
+
+    full_sync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_sync is not None:
+        def full(fd: int) -> None:
+            fcntl.fcntl(fd, full_sync)
+        return full
+    return getattr(os, "fdatasync", os.fsync)
 
 
 def _serve(writer: Writer, channel: _Channel) -> bool:
@@ -417,8 +444,9 @@ def _write_group(writer: Writer, channel: _Channel, group: list[tuple[Any, ...]]
 
 
 def main(argv: list[str]) -> int:
-    parent_pid, journal_directory, state_directory, checkpoint_directory, durable, limit = argv
-    _die_with_parent(int(parent_pid))
+    (parent_pid, journal_directory, state_directory, checkpoint_directory, durable, limit,
+     portable) = argv
+    _die_with_parent(int(parent_pid), portable == "1")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     writer = Writer(int(parent_pid), journal_directory, state_directory, checkpoint_directory,
                     durable == "1", int(limit))
@@ -436,9 +464,10 @@ def main(argv: list[str]) -> int:
         writer.finish()  # what it acknowledged is in files; the traceback says the rest
         raise
     if not closing:
-        # The input ended without a "Q": its parent died (the kernel's SIGKILL is on its
-        # way). Stop now, as a thread of it would have: the journal stays, locked until
-        # this exit, for the next start to replay.
+        # The input ended without a "Q": its parent died (on Linux the kernel's SIGKILL
+        # is on its way; elsewhere this is how the writer learns it). Stop now, as a
+        # thread of it would have: the journal stays, locked until this exit, for the
+        # next start to replay.
         os._exit(1)
     writer.finish()
     channel.send(("S", writer.files_written, writer.materialize_errors))

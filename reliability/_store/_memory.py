@@ -1,0 +1,120 @@
+"""``MemoryStore``: states kept in this process only, for tests and benchmarks.
+
+The smallest complete ``Store`` (see ``_protocol.py``): every write is durable when asked
+for (its futures are done on return, so ``lazy`` and ``expedite`` have nothing to do), and
+claims are a set, which is exclusive only within this store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from .._errors import WorkflowLockedError, WorkflowNotFoundError
+from .._ids import validate_workflow_id
+from ._protocol import Claim, LoadedState, Snapshot, decode_document, encode_document
+
+__all__ = ["MemoryStore"]
+
+
+class _MemoryClaim:
+    __slots__ = ("_registry", "workflow_id")
+
+    def __init__(self, workflow_id: str, registry: set[str]) -> None:
+        self.workflow_id = workflow_id
+        self._registry = registry
+
+    def release(self) -> None:
+        self._registry.discard(self.workflow_id)
+
+
+class MemoryStore:
+    """States kept in this process only: for tests on a fake clock and for benchmarks.
+
+    It still encodes and validates every document, so what it keeps is what a file holds.
+    """
+
+    def __init__(self) -> None:
+        self.documents: dict[str, bytes] = {}
+        self.checkpoints: dict[tuple[str, str], bytes] = {}
+        self._pending: dict[str, Snapshot] = {}  # save_soon: encoded only if never superseded
+        self._claimed: set[str] = set()
+        self.saves = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def save_soon(self, workflow_id: str, snapshot: Snapshot, *,
+                  promptly: bool = False) -> None:
+        self._pending[workflow_id] = snapshot
+
+    async def save(self, workflow_id: str, snapshot: Snapshot, *,
+                   checkpoint_stage: str | None = None) -> None:
+        await self.save_nowait(workflow_id, snapshot, checkpoint_stage=checkpoint_stage)
+
+    def save_nowait(self, workflow_id: str, snapshot: Snapshot, *,
+                    checkpoint_stage: str | None = None,
+                    lazy: bool = False) -> asyncio.Future[None]:
+        self._keep(workflow_id, snapshot, checkpoint_stage)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def expedite(self) -> None:
+        return None  # its futures are done when returned
+
+    def _keep(self, workflow_id: str, snapshot: Snapshot, checkpoint_stage: str | None) -> None:
+        self._pending.pop(workflow_id, None)
+        document = encode_document(snapshot())
+        self.documents[workflow_id] = document
+        if checkpoint_stage is not None:
+            self.checkpoints[(workflow_id, checkpoint_stage)] = document
+        self.saves += 1
+
+    def archive(self, state: dict[str, Any]) -> None:
+        return None
+
+    async def load(self, workflow_id: str) -> LoadedState:
+        validate_workflow_id(workflow_id)
+        self._flush_pending()
+        document = self.documents.get(workflow_id)
+        if document is None:
+            raise WorkflowNotFoundError(f"no workflow {workflow_id} in this memory store")
+        return LoadedState(decode_document(document, f"memory:{workflow_id}"),
+                           f"memory:{workflow_id}")
+
+    async def list_states(self, statuses: Iterable[str] | None = None) -> list[LoadedState]:
+        wanted = frozenset(statuses) if statuses is not None else None
+        self._flush_pending()
+        states = [LoadedState(decode_document(d, f"memory:{w}"), f"memory:{w}")
+                  for w, d in self.documents.items()]
+        return [s for s in states if wanted is None or s.state.get("status") in wanted]
+
+    def _flush_pending(self) -> None:
+        for workflow_id, snapshot in self._pending.items():
+            self.documents[workflow_id] = encode_document(snapshot())
+        self._pending.clear()
+
+    async def claim(self, workflow_id: str) -> Claim:
+        claims, refused = await self.claim_many([workflow_id])
+        if refused:
+            raise WorkflowLockedError(f"workflow {workflow_id} is already running")
+        return claims[0]
+
+    async def claim_many(self, workflow_ids: Iterable[str]) -> tuple[list[Claim], list[str]]:
+        claims: list[Claim] = []
+        refused: list[str] = []
+        for workflow_id in workflow_ids:
+            if workflow_id in self._claimed:
+                refused.append(workflow_id)
+            else:
+                self._claimed.add(workflow_id)
+                claims.append(_MemoryClaim(workflow_id, self._claimed))
+        return claims, refused
+
+    def describe(self, workflow_id: str) -> dict[str, str]:
+        return {"state_file": f"memory:{workflow_id}"}

@@ -1,0 +1,238 @@
+"""The ``Store`` protocol: what the runtime asks of any store, and the state documents.
+
+A store keeps each workflow's state: a JSON-able ``dict`` whose ``"workflow_id"`` names
+the workflow, with ``"status"`` (``pending``, ``running``, ``interrupted``, ``completed``,
+``failed``, ...) and an increasing integer ``"revision"``. The runtime owns what is inside;
+a store only keeps it, returns it, and guarantees the properties below. Implementations
+here: ``FileStore`` (files under the project root, the default) and ``MemoryStore``
+(this process only); a PostgreSQL store sits beside them. A third-party store is a class
+with these methods (structural typing: no base class to inherit), passed as
+``Runtime(store=...)``.
+
+Snapshots
+    Every write takes a *snapshot*: a callable returning the state as a new dict. A store
+    calls it when it encodes the write (``save``/``save_nowait``: at once; ``save_soon``:
+    later, or never if superseded), so the state written is the state as it is then.
+    It must not keep the dict after encoding it: the runtime goes on changing its
+    workflow. ``encode_document`` gives the canonical bytes with a checksum;
+    ``decode_document`` verifies them (a store keeping rows or blobs may use both).
+
+Lifecycle
+    ``await open()`` before any write; ``await close()`` makes every write asked for so far
+    durable (or failed) and then releases what the store holds, except claims still held:
+    those stay held until released. ``load``, ``list_states``, ``claim``, ``claim_many``
+    and ``describe`` may be called on a store that is not open (the CLI lists and
+    inspects that way). Both ``open`` and ``close`` are idempotent.
+
+Writes and durability
+    ``save(id, snapshot, checkpoint_stage=None)``
+        Returns once the state is durable: after a crash, ``load`` returns it or a newer
+        one. The write is queued when ``save`` is *called*: cancelling the awaiting task
+        abandons only the wait, never the write (the engine relies on this for the final
+        record of a workflow stopped by a second Ctrl-C). With ``checkpoint_stage``, the
+        same state is also kept as that stage's checkpoint (what ``load`` falls back to
+        when the current state is damaged; a store without separate copies may ignore it).
+    ``save_nowait(id, snapshot, checkpoint_stage=None, lazy=False) -> Future``
+        Like ``save``, but returns at once with a future that completes when the write is
+        durable, or fails with its error (a store that is durable on return returns a
+        future already done). Writes become durable in the order they were asked for,
+        across workflows: a workflow's durable write implies every earlier write of it.
+        ``lazy=True`` says nobody will wait for this future before calling
+        ``expedite()``: the store may notice late that it is durable (it need not wake to
+        read an acknowledgement), but the write itself must not be delayed. A store with
+        nothing to batch treats ``lazy`` as ``False``.
+    ``expedite()``
+        Someone is about to await the lazy futures handed out so far: from now on they
+        must complete as soon as their writes are durable (the engine calls it before
+        awaiting the previous stage's lazy future, and before asking for the next lazy
+        write). Synchronous; a no-op for a store whose futures are complete on return.
+    ``save_soon(id, snapshot, promptly=False)``
+        An informational write (a stage started, an output recorded mid-stage): queued
+        without waiting, never awaited, dropped if a later ``save``/``save_nowait`` of
+        the same workflow supersedes it. Unless ``promptly``, the store may hold it back a
+        little (FileStore: 50 ms) so that a stage ending sooner is recorded once; reads
+        need not see it before it is written.
+    ``archive(state)``
+        Keep ``state`` in the workflow's history (best effort: losing history is never
+        an error, and a store may keep none).
+
+Reads
+    ``await load(id) -> LoadedState``
+        The newest valid state of ``id``, including every write asked for before the
+        call (durable or not yet). A damaged current state falls back to the newest
+        valid checkpoint, with what was wrong in ``problems``. Raises
+        ``WorkflowNotFoundError`` for an unknown workflow, ``StateCorruptedError`` when
+        nothing valid is left, and ``InvalidWorkflowIdError`` (a ``ValueError``) for an ID
+        ``validate_workflow_id`` refuses.
+    ``await list_states(statuses=None) -> list[LoadedState]``
+        Every workflow's state (those whose ``status`` is in ``statuses``, if given), in
+        no particular order. A workflow whose state cannot be read is listed with
+        ``status: "corrupted"`` and an ``error`` rather than failing the listing.
+
+Claims (one process runs a workflow at a time; docs/architecture.md, invariant 9)
+    ``await claim(id) -> Claim``
+        The exclusive right to run ``id``, against every other claim on the same store's
+        data: other tasks, other store objects in this process, other processes and, for
+        a shared database, other hosts. Raises ``WorkflowLockedError`` if it is held.
+        A claim whose holder dies must free itself (the kernel drops a dead process's
+        locks; a database lease expires).
+    ``await claim_many(ids) -> (claims, refused)``
+        Claims for those free and the IDs held elsewhere, in one call (a ``resume --all``
+        of 10,000 workflows must not cost 10,000 round trips). Two tasks of one event
+        loop calling it together never both win one ID.
+    ``Claim.release()``
+        Synchronous, idempotent: gives the claim back, even after the store closed.
+
+Diagnostics
+    ``describe(id) -> dict[str, str]``: where the workflow's data lives (files, a table
+    and key), shown by ``diagnose``; synchronous, and no I/O.
+
+Concurrency: every method is called from the event loop's thread. Nothing may block the
+loop for long (docs/architecture.md, invariant 4: one writer owns the store's files and
+batches many workflows' writes; a store that blocks on I/O per write caps the runtime at
+one stage per I/O round trip).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from .._errors import StateCorruptedError
+from ._writer import SCHEMA_VERSION, wrap_document
+
+__all__ = ["SCHEMA_VERSION", "Claim", "LoadedState", "Snapshot", "Store", "canonical",
+           "check_state", "decode_document", "encode_document"]
+
+Snapshot = Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedState:
+    """A validated state, where it came from, and what was wrong with newer copies."""
+
+    state: dict[str, Any]
+    source: str
+    problems: tuple[str, ...] = ()
+
+
+class Claim(Protocol):
+    """The exclusive right to run one workflow; ``release()`` gives it back."""
+
+    workflow_id: str
+
+    def release(self) -> None: ...
+
+
+class Store(Protocol):
+    """Where workflows' states live; the module docstring says what each method promises."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def save(self, workflow_id: str, snapshot: Snapshot, *,
+                   checkpoint_stage: str | None = None) -> None:
+        """Make the workflow's state durable; with ``checkpoint_stage``, also as that
+        stage's checkpoint. The write is queued when ``save`` is called, so cancelling the
+        caller abandons only the wait, never the write."""
+        ...
+
+    def save_soon(self, workflow_id: str, snapshot: Snapshot, *,
+                  promptly: bool = False) -> None:
+        """Queue an informational write without waiting. Unless ``promptly``, it may wait
+        a little before it is written; either way it is dropped when a durable save of the
+        workflow supersedes it."""
+        ...
+
+    def save_nowait(self, workflow_id: str, snapshot: Snapshot, *,
+                    checkpoint_stage: str | None = None,
+                    lazy: bool = False) -> asyncio.Future[None]:
+        """Like ``save``, but returns at once with a future that is done when the write is
+        durable (or failed). Writes are durable in the order they were asked for.
+
+        ``lazy``: nobody waits for this one before calling ``expedite()``, so the store
+        may notice late that it is durable; the write itself is not delayed."""
+        ...
+
+    def expedite(self) -> None:
+        """Someone is about to wait for the lazy writes asked for so far: complete their
+        futures as soon as they are durable. Call it before asking for more of them."""
+        ...
+
+    def archive(self, state: dict[str, Any]) -> None:
+        """Keep ``state`` in the workflow's history (best effort)."""
+        ...
+
+    async def load(self, workflow_id: str) -> LoadedState: ...
+
+    async def list_states(self, statuses: Iterable[str] | None = None) -> list[LoadedState]: ...
+
+    async def claim(self, workflow_id: str) -> Claim:
+        """Raises WorkflowLockedError if another task or process holds the claim."""
+        ...
+
+    async def claim_many(self, workflow_ids: Iterable[str]) -> tuple[list[Claim], list[str]]:
+        """Claims for those free, and the IDs already claimed elsewhere."""
+        ...
+
+    def describe(self, workflow_id: str) -> dict[str, str]:
+        """Where a workflow's data lives, for diagnostics."""
+        ...
+
+
+# --------------------------------------------------------------------------- documents
+
+
+_CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
+def canonical(state: Mapping[str, Any]) -> bytes:
+    """The state's canonical JSON (sorted keys): what the checksum covers."""
+    # orjson: the same canonical bytes as json.dumps(sort_keys=True) for our states, ~10x
+    # faster, which matters when every stage of thousands of workflows is checkpointed.
+    # OPT_NON_STR_KEYS (for outputs keyed by numbers) makes every call ~25 % slower, so it
+    # is only used when a plain call refuses a key; both give the same bytes otherwise.
+    try:
+        return orjson.dumps(state, option=orjson.OPT_SORT_KEYS, default=str)
+    except TypeError:
+        return orjson.dumps(state, option=_CANONICAL, default=str)
+
+
+def encode_document(state: Mapping[str, Any]) -> bytes:
+    """The stored form: schema version, SHA-256 of the canonical state, then the state."""
+    return wrap_document(canonical(state))
+
+
+def decode_document(data: bytes, path: str) -> dict[str, Any]:
+    """The state inside ``data``; StateCorruptedError says what is wrong with it."""
+    if not data.strip():
+        raise StateCorruptedError(path, "the file is empty (torn write?)")
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        raise StateCorruptedError(path, f"not valid JSON (truncated or damaged): {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("state"), dict):
+        raise StateCorruptedError(path, "not a workflow state document")
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StateCorruptedError(
+            path, f"schema version {version!r} is not {SCHEMA_VERSION}, which this version reads")
+    state: dict[str, Any] = document["state"]
+    expected = "sha256:" + hashlib.sha256(canonical(state)).hexdigest()
+    if document.get("checksum") != expected:
+        raise StateCorruptedError(path, "checksum mismatch: the file was changed or damaged")
+    return state
+
+
+def check_state(state: dict[str, Any], workflow_id: str, path: str) -> dict[str, Any]:
+    """``state`` if it belongs to ``workflow_id``; else StateCorruptedError."""
+    if state.get("workflow_id") != workflow_id:
+        raise StateCorruptedError(path, f"belongs to {state.get('workflow_id')!r}, "
+                                        f"not {workflow_id}")
+    return state
