@@ -230,6 +230,7 @@ class WorkflowDefinition:
     _module: str | None = field(default=None, init=False, repr=False)
     _machine: _SharedMachine = field(init=False, repr=False)
     _following: dict[str, str] = field(init=False, repr=False)
+    _advance: Any = field(init=False, repr=False)  # the machine's "advance" event
 
     def __post_init__(self) -> None:
         specs = list(self.stages)
@@ -247,8 +248,9 @@ class WorkflowDefinition:
         self._module = _caller_module()
         self._machine = _build_machine(names)
         # Read from the machine (not from the stage list): where advance goes from each state.
+        self._advance = self._machine.events["advance"]
         self._following = {source: str(moves[0].dest) for source, moves
-                           in self._machine.events["advance"].transitions.items()}
+                           in self._advance.transitions.items()}
 
     @property
     def import_path(self) -> str | None:
@@ -282,7 +284,15 @@ class WorkflowDefinition:
 
     async def advance(self, run: WorkflowRun) -> None:
         """``pending`` -> the first stage -> ... -> the last stage -> ``completed``."""
-        await self._fire("advance", run)
+        # _fire's body, inlined: this runs once per stage of every workflow.
+        source = run.state
+        try:
+            await self._advance.trigger(run)
+        except MachineError:  # past the last stage, or at an outcome
+            raise InvalidTransitionError(run.workflow_id, "advance", source,
+                                         self.name) from None
+        if run.state == source:
+            raise InvalidTransitionError(run.workflow_id, "advance", source, self.name)
 
     async def finish(self, run: WorkflowRun, outcome: str) -> None:
         """Move ``run`` from ``pending`` or a stage to ``outcome``; raises from elsewhere."""

@@ -23,6 +23,7 @@ from reliability import (
     InvalidTransitionError,
     MemoryStore,
     RateLimitedError,
+    ResourceError,
     WorkflowConfiguration,
 )
 from reliability._engine import Engine, LiveWorkflow
@@ -95,6 +96,12 @@ async def rate_limited_once(ctx: StageContext) -> Mapping[str, Any]:
     return await record(ctx)
 
 
+async def short_of_memory_once(ctx: StageContext) -> Mapping[str, Any]:
+    if ctx.attempt == 1:
+        raise ResourceError("out of memory")
+    return await record(ctx)
+
+
 async def sleeps_past_timeout(ctx: StageContext) -> None:
     CALLS.append((ctx.stage, ctx.attempt, ctx.clock.monotonic()))
     await ctx.sleep(100.0)
@@ -109,6 +116,8 @@ THREE = WorkflowDefinition("three", [StageSpec(stage="fetch", handler=record),
                                      StageSpec(stage="build", handler=record),
                                      StageSpec(stage="ship", handler=record)])
 RETRYING = WorkflowDefinition("retrying", [StageSpec(stage="call", handler=rate_limited_once)])
+RECOVERING = WorkflowDefinition("recovering", [
+    StageSpec(stage="heavy", handler=short_of_memory_once, recovery_actions=())])
 TIMING_OUT = WorkflowDefinition("timing-out", [
     StageSpec(stage="prepare", handler=record),
     StageSpec(stage="slow", handler=sleeps_past_timeout, timeout_seconds=5.0, max_retries=0)])
@@ -168,6 +177,15 @@ class TestEngineWithoutRuntime:
         assert CALLS == [("call", 1, 0.0), ("call", 2, 2.5)]
         assert run.status == "completed" and run.retry_count == 1
         assert ("retry", run.workflow_id, "call") in host.events
+
+    async def test_built_in_recovery_uses_the_host_through_the_stage_context(
+            self, host: FakeHost) -> None:
+        """A resource error runs check_system_health (a health reading on the host) before
+        the retry succeeds."""
+        run = await drive(RECOVERING, host)
+        assert run.status == "completed" and run.recovery_attempts == 1
+        assert ("health", run.workflow_id, "recovery in heavy") in host.events
+        assert [c[:2] for c in CALLS] == [("heavy", 2)]
 
     async def test_a_stage_past_its_timeout_is_stopped_and_the_run_timed_out(
             self, host: FakeHost) -> None:
