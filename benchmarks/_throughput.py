@@ -76,7 +76,7 @@ async def _triggers_only(count: int) -> float:
         run = WorkflowRun(new_workflow_id(time.time()), definition_name=FLOW.name,
                           definition_path=FLOW.import_path, context={}, prompt_file=None,
                           created_at=time.time())
-        FLOW.attach(run, None)
+        FLOW.attach(run, "pending")
         try:
             for _ in range(STAGES + 1):  # pending -> s0 ... s18 -> completed
                 await FLOW.advance(run)

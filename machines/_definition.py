@@ -1,9 +1,12 @@
 """Workflow definitions: ``StageSpec``s built into one shared ``transitions`` machine.
 
 One ``AsyncMachine`` per definition; each running workflow is a model on it
-(``auto_transitions=False``, ``queued="model"``, identity comparison); its triggers only
-move the state, and handlers never run inside them (docs/architecture.md, invariants 1
-and 2).
+(``auto_transitions=False``, ``queued="model"``, identity comparison; docs/architecture.md,
+invariant 1). Its triggers only move the state; handlers never run inside them
+(invariant 2). The model's state is the one record of where a workflow is (invariant 10):
+``pending``, then each stage in order (``advance``), then ``completed``; or an outcome
+(``failed``, ``timed_out``, ``cancelled``, ``interrupted``) fired from ``pending`` or any
+stage. A move the machine does not allow raises ``InvalidTransitionError``.
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ from dataclasses import KW_ONLY, dataclass, field
 from enum import Enum
 from typing import Any
 
+from transitions import MachineError
 from transitions.extensions.asyncio import AsyncMachine, AsyncTransition
 
 from reliability._context import RecoveryAction, StageHandler
+from reliability._errors import InvalidTransitionError
 from reliability._recovery import BUILTIN_ACTIONS, resolve_action_names
-from reliability._state import WorkflowRun
+from reliability._state import COMPLETED, PENDING, WorkflowRun
+from reliability._state import OUTCOMES as RUN_OUTCOMES
 
 from ._stages import DEFAULT_TIMEOUTS, FALLBACK_TIMING, OUTCOMES, WorkflowStage
 
 __all__ = ["StageSpec", "WorkflowDefinition"]
 
-PENDING = "pending"
 _OUTCOME_NAMES = tuple(o.value for o in OUTCOMES)
+_ENDINGS = tuple(o for o in RUN_OUTCOMES if o != COMPLETED)  # finish()'s; advance() completes
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +248,8 @@ class WorkflowDefinition:
     import_path_hint: str | None = None
     _module: str | None = field(default=None, init=False, repr=False)
     _machine: _SharedMachine = field(init=False, repr=False)
-    _index: dict[str, int] = field(init=False, repr=False)
+    _following: dict[str, str] = field(init=False, repr=False)
+    _advance: Any = field(init=False, repr=False)  # the machine's "advance" event
 
     def __post_init__(self) -> None:
         specs = list(self.stages)
@@ -257,9 +264,12 @@ class WorkflowDefinition:
         resolve_action_names(tuple(self.recovery_actions), self.recovery_actions,
                              where=f"definition {self.name!r}")
         self.stages = tuple(_resolve(s, self.recovery_actions) for s in specs)
-        self._index = {n: i for i, n in enumerate(names)}
         self._module = _caller_module()
         self._machine = _build_machine(names)
+        # Read from the machine (not from the stage list): where advance goes from each state.
+        self._advance = self._machine.events["advance"]
+        self._following = {source: str(moves[0].dest) for source, moves
+                           in self._advance.transitions.items()}
 
     @property
     def import_path(self) -> str | None:
@@ -276,35 +286,65 @@ class WorkflowDefinition:
                 return found
         return None
 
-    def stage_index(self, name: str) -> int:
-        return self._index[name]
+    # The engine's side of the machine. Each trigger is bookkeeping only.
 
-    # The engine's side of the machine. Each call is one trigger: bookkeeping only.
+    def attach(self, run: WorkflowRun, state: str) -> None:
+        """Put ``run`` on the machine at ``state``: ``pending`` for a new workflow, else the
+        stage a resumed one goes on from, or ``completed`` when only its end was unsaved.
 
-    def attach(self, run: WorkflowRun, stage: str | None) -> None:
-        self._machine.add_model(run, initial=stage or PENDING)
+        An ended workflow is resumed at a stage, never at its outcome: those raise.
+        """
+        if state not in self._following and state != COMPLETED:
+            raise InvalidTransitionError(run.workflow_id, "resume", state, self.name)
+        self._machine.add_model(run, initial=state)
 
     def detach(self, run: WorkflowRun) -> None:
         self._machine.remove_model(run)
 
     async def advance(self, run: WorkflowRun) -> None:
-        await self._machine.events["advance"].trigger(run)
+        """``pending`` -> the first stage -> ... -> the last stage -> ``completed``."""
+        # _fire's body, inlined: this runs once per stage of every workflow.
+        source = run.state
+        try:
+            await self._advance.trigger(run)
+        except MachineError:  # past the last stage, or at an outcome
+            raise InvalidTransitionError(run.workflow_id, "advance", source,
+                                         self.name) from None
+        if run.state == source:
+            raise InvalidTransitionError(run.workflow_id, "advance", source, self.name)
 
     async def finish(self, run: WorkflowRun, outcome: str) -> None:
-        await self._machine.events[outcome].trigger(run)
+        """Move ``run`` from ``pending`` or a stage to ``outcome``; raises from elsewhere."""
+        if outcome not in _ENDINGS:
+            raise ValueError(f"{outcome!r} is not an outcome; choose from {_ENDINGS}")
+        await self._fire(outcome, run)
+
+    def next_state(self, state: str) -> str:
+        """The state ``advance`` moves a run at ``state`` to."""
+        return self._following[state]
+
+    async def _fire(self, trigger: str, run: WorkflowRun) -> None:
+        source = run.state
+        try:
+            await self._machine.events[trigger].trigger(run)
+        except MachineError:  # no such move from the run's state
+            raise InvalidTransitionError(run.workflow_id, trigger, source, self.name) from None
+        # Every move changes the state, so an unchanged one was held back (by a condition
+        # someone added: a queued machine's trigger returns True even then).
+        if run.state == source:
+            raise InvalidTransitionError(run.workflow_id, trigger, source, self.name)
 
 
 def _build_machine(stage_names: Iterable[str]) -> _SharedMachine:
     names = list(stage_names)
-    order = [PENDING, *names, WorkflowStage.COMPLETED.value]
+    order = [PENDING, *names, COMPLETED]
     transitions: list[dict[str, Any]] = [
         {"trigger": "advance", "source": source, "dest": dest}
         for source, dest in itertools.pairwise(order)
     ]
     live_states = [PENDING, *names]
-    for outcome in ("failed", "timed_out", "cancelled", "interrupted"):
+    for outcome in _ENDINGS:
         transitions.append({"trigger": outcome, "source": live_states, "dest": outcome})
-    return _SharedMachine(model=None, states=[*order, "failed", "timed_out", "cancelled",
-                                              "interrupted"],
+    return _SharedMachine(model=None, states=[*order, *_ENDINGS],
                           transitions=transitions, initial=PENDING, auto_transitions=False,
                           queued="model", send_event=True)

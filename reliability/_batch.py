@@ -203,7 +203,7 @@ class BatchTracker:
 
     def snapshot(self) -> BatchSnapshot:
         """Called on the loop; the result is immutable, safe to render in another thread."""
-        lives = list(self.runtime._live.values())
+        lives = self.runtime.live_workflows()
         stages = Counter(live.run.current_stage or "starting" for live in lives)
         return BatchSnapshot(total=self.total, finished=sum(self.finished.values()),
                              by_status=dict(self.finished), running=len(lives),

@@ -6,13 +6,13 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
     from ._breaker import Breaker
     from ._clock import Clock
     from ._config import WorkflowConfiguration
-    from ._engine import Engine
+    from ._engine import Engine, LiveWorkflow
     from ._runtime import Runtime
     from ._state import WorkflowRun
 
@@ -54,8 +54,10 @@ class StageSpecLike(Protocol):
 class DefinitionLike(Protocol):
     """The parts of ``machines.WorkflowDefinition`` the engine uses.
 
-    ``attach``/``detach`` add a run to (and take it off) the definition's one shared
-    machine; ``advance`` and ``finish`` fire its triggers, which only do bookkeeping.
+    ``attach``/``detach`` put a run on (and take it off) the definition's one shared
+    machine at a given state; ``advance`` and ``finish`` fire its triggers, which only do
+    bookkeeping and raise ``InvalidTransitionError`` for a move the machine does not
+    allow. The run's ``state`` is then where it is (docs/architecture.md, invariant 10).
     """
 
     @property
@@ -66,11 +68,12 @@ class DefinitionLike(Protocol):
     def stages(self) -> Sequence[StageSpecLike]: ...
     @property
     def recovery_actions(self) -> Mapping[str, RecoveryAction]: ...
-    def stage_index(self, name: str) -> int: ...
-    def attach(self, run: WorkflowRun, stage: str | None) -> None: ...
+    def attach(self, run: WorkflowRun, state: str) -> None: ...
     def detach(self, run: WorkflowRun) -> None: ...
     async def advance(self, run: WorkflowRun) -> None: ...
     async def finish(self, run: WorkflowRun, outcome: str) -> None: ...
+    def next_state(self, state: str) -> str:
+        """The state ``advance`` moves a run at ``state`` to (for log lines)."""
 
 
 class StageContext:
@@ -80,12 +83,13 @@ class StageContext:
     earlier stages. Return a mapping from the handler to add outputs.
     """
 
-    __slots__ = ("_engine", "_run", "attempt", "context", "logger", "stage")
+    __slots__ = ("_engine", "_live", "_run", "attempt", "context", "logger", "stage")
 
-    def __init__(self, engine: Engine, run: WorkflowRun, stage: str, attempt: int,
+    def __init__(self, engine: Engine, live: LiveWorkflow, stage: str, attempt: int,
                  logger: logging.LoggerAdapter[logging.Logger]) -> None:
         self._engine = engine
-        self._run = run
+        self._live = live
+        self._run = run = live.run
         self.stage = stage
         self.attempt = attempt
         self.context: Mapping[str, Any] = MappingProxyType(run.context)
@@ -97,47 +101,52 @@ class StageContext:
 
     @property
     def runtime(self) -> Runtime:
-        """The runtime this workflow runs in (shared services, health checks)."""
-        return self._engine.runtime
+        """The runtime this workflow runs in, for its whole API (``register_health_check``,
+        ``cancel``...). An engine built on another host (a test's) returns that host."""
+        return cast("Runtime", self._engine.host)
 
     @property
     def config(self) -> WorkflowConfiguration:
-        return self._engine.runtime.config
+        return self._engine.host.config
 
     @property
     def project_root(self) -> Path:
-        return self._engine.runtime.project_root
+        return self._engine.host.project_root
 
     @property
     def clock(self) -> Clock:
-        return self._engine.runtime.clock
+        return self._engine.host.clock
 
     def breaker(self, name: str) -> Breaker:
         """The runtime's shared circuit breaker for dependency ``name``."""
-        return self._engine.runtime.breaker(name)
+        return self._engine.host.breaker(name)
 
     async def call(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
         """Await ``call()`` with retries (outer) through breaker ``name`` (inner)."""
-        return await self._engine.runtime.guarded_call(name, call)
+        return await self._engine.host.guarded_call(name, call)
 
     def heartbeat(self) -> None:
         """Say the stage is alive; stages with a heartbeat timeout need one in time."""
-        self._engine.heartbeat(self._run)
+        self._engine.heartbeat(self._live)
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Report progress (0..1) for progress displays; also a heartbeat."""
-        self._engine.progress(self._run, self.stage, fraction, message)
+        self._engine.progress(self._live, self.stage, fraction, message)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep on the runtime's clock (virtual in tests)."""
-        await self._engine.runtime.clock.sleep(seconds)
+        await self._engine.host.clock.sleep(seconds)
 
     async def shared(self, key: str, factory: Callable[[], Awaitable[T]]) -> T:
         """One object per runtime for ``key`` (an HTTP client, a forge), made on first use.
 
         If it has an ``aclose()`` method it is called when the runtime closes.
         """
-        return await self._engine.runtime.shared(key, factory)
+        return await self._engine.host.shared(key, factory)
+
+    async def check_health(self, reason: str) -> None:
+        """Take a health reading now and record it in this workflow's history."""
+        await self._engine.host.stage_health_check(self._run, reason)
 
     def save_output(self, **outputs: Any) -> None:
         """Record outputs now (an issue number the moment it exists) and queue a checkpoint.
@@ -150,7 +159,8 @@ class StageContext:
         self._engine.checkpoint_soon(self._run)
 
     async def save_output_durably(self, **outputs: Any) -> None:
-        """Like ``save_output``, and wait until the checkpoint is on disk."""
+        """Like ``save_output``, and wait until the checkpoint is on disk (with no outputs:
+        make the workflow's current state durable now)."""
         self._run.outputs.update(outputs)
         self._run.context.update(outputs)
         await self._engine.checkpoint(self._run)

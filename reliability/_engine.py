@@ -1,14 +1,19 @@
 """The engine: drives one workflow through its stages, one stage at a time.
 
-For each stage: take a fair turn (``_turns.py``), fire the machine's trigger (bookkeeping
-only), queue a "started" checkpoint, run the handler under the watchdog, decide on
-failures (retry, recover, degrade, stop), merge outputs and make the "completed"
+The workflow's machine state (``run.state``) says which stage runs next; the engine keeps
+no index of its own (docs/architecture.md, invariant 10). For each stage: take a fair
+turn (``_turns.py``), queue a "started" checkpoint, run the handler under the watchdog,
+decide on failures (retry, recover, degrade, stop), merge outputs, make the "completed"
 checkpoint durable before the next stage starts (``durability="strict"``) or before the
-stage after it ends (``"overlapped"``).
+stage after it ends (``"overlapped"``; invariant 8), then fire the machine's ``advance``
+trigger into the next stage. An ending fires the trigger of its outcome.
 
-Invariant (DESIGN rule 2): the workflow's task is cancelled by the runtime only while it
-is inside a handler (``_Live.in_handler``), never inside a trigger or a store write; a
-stop asked for elsewhere is honoured at the next stage boundary.
+The engine uses its host only through ``EngineHost`` (``_host.py``), bound once here.
+
+Invariant 2: triggers only do bookkeeping, and the workflow's task is cancelled by the
+runtime only while it is inside a handler (``LiveWorkflow.in_handler``), never inside a
+trigger or a store write; a stop asked for elsewhere is honoured at the next stage
+boundary.
 """
 
 from __future__ import annotations
@@ -22,16 +27,17 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from ._clock import TimerHandle
-from ._context import DefinitionLike, StageContext, StageSpecLike
+from ._context import DefinitionLike, RecoveryAction, StageContext, StageSpecLike
 from ._errors import ErrorCategory, StageTimeoutError, classify
 from ._logging import logger, redact_secrets, workflow_id_var
+from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, backoff_delays, next_delay
-from ._state import WorkflowRun
+from ._state import COMPLETED, PENDING, WorkflowRun
 
 if TYPE_CHECKING:
-    from ._runtime import Runtime
+    from ._host import EngineHost
 
-__all__ = ["Engine", "Interrupted"]
+__all__ = ["Engine", "Interrupted", "LiveWorkflow"]
 
 
 class Interrupted(Exception):
@@ -61,18 +67,22 @@ class _WorkflowLogger(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
-class _Live:
-    """In-process facts about a running workflow that are never persisted."""
+class LiveWorkflow:
+    """In-process facts about a running workflow that are never persisted.
 
-    __slots__ = ("_logger", "_on_timer", "deadline", "in_handler", "last_beat", "progress",
+    The host makes one per run, sets ``task`` to the task that runs it, and asks it to stop
+    with ``stop()``; the engine and the watchdog fill in the rest.
+    """
+
+    __slots__ = ("deadline", "in_handler", "last_beat", "log", "on_timer", "progress",
                  "run", "stage_spec", "stage_started", "stop_reason", "task", "timeout_reason",
                  "timer", "unsynced", "warn_at", "warned")
 
     def __init__(self, run: WorkflowRun) -> None:
         self.run = run
         # Made once per workflow, not per stage attempt: the hot path allocates less.
-        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
-        self._on_timer: Callable[[], None] | None = None
+        self.log: logging.LoggerAdapter[logging.Logger] | None = None
+        self.on_timer: Callable[[], None] | None = None
         self.task: asyncio.Task[Any] | None = None
         self.in_handler = False
         self.stop_reason: str | None = None  # "cancel" or "shutdown", once asked
@@ -88,15 +98,33 @@ class _Live:
         # durability="overlapped": the last stage-completion write, still on its way to disk
         self.unsynced: asyncio.Future[None] | None = None
 
+    def stop(self, reason: str) -> None:
+        """Ask the workflow to stop (``"cancel"``, ``"shutdown"``), ending ``interrupted``.
+
+        Its task is cancelled only inside a handler, never inside a trigger or a store
+        write (docs/architecture.md, invariant 2); elsewhere the engine sees the request
+        at the next stage boundary.
+        """
+        self.stop_reason = self.stop_reason or reason
+        task = self.task
+        if self.in_handler and task is not None and not task.done():
+            task.cancel()
+
 
 class Engine:
-    """Runs workflows of one definition inside one runtime."""
+    """Runs workflows of one definition for one host (a ``Runtime``, or a test's fake)."""
 
-    def __init__(self, runtime: Runtime, definition: DefinitionLike) -> None:
-        self.runtime = runtime
+    def __init__(self, host: EngineHost, definition: DefinitionLike) -> None:
+        self.host = host
         self.definition = definition
-        self._clock = runtime.clock
-        config = runtime.config
+        # Bound once: the per-stage path reads attributes of the engine, never the host's.
+        self._clock = host.clock
+        self._store = host.store
+        self._persistence = host.persistence
+        self._turns = host.turns
+        self._emit = host.emit
+        self._error_handlers = host.error_handlers
+        config = host.config
         self._multiplier = config.timeout_multiplier
         self._policy = RetryPolicy(max_retries=config.max_retries,
                                    base_delay=config.retry_base_delay,
@@ -105,36 +133,55 @@ class Engine:
         self._log_info = logger.isEnabledFor(logging.INFO) and config.enable_monitoring
         self._baselines = config.performance_baselines
         self._overlapped = config.durability == "overlapped"
+        self._checkpoint_frequency = config.checkpoint_frequency
+        self._enable_recovery = config.enable_recovery
+        self._recovery_strategies = config.recovery_strategies
+        self._health_checks = config.enable_health_checks
+        # The machine's state names the stage; this finds its spec (a stage's name is its
+        # state's name).
+        self._specs: dict[str, StageSpecLike] = {s.name: s for s in definition.stages}
+        self._checked_before = frozenset(
+            s.name for s in definition.stages
+            if config.enable_health_checks and getattr(s, "health_check", False))
+        self._actions: dict[str, RecoveryAction] = {**BUILTIN_ACTIONS,
+                                                    **definition.recovery_actions}
 
     # ------------------------------------------------------------------ the workflow
 
-    async def execute(self, live: _Live, start_index: int) -> None:
-        """Run stages from ``start_index``; the run's status says how it ended."""
+    async def execute(self, live: LiveWorkflow, at: str = PENDING) -> None:
+        """Run ``live.run`` from machine state ``at`` to its end; ``run.status`` says how.
+
+        ``at`` is PENDING for a new workflow, else where a resumed one stopped: the stage
+        to run next, or COMPLETED when only its final record was missing.
+        """
         run = live.run
+        if live.task is None:
+            live.task = asyncio.current_task()
+        definition = self.definition
+        advance = definition.advance
+        specs = self._specs
+        definition.attach(run, at)  # raises for a state a run cannot be resumed at
         token = workflow_id_var.set(run.workflow_id)
-        stages = self.definition.stages
-        resumed = start_index > 0 or bool(run.completed_stages) or run.resumed_from is not None
-        # start_index == len(stages): every stage completed; only the outcome is recorded.
-        self.definition.attach(run, stages[min(start_index, len(stages) - 1)].name
-                               if resumed else None)
         try:
             run.status = "running"
-            self._log("info", "Starting workflow %s (%d stages)%s", self.definition.name,
-                      len(stages), f", resumed at {run.resumed_from or stages[start_index].name}"
-                      if resumed else "")
-            turns = self.runtime.turns
-            for index in range(start_index, len(stages)):
+            self._log("info", "Starting workflow %s (%d stages)%s", definition.name,
+                      len(specs), f", resumed at {run.resumed_from}"
+                      if run.resumed_from is not None else "")
+            if run.state == PENDING:
+                await advance(run)  # pending -> the first stage
+            turns = self._turns
+            # The machine says where the workflow is; past the last stage it is COMPLETED,
+            # which no spec is named after.
+            while (spec := specs.get(run.state)) is not None:
                 waiter = turns.take()
                 if waiter is not None:  # the loop is saturated: queue for a fair turn
                     await waiter
                 if live.stop_reason is not None:
                     raise Interrupted(live.stop_reason)
-                if index > start_index or not resumed:
-                    await self.definition.advance(run)
-                await self._run_stage(live, stages[index])
-            await self.definition.advance(run)  # last stage -> completed
-            run.status = "completed"
-            run.current_stage = "completed"
+                await self._run_stage(live, spec)
+                await advance(run)  # this stage -> the next one (or COMPLETED)
+            run.status = run.state  # COMPLETED: no other state is left by advancing
+            run.current_stage = COMPLETED
         except Interrupted as stop:
             await self._end(run, "interrupted", f"interrupted ({stop.reason}); resumable")
         except _StageFailed as failure:
@@ -147,22 +194,20 @@ class Engine:
             raise
         finally:
             await self._final_save(live)
-            self.definition.detach(run)
+            definition.detach(run)
             workflow_id_var.reset(token)
 
-    async def _end(self, run: WorkflowRun, status: str, note: str | None) -> None:
-        run.status = status
+    async def _end(self, run: WorkflowRun, outcome: str, note: str | None) -> None:
+        """Move the machine to ``outcome``; the status is then the state it reached."""
         if note is not None:
             run.error = run.error or note
-        if status in ("failed", "timed_out"):
-            await self.definition.finish(run, status)
-        elif status == "interrupted":
-            await self.definition.finish(run, "interrupted")
+        await self.definition.finish(run, outcome)
+        run.status = run.state
 
-    async def _final_save(self, live: _Live) -> None:
+    async def _final_save(self, live: LiveWorkflow) -> None:
         run = live.run
         run.updated_at = self._clock.time()
-        if not self.runtime.persistence:
+        if not self._persistence:
             return
         unsynced, live.unsynced = live.unsynced, None
         if unsynced is not None:  # the final write below covers it; only report a failure
@@ -171,8 +216,7 @@ class Engine:
             # No shield needed (and none paid for, at thousands of endings a second): the
             # write is queued before the first await, so a second Ctrl-C abandons only
             # the wait, never the record (Store.save's contract).
-            await self.runtime.store.save(run.workflow_id, run.to_state,
-                                          checkpoint_stage="final")
+            await self._store.save(run.workflow_id, run.to_state, checkpoint_stage="final")
         except Exception as error:  # the state on disk is still the last durable one
             self._log("error", "Could not save final state: %s", error)
 
@@ -182,7 +226,7 @@ class Engine:
 
     # ------------------------------------------------------------------ one stage
 
-    async def _run_stage(self, live: _Live, spec: StageSpecLike) -> None:
+    async def _run_stage(self, live: LiveWorkflow, spec: StageSpecLike) -> None:
         run = live.run
         retries_allowed = spec.max_retries if spec.max_retries is not None else (
             self._policy.max_retries)
@@ -194,11 +238,11 @@ class Engine:
             attempt += 1
             fresh = run.revision == 0  # no snapshot of this workflow was ever taken
             started = self._begin_attempt(live, spec, attempt)
-            if fresh and self.runtime.persistence:
+            if fresh and self._persistence:
                 # Durable before the first handler's first side effect: a crash inside
                 # stage 1 must leave a resumable record, not an unknown workflow. (The
                 # "started" write just queued coalesces with this one.)
-                await self.runtime.store.save(run.workflow_id, run.to_state)
+                await self._store.save(run.workflow_id, run.to_state)
                 if live.stop_reason is not None:
                     raise Interrupted(live.stop_reason)
             try:
@@ -218,7 +262,7 @@ class Engine:
                     raise _StageFailed(error, status) from error
                 recovered = recovered or run.recovery_attempts > 0
                 run.retry_count += 1
-                self.runtime.emit("retry", run, stage=spec.name, attempt=attempt, delay=delay)
+                self._emit("retry", run, stage=spec.name, attempt=attempt, delay=delay)
                 if delay > 0:
                     await self._interruptible_sleep(live, delay)
                 continue
@@ -228,7 +272,7 @@ class Engine:
             await self._save(live, spec, checkpoint=self._wants_checkpoint(run, spec))
             return
 
-    async def _interruptible_sleep(self, live: _Live, delay: float) -> None:
+    async def _interruptible_sleep(self, live: LiveWorkflow, delay: float) -> None:
         """A retry wait that a cancel or shutdown ends at once, like a handler."""
         if live.stop_reason is not None:  # asked while deciding, when nothing was cancelled
             raise Interrupted(live.stop_reason)
@@ -243,7 +287,7 @@ class Engine:
         finally:
             live.in_handler = False
 
-    def _begin_attempt(self, live: _Live, spec: StageSpecLike, attempt: int) -> float:
+    def _begin_attempt(self, live: LiveWorkflow, spec: StageSpecLike, attempt: int) -> float:
         run = live.run
         now = self._clock.monotonic()
         run.current_stage = spec.name
@@ -253,20 +297,19 @@ class Engine:
         live.stage_spec = spec
         live.stage_started = now
         live.progress = None
-        self.runtime.emit("stage", run, stage=spec.name, attempt=attempt)
-        if self.runtime.persistence:
+        self._emit("stage", run, stage=spec.name, attempt=attempt)
+        if self._persistence:
             # "started": at once before a side-effecting stage (spec.checkpoint), so a
             # crash inside it is on record as such; other stages' starts may be folded
             # into their completion.
-            self.runtime.store.save_soon(run.workflow_id, run.to_state,
-                                         promptly=spec.checkpoint)
+            self._store.save_soon(run.workflow_id, run.to_state, promptly=spec.checkpoint)
         return now
 
-    async def _attempt(self, live: _Live, spec: StageSpecLike,
+    async def _attempt(self, live: LiveWorkflow, spec: StageSpecLike,
                        attempt: int) -> Mapping[str, Any] | None:
-        ctx = StageContext(self, live.run, spec.name, attempt, self._logger_for(live))
-        if self.runtime.health_before(spec):
-            await self.runtime.stage_health_check(live.run, f"before {spec.name}")
+        ctx = StageContext(self, live, spec.name, attempt, self._logger_for(live))
+        if spec.name in self._checked_before:
+            await self.host.stage_health_check(live.run, f"before {spec.name}")
         if live.stop_reason is not None:
             # Asked to stop while outside the handler (during the health check above), when
             # nothing could be cancelled: honour it before the handler starts, not after.
@@ -297,7 +340,7 @@ class Engine:
                             "return a mapping of outputs or None")
         return result
 
-    def _take_cancel(self, live: _Live) -> str | None:
+    def _take_cancel(self, live: LiveWorkflow) -> str | None:
         """Our own pending cancellation of this task, consumed; None if there is none."""
         reason = live.timeout_reason or live.stop_reason
         if reason is None:
@@ -322,14 +365,8 @@ class Engine:
         run.completed_stages.append(spec.name)
         duration = self._record_stage(run, spec, started, attempt, "completed")
         if self._log_info:
-            following = self._next_stage_name(spec)
-            logger.info("Stage transition: %s -> %s (duration: %.1fs)", spec.name, following,
-                        duration)
-
-    def _next_stage_name(self, spec: StageSpecLike) -> str:
-        stages = self.definition.stages
-        index = self.definition.stage_index(spec.name)
-        return stages[index + 1].name if index + 1 < len(stages) else "completed"
+            logger.info("Stage transition: %s -> %s (duration: %.1fs)", spec.name,
+                        self.definition.next_state(run.state), duration)
 
     def _record_stage(self, run: WorkflowRun, spec: StageSpecLike, started: float,
                       attempt: int, status: str) -> float:
@@ -341,23 +378,21 @@ class Engine:
         return duration
 
     def _wants_checkpoint(self, run: WorkflowRun, spec: StageSpecLike) -> bool:
-        frequency = self.runtime.config.checkpoint_frequency
-        return spec.checkpoint or len(run.completed_stages) % frequency == 0
+        return spec.checkpoint or len(run.completed_stages) % self._checkpoint_frequency == 0
 
-    async def _save(self, live: _Live, spec: StageSpecLike, *, checkpoint: bool) -> None:
+    async def _save(self, live: LiveWorkflow, spec: StageSpecLike, *, checkpoint: bool) -> None:
         """Record a stage's end: durable now ("strict"), or on its way while the next stage
         runs ("overlapped"; the journal keeps order, so a later durable write implies it)."""
-        if not self.runtime.persistence:
+        if not self._persistence:
             return
         run = live.run
         run.updated_at = self._clock.time()
         stage = spec.name if checkpoint else None
+        store = self._store
         if not self._overlapped:
             # save_nowait's future, awaited here: the same as save(), one coroutine less.
-            await self.runtime.store.save_nowait(run.workflow_id, run.to_state,
-                                                 checkpoint_stage=stage)
+            await store.save_nowait(run.workflow_id, run.to_state, checkpoint_stage=stage)
             return
-        store = self.runtime.store
         previous = live.unsynced
         if previous is not None and not previous.done():
             store.expedite()  # before queueing the next write, which nobody waits for yet
@@ -369,19 +404,19 @@ class Engine:
             await previous  # durable long ago, as a rule; a write error surfaces here
 
     def checkpoint_soon(self, run: WorkflowRun) -> None:
-        if self.runtime.persistence:
+        if self._persistence:
             run.updated_at = self._clock.time()
             # Outputs recorded mid-stage (an issue number the moment it exists): at once.
-            self.runtime.store.save_soon(run.workflow_id, run.to_state, promptly=True)
+            self._store.save_soon(run.workflow_id, run.to_state, promptly=True)
 
     async def checkpoint(self, run: WorkflowRun) -> None:
-        if self.runtime.persistence:
+        if self._persistence:
             run.updated_at = self._clock.time()
-            await self.runtime.store.save(run.workflow_id, run.to_state)
+            await self._store.save(run.workflow_id, run.to_state)
 
     # ------------------------------------------------------------------ failures
 
-    async def _decide(self, live: _Live, spec: StageSpecLike, error: Exception, attempt: int,
+    async def _decide(self, live: LiveWorkflow, spec: StageSpecLike, error: Exception, attempt: int,
                       retries_allowed: int, delays: Any,
                       budget_end: float) -> tuple[_Decision, float]:
         run = live.run
@@ -395,7 +430,7 @@ class Engine:
         custom = await self._custom_decision(live, spec, error, attempt, retries_allowed)
         if custom is not None:
             return custom
-        can_retry = self.runtime.config.enable_recovery and attempt <= retries_allowed
+        can_retry = self._enable_recovery and attempt <= retries_allowed
         if category in (ErrorCategory.CONFIGURATION, ErrorCategory.CRITICAL) or not can_retry:
             if not spec.critical:
                 self._log("warning", "Non-critical stage %s degraded: skipped after %d "
@@ -416,21 +451,20 @@ class Engine:
 
     def _recovery_names(self, spec: StageSpecLike, category: ErrorCategory) -> tuple[str, ...]:
         names = tuple(spec.recovery_actions)
-        configured = self.runtime.config.recovery_strategies
-        extra = configured.get(f"{category.value}_errors", ())
+        extra = self._recovery_strategies.get(f"{category.value}_errors", ())
         if category is ErrorCategory.RESOURCE:
             extra = (*extra, "free_memory", "check_system_health")
         return tuple(dict.fromkeys((*names, *extra)))
 
-    async def _recover(self, live: _Live, spec: StageSpecLike, error: BaseException | None,
+    async def _recover(self, live: LiveWorkflow, spec: StageSpecLike, error: BaseException | None,
                        names: tuple[str, ...]) -> None:
         run = live.run
         if not names:
             return
         run.recovery_attempts += 1
-        ctx = StageContext(self, run, spec.name, run.attempt, self._logger_for(live))
+        ctx = StageContext(self, live, spec.name, run.attempt, self._logger_for(live))
         for name in names:
-            action = self.runtime.recovery_action(self.definition, name)
+            action = self._actions.get(name)
             if action is None:
                 continue  # a configured name this definition does not implement
             try:
@@ -440,10 +474,10 @@ class Engine:
                 self._log("warning", "Recovery action %s failed: %s", name, failure)
 
     async def _custom_decision(
-        self, live: _Live, spec: StageSpecLike, error: Exception, attempt: int,
+        self, live: LiveWorkflow, spec: StageSpecLike, error: Exception, attempt: int,
         retries_allowed: int,
     ) -> tuple[_Decision, float] | None:
-        for handler in self.runtime.error_handlers:
+        for handler in self._error_handlers:
             answer = handler(live.run.workflow_id, error, spec.name, dict(live.run.context))
             if inspect.isawaitable(answer):
                 answer = await answer
@@ -470,7 +504,7 @@ class Engine:
         scale = self._multiplier if getattr(spec, "timing_is_default", False) else 1.0
         return spec.timeout_seconds * scale, spec.warning_threshold_seconds * scale
 
-    def _arm_watchdog(self, live: _Live, spec: StageSpecLike) -> None:
+    def _arm_watchdog(self, live: LiveWorkflow, spec: StageSpecLike) -> None:
         timeout, warning = self._timing(spec)
         now = self._clock.monotonic()
         live.deadline = now + timeout
@@ -480,17 +514,17 @@ class Engine:
         live.timeout_reason = None
         self._rearm(live, now)
 
-    def _rearm(self, live: _Live, now: float) -> None:
+    def _rearm(self, live: LiveWorkflow, now: float) -> None:
         spec = live.stage_spec
         assert spec is not None
         due = min(live.deadline, live.warn_at if not live.warned else float("inf"))
         if spec.heartbeat_timeout_seconds:
             due = min(due, live.last_beat + spec.heartbeat_timeout_seconds)
-        if live._on_timer is None:
-            live._on_timer = functools.partial(self._on_timer, live)
-        live.timer = self._clock.call_later(due - now, live._on_timer)
+        if live.on_timer is None:
+            live.on_timer = functools.partial(self._on_timer, live)
+        live.timer = self._clock.call_later(due - now, live.on_timer)
 
-    def _on_timer(self, live: _Live) -> None:
+    def _on_timer(self, live: LiveWorkflow) -> None:
         live.timer = None
         if not live.in_handler:
             return
@@ -507,7 +541,7 @@ class Engine:
             self._warn(live, spec, now)
         self._rearm(live, now)
 
-    def _fire_timeout(self, live: _Live, reason: str) -> None:
+    def _fire_timeout(self, live: LiveWorkflow, reason: str) -> None:
         spec = live.stage_spec
         assert spec is not None and live.task is not None
         with _as_workflow(live.run.workflow_id):
@@ -516,40 +550,36 @@ class Engine:
         live.timeout_reason = reason
         live.task.cancel()
 
-    def _warn(self, live: _Live, spec: StageSpecLike, now: float) -> None:
+    def _warn(self, live: LiveWorkflow, spec: StageSpecLike, now: float) -> None:
         with _as_workflow(live.run.workflow_id):
             logger.warning("Stage %s still running after %.1fs (warning threshold %.1fs, "
                            "timeout in %.1fs)", spec.name, now - live.stage_started,
                            self._timing(spec)[1], live.deadline - now)
-        self.runtime.spawn(self._on_warning(live, spec), f"warning-{live.run.workflow_id}")
+        self.host.spawn(self._on_warning(live, spec), f"warning-{live.run.workflow_id}")
 
-    async def _on_warning(self, live: _Live, spec: StageSpecLike) -> None:
+    async def _on_warning(self, live: LiveWorkflow, spec: StageSpecLike) -> None:
         token = workflow_id_var.set(live.run.workflow_id)
         try:
-            if self.runtime.config.enable_health_checks:
-                await self.runtime.stage_health_check(live.run, f"warning in {spec.name}")
+            if self._health_checks:
+                await self.host.stage_health_check(live.run, f"warning in {spec.name}")
             await self._recover(live, spec, None, tuple(spec.warning_actions))
         finally:
             workflow_id_var.reset(token)
 
-    def heartbeat(self, run: WorkflowRun) -> None:
-        live = self.runtime.live(run.workflow_id)
-        if live is not None:
-            live.last_beat = self._clock.monotonic()
+    def heartbeat(self, live: LiveWorkflow) -> None:
+        live.last_beat = self._clock.monotonic()
 
-    def progress(self, run: WorkflowRun, stage: str, fraction: float, message: str) -> None:
-        live = self.runtime.live(run.workflow_id)
-        if live is not None:
-            live.last_beat = self._clock.monotonic()
-            live.progress = (max(0.0, min(1.0, fraction)), message)
-        self.runtime.emit("progress", run, stage=stage, fraction=fraction, message=message)
+    def progress(self, live: LiveWorkflow, stage: str, fraction: float, message: str) -> None:
+        live.last_beat = self._clock.monotonic()
+        live.progress = (max(0.0, min(1.0, fraction)), message)
+        self._emit("progress", live.run, stage=stage, fraction=fraction, message=message)
 
     # ------------------------------------------------------------------ helpers
 
-    def _logger_for(self, live: _Live) -> logging.LoggerAdapter[logging.Logger]:
-        if live._logger is None:
-            live._logger = _WorkflowLogger(logger, {"workflow_id": live.run.workflow_id})
-        return live._logger
+    def _logger_for(self, live: LiveWorkflow) -> logging.LoggerAdapter[logging.Logger]:
+        if live.log is None:
+            live.log = _WorkflowLogger(logger, {"workflow_id": live.run.workflow_id})
+        return live.log
 
     def _log(self, level: str, message: str, *args: Any) -> None:
         if level == "info" and not self._log_info:
@@ -571,9 +601,3 @@ class _as_workflow:
     def __exit__(self, *exc: object) -> None:
         workflow_id_var.reset(self._token)
 
-
-def new_live(run: WorkflowRun) -> _Live:
-    return _Live(run)
-
-
-Handler = Callable[..., Any]

@@ -22,6 +22,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "ErrorCategory",
     "FencedError",
+    "InvalidTransitionError",
     "InvalidWorkflowIdError",
     "RateLimitedError",
     "ResourceError",
@@ -104,6 +105,18 @@ class CircuitOpenError(TransientError):
         super().__init__(f"circuit breaker {name!r} is open; next probe in {retry_in:.1f}s")
         self.name = name
         self.retry_in = retry_in
+
+
+class InvalidTransitionError(CriticalError):
+    """Raised when a workflow's state machine does not allow the move asked of it (a stage
+    out of order, an outcome after the workflow ended): a bug, never retried."""
+
+    def __init__(self, workflow_id: str, trigger: str, state: str, definition: str) -> None:
+        super().__init__(f"workflow {workflow_id} cannot {trigger!r} from state {state!r} "
+                         f"of definition {definition!r}")
+        self.workflow_id = workflow_id
+        self.trigger = trigger
+        self.state = state
 
 
 class InvalidWorkflowIdError(ConfigurationError):

@@ -31,8 +31,8 @@ from ._health import HealthStatus
 from ._logging import logger, workflow_id_var
 
 if TYPE_CHECKING:
-    from ._engine import _Live
-    from ._runtime import Runtime
+    from ._engine import LiveWorkflow
+    from ._host import MonitorHost
     from ._state import WorkflowRun
 
 __all__ = ["ADMISSION_RECHECK_SECONDS", "LAG_WARNING_SECONDS", "AdmissionGate", "Blocker",
@@ -90,14 +90,14 @@ def _where(frame: FrameType) -> str:
     return f"{module}:{code.co_qualname} ({code.co_filename}:{frame.f_lineno})"
 
 
-def find_blocker(frame: FrameType, task: asyncio.Task[Any] | None, lives: Iterable[_Live],
+def find_blocker(frame: FrameType, task: asyncio.Task[Any] | None, lives: Iterable[LiveWorkflow],
                  beat: float) -> Blocker:
     """Name the stage handler on the stack that starts at ``frame`` (innermost first).
 
     Workflows of one definition share handler code; the one whose task was running
     (``task``) is named, else the first found in a handler.
     """
-    by_code: dict[CodeType, list[_Live]] = {}
+    by_code: dict[CodeType, list[LiveWorkflow]] = {}
     for live in lives:
         spec = live.stage_spec
         if live.in_handler and spec is not None:
@@ -132,7 +132,7 @@ class LoopLagMonitor:
     than 5 s is also reported while it lasts, in case it never ends.
     """
 
-    def __init__(self, lives: Callable[[], list[_Live]], *,
+    def __init__(self, lives: Callable[[], list[LiveWorkflow]], *,
                  threshold: float = LAG_WARNING_SECONDS, tick: float = _TICK_SECONDS,
                  on_sample: Callable[[float], None] | None = None) -> None:
         self._lives = lives
@@ -248,32 +248,35 @@ class LoopLagMonitor:
 # --------------------------------------------------------------------------- health
 
 
-async def periodic_health_checks(runtime: Runtime) -> None:
+async def periodic_health_checks(host: MonitorHost) -> None:
     """Forever: health-check each workflow whose stage has run past the interval.
 
     One task for the whole runtime; it wakes four times per interval, so a long stage is
     checked within a quarter interval of each interval passing.
     """
-    interval = runtime.config.health_check_interval
+    interval = host.config.health_check_interval
+    clock = host.clock
     last_checked: dict[str, float] = {}
     while True:
-        await runtime.clock.sleep(interval / 4)
-        now = runtime.clock.monotonic()
-        for workflow_id, live in list(runtime._live.items()):
+        await clock.sleep(interval / 4)
+        now = clock.monotonic()
+        running = set()
+        for live in host.live_workflows():
+            workflow_id = live.run.workflow_id
+            running.add(workflow_id)
             since = max(live.stage_started, last_checked.get(workflow_id, float("-inf")))
             if live.in_handler and now - since >= interval:
                 last_checked[workflow_id] = now
                 stage = live.stage_spec.name if live.stage_spec else str(live.run.current_stage)
-                runtime.spawn(_check_long_stage(runtime, live.run, stage),
-                              f"health-{workflow_id}")
-        for workflow_id in [w for w in last_checked if w not in runtime._live]:
+                host.spawn(_check_long_stage(host, live.run, stage), f"health-{workflow_id}")
+        for workflow_id in [w for w in last_checked if w not in running]:
             del last_checked[workflow_id]
 
 
-async def _check_long_stage(runtime: Runtime, run: WorkflowRun, stage: str) -> None:
+async def _check_long_stage(host: MonitorHost, run: WorkflowRun, stage: str) -> None:
     token = workflow_id_var.set(run.workflow_id)
     try:
-        await runtime.stage_health_check(run, f"during long stage {stage}")
+        await host.stage_health_check(run, f"during long stage {stage}")
     finally:
         workflow_id_var.reset(token)
 
@@ -359,23 +362,25 @@ class AdmissionGate:
 
 
 class RuntimeMonitor:
-    """The watchers of one runtime, started in ``Runtime.start`` and stopped in ``close``."""
+    """The watchers of one runtime, started in ``Runtime.start`` and stopped in ``close``.
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+    It uses the runtime only through ``MonitorHost`` (``_host.py``).
+    """
+
+    def __init__(self, host: MonitorHost) -> None:
+        self._host = host
         self.loop_lag: LoopLagMonitor | None = None
         self.admission: AdmissionGate | None = None
 
     def start(self) -> None:
-        runtime = self._runtime
-        config = runtime.config
+        host = self._host
+        config = host.config
         if config.enable_monitoring:
-            self.loop_lag = LoopLagMonitor(lambda: list(runtime._live.values()),
-                                           on_sample=self._set_lag)
+            self.loop_lag = LoopLagMonitor(host.live_workflows, on_sample=self._set_lag)
             self.loop_lag.start()
         if config.enable_health_checks:
-            runtime.spawn(periodic_health_checks(runtime), "periodic-health-checks")
-            self.admission = AdmissionGate(self._health_status, runtime.clock, runtime.spawn)
+            host.spawn(periodic_health_checks(host), "periodic-health-checks")
+            self.admission = AdmissionGate(self._health_status, host.clock, host.spawn)
 
     async def stop(self) -> None:
         self.release()
@@ -398,12 +403,12 @@ class RuntimeMonitor:
                             status)
             finally:
                 workflow_id_var.reset(token)
-            self._runtime.emit("held", run, status=status.value)
+            self._host.emit("held", run, status=status.value)
 
         await self.admission.admit(on_hold)
 
     def _set_lag(self, p99_ms: float) -> None:
-        self._runtime.loop_lag_ms = p99_ms
+        self._host.loop_lag_ms = p99_ms
 
     async def _health_status(self) -> HealthStatus:
-        return (await self._runtime.perform_health_check()).status
+        return (await self._host.perform_health_check()).status

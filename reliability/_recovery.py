@@ -17,13 +17,12 @@ __all__ = ["BUILTIN_ACTIONS", "resolve_action_names"]
 
 async def check_system_health(ctx: StageContext, error: BaseException | None) -> None:
     """Take a health reading now and record it in the workflow's history."""
-    engine = ctx._engine
-    await engine.runtime.stage_health_check(ctx._run, f"recovery in {ctx.stage}")
+    await ctx.check_health(f"recovery in {ctx.stage}")
 
 
 async def checkpoint_progress(ctx: StageContext, error: BaseException | None) -> None:
     """Make the workflow's current state durable before the stage is retried."""
-    await ctx._engine.checkpoint(ctx._run)
+    await ctx.save_output_durably()  # no new outputs: the current state, made durable
 
 
 async def free_memory(ctx: StageContext, error: BaseException | None) -> None:
@@ -34,7 +33,7 @@ async def free_memory(ctx: StageContext, error: BaseException | None) -> None:
 
 async def wait_for_breakers(ctx: StageContext, error: BaseException | None) -> None:
     """Wait until every open circuit breaker is due for its half-open probe (max 5 min)."""
-    waits = [b.retry_in() for b in ctx._engine.runtime.breakers.values()]
+    waits = [b.retry_in() for b in ctx.runtime.breakers.values()]
     longest = min(300.0, max(waits, default=0.0))
     if longest > 0:
         ctx.logger.info("wait_for_breakers: waiting %.1fs for open breakers", longest)

@@ -22,8 +22,8 @@ from ._analytics import performance_report
 from ._breaker import Breaker
 from ._clock import Clock, SystemClock
 from ._config import WorkflowConfiguration, load_configuration
-from ._context import DefinitionLike, RecoveryAction, StageSpecLike
-from ._engine import Engine, _Live
+from ._context import DefinitionLike
+from ._engine import Engine, LiveWorkflow
 from ._errors import (
     ConfigurationError,
     CriticalError,
@@ -41,13 +41,13 @@ from ._health import (
     run_custom_check,
     worst,
 )
+from ._host import ErrorHandler, Listener
 from ._ids import new_workflow_id, validate_workflow_id
 from ._logging import configure_logging, hand_over_held_records, logger, register_secret
 from ._monitor import RuntimeMonitor
 from ._plugins import ResolvedTarget, TargetResolver, default_target_resolver
-from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, retry_call
-from ._state import RESUMABLE, STATUSES, WorkflowRun
+from ._state import COMPLETED, PENDING, RESUMABLE, STATUSES, WorkflowRun
 from ._store import Claim, FileStore, LoadedState, Store
 from ._tuning import hold_tuning, release_tuning
 from ._turns import Turns
@@ -56,8 +56,6 @@ __all__ = ["Runtime", "WorkflowResult", "resolve_definition", "resume_workflow",
            "workflow_row"]
 
 T = TypeVar("T")
-ErrorHandler = Callable[[str, BaseException, str, dict[str, Any]], Any]
-Listener = Callable[..., None]
 _REMEMBERED = 1000  # finished runs kept in memory for diagnostics; older ones are on disk
 
 
@@ -172,7 +170,7 @@ class Runtime:
         self.health_checks: list[HealthCheckFunction] = []
         self._handle_signals = handle_signals
         self._configure_logs = configure_logs
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, LiveWorkflow] = {}
         self._finished: OrderedDict[str, WorkflowRun] = OrderedDict()
         self._engines: dict[int, Engine] = {}
         self._shared: dict[str, Any] = {}
@@ -261,12 +259,7 @@ class Runtime:
         self.shutting_down = True
         self._monitor.release()  # workflows held for health start, and stop at once
         for live in list(self._live.values()):
-            self._stop(live, "shutdown")
-
-    def _stop(self, live: _Live, reason: str) -> None:
-        live.stop_reason = live.stop_reason or reason
-        if live.in_handler and live.task is not None and not live.task.done():
-            live.task.cancel()  # only inside a handler: never inside a trigger or a write
+            live.stop("shutdown")
 
     # ------------------------------------------------------------------ running
 
@@ -279,7 +272,7 @@ class Runtime:
         if self.shutting_down:
             raise WorkflowError("the runtime is shutting down; no new workflows start")
         run = self._new_run(definition, inputs, prompt_file)
-        return await self._execute(definition, run, 0)
+        return await self._execute(definition, run, PENDING)
 
     async def register(self, target: str | os.PathLike[str] | DefinitionLike, *,
                        context: Mapping[str, Any] | None = None) -> str:
@@ -312,15 +305,16 @@ class Runtime:
         validate_workflow_id(workflow_id)
         registered = self._registered.pop(workflow_id, None)
         if registered is not None:
-            return await self._execute(registered[0], registered[1], 0)
+            return await self._execute(registered[0], registered[1], PENDING)
         prepared = self._prepare_resume(await self.store.load(workflow_id))
         if isinstance(prepared, WorkflowResult):
             return prepared
         return await self._execute(*prepared)
 
-    def _prepare_resume(self, loaded: LoadedState) -> tuple[DefinitionLike, WorkflowRun, int] | (
+    def _prepare_resume(self, loaded: LoadedState) -> tuple[DefinitionLike, WorkflowRun, str] | (
             WorkflowResult):
-        """What to run, from where; or the result itself when there is nothing to run."""
+        """What to run, from which machine state; or the result itself when there is nothing
+        to run."""
         workflow_id = loaded.state["workflow_id"]
         for problem in loaded.problems:
             logger.warning("State problem for %s: %s; using %s", workflow_id, problem,
@@ -332,13 +326,11 @@ class Runtime:
             raise ConfigurationError(f"workflow {workflow_id} is {run.status}; only "
                                      f"{', '.join(sorted(RESUMABLE))} workflows can be resumed")
         definition = self._stored_definition(run)
-        start = self._resume_index(definition, run)
-        if run.status != "pending" or run.completed_stages:  # pending: registered, never run
-            # Past the last stage: every stage is done, only the final record was lost.
-            run.resumed_from = (definition.stages[start].name
-                                if start < len(definition.stages) else "completed")
+        at = self._resume_state(definition, run)
+        if at != PENDING:  # pending: registered, never run
+            run.resumed_from = at  # COMPLETED: every stage is done, only the end was lost
         run.error = run.error_category = None
-        return definition, run, start
+        return definition, run, at
 
     async def list_workflows(self, status: str | Iterable[str] | None = None
                              ) -> list[dict[str, Any]]:
@@ -368,7 +360,7 @@ class Runtime:
         """
         listed = await self.store.list_states({"pending", "running", "interrupted"})
         failed: list[WorkflowResult] = []
-        ready: dict[str, tuple[DefinitionLike, WorkflowRun, int]] = {}
+        ready: dict[str, tuple[DefinitionLike, WorkflowRun, str]] = {}
         for loaded in listed:
             workflow_id = loaded.state["workflow_id"]
             try:
@@ -398,8 +390,9 @@ class Runtime:
                                                                     strict=True)))
         return [*failed, *started]
 
-    async def _execute(self, definition: DefinitionLike, run: WorkflowRun, start: int, *,
+    async def _execute(self, definition: DefinitionLike, run: WorkflowRun, at: str, *,
                        claim: Claim | None = None) -> WorkflowResult:
+        """Run ``run`` from machine state ``at`` (PENDING when new) under a claim."""
         await self.turns.turn()  # a burst of starts queues here, not in the loop
         if claim is None:
             await self._monitor.admit(run)
@@ -413,14 +406,14 @@ class Runtime:
             except BaseException:
                 claim.release()
                 raise
-        live = _Live(run)
+        live = LiveWorkflow(run)
         live.task = asyncio.current_task()
         if self.shutting_down:  # released from admission by a shutdown: stop before stage 1
             live.stop_reason = "shutdown"
         self._live[run.workflow_id] = live
         try:
             self.emit("started", run)
-            await self._engine(definition).execute(live, start)
+            await self._engine(definition).execute(live, at)
         finally:
             del self._live[run.workflow_id]
             if claim is not None:
@@ -479,7 +472,9 @@ class Runtime:
         return resolve_definition(run.definition_path)
 
     @staticmethod
-    def _resume_index(definition: DefinitionLike, run: WorkflowRun) -> int:
+    def _resume_state(definition: DefinitionLike, run: WorkflowRun) -> str:
+        """The machine state a stored run goes on from: the stage after the last one it
+        passed, COMPLETED past the last stage, PENDING if it was registered and never ran."""
         names = [s.name for s in definition.stages]
         done = run.completed_stages
         # A non-critical stage that degraded was skipped: it is not in completed_stages,
@@ -492,10 +487,12 @@ class Runtime:
             raise ConfigurationError(
                 f"workflow {run.workflow_id} completed stages {done} that do not match "
                 f"definition {definition.name!r} ({names}); was the definition changed?")
-        # The stage after the last one passed; len(names) when all are (a crash after the
+        if last < 0 and run.status == PENDING:
+            return PENDING
+        # The stage after the last one passed; COMPLETED when all are (a crash after the
         # last stage's checkpoint, before the final record): the engine then only records
         # completion, and no stage runs twice.
-        return last + 1
+        return names[last + 1] if last + 1 < len(names) else COMPLETED
 
     async def cancel(self, workflow_id: str, *, abandon: bool = False) -> bool:
         """Stop a workflow. Running here: it ends ``interrupted`` (resumable). Stored and not
@@ -503,7 +500,7 @@ class Runtime:
         validate_workflow_id(workflow_id)
         live = self._live.get(workflow_id)
         if live is not None:
-            self._stop(live, "cancel")
+            live.stop("cancel")
             return True
         if not abandon:
             return False
@@ -521,8 +518,13 @@ class Runtime:
 
     # ------------------------------------------------------------------ shared services
 
-    def live(self, workflow_id: str) -> _Live | None:
+    def live(self, workflow_id: str) -> LiveWorkflow | None:
+        """The in-process record of a workflow running here, or None."""
         return self._live.get(workflow_id)
+
+    def live_workflows(self) -> list[LiveWorkflow]:
+        """Every workflow running here now (a copy)."""
+        return list(self._live.values())
 
     @property
     def running(self) -> list[str]:
@@ -580,13 +582,7 @@ class Runtime:
         """``check(workflow_id)`` returns (or awaits to) a dict with a ``status``."""
         self.health_checks.append(check)
 
-    def recovery_action(self, definition: DefinitionLike, name: str) -> RecoveryAction | None:
-        return definition.recovery_actions.get(name) or BUILTIN_ACTIONS.get(name)
-
     # ------------------------------------------------------------------ health
-
-    def health_before(self, spec: StageSpecLike) -> bool:
-        return self.config.enable_health_checks and bool(getattr(spec, "health_check", False))
 
     async def perform_health_check(self, workflow_id: str | None = None) -> SystemHealthCheck:
         """Resources, registered checks and loop lag, merged into one status (worst wins)."""
@@ -645,7 +641,7 @@ class Runtime:
         return diagnostics_for(run, live, self.clock, self.store.describe(workflow_id))
 
 
-def diagnostics_for(run: WorkflowRun, live: _Live | None, clock: Clock,
+def diagnostics_for(run: WorkflowRun, live: LiveWorkflow | None, clock: Clock,
                     files: Mapping[str, str]) -> dict[str, Any]:
     started = live.stage_started if live is not None else None
     duration = clock.monotonic() - started if started is not None else (

@@ -2,8 +2,9 @@
 
 Invariant: ``completed_stages`` lists, in order, exactly the stages whose outputs are in
 ``outputs``; a stage is added to it only together with its outputs, and a checkpoint of
-that pair is durable before the next stage starts. Resume re-runs the first stage not in
-it.
+that pair is durable before the next stage starts (``durability="overlapped"``: before the
+one after it ends; docs/architecture.md, invariant 8).
+Resume re-runs the first stage not in it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["NON_TERMINAL", "RESUMABLE", "STATUSES", "TERMINAL", "WorkflowRun"]
+__all__ = ["COMPLETED", "NON_TERMINAL", "OUTCOMES", "PENDING", "RESUMABLE", "STATUSES",
+           "TERMINAL", "WorkflowRun"]
 
+# The machine's states around the stages: a new workflow starts at PENDING; it ends in one
+# of OUTCOMES, each reached by a transition (docs/architecture.md, invariant 10). A status
+# is "running" while the machine is at a stage, else the machine's state.
+PENDING = "pending"
+COMPLETED = "completed"
+OUTCOMES = (COMPLETED, "failed", "timed_out", "cancelled", "interrupted")
 STATUSES = ("pending", "running", "completed", "failed", "timed_out", "cancelled",
             "interrupted")
 TERMINAL = frozenset({"completed", "failed", "timed_out", "cancelled"})
@@ -27,8 +35,9 @@ _MAX_ERRORS = 20
 class WorkflowRun:
     """The mutable record the engine keeps for one workflow, and the model on its machine.
 
-    Models on a shared ``AsyncMachine`` must compare by identity (DESIGN rule 1), which is
-    ``object``'s default; ``__slots__`` keeps a workflow in flight small.
+    Models on a shared ``AsyncMachine`` must compare by identity (docs/architecture.md,
+    invariant 1), which is ``object``'s default; ``__slots__`` keeps a workflow in flight
+    small.
     """
 
     __slots__ = (
@@ -49,7 +58,9 @@ class WorkflowRun:
         self.context: dict[str, Any] = dict(context)
         self.outputs: dict[str, Any] = {}
         self.status = "pending"
-        self.state = "pending"  # the machine's state; transitions sets it
+        # Where the workflow is: its machine's state (a stage, PENDING or an outcome), set
+        # only by the definition's machine (docs/architecture.md, invariant 10).
+        self.state = PENDING
         self.current_stage: str | None = None
         self.stage_start_time: float | None = None
         self.attempt = 0

@@ -18,6 +18,7 @@ from machines import DEFAULT_TIMEOUTS, StageContext, StageSpec, WorkflowDefiniti
 from reliability import (
     ConfigurationError,
     FakeClock,
+    InvalidTransitionError,
     MemoryStore,
     Runtime,
     WorkflowConfiguration,
@@ -321,6 +322,25 @@ class TestSharedMachine:
             await runtime.run(FLOW)
         assert STATES_SEEN == [("first", "first"), ("second", "second")]
 
+    async def test_a_resumed_workflow_s_machine_is_at_its_stored_stage(
+            self, tmp_path: Path) -> None:
+        """Interrupted in "second", a resumed run's machine is put at "second" (not at
+        pending): "first" is not run again and "second" runs with the machine there."""
+        async with runtime_for(tmp_path) as runtime:
+            task = asyncio.create_task(runtime.run(FLOW))
+            await until_parked(1)
+            GATE["first"].set()
+            await until_parked(2)
+            await runtime.cancel(PARKED[1])
+            interrupted = await task
+            assert interrupted.status == "interrupted"
+            STATES_SEEN.clear()
+            GATE["second"].set()
+            resumed = await runtime.resume(interrupted.workflow_id)
+        assert resumed.status == "completed" and resumed.resumed_from == "second"
+        assert STATES_SEEN == [("second", "second")]
+        assert FLOW._machine.models == []
+
     async def test_interrupted_workflows_leave_the_machine_too(self, tmp_path: Path) -> None:
         """A cancelled workflow's model is removed like a finished one's."""
         async with runtime_for(tmp_path) as runtime:
@@ -351,7 +371,8 @@ class TestSharedMachine:
 
     async def test_a_transition_with_callbacks_takes_the_full_path(self) -> None:
         """The short path is only for transitions without callbacks or conditions: one
-        with a condition and before/after callbacks still runs them, in order."""
+        with a condition and before/after callbacks still runs them, in order; a move its
+        condition holds back raises instead of leaving the run where it was."""
         definition = WorkflowDefinition("guarded", [StageSpec(stage="a", handler=_noop),
                                                     StageSpec(stage="b", handler=_noop)])
         machine = definition._machine
@@ -364,7 +385,8 @@ class TestSharedMachine:
         run = WorkflowRun("workflow-20240101-000000-abcdef012345", definition_name="guarded",
                           definition_path=None, context={}, prompt_file=None, created_at=0.0)
         definition.attach(run, "a")
-        await definition.advance(run)
+        with pytest.raises(InvalidTransitionError, match="cannot 'advance' from state 'a'"):
+            await definition.advance(run)
         assert run.state == "a" and seen == []  # the condition held it back
         allowed[0] = True
         await definition.advance(run)
