@@ -1,6 +1,7 @@
 """Retries: pure backoff computation (the ``backoff`` package's generators) and one loop.
 
-Order (docs/architecture.md, invariant 7): this loop is outermost, the breaker inside it, the call innermost.
+Order (docs/architecture.md, invariant 7): this loop is outermost, the breaker inside it,
+the call innermost.
 A server-given wait (``RateLimitedError.retry_after``) or an open breaker's remaining time
 is waited exactly, without jitter; everything else waits exponential backoff with full
 jitter. A total budget bounds the loop: a wait that would end past it is not started.
