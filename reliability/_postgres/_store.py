@@ -16,6 +16,28 @@ The same ``Store`` interface as the file store, plus what workers need (``enqueu
   and re-queues their workflows with a new epoch.
 - Wake-up: LISTEN on a dedicated connection (channel ``workflow_work``), with a jittered
   poll as fallback, reconnected when lost.
+- Idempotent retries: a batch whose connection broke is sent again once the server is
+  reachable (backoff through the Clock, docs/architecture.md invariant 6). Each batch
+  records its random ID in ``workflow_commits`` in its own transaction, first thing: a
+  retry that finds its ID there knows the earlier COMMIT went through (only its reply was
+  lost) and takes that outcome instead of writing again, which a release in the same batch
+  would now have refused. If the earlier transaction is still open on a dying backend, the
+  retry waits on that row's lock until it ended either way.
+- Outages: the committer, the heartbeat and the listener share one up/down state; a
+  change is logged once each way. While down, writes wait (nothing acknowledged is lost:
+  a future completes only after its COMMIT), ``lease_valid`` turns False after half the
+  lease, so callers start no stage, and everything reconnects with backoff.
+- States are JSONB rows with the document format's ``schema_version`` (as the file store
+  writes in each file), checked on every read, and the row's workflow ID checked against
+  the state's. Not a checksum, unlike the file store's documents: what that checksum
+  catches cannot happen here, or is PostgreSQL's own job. A file can be torn or
+  half-written by a crash; a committed row cannot (the WAL makes a commit all or nothing).
+  A file can be damaged or edited in place; a JSONB value is parsed by the server on the
+  way in, and damage below it is caught by the WAL's CRCs and the data pages' checksums
+  (``initdb --data-checksums``, the default from PostgreSQL 18). Nor could a checksum of
+  our bytes be verified: JSONB keeps its own normal form (key order, duplicate keys,
+  ``1e2`` read back as ``100``), not the bytes we hashed. Someone changing a row with SQL
+  holds the database's password and could as well recompute any checksum.
 - The URL's password is never shown: messages use the masked URL, driver errors pass
   through ``scrub``. Every statement is parameterized.
 """
@@ -28,23 +50,24 @@ import os
 import random
 import secrets
 import socket
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .._clock import Clock, SystemClock
 from .._errors import (
     ConfigurationError,
     DatabaseUnavailableError,
     FencedError,
+    StateCorruptedError,
     WorkflowLockedError,
     WorkflowNotFoundError,
 )
 from .._ids import validate_workflow_id
 from .._logging import logger
-from .._store import Claim, LoadedState
+from .._store import SCHEMA_VERSION, Claim, LoadedState
 from ._schema import migrate
 from ._url import DatabaseURL, parse_url, scrub
 
@@ -64,19 +87,20 @@ WITH input AS (
         AS i(workflow_id, epoch, state, status, revision)),
 applied AS (
     UPDATE workflows w SET state = i.state, status = i.status, revision = i.revision,
-                           updated_at = now()
+                           schema_version = $9, updated_at = now()
     FROM input i
     WHERE w.workflow_id = i.workflow_id AND w.owner = $1 AND w.epoch = i.epoch
     RETURNING w.workflow_id),
 checkpoints AS (
-    INSERT INTO workflow_checkpoints AS c (workflow_id, stage, epoch, revision, state)
-    SELECT i.workflow_id, s.stage, i.epoch, i.revision, i.state
+    INSERT INTO workflow_checkpoints AS c (workflow_id, stage, epoch, revision, state,
+                                           schema_version)
+    SELECT i.workflow_id, s.stage, i.epoch, i.revision, i.state, $9
     FROM unnest($7::text[], $8::text[]) AS s(workflow_id, stage)
     JOIN applied a ON a.workflow_id = s.workflow_id
     JOIN input i ON i.workflow_id = s.workflow_id
     ON CONFLICT (workflow_id, stage) DO UPDATE
         SET epoch = EXCLUDED.epoch, revision = EXCLUDED.revision, state = EXCLUDED.state,
-            created_at = now()),
+            schema_version = EXCLUDED.schema_version, created_at = now()),
 audit AS (
     INSERT INTO workflow_writes (workflow_id, owner, epoch, revision, kind, applied)
     SELECT i.workflow_id, $1, i.epoch, i.revision, 'save', a.workflow_id IS NOT NULL
@@ -92,11 +116,13 @@ WITH input AS (
                          $6::text[])
         AS i(workflow_id, state, status, revision, definition, queue)),
 applied AS (
-    INSERT INTO workflows AS w (workflow_id, state, status, revision, definition, queue)
-    SELECT * FROM input
+    INSERT INTO workflows AS w (workflow_id, state, status, revision, definition, queue,
+                                schema_version)
+    SELECT *, $7 FROM input
     ON CONFLICT (workflow_id) DO UPDATE
         SET state = EXCLUDED.state, status = EXCLUDED.status, revision = EXCLUDED.revision,
-            definition = EXCLUDED.definition, queue = EXCLUDED.queue, updated_at = now()
+            definition = EXCLUDED.definition, queue = EXCLUDED.queue,
+            schema_version = EXCLUDED.schema_version, updated_at = now()
         WHERE w.owner IS NULL AND w.epoch = 0
     RETURNING w.workflow_id, w.queue),
 audit AS (
@@ -156,11 +182,11 @@ WITH picked AS (
 claimed AS (
     UPDATE workflows w SET owner = $1, epoch = w.epoch + 1, claimed_at = now()
     FROM picked p WHERE w.workflow_id = p.workflow_id
-    RETURNING w.workflow_id, w.epoch, w.state),
+    RETURNING w.workflow_id, w.epoch, w.state, w.schema_version),
 audit AS (
     INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
     SELECT workflow_id, $1, epoch, 'claim', true FROM claimed)
-SELECT workflow_id, epoch, state FROM claimed
+SELECT workflow_id, epoch, state, schema_version FROM claimed
 """
 
 _RENEW = """
@@ -180,6 +206,8 @@ ON CONFLICT (worker_id) DO UPDATE SET lease_expires_at = EXCLUDED.lease_expires_
 _REAP = """
 WITH dead AS (
     DELETE FROM workflow_workers WHERE lease_expires_at < now() RETURNING worker_id),
+forgotten AS (
+    DELETE FROM workflow_commits c USING dead d WHERE c.worker_id = d.worker_id),
 requeued AS (
     UPDATE workflows w SET owner = NULL, epoch = w.epoch + 1, claimed_at = NULL
     FROM dead d WHERE w.owner = d.worker_id
@@ -188,6 +216,16 @@ audit AS (
     INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
     SELECT workflow_id, worker_id, epoch, 'requeue', true FROM requeued)
 SELECT workflow_id, queue FROM requeued
+"""
+
+# First statement of every batch: claims this worker's commit row for the batch. No row
+# back means the row holds this batch's ID already: it committed before (see above).
+_MARK = """
+INSERT INTO workflow_commits AS c (worker_id, batch) VALUES ($1, $2)
+ON CONFLICT (worker_id) DO UPDATE
+    SET batch = EXCLUDED.batch, refused = '{}', committed_at = now()
+    WHERE c.batch <> EXCLUDED.batch
+RETURNING batch
 """
 
 
@@ -207,6 +245,21 @@ def _connection_lost(error: BaseException) -> bool:
                               asyncpg.exceptions.AdminShutdownError,
                               asyncpg.exceptions.CrashShutdownError,
                               asyncpg.exceptions.TooManyConnectionsError))
+
+
+def _decode(text: str, schema_version: int, workflow_id: str, source: str) -> dict[str, Any]:
+    """A row's state, refused (StateCorruptedError) in a format this code does not read
+    or when it names another workflow than its row."""
+    if schema_version != SCHEMA_VERSION:
+        raise StateCorruptedError(source, f"schema version {schema_version!r} is not "
+                                          f"{SCHEMA_VERSION}, which this version reads")
+    state = orjson.loads(text)
+    if not isinstance(state, dict):
+        raise StateCorruptedError(source, "not a workflow state document")
+    if state.get("workflow_id") != workflow_id:
+        raise StateCorruptedError(source, f"belongs to {state.get('workflow_id')!r}, "
+                                          f"not {workflow_id}")
+    return state
 
 
 class _PostgresClaim:
@@ -235,6 +288,8 @@ class _Batch:
     waiters: list[tuple[str, asyncio.Future[None]]] = field(default_factory=list)
     releases: dict[str, int] = field(default_factory=dict)
     done: asyncio.Future[None] | None = None
+    # Recorded in workflow_commits with the batch: how a retry knows it committed already.
+    id: int = field(default_factory=lambda: secrets.randbits(63))
 
     def empty(self) -> bool:
         return not (self.writes or self.releases)
@@ -246,12 +301,15 @@ class PostgresStore:
     ``lease_seconds``: how long this store's claims outlive its last heartbeat.
     ``on_fenced(workflow_id)``: called when a write for a workflow was refused (another
     worker owns it now), so the caller stops it at once.
+    ``clock``: every sleep (commit backoff, heartbeat, poll) and the lease's age go
+    through it (docs/architecture.md, invariant 6); the event loop's clock by default.
     """
 
     def __init__(self, url: str, *, lease_seconds: float = 30.0, pool_size: int = 4,
                  worker_id: str | None = None, apply_migrations: bool = True,
                  poll_interval: float = 5.0,
-                 on_fenced: Callable[[str], None] | None = None) -> None:
+                 on_fenced: Callable[[str], None] | None = None,
+                 clock: Clock | None = None) -> None:
         if lease_seconds <= 0:
             raise ConfigurationError(f"lease_seconds must be positive, got {lease_seconds!r}")
         self.url: DatabaseURL = parse_url(url)
@@ -261,6 +319,8 @@ class PostgresStore:
         self.apply_migrations = apply_migrations
         self.poll_interval = poll_interval
         self.on_fenced = on_fenced
+        self.clock: Clock = clock or SystemClock()
+        self._down_since: float | None = None  # when the server became unreachable
         self._pool: asyncpg.Pool | None = None
         self._epochs: dict[str, int] = {}  # claims held: workflow ID -> epoch
         self._lost: set[str] = set()  # fenced off: nothing more is sent for these
@@ -313,7 +373,7 @@ class PostgresStore:
             raise
         self._pool = pool
         self._closing = False
-        self._renewed_at = time.monotonic()
+        self._renewed_at = self.clock.monotonic()
         self._committer = asyncio.create_task(self._commit_loop(), name="postgres-committer")
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(),
                                               name="postgres-heartbeat")
@@ -336,6 +396,8 @@ class PostgresStore:
             await self._committer
         with contextlib.suppress(Exception):
             await pool.execute("DELETE FROM workflow_workers WHERE worker_id = $1",
+                               self.worker_id)
+            await pool.execute("DELETE FROM workflow_commits WHERE worker_id = $1",
                                self.worker_id)
         if self._listener is not None:
             with contextlib.suppress(Exception):
@@ -428,10 +490,10 @@ class PostgresStore:
 
     async def _commit_with_retries(self, batch: _Batch) -> None:
         delay = _RETRY_FIRST
-        logged = False
         while True:
             try:
                 failures = await self._commit(batch)
+                self._mark_up()
                 break
             except Exception as error:
                 if not _connection_lost(error) or self._closing:
@@ -439,15 +501,9 @@ class PostgresStore:
                         await self._connect_error(error))
                     failures = dict.fromkeys((w for w, _ in batch.waiters), failure)
                     break
-                if not logged:
-                    logger.warning("PostgreSQL at %s unreachable (%s); retrying the commit "
-                                   "of %d workflow(s) until it is back", self.url.server,
-                                   scrub(str(error), self.url.secret), len(batch.writes))
-                    logged = True
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                self._mark_down(error)
+                await self.clock.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, _RETRY_MAX)
-        if logged:
-            logger.warning("PostgreSQL at %s reachable again; commits go on", self.url.server)
         self.batches_committed += 1
         for workflow_id, waiter in batch.waiters:
             if waiter.done():
@@ -457,6 +513,28 @@ class PostgresStore:
                 waiter.set_result(None)
             else:
                 waiter.set_exception(outcome)
+
+    def _mark_down(self, error: BaseException) -> None:
+        """The server is unreachable: logged once, until ``_mark_up``."""
+        if self._down_since is not None:
+            return
+        self._down_since = self.clock.monotonic()
+        logger.warning("PostgreSQL at %s unreachable (%s); writes wait and reconnect with "
+                       "backoff, no new stage starts once the lease is half gone",
+                       self.url.server, scrub(f"{type(error).__name__}: {error}",
+                                              self.url.secret).replace("\n", " "))
+
+    def _mark_up(self) -> None:
+        if self._down_since is None:
+            return
+        down_for, self._down_since = self.clock.monotonic() - self._down_since, None
+        logger.warning("PostgreSQL at %s reachable again after %.1f s; writes go on",
+                       self.url.server, down_for)
+
+    @property
+    def reachable(self) -> bool:
+        """False from a failed round trip to the server until one succeeds again."""
+        return self._down_since is None
 
     async def _commit(self, batch: _Batch) -> dict[str, BaseException]:
         fenced_ids, fenced_epochs, fenced_states, fenced_status, fenced_revisions = (
@@ -488,35 +566,49 @@ class PostgresStore:
             for stage in stages:
                 checkpoint_ids.append(workflow_id)
                 checkpoint_stages.append(stage)
+        refused: list[str] = []
         pool = self._require_pool()
         async with pool.acquire() as connection, connection.transaction():
-            if fenced_ids:
-                rows = await connection.fetch(_SAVE, self.worker_id, fenced_ids, fenced_epochs,
-                                              fenced_states, fenced_status, fenced_revisions,
-                                              checkpoint_ids, checkpoint_stages)
-                applied = {row["workflow_id"] for row in rows}
-                for workflow_id in fenced_ids:
-                    if workflow_id not in applied:
-                        failures[workflow_id] = self._fenced(
-                            workflow_id, "no longer owns it (claimed again by another worker)")
-            if register:
-                rows = await connection.fetch(
-                    _REGISTER, [r[0] for r in register], [r[1] for r in register],
-                    [r[2] for r in register], [r[3] for r in register],
-                    [r[4] for r in register], [None] * len(register))
-                applied = {row["workflow_id"] for row in rows}
-                for workflow_id, *_ in register:
-                    if workflow_id not in applied:
-                        failures[workflow_id] = FencedError(
-                            workflow_id, self.worker_id, 0,
-                            "holds no claim on it, and it was claimed before")
-            if batch.releases:
-                queues = await connection.fetch(
-                    _RELEASE, self.worker_id, list(batch.releases),
-                    list(batch.releases.values()), list(CLAIMABLE))
-                for row in queues:
-                    await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL,
-                                             row["queue"])
+            if await connection.fetchval(_MARK, self.worker_id, batch.id) is None:
+                # This batch committed before its connection broke: its outcome then.
+                refused = list(await connection.fetchval(
+                    "SELECT refused FROM workflow_commits WHERE worker_id = $1",
+                    self.worker_id))
+            else:
+                if fenced_ids:
+                    rows = await connection.fetch(
+                        _SAVE, self.worker_id, fenced_ids, fenced_epochs, fenced_states,
+                        fenced_status, fenced_revisions, checkpoint_ids, checkpoint_stages,
+                        SCHEMA_VERSION)
+                    applied = {row["workflow_id"] for row in rows}
+                    refused += [w for w in fenced_ids if w not in applied]
+                if register:
+                    rows = await connection.fetch(
+                        _REGISTER, [r[0] for r in register], [r[1] for r in register],
+                        [r[2] for r in register], [r[3] for r in register],
+                        [r[4] for r in register], [None] * len(register), SCHEMA_VERSION)
+                    applied = {row["workflow_id"] for row in rows}
+                    refused += [r[0] for r in register if r[0] not in applied]
+                if refused:
+                    await connection.execute(
+                        "UPDATE workflow_commits SET refused = $2 WHERE worker_id = $1",
+                        self.worker_id, refused)
+                if batch.releases:
+                    queues = await connection.fetch(
+                        _RELEASE, self.worker_id, list(batch.releases),
+                        list(batch.releases.values()), list(CLAIMABLE))
+                    for row in queues:
+                        await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL,
+                                                 row["queue"])
+        registered = {r[0] for r in register}
+        for workflow_id in refused:
+            if workflow_id in registered:
+                failures[workflow_id] = FencedError(
+                    workflow_id, self.worker_id, 0,
+                    "holds no claim on it, and it was claimed before")
+            else:
+                failures[workflow_id] = self._fenced(
+                    workflow_id, "no longer owns it (claimed again by another worker)")
         for workflow_id, failure in failures.items():
             if isinstance(failure, FencedError) and workflow_id in self._epochs:
                 self._lose(workflow_id)
@@ -536,7 +628,8 @@ class PostgresStore:
         async with pool.acquire() as connection, connection.transaction():
             applied = await connection.fetch(
                 _REGISTER, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                [r[3] for r in rows], [r[4] for r in rows], [queue] * len(rows))
+                [r[3] for r in rows], [r[4] for r in rows], [queue] * len(rows),
+                SCHEMA_VERSION)
             await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL, queue)
         if len(applied) != len(rows):
             done = {r["workflow_id"] for r in applied}
@@ -554,20 +647,29 @@ class PostgresStore:
             workflow_id, epoch = row["workflow_id"], row["epoch"]
             self._lost.discard(workflow_id)
             self._epochs[workflow_id] = epoch
-            claimed.append((_PostgresClaim(workflow_id, epoch, self),
-                            LoadedState(orjson.loads(row["state"]), self._source(workflow_id))))
+            source = self._source(workflow_id)
+            claimed.append((_PostgresClaim(workflow_id, epoch, self), LoadedState(
+                _decode(row["state"], row["schema_version"], workflow_id, source), source)))
         return claimed
 
     async def wait_for_work(self, poll: float | None = None) -> bool:
         """Wait for a NOTIFY of new work (True) or a jittered poll interval (False)."""
         await self._listen()
         limit = self.poll_interval if poll is None else poll
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            self._work.set()
+
+        timer = self.clock.call_later(limit * random.uniform(0.8, 1.0), expire)
         try:
-            await asyncio.wait_for(self._work.wait(), limit * random.uniform(0.8, 1.0))
-        except TimeoutError:
-            return False
+            await self._work.wait()
+        finally:
+            timer.cancel()
         self._work.clear()
-        return True
+        return not timed_out
 
     async def _listen(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
@@ -578,9 +680,10 @@ class PostgresStore:
             await connection.add_listener(WORK_CHANNEL, self._notified)
         except Exception as error:
             if _connection_lost(error):
-                logger.warning("%s", await self._connect_error(error))
+                self._mark_down(error)
                 return  # the poll still finds work; the next wait tries again
             raise
+        self._mark_up()
         connection.add_termination_listener(self._listener_lost)
         self._listener = connection
         self._work.set()  # something may have been queued while nobody listened
@@ -595,18 +698,27 @@ class PostgresStore:
     @property
     def lease_valid(self) -> bool:
         """False when the lease was not renewed for half of it: start nothing new."""
-        return time.monotonic() - self._renewed_at < self.lease_seconds / 2
+        return self.clock.monotonic() - self._renewed_at < self.lease_seconds / 2
 
     async def _heartbeat_loop(self) -> None:
+        # Every third of the lease; after a failure sooner, with backoff, so the lease is
+        # renewed (and stages start again) as soon as the server is back.
+        interval = self.lease_seconds / 3
+        delay, backoff = interval, _RETRY_FIRST
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
+            await self.clock.sleep(delay)
             try:
                 await self.renew()
                 await self.reap()
             except Exception as error:
                 if not _connection_lost(error):
                     raise
-                logger.warning("%s", await self._connect_error(error))
+                self._mark_down(error)
+                delay = min(backoff, interval) * random.uniform(0.5, 1.0)
+                backoff = min(backoff * 2, _RETRY_MAX)
+                continue
+            self._mark_up()
+            delay, backoff = interval, _RETRY_FIRST
 
     async def renew(self) -> None:
         """Extend this worker's lease; if it was found dead meanwhile, every claim is lost."""
@@ -617,7 +729,7 @@ class PostgresStore:
                 self._lose(workflow_id)
             await pool.execute(_REGISTER_WORKER, self.worker_id, socket.gethostname(),
                                os.getpid(), self.lease_seconds)
-        self._renewed_at = time.monotonic()
+        self._renewed_at = self.clock.monotonic()
 
     async def reap(self) -> list[str]:
         """Re-queue the workflows of workers whose lease ran out; their IDs."""
@@ -638,33 +750,46 @@ class PostgresStore:
     async def load(self, workflow_id: str) -> LoadedState:
         validate_workflow_id(workflow_id)
         await self._flush()
-        state = await self._require_pool().fetchval(
-            "SELECT state FROM workflows WHERE workflow_id = $1", workflow_id)
-        if state is None:
+        row = await self._require_pool().fetchrow(
+            "SELECT state, schema_version FROM workflows WHERE workflow_id = $1", workflow_id)
+        if row is None or row["state"] is None:
             raise WorkflowNotFoundError(f"no workflow {workflow_id} in {self.url.masked}")
-        return LoadedState(orjson.loads(state), self._source(workflow_id))
+        source = self._source(workflow_id)
+        return LoadedState(_decode(row["state"], row["schema_version"], workflow_id, source),
+                           source)
 
     async def list_states(self, statuses: Iterable[str] | None = None) -> list[LoadedState]:
         await self._flush()
         pool = self._require_pool()
         if statuses is None:
-            rows = await pool.fetch("SELECT workflow_id, state FROM workflows "
+            rows = await pool.fetch("SELECT workflow_id, state, schema_version FROM workflows "
                                     "WHERE state IS NOT NULL ORDER BY created_at")
         else:
-            rows = await pool.fetch("SELECT workflow_id, state FROM workflows WHERE state IS NOT "
-                                    "NULL AND status = ANY($1::text[]) ORDER BY created_at",
-                                    list(statuses))
-        return [LoadedState(orjson.loads(r["state"]), self._source(r["workflow_id"]))
-                for r in rows]
+            rows = await pool.fetch("SELECT workflow_id, state, schema_version FROM workflows "
+                                    "WHERE state IS NOT NULL AND status = ANY($1::text[]) "
+                                    "ORDER BY created_at", list(statuses))
+        loaded = []
+        for row in rows:
+            workflow_id, source = row["workflow_id"], self._source(row["workflow_id"])
+            try:
+                state = _decode(row["state"], row["schema_version"], workflow_id, source)
+            except StateCorruptedError as error:  # listed as the file store lists such files
+                loaded.append(LoadedState({"workflow_id": workflow_id, "status": "corrupted",
+                                           "error": str(error)}, source, (str(error),)))
+                continue
+            loaded.append(LoadedState(state, source))
+        return loaded
 
     async def checkpoint(self, workflow_id: str, stage: str) -> LoadedState:
         """The state saved as ``stage``'s checkpoint."""
-        state = await self._require_pool().fetchval(
-            "SELECT state FROM workflow_checkpoints WHERE workflow_id = $1 AND stage = $2",
-            workflow_id, stage)
-        if state is None:
+        row = await self._require_pool().fetchrow(
+            "SELECT state, schema_version FROM workflow_checkpoints "
+            "WHERE workflow_id = $1 AND stage = $2", workflow_id, stage)
+        if row is None:
             raise WorkflowNotFoundError(f"no checkpoint of {stage!r} for {workflow_id}")
-        return LoadedState(orjson.loads(state), f"{self._source(workflow_id)}/{stage}")
+        source = f"{self._source(workflow_id)}/{stage}"
+        return LoadedState(_decode(row["state"], row["schema_version"], workflow_id, source),
+                           source)
 
     def describe(self, workflow_id: str) -> dict[str, str]:
         return {"database": self.url.masked, "workflow": f"workflows/{workflow_id}",
