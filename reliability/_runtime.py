@@ -225,7 +225,6 @@ class Runtime:
             self._tuned = True
         self._sampler = HealthSampler(self.project_root, self.clock)
         self._monitor.start()
-        await self.waker.start()  # after the store opened: due waits wake now
         if self._handle_signals:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -284,6 +283,7 @@ class Runtime:
         definition, inputs, prompt_file = self._target(target, context)
         if self.shutting_down:
             raise WorkflowError("the runtime is shutting down; no new workflows start")
+        await self.waker.start()  # a runtime that runs workflows wakes parked ones
         run = self._new_run(definition, inputs, prompt_file)
         return await self._execute(definition, run, PENDING)
 
@@ -315,6 +315,7 @@ class Runtime:
 
     async def resume(self, workflow_id: str) -> WorkflowResult:
         """Continue a stored workflow from the stage after its last completed one."""
+        await self.waker.start()  # a runtime that runs workflows wakes parked ones
         validate_workflow_id(workflow_id)
         registered = self._registered.pop(workflow_id, None)
         if registered is not None:
@@ -371,6 +372,7 @@ class Runtime:
         The states listed are the ones resumed (no second read), and all claims are taken
         in one batch: finding and starting 10,000 workflows costs two thread hops.
         """
+        await self.waker.start()  # a runtime that runs workflows wakes parked ones
         listed = await self.store.list_states({"pending", "running", "interrupted"})
         failed: list[WorkflowResult] = []
         ready: dict[str, tuple[DefinitionLike, WorkflowRun, str]] = {}
@@ -558,7 +560,7 @@ class Runtime:
         again first (workflows another process parked). Returns how many were started;
         ``settle_woken()`` waits for them. A runtime's timer does this by itself for the
         deadlines it knows; a worker calls it now and then."""
-        woken = 0
+        woken = await self.waker.start()
         if rescan and self.waker._store is not None:
             woken += await self.waker.rescan()
         if self.waker._store is not None:

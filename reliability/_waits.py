@@ -171,21 +171,27 @@ class Waker:
         self._notices: asyncio.Task[None] | None = None
         self.poll_seconds = 1.0
         self.closed = False
+        self.started = False
 
     @property
     def parked_count(self) -> int:
         return len(self._parked)
 
-    async def start(self) -> None:
-        """Re-arm every parked workflow of the store (due ones wake now)."""
+    async def start(self) -> int:
+        """Once per runtime, when it first runs a workflow (listing or signalling from a
+        runtime wakes nothing): re-arm every parked workflow of the store; the due ones
+        wake now. Returns how many were woken."""
         store = self._runtime.store
-        if not self._runtime.persistence or not callable(getattr(store, "park", None)):
-            return
+        if self.started or not self._runtime.persistence or not callable(
+                getattr(store, "park", None)):
+            return 0
+        self.started = True
         self._store = signal_store(store)
-        await self.rescan()
+        woken = await self.rescan()
         if type(store).__name__ != "MemoryStore":  # other processes may send signals
             self._notices = asyncio.get_running_loop().create_task(
                 self._watch_notices(), name="signal-notices")
+        return woken
 
     async def rescan(self) -> int:
         """Read the store's parked index again: wake the due, arm the rest."""
@@ -257,7 +263,7 @@ class Waker:
 
     def wake(self, workflow_id: str) -> int:
         """Try to run a parked workflow now (it runs only if its wait is over)."""
-        if self.closed or workflow_id in self._waking or self._runtime.live(workflow_id):
+        if not self.started or self.closed or workflow_id in self._waking or self._runtime.live(workflow_id):
             return 0
         self._waking.add(workflow_id)
         self._spawn(self._wake(workflow_id))
