@@ -12,12 +12,12 @@ from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._breaker import Breaker
-    from ._waits import StageWaits
     from ._clock import Clock
     from ._config import WorkflowConfiguration
     from ._engine import Engine, LiveWorkflow
     from ._runtime import Runtime
     from ._state import WorkflowRun
+    from ._waits import StageWaits
 
 __all__ = ["DefinitionLike", "RecoveryAction", "StageContext", "StageHandler", "StageSpecLike"]
 

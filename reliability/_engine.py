@@ -205,7 +205,7 @@ class Engine:
 
     def _park(self, run: WorkflowRun, parked: WaitParked) -> None:
         """Record what a parked workflow waits for (durable with its final save)."""
-        workflow_id, deadline, name, index = parked.entry
+        _, deadline, name, index = parked.entry
         run.wait = {"stage": run.current_stage, "signal": name or None, "deadline": deadline,
                     "index": index}
         if self._log_info:

@@ -49,7 +49,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _RESULTS_KEPT = 10_000  # results of woken workflows kept until ``settle`` takes them
 
 
-class WaitParked(BaseException):  # noqa: N818 - a control-flow signal, not an error
+class WaitParked(BaseException):
     """Raised through a handler when its workflow parks; the engine ends it ``waiting``.
 
     A ``BaseException``, like ``CancelledError``: a handler's ``except Exception`` must not
@@ -224,8 +224,9 @@ class Waker:
             self._timer.cancel()
             self._timer = None
         self._timer_at = float("inf")
-        while self._heap and self._parked.get(self._heap[0][1], (None,))[0] != self._heap[0][0]:
-            heapq.heappop(self._heap)  # stale: woken, or parked again with another deadline
+        heap = self._heap
+        while heap and self._parked.get(heap[0][1], (None,))[0] != heap[0][0]:
+            heapq.heappop(heap)  # stale: woken, or parked again with another deadline
         if self._heap and not self.closed:
             self._timer_at = self._heap[0][0]
             self._timer = self._clock.call_later(self._timer_at - self._clock.time(),
@@ -263,7 +264,8 @@ class Waker:
 
     def wake(self, workflow_id: str) -> int:
         """Try to run a parked workflow now (it runs only if its wait is over)."""
-        if not self.started or self.closed or workflow_id in self._waking or self._runtime.live(workflow_id):
+        if (not self.started or self.closed or workflow_id in self._waking
+                or self._runtime.live(workflow_id)):
             return 0
         self._waking.add(workflow_id)
         self._spawn(self._wake(workflow_id))

@@ -186,7 +186,7 @@ async def test_parked_workflows_survive_sigkill_and_wake_on_signal_or_deadline(
         tmp_path: Path) -> None:
     """SIGKILL while 100 are parked; a new runtime (resume --all) wakes half on their
     signal and half on their deadline, each once."""
-    child = subprocess.Popen(
+    child = subprocess.Popen(  # noqa: ASYNC220 - the child is the process to kill
         [sys.executable, "-c", "import wait_workflows; wait_workflows.main()", "park",
          str(tmp_path), "100", "3600"], env=_env(), stdout=subprocess.PIPE, text=True)
     try:

@@ -90,11 +90,11 @@ SLEEP_FLOW = WorkflowDefinition("sleep", [
 ])
 
 
-async def _park(root: Path, count: int, timeout: float) -> None:
+async def _park(root: Path, count: int, wait_seconds: float) -> None:
     (root / "effects").mkdir(parents=True, exist_ok=True)
     store = FileStore(root / ".github/workflow-states", root / ".github/workflow-checkpoints")
     async with Runtime(quiet_config(), root, store=store) as runtime:
-        context = {"timeout": timeout, "effects": str(root / "effects")}
+        context = {"timeout": wait_seconds, "effects": str(root / "effects")}
         results = await asyncio.gather(*(runtime.run(WAIT_FLOW, context=context)
                                          for _ in range(count)))
         lines = ["parked", *(r.workflow_id for r in results if r.status == "waiting")]

@@ -26,10 +26,10 @@ from typing import Any
 from .._errors import WorkflowLockedError
 from .._ids import validate_workflow_id
 from .._logging import logger
+from . import _waits
 from ._claims import ClaimLocks, claim_locks
 from ._layout import JOURNAL_DIRECTORY, checkpoint_name, storage_error
 from ._platform import portable_requested, require_file_locks
-from . import _waits
 from ._protocol import Claim, LoadedState, ParkedEntry, Snapshot, canonical, encode_document
 from ._reads import list_stored, load_stored, state_file
 from ._replay import replay_orphan_journals

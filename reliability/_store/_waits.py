@@ -16,6 +16,7 @@ functions: ``FileStore`` runs them in a thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable
@@ -101,10 +102,8 @@ def write_parked(root: Path, entry: ParkedEntry) -> None:
 
 
 def remove_parked(root: Path, entry: ParkedEntry) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):  # woken before: nothing to drop
         os.unlink(root / SIGNALS_DIRECTORY / _PARKED / _parked_name(entry))
-    except FileNotFoundError:
-        pass
 
 
 def list_parked(root: Path) -> list[ParkedEntry]:
