@@ -196,6 +196,8 @@ async def test_parked_workflows_survive_sigkill_and_wake_on_signal_or_deadline(
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
+        if child.stdout is not None:
+            child.stdout.close()
     clock = FakeClock(wall_start=time.time())
     async with Runtime(quiet_config(), tmp_path, store=_file_store(tmp_path),
                        clock=clock) as rt:
