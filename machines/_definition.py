@@ -69,7 +69,7 @@ class StageSpec:
                 object.__setattr__(self, label, _action_names(name, label, actions))
         if not name or not all(c.isalnum() or c in "_-" for c in name):
             raise ValueError(f"stage name {name!r} must be letters, digits, '_' or '-'")
-        if name == PENDING or name in _OUTCOME_NAMES:
+        if name == PENDING or name in _OUTCOME_NAMES or name in _ENDINGS:
             raise ValueError(f"stage name {name!r} is reserved for workflow outcomes")
         for label in ("timeout_seconds", "warning_threshold_seconds", "baseline_seconds",
                       "heartbeat_timeout_seconds"):

@@ -193,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--output", metavar="FILE",
                         help="default: diagnostic-bundle-ID.json in the project root")
 
+    signal_command = add(
+        "signal", "send a signal to a workflow (kept until a stage waits for it; a "
+                  "workflow waiting for it is woken by any open runtime)",
+        _examples("signal workflow-20240115-142315-a7b3 review",
+                  "signal workflow-20240115-142315-a7b3 review --data '{\"state\": "
+                  "\"approved\"}'"), [common])
+    signal_command.add_argument("workflow_id", metavar="ID")
+    signal_command.add_argument("name", metavar="NAME", help="the signal's name")
+    signal_command.add_argument("--data", metavar="JSON", help="its payload, as JSON")
+
     # Listed for --help only: main() hands "bench ..." to the benchmark harness as is.
     bench = add("bench", "measure the runtime against its performance targets (the same "
                          "as python -m benchmarks; 'bench --help' for its options)",
@@ -524,6 +534,9 @@ async def _cmd_resume(args: argparse.Namespace, config: WorkflowConfiguration,
                         handle_signals=True) as runtime:
         if args.all:
             results = await runtime.resume_all()
+            # Parked workflows whose deadline passed (or whose signal came) while no
+            # process ran were woken when the runtime opened: run them to their end too.
+            results += await runtime.settle_woken()
         else:
             results = [await runtime.resume(args.workflow_id)]
         _interrupted_note(runtime, args)
@@ -730,6 +743,27 @@ async def _cmd_cancel(args: argparse.Namespace, config: WorkflowConfiguration,
                            "nothing to cancel")
 
 
+async def _cmd_signal(args: argparse.Namespace, config: WorkflowConfiguration,
+                      root: Path) -> int:
+    try:
+        payload = None if args.data is None else json.loads(args.data)
+    except json.JSONDecodeError as error:
+        print(f"{PROG} signal: error: --data is not JSON: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        async with _runtime(config, root, console_level="WARNING") as runtime:
+            await runtime.signal(args.workflow_id, args.name, payload)
+    except WorkflowError as error:  # unknown, finished or invalid ID, a bad name: one line
+        print(f"{PROG} signal: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    message = f"signal {args.name!r} sent to workflow {args.workflow_id}"
+    if args.json:
+        _print_json({"workflow_id": args.workflow_id, "signal": args.name, "sent": True})
+    else:
+        print(message)
+    return EXIT_OK
+
+
 def _cancel_outcome(args: argparse.Namespace, workflow_id: str, cancelled: bool, status: str,
                     message: str) -> int:
     if args.json:
@@ -758,5 +792,5 @@ async def _cmd_bundle(args: argparse.Namespace, config: WorkflowConfiguration,
 _COMMANDS: dict[str, Command] = {
     "run": _cmd_run, "batch": _cmd_batch, "resume": _cmd_resume,
     "diagnostics": _cmd_diagnostics, "list": _cmd_list, "cancel": _cmd_cancel,
-    "bundle": _cmd_bundle,
+    "bundle": _cmd_bundle, "signal": _cmd_signal,
 }

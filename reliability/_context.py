@@ -8,6 +8,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
+from ._errors import ConfigurationError
+
 if TYPE_CHECKING:
     from ._breaker import Breaker
     from ._clock import Clock
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
     from ._engine import Engine, LiveWorkflow
     from ._runtime import Runtime
     from ._state import WorkflowRun
+    from ._waits import StageWaits
 
 __all__ = ["DefinitionLike", "RecoveryAction", "StageContext", "StageHandler", "StageSpecLike"]
 
@@ -83,7 +86,7 @@ class StageContext:
     earlier stages. Return a mapping from the handler to add outputs.
     """
 
-    __slots__ = ("_engine", "_live", "_run", "attempt", "context", "logger", "stage")
+    __slots__ = ("_engine", "_live", "_run", "_waits", "attempt", "context", "logger", "stage")
 
     def __init__(self, engine: Engine, live: LiveWorkflow, stage: str, attempt: int,
                  logger: logging.LoggerAdapter[logging.Logger]) -> None:
@@ -94,6 +97,7 @@ class StageContext:
         self.attempt = attempt
         self.context: Mapping[str, Any] = MappingProxyType(run.context)
         self.logger = logger
+        self._waits: StageWaits | None = None  # made by the first durable wait
 
     @property
     def workflow_id(self) -> str:
@@ -164,3 +168,41 @@ class StageContext:
         self._run.outputs.update(outputs)
         self._run.context.update(outputs)
         await self._engine.checkpoint(self._run)
+
+    # --- durable waits (``_waits.py``)
+
+    async def wait_for_signal(self, name: str, *, timeout_seconds: float) -> Any:
+        """The payload of the next signal ``name`` sent to this workflow.
+
+        Stored already: returned at once. Otherwise the workflow parks (status
+        ``waiting``; no slot, task or memory held) and this stage runs again from its
+        start when the signal comes, or when ``timeout_seconds`` have passed: then this
+        call raises ``SignalTimeout``. The code before the wait therefore runs twice:
+        keep it idempotent, as every stage must be. The deadline is set by the first run
+        of the stage and kept across its runs.
+        """
+        from ._waits import check_signal_name
+        check_signal_name(name)
+        _, payload = await self._durable_wait(name, float(timeout_seconds))
+        return payload
+
+    async def sleep_durably(self, seconds: float | None = None, *,
+                            until: float | None = None) -> None:
+        """Wait ``seconds`` (or until the epoch time ``until``) without holding anything:
+        the workflow parks, and this stage runs again from its start when the time has
+        come (so its code before the sleep runs twice; keep it idempotent)."""
+        if (seconds is None) == (until is None):
+            raise ValueError("sleep_durably takes seconds or until=, one of them")
+        delay = float(seconds) if seconds is not None else float(until or 0.0) - (
+            self._engine.host.clock.time())
+        await self._durable_wait("", delay)
+
+    async def _durable_wait(self, name: str, delay: float) -> tuple[bool, Any]:
+        from ._waits import StageWaits, durable_wait, signal_store
+        if not self._engine.host.persistence:
+            raise ConfigurationError("a durable wait needs enable_persistence")
+        store = signal_store(self._engine.host.store)
+        if self._waits is None:
+            self._waits = StageWaits()
+        now = self._engine.host.clock.time()
+        return await durable_wait(store, now, self._run, self._waits, name, now + delay)

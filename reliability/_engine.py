@@ -32,7 +32,8 @@ from ._errors import ErrorCategory, StageTimeoutError, classify
 from ._logging import logger, redact_secrets, workflow_id_var
 from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, backoff_delays, next_delay
-from ._state import COMPLETED, PENDING, WorkflowRun
+from ._state import COMPLETED, PENDING, WAITING, WorkflowRun
+from ._waits import WaitParked
 
 if TYPE_CHECKING:
     from ._host import EngineHost
@@ -162,6 +163,7 @@ class Engine:
         specs = self._specs
         definition.attach(run, at)  # raises for a state a run cannot be resumed at
         token = workflow_id_var.set(run.workflow_id)
+        run.wait = None  # woken, or resumed: it waits no more until a stage parks it again
         try:
             run.status = "running"
             self._log("info", "Starting workflow %s (%d stages)%s", definition.name,
@@ -184,7 +186,11 @@ class Engine:
             run.current_stage = COMPLETED
         except Interrupted as stop:
             await self._end(run, "interrupted", f"interrupted ({stop.reason}); resumable")
+        except WaitParked as parked:
+            self._park(run, parked)
+            await self._end(run, WAITING, None)
         except _StageFailed as failure:
+            run.stage_waits.clear()  # a resume of the failed stage waits afresh
             run.error = redact_secrets(f"{type(failure.error).__name__}: {failure.error}")
             run.error_category = classify(failure.error).value
             await self._end(run, failure.status, None)
@@ -196,6 +202,15 @@ class Engine:
             await self._final_save(live)
             definition.detach(run)
             workflow_id_var.reset(token)
+
+    def _park(self, run: WorkflowRun, parked: WaitParked) -> None:
+        """Record what a parked workflow waits for (durable with its final save)."""
+        _, deadline, name, index = parked.entry
+        run.wait = {"stage": run.current_stage, "signal": name or None, "deadline": deadline,
+                    "index": index}
+        if self._log_info:
+            logger.info("Stage %s waits for %s until %.0f; parked", run.current_stage,
+                        f"signal {name!r}" if name else "its time", deadline)
 
     async def _end(self, run: WorkflowRun, outcome: str, note: str | None) -> None:
         """Move the machine to ``outcome``; the status is then the state it reached."""
@@ -338,7 +353,19 @@ class Engine:
         if result is not None and not isinstance(result, Mapping):
             raise TypeError(f"stage {spec.name!r} handler returned {type(result).__name__}; "
                             "return a mapping of outputs or None")
+        self._end_waits(live.run, ctx)
         return result
+
+    @staticmethod
+    def _end_waits(run: WorkflowRun, ctx: StageContext) -> None:
+        """A stage that waited completed: the signals it took are consumed, and its
+        deadlines end with it."""
+        waits = ctx._waits
+        if waits is not None:
+            for name, count in waits.taken.items():
+                run.signals_consumed[name] = run.signals_consumed.get(name, 0) + count
+        if run.stage_waits:
+            run.stage_waits.clear()
 
     def _take_cancel(self, live: LiveWorkflow) -> str | None:
         """Our own pending cancellation of this task, consumed; None if there is none."""

@@ -27,6 +27,8 @@ __all__ = [
     "RateLimitedError",
     "ResourceError",
     "SchemaVersionError",
+    "SignalRefusedError",
+    "SignalTimeout",
     "StageTimeoutError",
     "StateCorruptedError",
     "TransientError",
@@ -162,6 +164,28 @@ class FencedError(WorkflowError):
 class DatabaseUnavailableError(TransientError):
     """Raised when the database cannot be reached or refuses a connection; the message
     names the server with the password masked."""
+
+
+class SignalTimeout(WorkflowError, TimeoutError):
+    """Raised by ``ctx.wait_for_signal`` when the deadline passed before the signal came.
+
+    Critical, so not retried: the wait's deadline is kept with the stage, and a retry
+    would only meet it again. Catch it in the handler to go on without the signal.
+    """
+
+    category = ErrorCategory.CRITICAL
+
+    def __init__(self, workflow_id: str, name: str, deadline: float) -> None:
+        super().__init__(f"workflow {workflow_id}: no signal {name!r} came before the "
+                         f"deadline (epoch {deadline:.0f})")
+        self.workflow_id = workflow_id
+        self.name = name
+        self.deadline = deadline
+
+
+class SignalRefusedError(ConfigurationError):
+    """Raised when a signal cannot be sent: a finished workflow, a bad name, or a payload
+    that is not JSON. Nothing was stored."""
 
 
 class SchemaVersionError(ConfigurationError):

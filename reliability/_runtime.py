@@ -27,6 +27,7 @@ from ._engine import Engine, LiveWorkflow
 from ._errors import (
     ConfigurationError,
     CriticalError,
+    SignalRefusedError,
     WorkflowError,
     WorkflowLockedError,
 )
@@ -47,10 +48,11 @@ from ._logging import configure_logging, hand_over_held_records, logger, registe
 from ._monitor import RuntimeMonitor
 from ._plugins import ResolvedTarget, TargetResolver, default_target_resolver
 from ._retry import RetryPolicy, retry_call
-from ._state import COMPLETED, PENDING, RESUMABLE, STATUSES, WorkflowRun
+from ._state import COMPLETED, PENDING, RESUMABLE, STATUSES, TERMINAL, WAITING, WorkflowRun
 from ._store import Claim, FileStore, LoadedState, Store
 from ._tuning import hold_tuning, release_tuning
 from ._turns import Turns
+from ._waits import Waker, check_signal_name, encode_payload, signal_store
 
 __all__ = ["Runtime", "WorkflowResult", "resolve_definition", "resume_workflow", "run_workflow",
            "workflow_row"]
@@ -108,6 +110,9 @@ def result_for(run: WorkflowRun) -> WorkflowResult:
     advice: tuple[str, ...] = ()
     if run.status == "interrupted":
         advice = (f"Resume with 'workflow-manager resume {run.workflow_id}'.",)
+    elif run.status == WAITING and run.wait is not None:
+        advice = (f"Waiting for {_waits_for(run.wait)}; an open runtime (a worker, "
+                  f"'workflow-manager resume --all') wakes it.",)
     elif run.status == "timed_out":
         advice = ("A stage ran past its timeout; raise timeout_multiplier or the stage's "
                   f"timeout, then resume {run.workflow_id}.",)
@@ -118,6 +123,11 @@ def result_for(run: WorkflowRun) -> WorkflowResult:
         current_stage=run.current_stage, outputs=dict(run.outputs), error=run.error,
         error_category=run.error_category, recovery_recommendations=advice,
         resumed_from=run.resumed_from, reliability_metrics=report_for(run))
+
+
+def _waits_for(wait: Mapping[str, Any]) -> str:
+    what = f"signal {wait['signal']!r}" if wait.get("signal") else "its time"
+    return f"{what} until epoch {float(wait.get('deadline') or 0):.0f} (stage {wait.get('stage')})"
 
 
 def _could_not_resume(workflow_id: str, error: WorkflowError) -> WorkflowResult:
@@ -189,6 +199,7 @@ class Runtime:
         self.turns = Turns()  # at most so many stage starts per loop iteration
         self._tuned = False
         self._registered: dict[str, tuple[DefinitionLike, WorkflowRun]] = {}
+        self.waker = Waker(self)  # parked workflows: deadlines, signals, wakes
 
     def _path(self, value: str) -> Path:
         path = Path(value)
@@ -226,6 +237,7 @@ class Runtime:
             hand_over_held_records()  # the last few ms of records, before the loop may end
 
     async def _close(self) -> None:
+        await self.waker.close()
         await self._monitor.stop()
         for task in list(self._tasks):
             task.cancel()
@@ -271,6 +283,7 @@ class Runtime:
         definition, inputs, prompt_file = self._target(target, context)
         if self.shutting_down:
             raise WorkflowError("the runtime is shutting down; no new workflows start")
+        await self.waker.start()  # a runtime that runs workflows wakes parked ones
         run = self._new_run(definition, inputs, prompt_file)
         return await self._execute(definition, run, PENDING)
 
@@ -302,6 +315,7 @@ class Runtime:
 
     async def resume(self, workflow_id: str) -> WorkflowResult:
         """Continue a stored workflow from the stage after its last completed one."""
+        await self.waker.start()  # a runtime that runs workflows wakes parked ones
         validate_workflow_id(workflow_id)
         registered = self._registered.pop(workflow_id, None)
         if registered is not None:
@@ -358,6 +372,7 @@ class Runtime:
         The states listed are the ones resumed (no second read), and all claims are taken
         in one batch: finding and starting 10,000 workflows costs two thread hops.
         """
+        await self.waker.start()  # a runtime that runs workflows wakes parked ones
         listed = await self.store.list_states({"pending", "running", "interrupted"})
         failed: list[WorkflowResult] = []
         ready: dict[str, tuple[DefinitionLike, WorkflowRun, str]] = {}
@@ -418,7 +433,10 @@ class Runtime:
             del self._live[run.workflow_id]
             if claim is not None:
                 claim.release()
-            self._remember(run)
+            if run.status == WAITING:  # parked: nothing of it stays here but its deadline
+                self.waker.parked(run)
+            else:
+                self._remember(run)
             self.emit("finished", run)
         # A durable batch wakes many final saves together; the report is the costly part
         # of a workflow's ending, so it takes a turn like a stage.
@@ -515,6 +533,45 @@ class Runtime:
         finally:
             claim.release()
         return True
+
+    # ------------------------------------------------------------------ durable waits
+
+    async def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
+        """Send signal ``name`` (with a JSON ``payload``) to a workflow that has not
+        finished; it is kept until a stage waits for it (``ctx.wait_for_signal``), and a
+        workflow parked on it here is woken. Raises InvalidWorkflowIdError,
+        WorkflowNotFoundError, or SignalRefusedError (a finished workflow, a bad name, a
+        payload that is not JSON); nothing is stored then."""
+        validate_workflow_id(workflow_id)
+        check_signal_name(name)
+        data = encode_payload(payload)
+        store = signal_store(self.store)
+        status = (await self.store.load(workflow_id)).state.get("status")
+        if status in TERMINAL:
+            raise SignalRefusedError(f"workflow {workflow_id} is {status}: it takes no more "
+                                     "signals")
+        await store.send_signal(workflow_id, name, data)
+        if status == WAITING:
+            self.waker.wake(workflow_id)
+
+    async def wake_due(self, *, rescan: bool = False) -> int:
+        """Wake the parked workflows whose deadline passed or whose signal came (other
+        processes' signals included); with ``rescan``, read the store's parked index
+        again first (workflows another process parked). Returns how many were started;
+        ``settle_woken()`` waits for them. A runtime's timer does this by itself for the
+        deadlines it knows; a worker calls it now and then."""
+        woken = await self.waker.start()
+        if rescan and self.waker._store is not None:
+            woken += await self.waker.rescan()
+        if self.waker._store is not None:
+            for workflow_id, _ in await self.waker._store.signal_notices():
+                woken += self.waker.wake(workflow_id)
+        return woken + self.waker.wake_due_now()
+
+    async def settle_woken(self) -> list[WorkflowResult]:
+        """Wait until no woken workflow runs; the results of those woken since last
+        asked (a workflow that parks again is among them, ``waiting``)."""
+        return await self.waker.settle()
 
     # ------------------------------------------------------------------ shared services
 
@@ -665,6 +722,9 @@ def diagnostics_for(run: WorkflowRun, live: LiveWorkflow | None, clock: Clock,
         "outputs": dict(run.outputs),
         "error": run.error,
         "files": dict(files),
+        "waiting_for": ({"stage": run.wait.get("stage"), "signal": run.wait.get("signal"),
+                         "until": run.wait.get("deadline")}
+                        if run.status == WAITING and run.wait else None),
     }
 
 

@@ -13,20 +13,23 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["COMPLETED", "NON_TERMINAL", "OUTCOMES", "PENDING", "RESUMABLE", "STATUSES",
-           "TERMINAL", "WorkflowRun"]
+           "TERMINAL", "WAITING", "WorkflowRun"]
 
 # The machine's states around the stages: a new workflow starts at PENDING; it ends in one
 # of OUTCOMES, each reached by a transition (docs/architecture.md, invariant 10). A status
 # is "running" while the machine is at a stage, else the machine's state.
 PENDING = "pending"
 COMPLETED = "completed"
-OUTCOMES = (COMPLETED, "failed", "timed_out", "cancelled", "interrupted")
+# WAITING: parked by a durable wait (``ctx.wait_for_signal``, ``ctx.sleep_durably``) inside
+# a stage that has not completed; woken, it runs that stage again from its start.
+WAITING = "waiting"
+OUTCOMES = (COMPLETED, "failed", "timed_out", "cancelled", "interrupted", WAITING)
 STATUSES = ("pending", "running", "completed", "failed", "timed_out", "cancelled",
-            "interrupted")
+            "interrupted", WAITING)
 TERMINAL = frozenset({"completed", "failed", "timed_out", "cancelled"})
-NON_TERMINAL = frozenset({"pending", "running", "interrupted"})
+NON_TERMINAL = frozenset({"pending", "running", "interrupted", WAITING})
 # Failed and timed-out workflows keep their state, so a person may resume them by ID.
-RESUMABLE = frozenset({"pending", "running", "interrupted", "failed", "timed_out"})
+RESUMABLE = frozenset({"pending", "running", "interrupted", "failed", "timed_out", WAITING})
 
 _MAX_HEALTH_CHECKS = 10  # bounded: memory per workflow must not grow with its duration
 _MAX_ERRORS = 20
@@ -44,8 +47,9 @@ class WorkflowRun:
         "__weakref__", "attempt", "completed_stages", "context", "created_at", "current_stage",
         "definition_name", "definition_path", "error", "error_category", "error_count",
         "errors", "health_checks", "outputs", "prompt_file", "recovery_attempts",
-        "recovery_successes", "resumed_from", "retry_count", "revision", "stage_history",
-        "stage_start_time", "state", "status", "updated_at", "workflow_id",
+        "recovery_successes", "resumed_from", "retry_count", "revision", "signals_consumed",
+        "stage_history", "stage_start_time", "stage_waits", "state", "status", "updated_at",
+        "wait", "workflow_id",
     )
 
     def __init__(self, workflow_id: str, *, definition_name: str,
@@ -78,6 +82,14 @@ class WorkflowRun:
         self.created_at = created_at
         self.updated_at = created_at
         self.revision = 0
+        # Durable waits (``_waits.py``). ``wait``: what a parked workflow waits for
+        # ({"stage", "signal", "deadline"}), None otherwise. ``stage_waits``: the deadline of
+        # each wait the current stage began, in call order, so the stage run again after a
+        # wake keeps its deadlines; cleared when the stage completes. ``signals_consumed``:
+        # per signal name, how many of its signals completed stages have taken.
+        self.wait: dict[str, Any] | None = None
+        self.stage_waits: list[float] = []
+        self.signals_consumed: dict[str, int] = {}
 
     def record_health_check(self, check: dict[str, Any]) -> None:
         self.health_checks.append(check)
@@ -122,6 +134,9 @@ class WorkflowRun:
             "resumed_from": self.resumed_from,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "wait": dict(self.wait) if self.wait is not None else None,
+            "stage_waits": list(self.stage_waits),
+            "signals_consumed": dict(self.signals_consumed),
         }
 
     @classmethod
@@ -150,4 +165,9 @@ class WorkflowRun:
         run.resumed_from = state.get("resumed_from")
         run.updated_at = float(state.get("updated_at") or run.created_at)
         run.revision = int(state.get("revision") or 0)
+        wait = state.get("wait")
+        run.wait = dict(wait) if isinstance(wait, Mapping) else None
+        run.stage_waits = [float(d) for d in state.get("stage_waits") or ()]
+        run.signals_consumed = {str(k): int(v) for k, v in
+                                (state.get("signals_consumed") or {}).items()}
         return run

@@ -42,6 +42,8 @@ class DevelopmentSettings:
     docs_command: str = ""
     reviewers: tuple[str, ...] = ()
     base_branch: str = "main"
+    # How long review_processing waits (parked, holding nothing) for signal "review".
+    review_wait_seconds: float = 3 * 24 * 3600.0
 
     def token(self, environ: Mapping[str, str] | None = None) -> str:
         """The given token, else ``GITHUB_TOKEN`` from the environment (or "")."""
@@ -74,6 +76,9 @@ def _check(name: str, value: object, source: str) -> None:
             not isinstance(value, str) or value.count("/") != 1 or value.startswith("/")
             or value.endswith("/")):
         raise setting_error(name, value, source, "owner/name")
+    if name == "review_wait_seconds" and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        raise setting_error(name, value, source, "a number of seconds >= 0")
     if name == "base_branch" and not value:
         raise setting_error(name, value, source, "a branch name")
 

@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from reliability import ConfigurationError, CriticalError, TransientError
+from reliability import ConfigurationError, CriticalError, SignalTimeout, TransientError
 from reliability._context import StageContext
 from reliability._logging import register_secret
+from reliability._waits import SignalSource, register_signal_source
 
 from .._stages import DEFAULT_TIMEOUTS, WorkflowStage
 from . import _git
@@ -374,20 +375,66 @@ async def review_request(ctx: StageContext) -> Outputs:
 
 
 async def review_processing(ctx: StageContext) -> Outputs:
-    """Record the review state; with reviewers requested, poll until the warning time."""
+    """Record the review state. With reviewers requested and no verdict yet, wait (parked,
+    holding no slot) for signal ``review``, sent by the runtime's review poller or by
+    ``workflow-manager signal ID review [--data '{"state": "approved"}']``, for at most
+    ``review_wait_seconds``. Woken, the stage runs again from its start: reading the
+    state first is idempotent."""
     forge = await forge_for(ctx)
     number = int(ctx.context["pr_number"])
     state = await forge.review_state(number)
-    if ctx.context.get("reviewers_requested"):
-        waited = 0.0
-        # Bounded well inside the stage's timeout: a review may take days; we record it.
-        limit = 0.5 * _REVIEW_TIMING.warning_threshold_seconds * ctx.config.timeout_multiplier
-        while state == "pending" and waited < limit:
-            await ctx.sleep(15.0)
-            waited += 15.0
-            ctx.heartbeat()
-            state = await forge.review_state(number)
+    if ctx.context.get("reviewers_requested") and state == "pending":
+        try:
+            payload = await ctx.wait_for_signal(
+                "review", timeout_seconds=settings_of(ctx.config).review_wait_seconds)
+        except SignalTimeout:
+            ctx.logger.info("No review within %.0fs; recording it pending",
+                            settings_of(ctx.config).review_wait_seconds)
+            payload = None
+        given = payload.get("state") if isinstance(payload, dict) else None
+        state = str(given) if given else await forge.review_state(number)
     return {"review_state": state}
+
+
+async def poll_reviews(runtime: Any, workflow_ids: list[str]) -> None:
+    """The review poller: signal ``review`` to each parked workflow whose pull request has
+    a verdict (run by every runtime while workflows wait for it)."""
+    forge: Forge | None = None
+    for workflow_id in workflow_ids:
+        state = (await runtime.store.load(workflow_id)).state
+        number = (state.get("context") or {}).get("pr_number")
+        if number is None:
+            continue
+        if forge is None:
+            forge = await _runtime_forge(runtime)
+        verdict = await forge.review_state(int(number))
+        if verdict != "pending":
+            await runtime.signal(workflow_id, "review", {"state": verdict})
+
+
+async def _runtime_forge(runtime: Any) -> Forge:
+    """The runtime's forge for the poller: the local one, or GitHub as configured."""
+    settings = settings_of(runtime.config)
+    if settings.resolved_forge() == "github":
+        token = settings.token()
+        register_secret(token)
+        forge: Forge = await runtime.shared("review-poller-forge", lambda: _github(settings, token,
+                                                                            runtime.clock))
+        return forge
+    local: Forge = await runtime.shared(_FORGE_KEY, lambda: _local(runtime))
+    return local
+
+
+async def _github(settings: Any, token: str, clock: Any) -> Forge:
+    return GitHubForge(settings.github_repository, token, api_url=settings.github_api_url,
+                       clock=clock)
+
+
+async def _local(runtime: Any) -> Forge:
+    return LocalForge(runtime.project_root, runtime.clock)
+
+
+register_signal_source(SignalSource("review", poll_reviews, interval_seconds=60.0))
 
 
 async def final_cleanup(ctx: StageContext) -> Outputs:

@@ -37,6 +37,8 @@ from ._protocol import (
     SCHEMA_VERSION,
     Claim,
     LoadedState,
+    ParkedEntry,
+    SignalStore,
     Snapshot,
     Store,
     decode_document,
@@ -47,5 +49,6 @@ from ._writer import make_private_directory
 
 __all__ = ["JOURNAL_LIMIT", "MAX_STATE_BYTES", "PORTABLE_VARIABLE",
            "SCHEMA_VERSION", "UNREAD_LIMIT", "WAKE_CHUNK", "WRITER_RESTARTS", "Claim",
-           "FileStore", "LoadedState", "MemoryStore", "Snapshot", "Store", "decode_document",
+           "FileStore", "LoadedState", "MemoryStore", "ParkedEntry", "SignalStore", "Snapshot",
+           "Store", "decode_document",
            "encode_document", "make_private_directory", "read_bounded"]

@@ -26,10 +26,11 @@ from typing import Any
 from .._errors import WorkflowLockedError
 from .._ids import validate_workflow_id
 from .._logging import logger
+from . import _waits
 from ._claims import ClaimLocks, claim_locks
 from ._layout import JOURNAL_DIRECTORY, checkpoint_name, storage_error
 from ._platform import portable_requested, require_file_locks
-from ._protocol import Claim, LoadedState, Snapshot, canonical, encode_document
+from ._protocol import Claim, LoadedState, ParkedEntry, Snapshot, canonical, encode_document
 from ._reads import list_stored, load_stored, state_file
 from ._replay import replay_orphan_journals
 from ._writer import (
@@ -627,6 +628,32 @@ class FileStore:
     def _close_claim_files(self) -> None:
         self._opening_claims = None
         self._claim_locks.close()
+
+    # --- durable waits (the SignalStore protocol; the files: _waits.py)
+
+    async def send_signal(self, workflow_id: str, name: str, payload: bytes) -> None:
+        validate_workflow_id(workflow_id)
+        await asyncio.to_thread(_waits.write_signal, self.state_directory, workflow_id, name,
+                                payload, self.durable)
+
+    async def read_signal(self, workflow_id: str, name: str, index: int) -> bytes | None:
+        return await asyncio.to_thread(_waits.read_signal, self.state_directory,
+                                       workflow_id, name, index)
+
+    async def signals_ready(self, wanted: list[tuple[str, str, int]]) -> list[str]:
+        return await asyncio.to_thread(_waits.signals_ready, self.state_directory, wanted)
+
+    async def park(self, entry: ParkedEntry) -> None:
+        await asyncio.to_thread(_waits.write_parked, self.state_directory, entry)
+
+    async def unpark(self, entry: ParkedEntry) -> None:
+        await asyncio.to_thread(_waits.remove_parked, self.state_directory, entry)
+
+    async def parked(self) -> list[ParkedEntry]:
+        return await asyncio.to_thread(_waits.list_parked, self.state_directory)
+
+    async def signal_notices(self) -> list[tuple[str, str]]:
+        return await asyncio.to_thread(_waits.take_notices, self.state_directory)
 
 
 def _resolve(waiters: list[tuple[str, asyncio.Future[None]]],

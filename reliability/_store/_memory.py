@@ -13,7 +13,14 @@ from typing import Any
 
 from .._errors import WorkflowLockedError, WorkflowNotFoundError
 from .._ids import validate_workflow_id
-from ._protocol import Claim, LoadedState, Snapshot, decode_document, encode_document
+from ._protocol import (
+    Claim,
+    LoadedState,
+    ParkedEntry,
+    Snapshot,
+    decode_document,
+    encode_document,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -41,6 +48,8 @@ class MemoryStore:
         self._pending: dict[str, Snapshot] = {}  # save_soon: encoded only if never superseded
         self._claimed: set[str] = set()
         self.saves = 0
+        self.signals: dict[tuple[str, str], list[bytes]] = {}
+        self.parked_entries: dict[str, ParkedEntry] = {}
 
     async def open(self) -> None:
         return None
@@ -118,3 +127,29 @@ class MemoryStore:
 
     def describe(self, workflow_id: str) -> dict[str, str]:
         return {"state_file": f"memory:{workflow_id}"}
+
+    # --- durable waits (the SignalStore protocol)
+
+    async def send_signal(self, workflow_id: str, name: str, payload: bytes) -> None:
+        self.signals.setdefault((validate_workflow_id(workflow_id), name), []).append(payload)
+
+    async def read_signal(self, workflow_id: str, name: str, index: int) -> bytes | None:
+        sent = self.signals.get((workflow_id, name), ())
+        return sent[index] if index < len(sent) else None
+
+    async def signals_ready(self, wanted: list[tuple[str, str, int]]) -> list[str]:
+        return [w for w, name, index in wanted
+                if len(self.signals.get((w, name), ())) > index]
+
+    async def park(self, entry: ParkedEntry) -> None:
+        self.parked_entries[entry[0]] = entry
+
+    async def unpark(self, entry: ParkedEntry) -> None:
+        if self.parked_entries.get(entry[0]) == entry:
+            del self.parked_entries[entry[0]]
+
+    async def parked(self) -> list[ParkedEntry]:
+        return list(self.parked_entries.values())
+
+    async def signal_notices(self) -> list[tuple[str, str]]:
+        return []  # one process: its own sends wake directly

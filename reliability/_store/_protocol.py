@@ -106,8 +106,12 @@ import orjson
 from .._errors import StateCorruptedError
 from ._writer import SCHEMA_VERSION, wrap_document
 
-__all__ = ["SCHEMA_VERSION", "Claim", "LoadedState", "Snapshot", "Store", "canonical",
-           "check_state", "decode_document", "encode_document"]
+__all__ = ["SCHEMA_VERSION", "Claim", "LoadedState", "ParkedEntry", "SignalStore", "Snapshot",
+           "Store", "canonical", "check_state", "decode_document", "encode_document"]
+
+# A parked workflow: (workflow_id, deadline in epoch seconds, signal name or "" for a
+# durable sleep, index of the signal of that name it waits for).
+ParkedEntry = tuple[str, float, str, int]
 
 Snapshot = Callable[[], dict[str, Any]]
 
@@ -184,6 +188,39 @@ class Store(Protocol):
     def describe(self, workflow_id: str) -> dict[str, str]:
         """Where a workflow's data lives, for diagnostics."""
         ...
+
+
+class SignalStore(Protocol):
+    """What durable waits (``ctx.wait_for_signal``, ``ctx.sleep_durably``) need of a store,
+    besides ``Store``. Optional: a store without these methods refuses durable waits and
+    signals with a ConfigurationError.
+
+    Signals are kept per workflow and name, in the order sent, and never change; a
+    workflow's state counts how many of each it has taken, so a stage run again after a
+    crash takes the same one. ``park`` records a parked workflow in an index before its
+    ``waiting`` state is saved, so an open runtime finds every parked workflow (and its
+    deadline) without reading every state; ``unpark`` drops the entry when it wakes.
+    ``signal_notices`` returns signals sent by other processes since the last call (a
+    hint, each taken by one process; a store of one process returns ``[]``).
+    """
+
+    async def send_signal(self, workflow_id: str, name: str, payload: bytes) -> None:
+        """Store the signal durably (``payload`` is JSON bytes)."""
+        ...
+
+    async def read_signal(self, workflow_id: str, name: str, index: int) -> bytes | None: ...
+
+    async def signals_ready(self, wanted: list[tuple[str, str, int]]) -> list[str]:
+        """Of ``(id, name, index)``, the IDs whose ``index``-th signal is stored."""
+        ...
+
+    async def park(self, entry: ParkedEntry) -> None: ...
+
+    async def unpark(self, entry: ParkedEntry) -> None: ...
+
+    async def parked(self) -> list[ParkedEntry]: ...
+
+    async def signal_notices(self) -> list[tuple[str, str]]: ...
 
 
 # --------------------------------------------------------------------------- documents

@@ -1,0 +1,147 @@
+"""The file store's durable waits: signals, the index of parked workflows, and notices.
+
+Layout under the state directory (``_signals`` is skipped by listings: not a workflow ID)::
+
+    _signals/{id}/{name}/{ns:020d}-{pid}.json   one signal each, its JSON payload
+    _signals/_parked/{id}~{deadline}~{name}~{index}   a parked workflow (empty file)
+    _signals/_notices/{id}~{name}~{pid}~{ns}    "a signal came": a hint for other processes
+
+These small files are written by a thread of the process that sends or parks, not by the
+writer (docs/architecture.md, invariant 4 is about the states' hot path; a signal or a
+park is one file per event, rare next to stage writes). A signal is synced before it
+is acknowledged; the parked entry is written before the state that says ``waiting``, so
+a crash leaves at worst an entry whose state does not wait (dropped when checked). Blocking
+functions: ``FileStore`` runs them in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from .._ids import validate_workflow_id
+from ._protocol import ParkedEntry
+
+__all__ = ["SIGNALS_DIRECTORY", "list_parked", "read_signal", "remove_parked",
+           "signals_ready", "take_notices", "write_parked", "write_signal"]
+
+SIGNALS_DIRECTORY = "_signals"
+_PARKED = "_parked"
+_NOTICES = "_notices"
+
+
+
+def _signal_directory(root: Path, workflow_id: str, name: str) -> Path:
+    return root / SIGNALS_DIRECTORY / validate_workflow_id(workflow_id) / name
+
+
+def write_signal(root: Path, workflow_id: str, name: str, payload: bytes, durable: bool) -> None:
+    """Store one signal atomically (temporary file, sync, rename), then leave a notice."""
+    directory = _signal_directory(root, workflow_id, name)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stamp = f"{time.time_ns():020d}-{os.getpid()}"
+    final = directory / f"{stamp}.json"
+    temporary = directory / f".{stamp}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, payload)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, final)
+    if durable:
+        _sync_directory(directory)
+    notices = root / SIGNALS_DIRECTORY / _NOTICES
+    notices.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # A hint only: a lost notice costs a wake at the next open or rescan, never a signal.
+    (notices / f"{workflow_id}~{name}~{os.getpid()}~{time.time_ns()}").touch()
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _signal_files(root: Path, workflow_id: str, name: str) -> list[str]:
+    try:
+        names = os.listdir(_signal_directory(root, workflow_id, name))
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.endswith(".json") and not n.startswith("."))
+
+
+def read_signal(root: Path, workflow_id: str, name: str, index: int) -> bytes | None:
+    """The payload of the ``index``-th signal ``name`` sent to the workflow, or None."""
+    files = _signal_files(root, workflow_id, name)
+    if index >= len(files):
+        return None
+    return (_signal_directory(root, workflow_id, name) / files[index]).read_bytes()
+
+
+def signals_ready(root: Path, wanted: Iterable[tuple[str, str, int]]) -> list[str]:
+    """Of ``(id, name, index)``, the IDs whose ``index``-th signal ``name`` is stored."""
+    return [w for w, name, index in wanted if len(_signal_files(root, w, name)) > index]
+
+
+def _parked_name(entry: ParkedEntry) -> str:
+    workflow_id, deadline, name, index = entry
+    return f"{validate_workflow_id(workflow_id)}~{deadline!r}~{name}~{index}"
+
+
+def write_parked(root: Path, entry: ParkedEntry) -> None:
+    directory = root / SIGNALS_DIRECTORY / _PARKED
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (directory / _parked_name(entry)).touch()
+
+
+def remove_parked(root: Path, entry: ParkedEntry) -> None:
+    with contextlib.suppress(FileNotFoundError):  # woken before: nothing to drop
+        os.unlink(root / SIGNALS_DIRECTORY / _PARKED / _parked_name(entry))
+
+
+def list_parked(root: Path) -> list[ParkedEntry]:
+    """Every parked entry (one scan of one directory; nothing is read)."""
+    try:
+        names = os.listdir(root / SIGNALS_DIRECTORY / _PARKED)
+    except FileNotFoundError:
+        return []
+    entries: list[ParkedEntry] = []
+    for file_name in names:
+        parts = file_name.split("~")
+        if len(parts) != 4:
+            continue
+        try:
+            entries.append((validate_workflow_id(parts[0]), float(parts[1]), parts[2],
+                            int(parts[3])))
+        except ValueError:
+            continue  # not ours: never act on it
+    return entries
+
+
+def take_notices(root: Path) -> list[tuple[str, str]]:
+    """``(id, name)`` of signals other processes sent since the last take (each notice is
+    taken by one process: the first to see it)."""
+    directory = root / SIGNALS_DIRECTORY / _NOTICES
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    mine = str(os.getpid())
+    taken: list[tuple[str, str]] = []
+    for file_name in names:
+        parts = file_name.split("~")
+        if len(parts) != 4 or parts[2] == mine:
+            continue  # our own sends wake directly
+        try:
+            os.unlink(directory / file_name)
+            taken.append((validate_workflow_id(parts[0]), parts[1]))
+        except (FileNotFoundError, ValueError):
+            continue  # another process took it first, or not ours
+    return taken

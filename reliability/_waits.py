@@ -1,0 +1,373 @@
+"""Durable waits: a stage that waits for a signal or a date parks its workflow.
+
+``ctx.wait_for_signal(name, timeout_seconds=...)`` returns a signal already stored for
+the workflow at once. Otherwise the workflow is *parked*: an entry in the store's parked
+index, then its state saved with status ``waiting`` and what it waits for; its claim,
+slot and task are released and nothing of it stays in memory but a heap entry for its
+deadline. When the signal comes or the deadline passes, an open runtime (its ``Waker``)
+claims it and runs the waiting stage again from its start: the wait then returns the
+signal (or raises ``SignalTimeout``; ``sleep_durably`` returns). So a waiting stage runs
+the code before its wait twice: it must be idempotent, like any stage.
+
+Deadlines are wall-clock epoch seconds from the runtime's ``Clock`` (docs/architecture.md,
+invariant 6), kept in the store, and re-armed when a runtime opens: a deadline that passed
+while nothing ran fires at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+
+from ._errors import (
+    ConfigurationError,
+    SignalRefusedError,
+    SignalTimeout,
+    WorkflowError,
+    WorkflowLockedError,
+)
+from ._logging import logger
+from ._state import WAITING
+
+if TYPE_CHECKING:
+    from ._clock import TimerHandle
+    from ._runtime import Runtime, WorkflowResult
+    from ._state import WorkflowRun
+    from ._store import ParkedEntry, SignalStore
+
+__all__ = ["SignalSource", "WaitParked", "Waker", "check_signal_name", "encode_payload",
+           "register_signal_source", "signal_store"]
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_RESULTS_KEPT = 10_000  # results of woken workflows kept until ``settle`` takes them
+
+
+class WaitParked(BaseException):
+    """Raised through a handler when its workflow parks; the engine ends it ``waiting``.
+
+    A ``BaseException``, like ``CancelledError``: a handler's ``except Exception`` must not
+    swallow it.
+    """
+
+    def __init__(self, entry: ParkedEntry) -> None:
+        super().__init__(entry[0])
+        self.entry = entry
+
+
+def check_signal_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise SignalRefusedError(f"signal name {name!r} must be 1-64 letters, digits, "
+                                 "'_', '.' or '-'")
+    return name
+
+
+def encode_payload(payload: Any) -> bytes:
+    """``payload`` as JSON bytes; SignalRefusedError if it is not JSON."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError as error:
+        raise SignalRefusedError(f"signal payload is not JSON: {error}") from None
+
+
+def signal_store(store: object) -> SignalStore:
+    """``store`` if it keeps signals and parked workflows, else a ConfigurationError."""
+    if not callable(getattr(store, "park", None)) or not callable(
+            getattr(store, "send_signal", None)):
+        raise ConfigurationError(f"store {type(store).__name__} does not support durable "
+                                 "waits and signals")
+    return cast("SignalStore", store)
+
+
+class StageWaits:
+    """One stage attempt's durable waits: how many began, signals taken per name."""
+
+    __slots__ = ("count", "taken")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.taken: dict[str, int] = {}
+
+
+async def durable_wait(store: SignalStore, now: float, run: WorkflowRun,
+                       waits: StageWaits, name: str, deadline: float) -> tuple[bool, Any]:
+    """The ``waits.count``-th wait of this stage: (True, payload) when the signal is
+    stored, (False, None) past the deadline; else park (raises WaitParked)."""
+    position = waits.count
+    waits.count += 1
+    if position < len(run.stage_waits):
+        deadline = run.stage_waits[position]  # the stage ran before: keep its deadline
+    else:
+        run.stage_waits.append(deadline)
+    index = 0
+    if name:
+        index = run.signals_consumed.get(name, 0) + waits.taken.get(name, 0)
+        payload = await store.read_signal(run.workflow_id, name, index)
+        if payload is not None:
+            waits.taken[name] = waits.taken.get(name, 0) + 1
+            return True, orjson.loads(payload)
+    if now >= deadline:
+        if name:
+            raise SignalTimeout(run.workflow_id, name, deadline)
+        return False, None
+    entry: ParkedEntry = (run.workflow_id, deadline, name, index)
+    await store.park(entry)  # before the "waiting" state: never a waiting state unindexed
+    raise WaitParked(entry)
+
+
+# ---------------------------------------------------------------------------- sources
+
+SignalPoll = Callable[["Runtime", list[str]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSource:
+    """Something outside that sends signal ``name`` (a forge's reviews): ``poll(runtime,
+    ids)`` is called every ``interval_seconds`` with the workflows parked here on it."""
+
+    name: str
+    poll: SignalPoll
+    interval_seconds: float
+
+
+_SOURCES: dict[str, SignalSource] = {}
+
+
+def register_signal_source(source: SignalSource) -> None:
+    """Every runtime polls ``source`` while workflows it woke or re-armed wait for its
+    signal (registered by a workflow package on import)."""
+    _SOURCES[source.name] = source
+
+
+# ---------------------------------------------------------------------------- the waker
+
+
+class Waker:
+    """A runtime's parked workflows: their deadlines on one timer, their wakes.
+
+    Memory per parked workflow: a heap entry ``(deadline, id)`` and a dict entry (the ID
+    string shared); none at all when no workflow is parked.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._clock = runtime.clock
+        self._store: SignalStore | None = None
+        self._heap: list[tuple[float, str]] = []
+        self._parked: dict[str, tuple[float, str]] = {}  # id -> (deadline, signal name)
+        self._timer: TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._waking: set[str] = set()
+        self._running: set[str] = set()  # woken and running here now
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._results: deque[WorkflowResult] = deque(maxlen=_RESULTS_KEPT)
+        self._pollers: dict[str, asyncio.Task[None]] = {}
+        self._notices: asyncio.Task[None] | None = None
+        self.poll_seconds = 1.0
+        self.closed = False
+        self.started = False
+
+    @property
+    def parked_count(self) -> int:
+        return len(self._parked)
+
+    async def start(self) -> int:
+        """Once per runtime, when it first runs a workflow (listing or signalling from a
+        runtime wakes nothing): re-arm every parked workflow of the store; the due ones
+        wake now. Returns how many were woken."""
+        store = self._runtime.store
+        if self.started or not self._runtime.persistence or not callable(
+                getattr(store, "park", None)):
+            return 0
+        self.started = True
+        self._store = signal_store(store)
+        woken = await self.rescan()
+        if type(store).__name__ != "MemoryStore":  # other processes may send signals
+            self._notices = asyncio.get_running_loop().create_task(
+                self._watch_notices(), name="signal-notices")
+        return woken
+
+    async def rescan(self) -> int:
+        """Read the store's parked index again: wake the due, arm the rest."""
+        assert self._store is not None
+        entries = await self._store.parked()
+        signalled = set(await self._store.signals_ready(
+            [(w, name, index) for w, _, name, index in entries if name]))
+        now = self._clock.time()
+        woken = 0
+        for workflow_id, deadline, name, _ in entries:
+            if workflow_id in signalled or deadline <= now:
+                woken += self.wake(workflow_id)
+            else:
+                self.push(workflow_id, deadline, name)
+        return woken
+
+    def push(self, workflow_id: str, deadline: float, name: str) -> None:
+        if self._parked.get(workflow_id) == (deadline, name):
+            return
+        self._parked[workflow_id] = (deadline, name)
+        heapq.heappush(self._heap, (deadline, workflow_id))
+        if deadline < self._timer_at:
+            self._arm()
+        if name and name in _SOURCES and name not in self._pollers:
+            self._pollers[name] = asyncio.get_running_loop().create_task(
+                self._poll_source(_SOURCES[name]), name=f"signal-source-{name}")
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = float("inf")
+        heap = self._heap
+        while heap and self._parked.get(heap[0][1], (None,))[0] != heap[0][0]:
+            heapq.heappop(heap)  # stale: woken, or parked again with another deadline
+        if self._heap and not self.closed:
+            self._timer_at = self._heap[0][0]
+            self._timer = self._clock.call_later(self._timer_at - self._clock.time(),
+                                                 self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self.wake_due_now()
+        self._arm()
+
+    def wake_due_now(self) -> int:
+        """Wake every workflow whose deadline has passed; returns how many."""
+        now = self._clock.time()
+        woken = 0
+        while self._heap and self._heap[0][0] <= now:
+            deadline, workflow_id = heapq.heappop(self._heap)
+            if self._parked.get(workflow_id, (None,))[0] == deadline:
+                woken += self.wake(workflow_id)
+        return woken
+
+    def parked(self, run: WorkflowRun) -> None:
+        """``run`` just parked here (its state is durable): arm its deadline, and wake it
+        if its signal came while it was parking."""
+        wait = run.wait or {}
+        name = str(wait.get("signal") or "")
+        self.push(run.workflow_id, float(wait["deadline"]), name)
+        if name and self._store is not None:
+            self._spawn(self._check_signal(run.workflow_id, name, int(wait.get("index", 0))))
+
+    async def _check_signal(self, workflow_id: str, name: str, index: int) -> None:
+        assert self._store is not None
+        if await self._store.signals_ready([(workflow_id, name, index)]):
+            self.wake(workflow_id)
+
+    def wake(self, workflow_id: str) -> int:
+        """Try to run a parked workflow now (it runs only if its wait is over)."""
+        if (not self.started or self.closed or workflow_id in self._waking
+                or self._runtime.live(workflow_id)):
+            return 0
+        self._waking.add(workflow_id)
+        self._spawn(self._wake(workflow_id))
+        return 1
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wake(self, workflow_id: str) -> None:
+        runtime = self._runtime
+        store = self._store
+        assert store is not None
+        try:
+            try:
+                claim = await runtime.store.claim(workflow_id)
+            except WorkflowLockedError:
+                return  # another process runs it: its wait is that process's now
+            try:
+                loaded = await runtime.store.load(workflow_id)
+                state = loaded.state
+                wait = state.get("wait") or {}
+                if state.get("status") != WAITING or not wait:
+                    claim.release()
+                    self._parked.pop(workflow_id, None)
+                    return
+                entry: ParkedEntry = (workflow_id, float(wait["deadline"]),
+                                      str(wait.get("signal") or ""), int(wait.get("index", 0)))
+                due = entry[1] <= self._clock.time() or bool(entry[2] and (
+                    await store.signals_ready([(workflow_id, entry[2], entry[3])])))
+                if not due:
+                    claim.release()
+                    self.push(workflow_id, entry[1], entry[2])
+                    return
+                self._parked.pop(workflow_id, None)
+                await store.unpark(entry)
+                prepared = runtime._prepare_resume(loaded)
+            except BaseException:
+                claim.release()
+                raise
+            if not isinstance(prepared, tuple):
+                claim.release()
+                return
+            self._waking.discard(workflow_id)
+            self._running.add(workflow_id)
+            try:
+                self._results.append(await runtime._execute(*prepared, claim=claim))
+            finally:
+                self._running.discard(workflow_id)
+        except WorkflowError as error:
+            logger.error("Could not wake %s: %s", workflow_id, error)
+        finally:
+            self._waking.discard(workflow_id)
+
+    async def _watch_notices(self) -> None:
+        """Signals sent by other processes (``workflow-manager signal``): wake their
+        workflows. One directory scan per ``poll_seconds`` on the runtime's clock."""
+        assert self._store is not None
+        while True:
+            await self._clock.sleep(self.poll_seconds)
+            try:
+                for workflow_id, _ in await self._store.signal_notices():
+                    self.wake(workflow_id)
+            except OSError as error:
+                logger.warning("Could not read signal notices: %s", error)
+
+    async def _poll_source(self, source: SignalSource) -> None:
+        try:
+            while not self.closed:
+                await self._clock.sleep(source.interval_seconds)
+                ids = [w for w, (_, name) in self._parked.items() if name == source.name]
+                if not ids:
+                    return
+                try:
+                    await source.poll(self._runtime, ids)
+                except Exception as error:  # a source's failure never stops the runtime
+                    logger.warning("Signal source %s failed: %s", source.name, error)
+        finally:
+            self._pollers.pop(source.name, None)
+
+    async def settle(self) -> list[WorkflowResult]:
+        """Wait until no woken workflow is running; their results since the last call."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        results = list(self._results)
+        self._results.clear()
+        return results
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        side = [t for t in (self._notices, *self._pollers.values()) if t is not None]
+        for task in side:
+            task.cancel()
+        await asyncio.gather(*side, return_exceptions=True)
+        for workflow_id in list(self._running):  # stopped at a safe point, resumable
+            live = self._runtime.live(workflow_id)
+            if live is not None:
+                live.stop("shutdown")
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._heap.clear()
+        self._parked.clear()
