@@ -171,6 +171,11 @@ class StageContext:
 
     # --- durable waits (``_waits.py``)
 
+    @property
+    def stage_waits(self) -> StageWaits | None:
+        """The durable waits this attempt made (the signals it took), or None."""
+        return self._waits
+
     async def wait_for_signal(self, name: str, *, timeout_seconds: float) -> Any:
         """The payload of the next signal ``name`` sent to this workflow.
 

@@ -84,7 +84,7 @@ async def stored_diagnostics(runtime: Runtime, workflow_id: str) -> dict[str, An
     from ._runtime import diagnostics_for  # the runtime imports this module's users
 
     validate_workflow_id(workflow_id)
-    if runtime.live(workflow_id) is not None or workflow_id in runtime._finished:
+    if runtime.knows(workflow_id):
         return runtime.get_workflow_diagnostics(workflow_id)
     loaded = await runtime.store.load(workflow_id)
     run = WorkflowRun.from_state(loaded.state)
@@ -164,7 +164,7 @@ async def build_bundle(runtime: Runtime, workflow_id: str) -> dict[str, Any]:
         "workflow_diagnostics": diagnostics,
         "system_health": health.to_dict(),
         "configuration": runtime.config.redacted(),
-        "log_files": await collect_log_lines(runtime._path(runtime.config.log_directory),
+        "log_files": await collect_log_lines(runtime.resolve_path(runtime.config.log_directory),
                                              workflow_id),
         "state_files": state_files,
         "performance_metrics": {

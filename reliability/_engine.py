@@ -360,7 +360,7 @@ class Engine:
     def _end_waits(run: WorkflowRun, ctx: StageContext) -> None:
         """A stage that waited completed: the signals it took are consumed, and its
         deadlines end with it."""
-        waits = ctx._waits
+        waits = ctx.stage_waits
         if waits is not None:
             for name, count in waits.taken.items():
                 run.signals_consumed[name] = run.signals_consumed.get(name, 0) + count

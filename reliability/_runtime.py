@@ -172,8 +172,8 @@ class Runtime:
         self._target_resolver = target_resolver
         self.project_root = Path(project_root).resolve()
         self.clock: Clock = clock or SystemClock()
-        self.store: Store = store or FileStore(self._path(self.config.state_directory),
-                                               self._path(self.config.checkpoint_directory))
+        self.store: Store = store or FileStore(self.resolve_path(self.config.state_directory),
+                                               self.resolve_path(self.config.checkpoint_directory))
         self.persistence = self.config.enable_persistence
         self.breakers: dict[str, Breaker] = {}
         self.error_handlers: list[ErrorHandler] = []
@@ -201,7 +201,9 @@ class Runtime:
         self._registered: dict[str, tuple[DefinitionLike, WorkflowRun]] = {}
         self.waker = Waker(self)  # parked workflows: deadlines, signals, wakes
 
-    def _path(self, value: str) -> Path:
+    def resolve_path(self, value: str) -> Path:
+        """A configured directory as an absolute path (relative ones are under the project
+        root)."""
         path = Path(value)
         return path if path.is_absolute() else self.project_root / path
 
@@ -217,7 +219,7 @@ class Runtime:
     async def start(self) -> None:
         if self._configure_logs:
             configure_logging(level=self.config.log_level, log_format=self.config.log_format,
-                              directory=self._path(self.config.log_directory)
+                              directory=self.resolve_path(self.config.log_directory)
                               if self.config.enable_monitoring else None)
         await self.store.open()
         if self.config.tune_interpreter and not self._tuned:
@@ -320,12 +322,12 @@ class Runtime:
         registered = self._registered.pop(workflow_id, None)
         if registered is not None:
             return await self._execute(registered[0], registered[1], PENDING)
-        prepared = self._prepare_resume(await self.store.load(workflow_id))
+        prepared = self.prepare_resume(await self.store.load(workflow_id))
         if isinstance(prepared, WorkflowResult):
             return prepared
         return await self._execute(*prepared)
 
-    def _prepare_resume(self, loaded: LoadedState) -> tuple[DefinitionLike, WorkflowRun, str] | (
+    def prepare_resume(self, loaded: LoadedState) -> tuple[DefinitionLike, WorkflowRun, str] | (
             WorkflowResult):
         """What to run, from which machine state; or the result itself when there is nothing
         to run."""
@@ -381,7 +383,7 @@ class Runtime:
             try:
                 if loaded.state.get("status") == "corrupted":
                     raise CriticalError(str(loaded.state.get("error")))
-                prepared = self._prepare_resume(loaded)
+                prepared = self.prepare_resume(loaded)
             except WorkflowError as error:
                 failed.append(_could_not_resume(workflow_id, error))
                 continue
@@ -578,6 +580,11 @@ class Runtime:
     def live(self, workflow_id: str) -> LiveWorkflow | None:
         """The in-process record of a workflow running here, or None."""
         return self._live.get(workflow_id)
+
+    def knows(self, workflow_id: str) -> bool:
+        """True when this runtime runs the workflow or ran it recently (its record is in
+        memory, so diagnostics need not read the store)."""
+        return workflow_id in self._live or workflow_id in self._finished
 
     def live_workflows(self) -> list[LiveWorkflow]:
         """Every workflow running here now (a copy)."""

@@ -303,7 +303,7 @@ class Waker:
                     return
                 self._parked.pop(workflow_id, None)
                 await store.unpark(entry)
-                prepared = runtime._prepare_resume(loaded)
+                prepared = runtime.prepare_resume(loaded)
             except BaseException:
                 claim.release()
                 raise
