@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from ._analytics import performance_report
 from ._breaker import Breaker
 from ._clock import Clock, SystemClock
+from ._cluster import make_store
 from ._config import WorkflowConfiguration, load_configuration
 from ._context import DefinitionLike
 from ._engine import Engine, LiveWorkflow
@@ -48,7 +49,7 @@ from ._monitor import RuntimeMonitor
 from ._plugins import ResolvedTarget, TargetResolver, default_target_resolver
 from ._retry import RetryPolicy, retry_call
 from ._state import COMPLETED, PENDING, RESUMABLE, STATUSES, WorkflowRun
-from ._store import Claim, FileStore, LoadedState, Store
+from ._store import Claim, LoadedState, Store
 from ._tuning import hold_tuning, release_tuning
 from ._turns import Turns
 
@@ -162,8 +163,9 @@ class Runtime:
         self._target_resolver = target_resolver
         self.project_root = Path(project_root).resolve()
         self.clock: Clock = clock or SystemClock()
-        self.store: Store = store or FileStore(self._path(self.config.state_directory),
-                                               self._path(self.config.checkpoint_directory))
+        # The file store, or the PostgreSQL store when config.store_url names one.
+        self.store: Store = store or make_store(self.config, self.project_root,
+                                                self._on_fenced)
         self.persistence = self.config.enable_persistence
         self.breakers: dict[str, Breaker] = {}
         self.error_handlers: list[ErrorHandler] = []
@@ -515,6 +517,40 @@ class Runtime:
         finally:
             claim.release()
         return True
+
+    # ------------------------------------------------------------------ workers (_cluster.py)
+
+    async def submit(self, target: str | os.PathLike[str] | DefinitionLike, *,
+                     context: Mapping[str, Any] | None = None, queue: str = "default") -> str:
+        """Queue a new workflow for any worker (``serve``, ``workflow-manager worker``) of
+        ``queue``, in any process or, with the PostgreSQL store, on any host; its ID.
+        With the file store it is saved ``pending`` for a worker on this host."""
+        from . import _cluster
+        return await _cluster.submit(self, target, context=context, queue=queue)
+
+    async def result(self, workflow_id: str,
+                     timeout: float | None = None) -> WorkflowResult:  # noqa: ASYNC109
+        """Wait for ``workflow_id`` to end (completed, failed, timed out or cancelled),
+        wherever it runs; TimeoutError after ``timeout`` seconds."""
+        from . import _cluster
+        return await _cluster.result(self, workflow_id, timeout)
+
+    async def serve(self, *, concurrency: int = 8, queue: str = "default",
+                    exit_when_idle: bool = False) -> int:
+        """Be a worker: claim queued workflows of ``queue`` (and dead workers' ones) and run
+        them, ``concurrency`` at once, until ``request_shutdown()`` (running stages stop
+        at their boundary and their claims are given back) or, with ``exit_when_idle``,
+        until none is queued or running anywhere. Returns how many it ran."""
+        from . import _cluster
+        return await _cluster.serve(self, concurrency=concurrency, queue=queue,
+                                    exit_when_idle=exit_when_idle)
+
+    def _on_fenced(self, workflow_id: str) -> None:
+        """The store refused a write for ``workflow_id`` (another worker owns it now): stop
+        it here at once, writing nothing more (docs/architecture.md, invariant 9)."""
+        live = self._live.get(workflow_id)
+        if live is not None:
+            live.fence()
 
     # ------------------------------------------------------------------ shared services
 
