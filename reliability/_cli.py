@@ -41,6 +41,8 @@ from ._batch import (
     expand_prompt_paths,
     run_batch,
 )
+from ._cluster import migrate_store, submit_many
+from ._cluster import postgres as postgres_store
 from ._config import (
     DURABILITY_MODES,
     LOG_LEVELS,
@@ -61,6 +63,7 @@ from ._logging import (
     shutdown_logging,
 )
 from ._plugins import load_plugins
+from ._postgres._url import url_passwords
 from ._runtime import Runtime, WorkflowResult, resolve_definition
 from ._state import STATUSES, WorkflowRun
 
@@ -93,6 +96,11 @@ def _common_options() -> argparse.ArgumentParser:
                             "shows tracebacks of errors")
     group.add_argument("--json", action="store_true",
                        help="print one JSON document on stdout instead of tables")
+    group.add_argument("--store", metavar="URL",
+                       help="where workflows live: postgresql://user@host/database shares "
+                            "them with workers on many hosts (the password may come from "
+                            "PGPASSWORD; it is never shown); default: WORKFLOW_STORE_URL, "
+                            "else the file store under the project root")
     return common
 
 
@@ -202,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     signal_command.add_argument("workflow_id", metavar="ID")
     signal_command.add_argument("name", metavar="NAME", help="the signal's name")
     signal_command.add_argument("--data", metavar="JSON", help="its payload, as JSON")
+    _cluster_commands(add, common, runner)
 
     # Listed for --help only: main() hands "bench ..." to the benchmark harness as is.
     bench = add("bench", "measure the runtime against its performance targets (the same "
@@ -211,6 +220,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("arguments", metavar="ARGS", nargs=argparse.REMAINDER,
                        help="options of the benchmark harness")
     return parser
+
+
+def _cluster_commands(add: Callable[..., argparse.ArgumentParser],
+                      common: argparse.ArgumentParser,
+                      runner: argparse.ArgumentParser) -> None:
+    """submit, worker, migrate: workflows shared by worker processes (``_cluster.py``)."""
+    submit = add("submit", "queue workflows for workers (workflow-manager worker) and print "
+                           "their IDs",
+                 _examples("submit prompts/a.md prompts/b.md --store postgresql://db/wf",
+                           "submit --definition mypackage.flows:REPORT --count 100 --json",
+                           "submit --definition m:NAME --context '{\"day\": 1}' --queue nightly"),
+                 [common])
+    submit.add_argument("prompts", metavar="PROMPT", nargs="*",
+                        help="prompt files (each is one workflow; with --definition it gets "
+                             "the input 'prompt_file')")
+    _definition_option(submit)
+    submit.add_argument("--context", metavar="JSON",
+                        help="a JSON object: the workflows' inputs")
+    submit.add_argument("--count", type=int, default=1, metavar="N",
+                        help="queue N workflows for each prompt (or N of the definition)")
+    submit.add_argument("--queue", default="default", metavar="NAME",
+                        help="the queue (workers take from theirs; default: default)")
+
+    worker = add("worker", "claim queued workflows (and those of dead workers) and run them "
+                           "until stopped; Ctrl-C or SIGTERM gives their claims back",
+                 _examples("worker --store postgresql://db/wf --concurrency 16",
+                           "worker --queue nightly --exit-when-idle"), [common, runner])
+    worker.add_argument("--concurrency", type=int, metavar="N",
+                        help="workflows running at once (default: configuration's concurrency)")
+    worker.add_argument("--queue", default="default", metavar="NAME",
+                        help="the queue to take workflows from (default: default)")
+    worker.add_argument("--exit-when-idle", action="store_true",
+                        help="exit 0 once nothing of the queue is queued or running on any "
+                             "worker")
+
+    add("migrate", "bring the PostgreSQL store's schema up to this version (the first "
+                   "process that opens the store does it too)",
+        _examples("migrate --store postgresql://db/wf"), [common])
 
 
 # --------------------------------------------------------------------------- entry point
@@ -279,10 +326,13 @@ def _bench(arguments: list[str]) -> int:
     return run_benchmarks(arguments, prog=f"{PROG} bench")
 
 
+_STORE_SECRETS: list[str] = []  # the store URL's password, once the configuration is read
+
+
 def _secrets() -> list[str]:
     # The configuration's own secrets are registered (redact_text applies them) when its
     # runtime is made; these are the environment's, which nothing may have read yet.
-    return environment_secrets()
+    return [*environment_secrets(), *_STORE_SECRETS]
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Path, WorkflowConfiguration]:
@@ -294,7 +344,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, WorkflowConfiguration]:
 
 # Commands that run workflows for long: they tune the interpreter unless the configuration
 # says otherwise (a library leaves it alone; the command line owns its process).
-_LONG_RUNNING = frozenset({"run", "batch", "resume"})
+_LONG_RUNNING = frozenset({"run", "batch", "resume", "worker"})
 
 
 def _load_config(args: argparse.Namespace) -> WorkflowConfiguration:
@@ -304,8 +354,11 @@ def _load_config(args: argparse.Namespace) -> WorkflowConfiguration:
                  "enable_health_checks": getattr(args, "enable_health_checks", None),
                  "max_retries": getattr(args, "max_retries", None),
                  "durability": getattr(args, "durability", None),
-                 "concurrency": getattr(args, "concurrency", None)}
-    return load_configuration(args.config, defaults=defaults, **overrides)
+                 "concurrency": getattr(args, "concurrency", None),
+                 "store_url": getattr(args, "store", None)}
+    config = load_configuration(args.config, defaults=defaults, **overrides)
+    _STORE_SECRETS[:] = url_passwords(config.store_url) if config.store_url else []
+    return config
 
 
 # --------------------------------------------------------------------------- logging
@@ -731,6 +784,9 @@ async def _cmd_cancel(args: argparse.Namespace, config: WorkflowConfiguration,
         try:
             cancelled = await runtime.cancel(workflow_id, abandon=True)
         except WorkflowLockedError:
+            requested = await _request_remote_cancel(runtime, workflow_id)
+            if requested is not None:
+                return _cancel_outcome(args, workflow_id, True, before.status, requested)
             message = (f"workflow {workflow_id} is running in another process; this command "
                        "cannot signal it. Press Ctrl-C in that process (or send it SIGTERM): "
                        "it stops at a safe point, then run this command again")
@@ -789,8 +845,89 @@ async def _cmd_bundle(args: argparse.Namespace, config: WorkflowConfiguration,
     return EXIT_OK
 
 
+async def _request_remote_cancel(runtime: Runtime, workflow_id: str) -> str | None:
+    """With the PostgreSQL store: ask the worker running it to cancel it; the message."""
+    store = postgres_store(runtime.store)
+    if store is None:
+        return None
+    await store.request_cancel(workflow_id)
+    return (f"cancel of workflow {workflow_id} requested: the worker running it stops it "
+            f"within {store.lease_seconds / 3:g}s and marks it cancelled")
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _context_option(raw: str | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ConfigurationError(f"--context is not valid JSON: {error.msg}") from None
+    if not isinstance(value, dict):
+        raise ConfigurationError("--context must be a JSON object")
+    return value
+
+
+async def _cmd_submit(args: argparse.Namespace, config: WorkflowConfiguration,
+                      root: Path) -> int:
+    if args.count < 1:
+        raise ConfigurationError(f"--count must be >= 1, got {args.count}")
+    if not args.prompts and not args.definition:
+        raise ConfigurationError("give prompt files, or --definition MODULE:NAME")
+    context = _context_option(args.context)
+    definition = _definition(args)
+    prompts = [_prompt_path(p, root) for p in args.prompts]
+    async with _runtime(config, root, console_level="WARNING") as runtime:
+        targets: list[tuple[Any, dict[str, Any]]] = []
+        if not prompts:
+            targets = [(definition, context)] * args.count
+        for prompt in prompts:
+            target: Any = definition if definition is not None else str(prompt)
+            inputs = {**context, "prompt_file": str(prompt)} if definition is not None else (
+                context)
+            targets.extend([(target, inputs)] * args.count)
+        ids = await submit_many(runtime, targets, queue=args.queue)
+    if args.json:
+        _print_json({"workflow_ids": ids})
+    else:
+        sys.stdout.write("".join(f"{workflow_id}\n" for workflow_id in ids))
+    return EXIT_OK
+
+
+async def _cmd_worker(args: argparse.Namespace, config: WorkflowConfiguration,
+                      root: Path) -> int:
+    async with _runtime(config, root, console_level=_console_level(config, args),
+                        handle_signals=True) as runtime:
+        count = await runtime.serve(concurrency=config.concurrency, queue=args.queue,
+                                    exit_when_idle=args.exit_when_idle)
+        interrupted = runtime.shutting_down
+    if args.json:
+        _print_json({"workflows_run": count, "interrupted": interrupted})
+    elif interrupted:
+        print(f"Stopped by a signal after running {count} workflow(s); their claims are "
+              "given back, so other workers continue them", file=sys.stderr)
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+async def _cmd_migrate(args: argparse.Namespace, config: WorkflowConfiguration,
+                       root: Path) -> int:
+    if not config.store_url:
+        raise ConfigurationError("migrate needs the PostgreSQL store: --store "
+                                 "postgresql://... or WORKFLOW_STORE_URL")
+    applied, version = await migrate_store(config.store_url)
+    if args.json:
+        _print_json({"applied": applied, "version": version})
+    else:
+        done = ", ".join(map(str, applied)) if applied else "none (already up to date)"
+        print(f"Schema at version {version}; migrations applied now: {done}")
+    return EXIT_OK
+
+
 _COMMANDS: dict[str, Command] = {
     "run": _cmd_run, "batch": _cmd_batch, "resume": _cmd_resume,
     "diagnostics": _cmd_diagnostics, "list": _cmd_list, "cancel": _cmd_cancel,
-    "bundle": _cmd_bundle, "signal": _cmd_signal,
+    "bundle": _cmd_bundle, "signal": _cmd_signal, "submit": _cmd_submit,
+    "worker": _cmd_worker, "migrate": _cmd_migrate,
 }

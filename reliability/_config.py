@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from ._errors import ConfigurationError
 from ._plugins import load_plugins
+from ._postgres._url import is_postgres_url, mask_url, url_passwords
 
 __all__ = ["BreakerSettings", "SettingsSection", "WorkflowConfiguration", "environment_secrets",
            "load_configuration", "register_settings_section", "setting_error"]
@@ -172,6 +173,11 @@ class WorkflowConfiguration:
     circuit_breakers: Mapping[str, BreakerSettings] = field(default_factory=_default_breakers)
     # Workflows a batch runs at once
     concurrency: int = 8
+    # Where workflows live: "" keeps the file store under the project root;
+    # "postgresql://..." shares them with worker processes on many hosts. Shown masked.
+    store_url: str = ""
+    # How long a worker's claims outlive its last heartbeat (PostgreSQL store)
+    lease_seconds: float = 30.0
     # Registered sections' settings that differ from their defaults, by section name
     sections: Mapping[str, Any] = field(default_factory=dict)
 
@@ -213,11 +219,14 @@ class WorkflowConfiguration:
         for section in _SECTIONS.values():
             values = self.section(section.settings)
             found.extend(str(getattr(values, name) or "") for name in section.secrets)
+        if self.store_url:
+            found.extend(url_passwords(self.store_url))
         return [value for value in found if value] + environment_secrets(environ)
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a plain dict with every secret replaced, for logs and bundles."""
         data: dict[str, Any] = {name: getattr(self, name) for name in _CORE}
+        data["store_url"] = mask_url(self.store_url) if self.store_url else ""
         breakers = {name: dataclasses.asdict(settings)
                     for section in _SECTIONS.values()
                     for name, settings in section.breakers.items()}
@@ -349,7 +358,7 @@ def _convert_breakers(value: Any, source: str) -> dict[str, BreakerSettings]:
 _BOOLS = {"enable_monitoring", "enable_health_checks", "enable_recovery", "enable_persistence",
           "tune_interpreter"}
 _POSITIVE_NUMBERS = {"timeout_multiplier", "health_check_interval", "retry_max_delay",
-                     "retry_budget_seconds"}
+                     "retry_budget_seconds", "lease_seconds"}
 _DIRECTORIES = {"state_directory", "checkpoint_directory", "log_directory"}
 
 
@@ -371,6 +380,11 @@ def _check_core(name: str, value: object, source: str) -> None:
         raise setting_error(name, value, source, "one of " + ", ".join(LOG_FORMATS))
     if name == "durability" and value not in DURABILITY_MODES:
         raise setting_error(name, value, source, "one of " + ", ".join(DURABILITY_MODES))
+    if name == "store_url" and (not isinstance(value, str) or (
+            value and not is_postgres_url(value))):
+        shown = mask_url(value) if isinstance(value, str) else value
+        raise setting_error(name, shown, source, "empty (the file store) or a "
+                            "postgresql://user@host/database URL")
     if name in _DIRECTORIES and not isinstance(value, str):
         raise setting_error(name, value, source, "a string")
     if name in _DIRECTORIES and not value:

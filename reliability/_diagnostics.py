@@ -44,6 +44,8 @@ _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer|token|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1\2" + REDACTED),
     (re.compile(r"(?i)x-access-token:[^@\s]+@"), "x-access-token:" + REDACTED + "@"),
     (re.compile(r"(https?://)[^/@\s:]+:[^/@\s]+@"), r"\1" + REDACTED + "@"),
+    # A database URL's password: postgresql://user:***@host/db
+    (re.compile(r"(postgres(?:ql)?://[^/@\s:]+:)[^/@\s]+@"), r"\1" + REDACTED + "@"),
 )
 _SECRET_KEY = re.compile(r"(?i)(token|secret|password|passwd|authorization|api[_-]?key)")
 

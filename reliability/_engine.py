@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._clock import TimerHandle
 from ._context import DefinitionLike, RecoveryAction, StageContext, StageSpecLike
-from ._errors import ErrorCategory, StageTimeoutError, classify
+from ._errors import ErrorCategory, FencedError, StageTimeoutError, classify
 from ._logging import logger, redact_secrets, workflow_id_var
 from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, backoff_delays, next_delay
@@ -75,7 +75,7 @@ class LiveWorkflow:
     with ``stop()``; the engine and the watchdog fill in the rest.
     """
 
-    __slots__ = ("deadline", "in_handler", "last_beat", "log", "on_timer", "progress",
+    __slots__ = ("deadline", "fenced", "in_handler", "last_beat", "log", "on_timer", "progress",
                  "run", "stage_spec", "stage_started", "stop_reason", "task", "timeout_reason",
                  "timer", "unsynced", "warn_at", "warned")
 
@@ -98,6 +98,12 @@ class LiveWorkflow:
         self.progress: tuple[float, str] | None = None
         # durability="overlapped": the last stage-completion write, still on its way to disk
         self.unsynced: asyncio.Future[None] | None = None
+        self.fenced = False  # another worker owns it now: nothing more is written here
+
+    def fence(self) -> None:
+        """The claim is lost: stop now (the handler is cancelled) and write nothing more."""
+        self.fenced = True
+        self.stop("fenced")
 
     def stop(self, reason: str) -> None:
         """Ask the workflow to stop (``"cancel"``, ``"shutdown"``), ending ``interrupted``.
@@ -146,6 +152,8 @@ class Engine:
             if config.enable_health_checks and getattr(s, "health_check", False))
         self._actions: dict[str, RecoveryAction] = {**BUILTIN_ACTIONS,
                                                     **definition.recovery_actions}
+        # A store with leases (PostgreSQL): no stage starts while the lease may be lost.
+        self._leased = isinstance(getattr(type(self._store), "lease_valid", None), property)
 
     # ------------------------------------------------------------------ the workflow
 
@@ -194,6 +202,9 @@ class Engine:
             run.error = redact_secrets(f"{type(failure.error).__name__}: {failure.error}")
             run.error_category = classify(failure.error).value
             await self._end(run, failure.status, None)
+        except FencedError:  # a write was refused: the new owner carries it on
+            live.fenced = True
+            await self._end(run, "interrupted", "stopped here: another worker owns it now")
         except asyncio.CancelledError:
             # Cancelled from outside (task group, loop shutdown): keep it resumable.
             await self._end(run, "interrupted", "interrupted (cancelled); resumable")
@@ -222,7 +233,7 @@ class Engine:
     async def _final_save(self, live: LiveWorkflow) -> None:
         run = live.run
         run.updated_at = self._clock.time()
-        if not self._persistence:
+        if not self._persistence or live.fenced:
             return
         unsynced, live.unsynced = live.unsynced, None
         if unsynced is not None:  # the final write below covers it; only report a failure
@@ -251,6 +262,8 @@ class Engine:
         attempt = 0
         while True:
             attempt += 1
+            if self._leased and not getattr(self._store, "lease_valid", True):
+                await self._await_lease(live)
             fresh = run.revision == 0  # no snapshot of this workflow was ever taken
             started = self._begin_attempt(live, spec, attempt)
             if fresh and self._persistence:
@@ -262,7 +275,7 @@ class Engine:
                     raise Interrupted(live.stop_reason)
             try:
                 outputs = await self._attempt(live, spec, attempt)
-            except Interrupted:
+            except (Interrupted, FencedError):  # a refused mid-stage checkpoint: no retry
                 raise
             except Exception as error:
                 decision, delay = await self._decide(live, spec, error, attempt, retries_allowed,
@@ -286,6 +299,18 @@ class Engine:
             self._complete(run, spec, outputs, started, attempt)
             await self._save(live, spec, checkpoint=self._wants_checkpoint(run, spec))
             return
+
+    async def _await_lease(self, live: LiveWorkflow) -> None:
+        """Start no stage while this worker's lease may have run out (not renewed for half
+        of it): another worker may own the workflow by now (invariant 9)."""
+        self._log("warning", "Lease not renewed for half its length: waiting before "
+                  "stage %s", live.run.current_stage or "1")
+        while not getattr(self._store, "lease_valid", True):
+            if live.stop_reason is not None:
+                raise Interrupted(live.stop_reason)
+            await self._clock.sleep(0.05)
+        if live.stop_reason is not None:
+            raise Interrupted(live.stop_reason)
 
     async def _interruptible_sleep(self, live: LiveWorkflow, delay: float) -> None:
         """A retry wait that a cancel or shutdown ends at once, like a handler."""

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from ._analytics import performance_report
 from ._breaker import Breaker
 from ._clock import Clock, SystemClock
+from ._cluster import make_store
 from ._config import WorkflowConfiguration, load_configuration
 from ._context import DefinitionLike
 from ._engine import Engine, LiveWorkflow
@@ -49,7 +50,7 @@ from ._monitor import RuntimeMonitor
 from ._plugins import ResolvedTarget, TargetResolver, default_target_resolver
 from ._retry import RetryPolicy, retry_call
 from ._state import COMPLETED, PENDING, RESUMABLE, STATUSES, TERMINAL, WAITING, WorkflowRun
-from ._store import Claim, FileStore, LoadedState, Store
+from ._store import Claim, LoadedState, Store
 from ._tuning import hold_tuning, release_tuning
 from ._turns import Turns
 from ._waits import Waker, check_signal_name, encode_payload, signal_store
@@ -172,8 +173,9 @@ class Runtime:
         self._target_resolver = target_resolver
         self.project_root = Path(project_root).resolve()
         self.clock: Clock = clock or SystemClock()
-        self.store: Store = store or FileStore(self.resolve_path(self.config.state_directory),
-                                               self.resolve_path(self.config.checkpoint_directory))
+        # The file store, or the PostgreSQL store when config.store_url names one.
+        self.store: Store = store or make_store(self.config, self.project_root,
+                                                self._on_fenced)
         self.persistence = self.config.enable_persistence
         self.breakers: dict[str, Breaker] = {}
         self.error_handlers: list[ErrorHandler] = []
@@ -282,12 +284,12 @@ class Runtime:
         """Run one workflow to its end: a definition, or a path the target resolver turns into
         one (with this project's workflows installed, a prompt file for the development
         workflow)."""
-        definition, inputs, prompt_file = self._target(target, context)
+        definition, inputs, prompt_file = self.prepare_target(target, context)
         if self.shutting_down:
             raise WorkflowError("the runtime is shutting down; no new workflows start")
         await self.waker.start()  # a runtime that runs workflows wakes parked ones
-        run = self._new_run(definition, inputs, prompt_file)
-        return await self._execute(definition, run, PENDING)
+        run = self.new_run(definition, inputs, prompt_file)
+        return await self.execute_prepared(definition, run, PENDING)
 
     async def register(self, target: str | os.PathLike[str] | DefinitionLike, *,
                        context: Mapping[str, Any] | None = None) -> str:
@@ -296,20 +298,20 @@ class Runtime:
         ``resume(id)`` runs it. Until then ``resume_all()`` (in any process) finds it, so a
         batch stopped before it started every workflow is finished by ``resume --all``.
         """
-        definition, inputs, prompt_file = self._target(target, context)
+        definition, inputs, prompt_file = self.prepare_target(target, context)
         if not self.persistence:
             raise ConfigurationError("registering a workflow needs enable_persistence")
         if definition.import_path is None:
             raise ConfigurationError(f"definition {definition.name!r} must be bound to a "
                                      "module-level name to be registered and resumed")
-        run = self._new_run(definition, inputs, prompt_file)
+        run = self.new_run(definition, inputs, prompt_file)
         await self.store.save(run.workflow_id, run.to_state)
         # Kept here too: resume() in this process starts from it without reading the store
         # back, so it never depends on when the store's files catch up with its journal.
         self._registered[run.workflow_id] = (definition, run)
         return run.workflow_id
 
-    def _new_run(self, definition: DefinitionLike, inputs: dict[str, Any],
+    def new_run(self, definition: DefinitionLike, inputs: dict[str, Any],
                  prompt_file: str | None) -> WorkflowRun:
         return WorkflowRun(new_workflow_id(self.clock.time()), definition_name=definition.name,
                            definition_path=definition.import_path, context=inputs,
@@ -321,11 +323,11 @@ class Runtime:
         validate_workflow_id(workflow_id)
         registered = self._registered.pop(workflow_id, None)
         if registered is not None:
-            return await self._execute(registered[0], registered[1], PENDING)
+            return await self.execute_prepared(registered[0], registered[1], PENDING)
         prepared = self.prepare_resume(await self.store.load(workflow_id))
         if isinstance(prepared, WorkflowResult):
             return prepared
-        return await self._execute(*prepared)
+        return await self.execute_prepared(*prepared)
 
     def prepare_resume(self, loaded: LoadedState) -> tuple[DefinitionLike, WorkflowRun, str] | (
             WorkflowResult):
@@ -402,12 +404,12 @@ class Runtime:
             claims = [by_id[w] for w in ready]
         else:
             claims = [None] * len(ready)
-        started = await asyncio.gather(*(self._execute(*prepared, claim=claim)
+        started = await asyncio.gather(*(self.execute_prepared(*prepared, claim=claim)
                                          for prepared, claim in zip(ready.values(), claims,
                                                                     strict=True)))
         return [*failed, *started]
 
-    async def _execute(self, definition: DefinitionLike, run: WorkflowRun, at: str, *,
+    async def execute_prepared(self, definition: DefinitionLike, run: WorkflowRun, at: str, *,
                        claim: Claim | None = None) -> WorkflowResult:
         """Run ``run`` from machine state ``at`` (PENDING when new) under a claim."""
         await self.turns.turn()  # a burst of starts queues here, not in the loop
@@ -467,7 +469,7 @@ class Runtime:
                 "or install a workflow package that registers one")
         return resolver(target, dict(context or {}))
 
-    def _target(self, target: str | os.PathLike[str] | DefinitionLike,
+    def prepare_target(self, target: str | os.PathLike[str] | DefinitionLike,
                 context: Mapping[str, Any] | None) -> tuple[DefinitionLike, dict[str, Any],
                                                             str | None]:
         if isinstance(target, (str, os.PathLike)):
@@ -563,10 +565,10 @@ class Runtime:
         ``settle_woken()`` waits for them. A runtime's timer does this by itself for the
         deadlines it knows; a worker calls it now and then."""
         woken = await self.waker.start()
-        if rescan and self.waker._store is not None:
+        if rescan and self.waker.signals is not None:
             woken += await self.waker.rescan()
-        if self.waker._store is not None:
-            for workflow_id, _ in await self.waker._store.signal_notices():
+        if self.waker.signals is not None:
+            for workflow_id, _ in await self.waker.signals.signal_notices():
                 woken += self.waker.wake(workflow_id)
         return woken + self.waker.wake_due_now()
 
@@ -574,6 +576,40 @@ class Runtime:
         """Wait until no woken workflow runs; the results of those woken since last
         asked (a workflow that parks again is among them, ``waiting``)."""
         return await self.waker.settle()
+
+    # ------------------------------------------------------------------ workers (_cluster.py)
+
+    async def submit(self, target: str | os.PathLike[str] | DefinitionLike, *,
+                     context: Mapping[str, Any] | None = None, queue: str = "default") -> str:
+        """Queue a new workflow for any worker (``serve``, ``workflow-manager worker``) of
+        ``queue``, in any process or, with the PostgreSQL store, on any host; its ID.
+        With the file store it is saved ``pending`` for a worker on this host."""
+        from . import _cluster
+        return await _cluster.submit(self, target, context=context, queue=queue)
+
+    async def result(self, workflow_id: str,
+                     timeout: float | None = None) -> WorkflowResult:  # noqa: ASYNC109
+        """Wait for ``workflow_id`` to end (completed, failed, timed out or cancelled),
+        wherever it runs; TimeoutError after ``timeout`` seconds."""
+        from . import _cluster
+        return await _cluster.result(self, workflow_id, timeout)
+
+    async def serve(self, *, concurrency: int = 8, queue: str = "default",
+                    exit_when_idle: bool = False) -> int:
+        """Be a worker: claim queued workflows of ``queue`` (and dead workers' ones) and run
+        them, ``concurrency`` at once, until ``request_shutdown()`` (running stages stop
+        at their boundary and their claims are given back) or, with ``exit_when_idle``,
+        until none is queued or running anywhere. Returns how many it ran."""
+        from . import _cluster
+        return await _cluster.serve(self, concurrency=concurrency, queue=queue,
+                                    exit_when_idle=exit_when_idle)
+
+    def _on_fenced(self, workflow_id: str) -> None:
+        """The store refused a write for ``workflow_id`` (another worker owns it now): stop
+        it here at once, writing nothing more (docs/architecture.md, invariant 9)."""
+        live = self._live.get(workflow_id)
+        if live is not None:
+            live.fence()
 
     # ------------------------------------------------------------------ shared services
 

@@ -174,6 +174,11 @@ class Waker:
         self.started = False
 
     @property
+    def signals(self) -> SignalStore | None:
+        """The store's signals and parked index, once the waker has started; else None."""
+        return self._store
+
+    @property
     def parked_count(self) -> int:
         return len(self._parked)
 
@@ -313,7 +318,7 @@ class Waker:
             self._waking.discard(workflow_id)
             self._running.add(workflow_id)
             try:
-                self._results.append(await runtime._execute(*prepared, claim=claim))
+                self._results.append(await runtime.execute_prepared(*prepared, claim=claim))
             finally:
                 self._running.discard(workflow_id)
         except WorkflowError as error:

@@ -5,8 +5,8 @@ so ``import reliability`` works without it.
 """
 
 from ._schema import current_version, latest_version, migrate
-from ._store import WORK_CHANNEL, PostgresStore
+from ._store import RESULT_CHANNEL, WORK_CHANNEL, PostgresStore
 from ._url import DatabaseURL, is_postgres_url, mask_url, parse_url, scrub
 
-__all__ = ["WORK_CHANNEL", "DatabaseURL", "PostgresStore", "current_version",
+__all__ = ["RESULT_CHANNEL", "WORK_CHANNEL", "DatabaseURL", "PostgresStore", "current_version",
            "is_postgres_url", "latest_version", "mask_url", "migrate", "parse_url", "scrub"]

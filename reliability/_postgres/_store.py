@@ -74,10 +74,11 @@ from ._url import DatabaseURL, parse_url, scrub
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["WORK_CHANNEL", "PostgresStore"]
+__all__ = ["RESULT_CHANNEL", "WORK_CHANNEL", "PostgresStore"]
 
 Snapshot = Callable[[], dict[str, Any]]
 WORK_CHANNEL = "workflow_work"
+RESULT_CHANNEL = "workflow_result"  # payload: the ID of a workflow that ended
 CLAIMABLE = ("pending", "running", "interrupted")
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0  # reconnect backoff of the committer, seconds
 
@@ -339,7 +340,7 @@ class PostgresStore:
 
     # --- lifecycle
 
-    async def _connect_error(self, error: BaseException) -> DatabaseUnavailableError:
+    async def connect_error(self, error: BaseException) -> DatabaseUnavailableError:
         reason = scrub(f"{type(error).__name__}: {error}".replace("\n", " "), self.url.secret)
         return DatabaseUnavailableError(
             f"cannot use PostgreSQL at {self.url.server} ({self.url.masked}): {reason}")
@@ -356,7 +357,7 @@ class PostgresStore:
             pool = await asyncpg.create_pool(self.url.secret, min_size=1,
                                              max_size=self.pool_size)
         except Exception as error:
-            raise await self._connect_error(error) from None
+            raise await self.connect_error(error) from None
         try:
             async with pool.acquire() as connection:
                 if self.apply_migrations:
@@ -369,7 +370,7 @@ class PostgresStore:
         except Exception as error:
             await pool.close()
             if _connection_lost(error):
-                raise await self._connect_error(error) from None
+                raise await self.connect_error(error) from None
             raise
         self._pool = pool
         self._closing = False
@@ -498,7 +499,7 @@ class PostgresStore:
             except Exception as error:
                 if not _connection_lost(error) or self._closing:
                     failure = error if not _connection_lost(error) else (
-                        await self._connect_error(error))
+                        await self.connect_error(error))
                     failures = dict.fromkeys((w for w, _ in batch.waiters), failure)
                     break
                 self._mark_down(error)
@@ -844,3 +845,35 @@ class PostgresStore:
     def epoch_of(self, workflow_id: str) -> int | None:
         """The epoch this store holds ``workflow_id`` at, if it holds a claim on it."""
         return self._epochs.get(workflow_id)
+
+    # --- for the runtime's workers (submit, result, serve, cancel from any host)
+
+    async def notify_result(self, workflow_id: str) -> None:
+        """Tell every ``rt.result`` waiting anywhere that ``workflow_id`` ended (its final
+        state is committed before this is called)."""
+        await self._require_pool().execute("SELECT pg_notify($1, $2)", RESULT_CHANNEL,
+                                           workflow_id)
+
+    async def count_unfinished(self, queue: str) -> int:
+        """Workflows of ``queue`` not yet ended: queued, or running on any worker."""
+        count = await self._require_pool().fetchval(
+            "SELECT count(*) FROM workflows WHERE queue = $1 AND status = ANY($2::text[])",
+            queue, list(CLAIMABLE))
+        return int(count or 0)
+
+    async def request_cancel(self, workflow_id: str) -> None:
+        """Ask the worker running ``workflow_id`` (on any host) to stop it and mark it
+        cancelled; it sees the request at its next lease renewal."""
+        await self._require_pool().execute(
+            "INSERT INTO workflow_signals (workflow_id, kind) VALUES ($1, 'cancel')",
+            validate_workflow_id(workflow_id))
+
+    async def take_cancels(self, workflow_ids: Iterable[str]) -> list[str]:
+        """Those of ``workflow_ids`` with a cancel request not yet handled, marked handled."""
+        ids = list(workflow_ids)
+        if not ids:
+            return []
+        rows = await self._require_pool().fetch(
+            "UPDATE workflow_signals SET handled_at = now() WHERE handled_at IS NULL AND "
+            "kind = 'cancel' AND workflow_id = ANY($1::text[]) RETURNING workflow_id", ids)
+        return sorted({r["workflow_id"] for r in rows})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .._errors import ConfigurationError
 
-__all__ = ["DatabaseURL", "is_postgres_url", "mask_url", "parse_url", "scrub"]
+__all__ = ["DatabaseURL", "is_postgres_url", "mask_url", "parse_url", "scrub", "url_passwords"]
 
 SCHEMES = ("postgresql", "postgres")
 MASK = "***"
@@ -59,6 +59,12 @@ def _passwords(url: str) -> list[str]:
         found.append(environment)
     # Longest first: a password containing another is replaced whole.
     return sorted({p for p in found if p}, key=len, reverse=True)
+
+
+def url_passwords(url: str) -> list[str]:
+    """Every form of the password ``url`` (or ``PGPASSWORD``) carries, longest first: what
+    log and error redaction must replace."""
+    return _passwords(url)
 
 
 def scrub(text: str, url: str) -> str:

@@ -1,0 +1,400 @@
+"""Workers sharing workflows through PostgreSQL: store selection, submit/serve/result,
+fencing in the engine, the submit/worker/migrate commands, and real worker processes
+killed (SIGKILL), paused past their lease (SIGSTOP) and stopped (SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from cluster_workflows import EFFECTS, TINY, read_effects
+
+from reliability import Runtime, WorkflowConfiguration
+from reliability._cli import main
+from reliability._postgres import PostgresStore
+from reliability._store import FileStore
+
+ROOT = Path(__file__).resolve().parent.parent
+EFFECTS_PATH = "tests.cluster_workflows:EFFECTS"
+TINY_PATH = "tests.cluster_workflows:TINY"
+
+
+def _config(url: str = "", **settings: Any) -> WorkflowConfiguration:
+    return WorkflowConfiguration(store_url=url, enable_health_checks=False,
+                                 enable_monitoring=False, **settings)
+
+
+async def _rows(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    connection = await asyncpg.connect(url)
+    try:
+        return list(await connection.fetch(query, *args))
+    finally:
+        await connection.close()
+
+
+def _sync_rows(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    return asyncio.run(_rows(url, query, *args))
+
+
+def _wait_until(check: Callable[[], bool], what: str, limit: float = 90.0) -> None:
+    """Poll for an event (a row, a file); the limit only turns a hang into a failure."""
+    end = time.monotonic() + limit
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    """Poll for an event written by another task or process (a file, a record)."""
+    while not check():  # noqa: ASYNC110 (files and other processes have no events)
+        await asyncio.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_store_url_selects_the_store(tmp_path: Path, postgres_url: str) -> None:
+    """No store_url keeps the file store; a postgresql:// URL selects PostgresStore with
+    the configured lease."""
+    assert isinstance(Runtime(_config(), tmp_path).store, FileStore)
+    runtime = Runtime(_config(postgres_url, lease_seconds=7), tmp_path)
+    assert isinstance(runtime.store, PostgresStore)
+    assert runtime.store.lease_seconds == 7
+
+
+def test_store_url_password_is_masked_everywhere(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The store URL's password is masked in redacted settings, in --help, and in the one
+    line a command prints when the database cannot be reached."""
+    url = "postgresql://alice:Sup3rSecretPw@127.0.0.1:1/nowhere"
+    config = _config(url)
+    assert "Sup3rSecretPw" not in json.dumps(config.redacted())
+    assert "Sup3rSecretPw" in config.secret_values()
+    with pytest.raises(SystemExit):
+        main(["worker", "--help"])
+    code = main(["list", "--store", url, "--project-root", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code != 0 and "127.0.0.1:1" in err
+    assert "Sup3rSecretPw" not in out + err
+    code = main(["migrate", "--store", url])
+    out, err = capsys.readouterr()
+    assert code != 0 and "Sup3rSecretPw" not in out + err
+
+
+def test_environment_selects_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WORKFLOW_STORE_URL and WORKFLOW_LEASE_SECONDS are read like other settings; a URL
+    that is not postgresql:// is refused, masked."""
+    from reliability import load_configuration
+    monkeypatch.setenv("WORKFLOW_STORE_URL", "postgresql://u:pw1234@h/db")
+    monkeypatch.setenv("WORKFLOW_LEASE_SECONDS", "2.5")
+    config = load_configuration()
+    assert config.store_url == "postgresql://u:pw1234@h/db" and config.lease_seconds == 2.5
+    monkeypatch.setenv("WORKFLOW_STORE_URL", "mysql://u:pw1234@h/db")
+    with pytest.raises(Exception, match="store_url") as refused:
+        load_configuration()
+    assert "pw1234" not in str(refused.value)
+
+
+def test_migrate_command(postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`migrate` applies the schema once; a second run applies nothing."""
+    assert main(["migrate", "--store", postgres_url, "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["applied"] and first["version"] == first["applied"][-1]
+    assert main(["migrate", "--store", postgres_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"applied": [], "version": first["version"]}
+
+
+# --------------------------------------------------------------------------- Python API
+
+
+async def test_submit_serve_result_on_postgres(tmp_path: Path, postgres_url: str) -> None:
+    """Workflows submitted in one runtime are run by another's serve() and their results
+    are awaited from a third, each from its own connection."""
+    async with Runtime(_config(postgres_url), tmp_path) as submitter:
+        ids = [await submitter.submit(EFFECTS, context={"n": n}) for n in range(6)]
+        assert {r["status"] for r in await submitter.list_workflows()} == {"pending"}
+        async with Runtime(_config(postgres_url, lease_seconds=2), tmp_path) as worker:
+            serving = asyncio.ensure_future(worker.serve(concurrency=3, exit_when_idle=True))
+            async with Runtime(_config(postgres_url), tmp_path) as waiter:
+                results = [await waiter.result(i, timeout=60) for i in ids]
+            assert await serving == 6
+    assert [r.status for r in results] == ["completed"] * 6
+    assert results[0].outputs["three_by"] == os.getpid()
+
+
+async def test_result_times_out(tmp_path: Path, postgres_url: str) -> None:
+    """result() of a workflow nobody runs raises TimeoutError after its timeout."""
+    async with Runtime(_config(postgres_url), tmp_path) as runtime:
+        workflow_id = await runtime.submit(TINY)
+        with pytest.raises(TimeoutError, match="pending"):
+            await runtime.result(workflow_id, timeout=0.3)
+
+
+async def test_submit_and_serve_on_the_file_store(tmp_path: Path) -> None:
+    """Without a store URL, submit saves a pending workflow and serve runs it (one host)."""
+    async with Runtime(_config(), tmp_path) as runtime:
+        ids = [await runtime.submit(TINY) for _ in range(3)]
+        assert await runtime.serve(concurrency=2, exit_when_idle=True) == 3
+        assert {(await runtime.result(i, timeout=5)).status for i in ids} == {"completed"}
+
+
+async def test_run_workflow_on_postgres(tmp_path: Path, postgres_url: str) -> None:
+    """run() against the PostgreSQL store runs in this process as with the file store,
+    and leaves no queue entry for workers."""
+    async with Runtime(_config(postgres_url), tmp_path) as runtime:
+        result = await runtime.run(EFFECTS)
+    assert result.status == "completed"
+    rows = await _rows(postgres_url, "SELECT status, queue, owner FROM workflows")
+    assert [tuple(r) for r in rows] == [("completed", None, None)]
+
+
+# --------------------------------------------------------------------------- fencing
+
+
+async def test_a_refused_write_stops_the_workflow_at_once(tmp_path: Path,
+                                                          postgres_url: str,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """When another worker takes the workflow, the first one's next write is refused: its
+    handler is cancelled and nothing more is applied for it."""
+    monkeypatch.setenv("CLUSTER_EFFECTS", str(tmp_path))
+    monkeypatch.setenv("CLUSTER_STAGE_SECONDS", "0.3")
+    async with Runtime(_config(postgres_url, lease_seconds=30), tmp_path) as runtime:
+        workflow_id = await runtime.submit(EFFECTS)
+        serving = asyncio.ensure_future(runtime.serve(concurrency=1))
+        store = runtime.store
+        assert isinstance(store, PostgresStore)
+        await _until(lambda: any(r[0] == "done" and r[2] == "one"
+                                 for r in read_effects(tmp_path)))
+        # Another worker takes it over (as after this one's lease ran out).
+        taken = (await _rows(postgres_url, "UPDATE workflows SET owner = 'thief', "
+                             "epoch = epoch + 1 RETURNING now() AS at"))[0]["at"]
+        await _until(lambda: runtime.live(workflow_id) is None)
+        runtime.request_shutdown()
+        await serving
+    effects = read_effects(tmp_path)
+    assert not [e for e in effects if e[2] == "three"]  # it went no further here
+    applied = await _rows(postgres_url, "SELECT count(*) FROM workflow_writes WHERE owner = $1 "
+                          "AND applied AND kind = 'save' AND at >= $2", store.worker_id, taken)
+    refused = await _rows(postgres_url, "SELECT count(*) FROM workflow_writes WHERE owner = $1 "
+                          "AND NOT applied", store.worker_id)
+    assert applied[0][0] == 0 and refused[0][0] >= 1
+
+
+async def test_no_stage_starts_while_the_lease_may_be_lost(tmp_path: Path,
+                                                           postgres_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A worker that has not renewed for half its lease starts no stage until it renews."""
+    monkeypatch.setenv("CLUSTER_EFFECTS", str(tmp_path))
+    async with Runtime(_config(postgres_url, lease_seconds=30), tmp_path) as runtime:
+        store = runtime.store
+        assert isinstance(store, PostgresStore)
+        store._renewed_at -= 20  # as if the last renewal was 20 s ago (> half the lease)
+        workflow_id = await runtime.submit(EFFECTS)
+        claims = await store.claim_next(1)
+        task = asyncio.ensure_future(runtime.execute_prepared(
+            *runtime.prepare_resume(claims[0][1]), claim=claims[0][0]))  # type: ignore[misc]
+        for _ in range(20):
+            await asyncio.sleep(0.02)
+        assert read_effects(tmp_path) == [] and not task.done()
+        await store.renew()
+        result = await task
+    assert result.status == "completed" and result.workflow_id == workflow_id
+
+
+async def test_cancel_from_another_runtime_stops_a_running_workflow(
+        tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cancel` of a workflow running on a worker elsewhere is seen at the worker's next
+    renewal: it stops and ends cancelled, not resumed by any worker."""
+    monkeypatch.setenv("CLUSTER_EFFECTS", str(tmp_path))
+    monkeypatch.setenv("CLUSTER_STAGE_SECONDS", "30")
+    async with Runtime(_config(postgres_url, lease_seconds=1.5), tmp_path) as worker:
+        workflow_id = await worker.submit(EFFECTS)
+        serving = asyncio.ensure_future(worker.serve(concurrency=1))
+        await _until(lambda: bool(read_effects(tmp_path)))
+        canceller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "reliability", "cancel", workflow_id, "--store",
+            postgres_url, "--project-root", str(tmp_path), "--json", cwd=ROOT,
+            env=_env(tmp_path), stdout=asyncio.subprocess.PIPE)
+        out, _ = await canceller.communicate()
+        assert canceller.returncode == 0
+        result = await worker.result(workflow_id, timeout=30)
+        worker.request_shutdown()
+        await serving
+    assert result.status == "cancelled"
+    assert json.loads(out)["cancelled"] is True
+    assert not [e for e in read_effects(tmp_path) if e[0] == "done"]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _env(effects: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "CLUSTER_EFFECTS": str(effects),
+            "WORKFLOW_ENABLE_HEALTH_CHECKS": "false", **extra}
+
+
+def _worker(url: str, root: Path, effects: Path, *args: str,
+            **extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "reliability", "worker", "--store", url, "--project-root",
+         str(root), "--log-level", "WARNING", *args], cwd=ROOT,
+        env=_env(effects, **{"WORKFLOW_LEASE_SECONDS": "1.5", **extra}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _submit(url: str, root: Path, definition: str, count: int) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "reliability", "submit", "--definition", definition,
+         "--count", str(count), "--store", url, "--project-root", str(root), "--json"],
+        cwd=ROOT, env=_env(root), capture_output=True, check=True)
+    ids: list[str] = json.loads(done.stdout)["workflow_ids"]
+    return ids
+
+
+@pytest.fixture
+def workers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+        process.communicate()
+
+
+def _statuses(url: str) -> dict[str, int]:
+    rows = _sync_rows(url, "SELECT status, count(*) AS n FROM workflows GROUP BY status")
+    return {r["status"]: r["n"] for r in rows}
+
+
+def test_a_killed_worker_s_workflows_complete_elsewhere_once(
+        tmp_path: Path, postgres_url: str, workers: list[subprocess.Popen[bytes]]) -> None:
+    """3 workers, 300 queued workflows, one SIGKILLed mid-run: all complete, no stage
+    completes twice, and only the stages in flight in the killed worker ran again."""
+    effects = tmp_path / "effects"
+    effects.mkdir()
+    ids = _submit(postgres_url, tmp_path, EFFECTS_PATH, 300)
+    for _ in range(3):
+        workers.append(_worker(postgres_url, tmp_path, effects, "--concurrency", "20",
+                               "--exit-when-idle", CLUSTER_STAGE_SECONDS="0.02"))
+    victim = workers[0]
+    _wait_until(lambda: sum(1 for e in read_effects(effects) if e[0] == "done"
+                            and e[3] == victim.pid) >= 30, "the victim to complete stages")
+    victim.kill()
+    for process in workers[1:]:
+        assert process.wait(timeout=120) == 0, process.communicate()
+    assert _statuses(postgres_url) == {"completed": 300}
+    # Each stage's completion is recorded once per workflow (durable, in the database).
+    for row in _sync_rows(postgres_url, "SELECT state FROM workflows"):
+        state = json.loads(row["state"])
+        history = [e["stage"] for e in state["monitoring_state"]["stage_history"]
+                   if e["status"] == "completed"]
+        assert state["completed_stages"] == history == ["one", "two", "three"], state
+    rows = read_effects(effects)
+    assert {(e[1], e[2]) for e in rows if e[0] == "done"} == {
+        (i, s) for i in ids for s in ("one", "two", "three")}
+    starts: dict[tuple[str, str], int] = {}
+    for e in rows:
+        if e[0] == "start":
+            starts[(e[1], e[2])] = starts.get((e[1], e[2]), 0) + 1
+    reran = {key for key, n in starts.items() if n > 1}
+    victim_started = {(e[1], e[2]) for e in rows if e[0] == "start" and e[3] == victim.pid}
+    # Only stages the victim had in flight ran again, each once more, at most its
+    # concurrency of them.
+    assert reran <= victim_started
+    assert max(starts.values()) <= 2 and len(reran) <= 20
+    assert set(ids) == {e[1] for e in rows}
+
+
+def test_a_paused_worker_loses_its_workflows_and_writes_nothing_more(
+        tmp_path: Path, postgres_url: str, workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGSTOP a worker past its lease, another takes its workflows; after SIGCONT it
+    writes nothing more for them (the audit table) and starts no stage."""
+    effects = tmp_path / "effects"
+    effects.mkdir()
+    _submit(postgres_url, tmp_path, EFFECTS_PATH, 20)
+    paused = _worker(postgres_url, tmp_path, effects, "--concurrency", "20",
+                     CLUSTER_STAGE_SECONDS="0.5")
+    workers.append(paused)
+    _wait_until(lambda: len({e[1] for e in read_effects(effects)}) == 20,
+                "the first worker to start all 20")
+    paused.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    owner = _sync_rows(postgres_url, "SELECT DISTINCT owner FROM workflows")[0]["owner"]
+    other = _worker(postgres_url, tmp_path, effects, "--concurrency", "20",
+                    "--exit-when-idle", CLUSTER_STAGE_SECONDS="0.05")
+    workers.append(other)
+    assert other.wait(timeout=120) == 0, other.communicate()
+    assert _statuses(postgres_url) == {"completed": 20}
+    lost_at = _sync_rows(postgres_url, "SELECT max(at) AS at FROM workflow_writes "
+                                       "WHERE kind = 'requeue'")[0]["at"]
+    continued = time.monotonic()
+    paused.send_signal(signal.SIGCONT)
+    # It notices at its next renewal; wait for its refusals or its re-registration.
+    _wait_until(lambda: bool(_sync_rows(
+        postgres_url, "SELECT 1 FROM workflow_workers WHERE worker_id = $1", owner)),
+        "the paused worker to renew again")
+    paused.send_signal(signal.SIGTERM)
+    assert paused.wait(timeout=60) in (0, 130)
+    applied_after = _sync_rows(
+        postgres_url, "SELECT count(*) AS n FROM workflow_writes WHERE owner = $1 AND "
+                      "applied AND at > $2 AND kind <> 'requeue'", owner, lost_at)
+    assert applied_after[0]["n"] == 0
+    late_starts = [e for e in read_effects(effects)
+                   if e[0] == "start" and e[3] == paused.pid and e[4] > stopped_at]
+    assert late_starts == [], f"started after losing the lease: {late_starts}"
+    assert continued > stopped_at
+
+
+def test_sigterm_gives_claims_back_and_exits_130(
+        tmp_path: Path, postgres_url: str, workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM stops a worker's stages at their boundary, gives its claims back (another
+    worker takes them at once, before any lease runs out) and exits 130."""
+    effects = tmp_path / "effects"
+    effects.mkdir()
+    _submit(postgres_url, tmp_path, EFFECTS_PATH, 5)
+    first = _worker(postgres_url, tmp_path, effects, "--concurrency", "5",
+                    CLUSTER_STAGE_SECONDS="0.3", WORKFLOW_LEASE_SECONDS="600")
+    workers.append(first)
+    _wait_until(lambda: len({e[1] for e in read_effects(effects)}) == 5, "5 started")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 130
+    rows = _sync_rows(postgres_url, "SELECT status, owner FROM workflows")
+    assert {r["status"] for r in rows} == {"interrupted"} and {r["owner"] for r in rows} == {
+        None}
+    second = _worker(postgres_url, tmp_path, effects, "--exit-when-idle",
+                     CLUSTER_STAGE_SECONDS="0", WORKFLOW_LEASE_SECONDS="600")
+    workers.append(second)
+    assert second.wait(timeout=60) == 0
+    assert _statuses(postgres_url) == {"completed": 5}
+
+
+def test_claim_stress_every_epoch_claimed_once(
+        tmp_path: Path, postgres_url: str, workers: list[subprocess.Popen[bytes]]) -> None:
+    """4 workers, 2,000 tiny workflows: all complete, each (workflow, epoch) claimed once."""
+    _submit(postgres_url, tmp_path, TINY_PATH, 2000)
+    for _ in range(4):
+        workers.append(_worker(postgres_url, tmp_path, tmp_path, "--concurrency", "50",
+                               "--exit-when-idle"))
+    for process in workers:
+        assert process.wait(timeout=180) == 0, process.communicate()
+    assert _statuses(postgres_url) == {"completed": 2000}
+    duplicates = _sync_rows(postgres_url, "SELECT workflow_id, epoch FROM workflow_writes "
+                                          "WHERE kind = 'claim' GROUP BY 1, 2 HAVING count(*) > 1")
+    assert duplicates == []
+    claims = _sync_rows(postgres_url, "SELECT count(DISTINCT owner) AS owners, count(*) AS n "
+                                      "FROM workflow_writes WHERE kind = 'claim'")[0]
+    assert claims["n"] >= 2000 and claims["owners"] >= 2
