@@ -113,6 +113,45 @@ def _runner_options() -> argparse.ArgumentParser:
     return runner
 
 
+def metrics_options() -> argparse.ArgumentParser:
+    """``--metrics-port``/``--metrics-host``: a parent parser for the commands that run
+    workflows for long (``run``, ``batch``, ``worker``); see ``metrics_served``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("metrics")
+    group.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics while the "
+                            "command runs (0 picks a free port; needs prometheus_client)")
+    group.add_argument("--metrics-host", metavar="HOST", default="127.0.0.1",
+                       help="the address to serve metrics on (default: 127.0.0.1, this "
+                            "machine only)")
+    return parser
+
+
+@contextlib.asynccontextmanager
+async def metrics_served(runtime: Runtime, args: argparse.Namespace,
+                         console: Console | None = None) -> AsyncIterator[None]:
+    """Serve ``runtime``'s metrics for the block when ``--metrics-port`` was given."""
+    port = getattr(args, "metrics_port", None)
+    if port is None:
+        yield
+        return
+    try:
+        from ._metrics import serve_metrics
+        _, server = serve_metrics(runtime, host=args.metrics_host, port=port)
+    except ImportError as error:
+        raise ConfigurationError(f"--metrics-port needs prometheus_client ({error}); install "
+                                 "workflow-manager[dashboard]") from None
+    except OSError as error:
+        raise ConfigurationError(f"cannot serve metrics on {args.metrics_host}:{port}: "
+                                 f"{error.strerror or error}") from None
+    (console or Console(stderr=True)).print(
+        f"Metrics: http://{server.host}:{server.port}/metrics", style="dim")
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(server.close)
+
+
 def _definition_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--definition", metavar="MODULE:NAME",
                         help="a workflow definition to run instead of the installed default "
@@ -131,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exit codes: 0 all completed, 1 some failed or were interrupted, 2 usage or "
         "configuration error, 130 stopped by Ctrl-C")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common, runner = _common_options(), _runner_options()
+    common, runner, metrics = _common_options(), _runner_options(), metrics_options()
 
     def add(name: str, help_text: str, examples: str,
             parents: Sequence[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -142,14 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", "run one workflow for a prompt file and wait for it to end",
               _examples("run prompts/feature.md",
                         "run prompts/feature.md --max-retries 5 --log-level DEBUG",
-                        "run notes.md --definition mypackage.flows:REPORT --json"),
-              [common, runner])
+                        "run notes.md --definition mypackage.flows:REPORT --json",
+                        "run prompts/feature.md --metrics-port 9464"),
+              [common, runner, metrics])
     run.add_argument("prompt", metavar="PROMPT", help="the prompt file (Markdown)")
     _definition_option(run)
 
     batch = add("batch", "run many prompts concurrently in one process, with live progress",
                 _examples("batch prompts/", "batch a.md b.md prompts/ --concurrency 4",
-                          "batch prompts/ --report report.json --json"), [common, runner])
+                          "batch prompts/ --report report.json --json",
+                          "batch prompts/ --metrics-port 9464"), [common, runner, metrics])
     batch.add_argument("paths", metavar="PATH", nargs="+",
                        help="prompt files, or directories whose *.md files are prompts")
     batch.add_argument("--concurrency", type=int, metavar="N",
@@ -498,7 +539,7 @@ async def _cmd_run(args: argparse.Namespace, config: WorkflowConfiguration, root
     prompt = _prompt_path(args.prompt, root)
     definition = _definition(args)
     async with _runtime(config, root, console_level=_console_level(config, args),
-                        handle_signals=True) as runtime:
+                        handle_signals=True) as runtime, metrics_served(runtime, args):
         if definition is None:
             result = await runtime.run(str(prompt))
         else:
@@ -543,7 +584,8 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
     # worse (all of it at DEBUG); the daily log file always gets everything.
     console_level = "DEBUG" if config.log_level == "DEBUG" else "WARNING"
     async with _runtime(config, root, handle_signals=True, console=err,
-                        console_level=console_level) as runtime:
+                        console_level=console_level) as runtime, metrics_served(
+            runtime, args, err):
         tracker = BatchTracker(runtime, len(prompts))
         runtime.add_listener(tracker)
         items = await _batch_with_display(runtime, prompts, definition, config, tracker,

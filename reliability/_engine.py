@@ -338,6 +338,7 @@ class Engine:
         run.stage_history.append({"stage": spec.name, "started_at": run.stage_start_time,
                                   "duration": round(duration, 6), "baseline": baseline,
                                   "attempts": attempt, "status": status})
+        self.runtime.emit("stage_end", run, entry=run.stage_history[-1])
         return duration
 
     def _wants_checkpoint(self, run: WorkflowRun, spec: StageSpecLike) -> bool:
@@ -514,6 +515,7 @@ class Engine:
             logger.error("Stage %s timed out after %.1fs (%s); cancelling it", spec.name,
                          self._clock.monotonic() - live.stage_started, reason)
         live.timeout_reason = reason
+        self.runtime.emit("watchdog", live.run, stage=spec.name, level=reason)
         live.task.cancel()
 
     def _warn(self, live: _Live, spec: StageSpecLike, now: float) -> None:
@@ -521,6 +523,7 @@ class Engine:
             logger.warning("Stage %s still running after %.1fs (warning threshold %.1fs, "
                            "timeout in %.1fs)", spec.name, now - live.stage_started,
                            self._timing(spec)[1], live.deadline - now)
+        self.runtime.emit("watchdog", live.run, stage=spec.name, level="warning")
         self.runtime.spawn(self._on_warning(live, spec), f"warning-{live.run.workflow_id}")
 
     async def _on_warning(self, live: _Live, spec: StageSpecLike) -> None:

@@ -179,6 +179,7 @@ class Runtime:
         self._shared_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[Listener] = []
+        self._runtime_listeners: list[Callable[..., None]] = []
         self._sampler: HealthSampler | None = None
         self._policy = RetryPolicy(max_retries=self.config.max_retries,
                                    base_delay=self.config.retry_base_delay,
@@ -534,7 +535,8 @@ class Runtime:
             settings = self.config.breaker_settings(name)
             breaker = self.breakers[name] = Breaker(
                 name, failure_threshold=settings.failure_threshold,
-                recovery_timeout=settings.recovery_timeout, clock=self.clock)
+                recovery_timeout=settings.recovery_timeout, clock=self.clock,
+                notify=self.notify)
         return breaker
 
     async def guarded_call(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -560,7 +562,9 @@ class Runtime:
     def add_listener(self, listener: Listener) -> None:
         """``listener(event, run, **data)`` hears of each workflow's events: ``started``,
         ``stage`` (stage=, attempt=), ``retry`` (stage=, attempt=, delay=), ``progress``
-        (stage=, fraction=, message=) and ``finished`` (``run.status`` says how)."""
+        (stage=, fraction=, message=), ``stage_end`` (entry=, the stage's history entry),
+        ``watchdog`` (stage=, level= warning, timeout or heartbeat), ``held`` (status=) and
+        ``finished`` (``run.status`` says how)."""
         self._listeners.append(listener)
 
     def emit(self, event: str, run: WorkflowRun, **data: Any) -> None:
@@ -571,6 +575,20 @@ class Runtime:
                 listener(event, run, **data)
             except Exception:
                 logger.exception("Listener %r failed on %s", listener, event)
+
+    def add_runtime_listener(self, listener: Callable[..., None]) -> None:
+        """``listener(event, **data)`` hears of events that belong to no one workflow:
+        ``breaker`` (dependency=, state=), ``dependency_call`` (dependency=, outcome= ok,
+        error, rejected or rate_limited), ``loop_lag`` (seconds=) and ``health`` (check=,
+        a ``SystemHealthCheck``)."""
+        self._runtime_listeners.append(listener)
+
+    def notify(self, event: str, **data: Any) -> None:
+        for listener in self._runtime_listeners:
+            try:
+                listener(event, **data)
+            except Exception:
+                logger.exception("Runtime listener %r failed on %s", listener, event)
 
     def register_error_handler(self, handler: ErrorHandler) -> None:
         """``handler(workflow_id, error, stage, context)`` may return a strategy dict."""
@@ -612,6 +630,7 @@ class Runtime:
             status=status, cpu_usage=sample.cpu, memory_usage=sample.memory,
             disk_usage=sample.disk, recommendations=tuple(dict.fromkeys(advice)),
             timestamp=self.clock.time(), loop_lag_ms=self.loop_lag_ms, custom=custom)
+        self.notify("health", check=check_result)
         live = self._live.get(workflow_id) if workflow_id else None
         if live is not None:
             live.run.record_health_check(check_result.to_dict())
