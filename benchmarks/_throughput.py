@@ -53,11 +53,11 @@ async def run_runtime_case(plan: Plan, kind: str, count: int, *,
     root = plan.fresh_root(f"throughput-{kind}-{count}")
     async with runtime(root, configuration(persistence=True), store=_store(kind)) as rt:
         _require_store(rt, kind)
-        if metrics:
+        saves = FutureTimer(rt.store, "save_nowait", sample_every=SAVE_SAMPLE)
+        if metrics:  # after the timer: its sampler keeps the timer's wrapper in place
             from reliability._metrics import RuntimeMetrics
 
             RuntimeMetrics(rt)
-        saves = FutureTimer(rt.store, "save_nowait", sample_every=SAVE_SAMPLE)
         async with lag_monitor() as lag:
             started, cpu = time.perf_counter(), time.thread_time()
             await run_many(rt, FLOW, count)

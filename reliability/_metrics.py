@@ -80,6 +80,7 @@ class TelemetryCollector:
         )
 
         t = self._telemetry
+        t.fold_running()
 
         def counter(name: str, doc: str, labels: list[str],
                     values: Mapping[Any, int]) -> CounterMetricFamily:

@@ -18,6 +18,7 @@ import asyncio
 import bisect
 import contextlib
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -31,14 +32,16 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
     from ._state import WorkflowRun
 
-__all__ = ["DURATION_BUCKETS", "LAG_BUCKETS", "SAVE_BUCKETS", "Histogram", "Telemetry",
-           "health_level"]
+__all__ = ["DURATION_BUCKETS", "LAG_BUCKETS", "LIVE_LIMIT", "SAVE_BUCKETS", "WORKFLOW_EVENTS",
+           "Histogram", "RuntimeFile", "SaveSampler", "Telemetry", "health_level"]
 
 # Seconds. Stages run from milliseconds (tests, no-op stages) to hours (agents).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 SAVE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+WORKFLOW_EVENTS = ("started", "finished", "retry", "watchdog", "held")  # none per stage
+LIVE_LIMIT = 1000  # running workflows described in the runtime file
 _RECENT = 200  # breaker transitions and watchdog events kept for the dashboard
 _SERIES = 600  # health samples kept (10 minutes at one a second)
 
@@ -83,27 +86,15 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-class _LiveView:
-    """What the dashboard shows of one workflow running now (never persisted)."""
-
-    __slots__ = ("attempt", "definition", "events", "stage", "stage_began", "stage_started",
-                 "waiting")
-
-    def __init__(self, definition: str) -> None:
-        self.definition = definition
-        self.stage: str | None = None
-        self.attempt = 0
-        self.stage_started = 0.0  # wall time
-        self.stage_began = 0.0  # the runtime clock's monotonic time
-        self.waiting: dict[str, Any] | None = None  # a retry wait or admission hold
-        self.events: list[dict[str, Any]] = []  # warnings, timeouts, retries: wall times
-
-
 class Telemetry:
     """Counters of one runtime's workflows, stages, breakers, checkpoints and loop.
 
-    ``attach(runtime)`` subscribes it; everything else reads its fields. All of it runs on
-    the runtime's loop thread except ``snapshot``/collection, which copy under the GIL.
+    ``attach(runtime)`` subscribes it to the few events that are not per stage (start,
+    end, retry, watchdog, health hold). Stage durations and grades are folded from each
+    workflow's own stage history, which the engine keeps anyway: when it ends, and for
+    running workflows whenever the counters are read (a scrape, the runtime file). So a
+    stage costs the runtime nothing more with metrics on. Folding is under a lock because
+    a scrape reads from the metrics server's thread.
     """
 
     def __init__(self) -> None:
@@ -125,111 +116,121 @@ class Telemetry:
         self.loop_lag_seconds = Histogram(LAG_BUCKETS)
         self.health: dict[str, int] = {}
         self.health_series: deque[dict[str, Any]] = deque(maxlen=_SERIES)
-        self.live: dict[str, _LiveView] = {}
-        self._began: dict[str, float] = {}  # workflow ID -> monotonic start, while running
+        # Running workflows: [run, start (monotonic), history entries already folded]
+        self._running: dict[str, list[Any]] = {}
+        self._waiting: dict[str, dict[str, Any]] = {}  # retry waits and health holds
+        self._events: dict[str, list[dict[str, Any]]] = {}  # warnings, timeouts, retries
+        self._fold_lock = threading.Lock()
         self._runtime: Runtime | None = None
 
     # ------------------------------------------------------------------ wiring
 
     def attach(self, runtime: Runtime) -> Telemetry:
-        """Listen to ``runtime``'s events, and time its store's durable saves."""
+        """Listen to ``runtime``'s events, and sample its store's durable saves."""
         self._runtime = runtime
         self._now, self._monotonic = runtime.clock.time, runtime.clock.monotonic
-        runtime.add_listener(self.on_event)
+        runtime.add_listener(self.on_event, events=WORKFLOW_EVENTS)
         runtime.add_runtime_listener(self.on_runtime_event)
         for name, breaker in runtime.breakers.items():
             self.breaker_states[name] = breaker.state
-        _time_saves(runtime.store, self.checkpoint_seconds)
+        with contextlib.suppress(RuntimeError):  # no running loop: saves are not timed
+            SaveSampler(runtime.store, self.checkpoint_seconds).start()
         return self
 
     # ------------------------------------------------------------------ workflow events
 
     def on_event(self, event: str, run: WorkflowRun, **data: Any) -> None:
-        """A ``Runtime.add_listener`` listener; the stage events come first: most frequent."""
-        if event == "stage":
-            view = self.live.get(run.workflow_id)
-            if view is not None:
-                view.stage, view.attempt = data["stage"], data["attempt"]
-                view.stage_started = self._now()
-                view.stage_began = self._monotonic()
-                view.waiting = None
-        elif event == "stage_end":
-            entry: Mapping[str, Any] = data["entry"]
-            definition, stage, status = run.definition_name, entry["stage"], entry["status"]
-            duration = float(entry["duration"])
-            key = (definition, stage, status)
-            histogram = self.stage_seconds.get(key)
-            if histogram is None:
-                histogram = self.stage_seconds[key] = Histogram(DURATION_BUCKETS)
-            histogram.observe(duration)
-            if status == "completed":
-                baseline = float(entry.get("baseline") or 0.0)
-                grade = stage_status(duration / baseline if baseline > 0 else 0.0)
-                grade_key = (definition, stage, grade)
-                self.grades[grade_key] = self.grades.get(grade_key, 0) + 1
+        """A ``Runtime.add_listener`` listener for ``WORKFLOW_EVENTS``."""
+        if event == "started":
+            name = run.definition_name
+            self.started[name] = self.started.get(name, 0) + 1
+            self._running[run.workflow_id] = [run, self._monotonic(), len(run.stage_history)]
+            self._waiting.pop(run.workflow_id, None)  # held for health, now admitted
+        elif event == "finished":
+            self._on_finished(run)
         elif event == "retry":
             self._on_retry(run, data)
         elif event == "watchdog":
             self._on_watchdog(run, data)
-        elif event == "started":
-            self._on_started(run)
-        elif event == "finished":
-            self._on_finished(run)
         elif event == "held":
-            view = self.live.get(run.workflow_id)
-            if view is None:
-                view = self.live[run.workflow_id] = _LiveView(run.definition_name)
-            view.waiting = {"kind": "health", "status": data.get("status"),
-                            "since": self._now()}
-
-    def _on_started(self, run: WorkflowRun) -> None:
-        name = run.definition_name
-        self.started[name] = self.started.get(name, 0) + 1
-        self._began[run.workflow_id] = self._monotonic()
-        view = self.live.get(run.workflow_id)
-        if view is None:
-            self.live[run.workflow_id] = _LiveView(name)
-        else:
-            view.waiting = None  # held for health, now admitted
+            self._waiting[run.workflow_id] = {"kind": "health", "status": data.get("status"),
+                                              "since": self._now(),
+                                              "definition": run.definition_name}
 
     def _on_finished(self, run: WorkflowRun) -> None:
         key = (run.definition_name, run.status)
         self.finished[key] = self.finished.get(key, 0) + 1
-        began = self._began.pop(run.workflow_id, None)
-        self.live.pop(run.workflow_id, None)
-        if began is not None:
+        entry = self._running.get(run.workflow_id)
+        with self._fold_lock:
+            if entry is not None:
+                self._fold(entry)
+                del self._running[run.workflow_id]
+        self._waiting.pop(run.workflow_id, None)
+        self._events.pop(run.workflow_id, None)
+        if entry is not None:
             histogram = self.workflow_seconds.get(key)
             if histogram is None:
                 histogram = self.workflow_seconds[key] = Histogram(DURATION_BUCKETS)
-            histogram.observe(self._monotonic() - began)
+            histogram.observe(self._monotonic() - entry[1])
+
+    def _fold(self, entry: list[Any]) -> None:
+        """Count the stage history entries of ``entry``'s run not counted yet."""
+        run, _, done = entry
+        history = run.stage_history
+        if len(history) <= done:
+            return
+        definition = run.definition_name
+        stage_seconds, grades = self.stage_seconds, self.grades
+        for item in history[done:]:
+            stage, status = item["stage"], item["status"]
+            duration = float(item["duration"])
+            key = (definition, stage, status)
+            histogram = stage_seconds.get(key)
+            if histogram is None:
+                histogram = stage_seconds[key] = Histogram(DURATION_BUCKETS)
+            histogram.observe(duration)
+            if status == "completed":
+                baseline = float(item.get("baseline") or 0.0)
+                grade_key = (definition, stage,
+                             stage_status(duration / baseline if baseline > 0 else 0.0))
+                grades[grade_key] = grades.get(grade_key, 0) + 1
+        entry[2] = len(history)
+
+    def fold_running(self) -> None:
+        """Count the stages running workflows have finished so far (before reading)."""
+        with self._fold_lock:
+            for entry in list(self._running.values()):
+                self._fold(entry)
 
     def _on_retry(self, run: WorkflowRun, data: Mapping[str, Any]) -> None:
         stage = data["stage"]
-        category = str(run.errors[-1].get("category")) if run.errors else "unknown"
-        key = (run.definition_name, stage, category)
+        error = run.errors[-1] if run.errors else {}
+        category = str(error.get("category") or "unknown")
+        definition = run.definition_name
+        key = (definition, stage, category)
         self.retries[key] = self.retries.get(key, 0) + 1
-        view = self.live.get(run.workflow_id)
-        now = self._now()
-        if view is not None:
-            histogram_key = (run.definition_name, stage, "retried")
+        began, failed = error.get("started_at"), error.get("at")
+        if isinstance(began, (int, float)) and isinstance(failed, (int, float)):
+            histogram_key = (definition, stage, "retried")
             histogram = self.stage_seconds.get(histogram_key)
             if histogram is None:
                 histogram = self.stage_seconds[histogram_key] = Histogram(DURATION_BUCKETS)
-            histogram.observe(max(0.0, self._monotonic() - view.stage_began))
-            delay = float(data.get("delay") or 0.0)
-            view.waiting = {"kind": "retry", "stage": stage, "attempt": data["attempt"] + 1,
-                            "since": now, "until": now + delay, "category": category}
-            _keep(view.events, {"kind": "retry", "stage": stage, "attempt": data["attempt"],
-                                "at": now, "delay": delay, "category": category})
+            histogram.observe(max(0.0, failed - began))
+        now = self._now()
+        delay = float(data.get("delay") or 0.0)
+        self._waiting[run.workflow_id] = {
+            "kind": "retry", "stage": stage, "attempt": data["attempt"] + 1, "since": now,
+            "until": now + delay, "category": category, "definition": definition}
+        _keep(self._events.setdefault(run.workflow_id, []), {
+            "kind": "retry", "stage": stage, "attempt": data["attempt"], "at": now,
+            "delay": delay, "category": category})
 
     def _on_watchdog(self, run: WorkflowRun, data: Mapping[str, Any]) -> None:
         stage, level = data["stage"], data["level"]
         key = (run.definition_name, stage, level)
         self.watchdog[key] = self.watchdog.get(key, 0) + 1
-        view = self.live.get(run.workflow_id)
-        if view is not None:
-            _keep(view.events, {"kind": level, "stage": stage, "attempt": view.attempt,
-                                "at": self._now()})
+        _keep(self._events.setdefault(run.workflow_id, []), {
+            "kind": level, "stage": stage, "attempt": run.attempt, "at": self._now()})
 
     # ------------------------------------------------------------------ runtime events
 
@@ -264,22 +265,45 @@ class Telemetry:
     # ------------------------------------------------------------------ reading
 
     def current(self) -> dict[tuple[str, str], int]:
-        """``(definition, state) -> count`` of workflows in this process now."""
+        """``(definition, state) -> count`` of workflows in this process now: ``running``,
+        ``waiting_retry`` (between attempts) or ``held`` (waiting for health to start)."""
         counts: dict[tuple[str, str], int] = {}
-        for view in list(self.live.values()):
-            waiting = view.waiting
-            state = "running" if waiting is None else (
-                "waiting_retry" if waiting["kind"] == "retry" else "held")
-            key = (view.definition, state)
+        waiting = dict(self._waiting)
+        for workflow_id, entry in list(self._running.items()):
+            kind = (waiting.get(workflow_id) or {}).get("kind")
+            key = (entry[0].definition_name, "waiting_retry" if kind == "retry" and (
+                waiting[workflow_id]["attempt"] > entry[0].attempt) else "running")
             counts[key] = counts.get(key, 0) + 1
+        for workflow_id, view in waiting.items():
+            if view["kind"] == "health" and workflow_id not in self._running:
+                key = (str(view["definition"]), "held")
+                counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def snapshot(self) -> dict[str, Any]:
-        """The runtime's live picture as JSON: what the dashboard reads from the runtime file."""
+    def snapshot(self, limit: int = LIVE_LIMIT) -> dict[str, Any]:
+        """The runtime's live picture as JSON: what the dashboard reads from the runtime file
+        (at most ``limit`` running workflows in detail)."""
         runtime = self._runtime
         breakers = {}
+        workflows: dict[str, Any] = {}
         if runtime is not None:
             breakers = {name: b.snapshot() for name, b in list(runtime.breakers.items())}
+            now, monotonic = self._now(), self._monotonic()
+            for workflow_id in runtime.running[:limit]:
+                live = runtime.live(workflow_id)
+                if live is None:
+                    continue
+                run = live.run
+                waiting = self._waiting.get(workflow_id)
+                if waiting is not None and waiting.get("kind") == "retry" and (
+                        waiting["attempt"] <= run.attempt):
+                    waiting = None  # the retry has started
+                workflows[workflow_id] = {
+                    "definition": run.definition_name, "stage": run.current_stage,
+                    "attempt": run.attempt,
+                    "stage_started": now - (monotonic - live.stage_started),
+                    "in_handler": live.in_handler, "progress": live.progress,
+                    "waiting": waiting, "events": list(self._events.get(workflow_id, ()))}
         return {
             "pid": os.getpid(),
             "at": self._now(),
@@ -288,11 +312,8 @@ class Telemetry:
             "health": dict(self.health),
             "series": list(self.health_series),
             "loop_lag_ms": runtime.loop_lag_ms if runtime is not None else None,
-            "workflows": {
-                workflow_id: {"definition": v.definition, "stage": v.stage,
-                              "attempt": v.attempt, "stage_started": v.stage_started,
-                              "waiting": v.waiting, "events": list(v.events)}
-                for workflow_id, v in list(self.live.items())},
+            "running": len(self._running),
+            "workflows": workflows,
         }
 
 
@@ -301,36 +322,58 @@ def _keep(events: list[dict[str, Any]], event: dict[str, Any]) -> None:
     del events[:-50]
 
 
-SAVE_SAMPLE = 16  # one durable save in this many is timed
+SAVE_SAMPLE_SECONDS = 0.1  # at most one durable save timed per this many seconds
 
 
-def _time_saves(store: Any, histogram: Histogram) -> None:
-    """Time durable saves (call to durable) by wrapping the store's ``save_nowait``, which
-    ``save`` also goes through; any store with that method works, none is edited.
+class SaveSampler:
+    """Times one durable save (call to durable) every ``SAVE_SAMPLE_SECONDS``.
 
-    One save in ``SAVE_SAMPLE`` is timed: a done-callback on every save cost the
-    throughput benchmark ~5 %; a sample keeps the distribution and costs a counter. The
-    histogram's count is therefore the number of saves timed, not of saves made.
+    Wrapping every save cost the throughput benchmark several per cent; instead a timer
+    puts a wrapper on the store instance (``save_nowait``, which ``save`` goes through),
+    and the wrapper removes itself on its first call. Saves between samples pay nothing.
+    The histogram's count is the number of saves timed, not of saves made. Any store
+    with ``save_nowait`` works; none is edited.
     """
-    original = getattr(store, "save_nowait", None)
-    if original is None or getattr(original, "_timed", False):
-        return
-    monotonic = time.monotonic
-    countdown = [SAVE_SAMPLE]
 
-    def timed(workflow_id: str, snapshot: Any, **options: Any) -> asyncio.Future[None]:
-        countdown[0] -= 1
-        if countdown[0]:
-            return original(workflow_id, snapshot, **options)  # type: ignore[no-any-return]
-        countdown[0] = SAVE_SAMPLE
-        began = monotonic()
-        future: asyncio.Future[None] = original(workflow_id, snapshot, **options)
-        future.add_done_callback(lambda _: histogram.observe(monotonic() - began))
-        return future
+    def __init__(self, store: Any, histogram: Histogram, *,
+                 period: float | None = None) -> None:
+        self._store = store
+        self._histogram = histogram
+        self._period = SAVE_SAMPLE_SECONDS if period is None else period
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed: Any = None
 
-    timed._timed = True  # type: ignore[attr-defined]
-    with contextlib.suppress(AttributeError):  # a store with __slots__: not timed
-        store.save_nowait = timed
+    def start(self) -> None:
+        if getattr(self._store, "save_nowait", None) is not None:
+            self._arm()
+
+    def _arm(self) -> None:
+        store, monotonic, histogram = self._store, time.monotonic, self._histogram
+        # Another wrapper on the instance (a benchmark's timer) stays in place around ours.
+        previous = vars(store).get("save_nowait") if hasattr(store, "__dict__") else None
+        inner = store.save_nowait
+
+        def timed(workflow_id: str, snapshot: Any, **options: Any) -> asyncio.Future[None]:
+            if previous is not None:
+                store.save_nowait = previous
+            else:
+                del store.save_nowait  # back to the class's method until the next sample
+            self._timer = self._loop.call_later(self._period, self._arm)
+            began = monotonic()
+            future: asyncio.Future[None] = inner(workflow_id, snapshot, **options)
+            future.add_done_callback(lambda _: histogram.observe(monotonic() - began))
+            return future
+
+        try:
+            store.save_nowait = timed
+        except AttributeError:  # a store with __slots__: its saves are not timed
+            return
+        self._armed = timed
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class RuntimeFile:

@@ -178,7 +178,10 @@ class Runtime:
         self._shared: dict[str, Any] = {}
         self._shared_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._listeners: list[Listener] = []
+        self._listeners: list[Listener] = []  # hear every event
+        # Per event: the listeners above plus those that asked for it only, so a stage's
+        # events cost nothing for a listener that counts workflows.
+        self._listening: dict[str, list[Listener]] = {}
         self._runtime_listeners: list[Callable[..., None]] = []
         self._sampler: HealthSampler | None = None
         self._policy = RetryPolicy(max_retries=self.config.max_retries,
@@ -559,18 +562,25 @@ class Runtime:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener, *, events: Iterable[str] | None = None) -> None:
         """``listener(event, run, **data)`` hears of each workflow's events: ``started``,
         ``stage`` (stage=, attempt=), ``retry`` (stage=, attempt=, delay=), ``progress``
         (stage=, fraction=, message=), ``stage_end`` (entry=, the stage's history entry),
         ``watchdog`` (stage=, level= warning, timeout or heartbeat), ``held`` (status=) and
-        ``finished`` (``run.status`` says how)."""
-        self._listeners.append(listener)
+        ``finished`` (``run.status`` says how). With ``events``, only those."""
+        if events is None:
+            self._listeners.append(listener)
+            for listeners in self._listening.values():
+                listeners.append(listener)
+            return
+        for event in events:
+            self._listening.setdefault(event, list(self._listeners)).append(listener)
 
     def emit(self, event: str, run: WorkflowRun, **data: Any) -> None:
-        if not self._listeners:
+        listeners = self._listening.get(event, self._listeners)
+        if not listeners:
             return
-        for listener in self._listeners:
+        for listener in listeners:
             try:
                 listener(event, run, **data)
             except Exception:

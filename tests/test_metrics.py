@@ -20,7 +20,7 @@ from machines import StageContext, StageSpec, WorkflowDefinition
 from reliability import FakeClock, MemoryStore, Runtime, WorkflowConfiguration
 from reliability._errors import TransientError
 from reliability._metrics import RuntimeMetrics, serve_metrics
-from reliability._observe import SAVE_SAMPLE
+from reliability._observe import SAVE_SAMPLE_SECONDS
 
 HANG_FIRST: list[bool] = []
 
@@ -76,7 +76,7 @@ async def test_a_run_is_counted_under_the_issues_names_types_and_labels(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Started/finished, stage durations by outcome, a retry by category, the watchdog's
     warning and timeout, grades and checkpoints: each family with its type and labels."""
-    monkeypatch.setattr("reliability._observe.SAVE_SAMPLE", 1)  # time every save
+    monkeypatch.setattr("reliability._observe.SAVE_SAMPLE_SECONDS", 0.0)  # each iteration
     workflow_id, text = await run_flow(tmp_path, hang=True)
     found = families(text)
     expected = {
@@ -119,14 +119,51 @@ async def test_a_run_is_counted_under_the_issues_names_types_and_labels(
                  outcome="completed") == 1
 
 
-async def test_one_save_in_save_sample_is_timed(tmp_path: Path) -> None:
-    """Checkpoint timing samples: 32 durable saves time two of them."""
+async def test_one_save_per_sample_period_is_timed(tmp_path: Path) -> None:
+    """Checkpoint timing samples: of 32 saves queued at once one is timed; the next save
+    after the sample period is timed again, and the store's own method is back between."""
     async with Runtime(WorkflowConfiguration(enable_health_checks=False), tmp_path,
                        store=MemoryStore(), configure_logs=False) as runtime:
         metrics = RuntimeMetrics(runtime)
         await asyncio.gather(*(runtime.store.save("wf-1", dict) for _ in range(32)))
-        await asyncio.sleep(0)
-    assert metrics.telemetry.checkpoint_seconds.count == 32 // SAVE_SAMPLE == 2
+        assert metrics.telemetry.checkpoint_seconds.count == 1
+        assert "save_nowait" not in vars(runtime.store)  # unwrapped until the next sample
+        await asyncio.sleep(SAVE_SAMPLE_SECONDS * 1.5)  # the re-arm timer is due first
+        await asyncio.gather(*(runtime.store.save("wf-1", dict) for _ in range(32)))
+    assert metrics.telemetry.checkpoint_seconds.count == 2
+
+
+async def test_a_scrape_counts_the_stages_a_running_workflow_has_finished(
+        tmp_path: Path) -> None:
+    """Stage metrics are live: while a workflow waits in its second stage, a scrape shows
+    its first stage completed, and the end adds the rest exactly once."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(ctx: StageContext) -> None:
+        entered.set()
+        await release.wait()
+
+    flow = WorkflowDefinition("held", [StageSpec("first", fetch), StageSpec("second", hold)])
+    async with Runtime(WorkflowConfiguration(enable_health_checks=False), tmp_path,
+                       store=MemoryStore(), configure_logs=False) as runtime:
+        metrics = RuntimeMetrics(runtime)
+        running = asyncio.ensure_future(runtime.run(flow))
+        await entered.wait()
+        during = metrics.exposition().decode()
+        again = metrics.exposition().decode()
+        release.set()
+        await running
+        after = metrics.exposition().decode()
+    for text in (during, again):
+        assert value(text, "workflow_manager_stage_duration_seconds_count", workflow="held",
+                     stage="first", outcome="completed") == 1
+        assert value(text, "workflow_manager_workflows_current", workflow="held",
+                     state="running") == 1
+        assert 'stage="second"' not in text
+    assert value(after, "workflow_manager_stage_duration_seconds_count", workflow="held",
+                 stage="first", outcome="completed") == 1
+    assert value(after, "workflow_manager_stage_duration_seconds_count", workflow="held",
+                 stage="second", outcome="completed") == 1
 
 
 async def test_a_run_without_trouble_counts_no_retry_and_no_watchdog_event(
