@@ -128,28 +128,41 @@ def metrics_options() -> argparse.ArgumentParser:
 
 
 @contextlib.asynccontextmanager
-async def metrics_served(runtime: Runtime, args: argparse.Namespace,
-                         console: Console | None = None) -> AsyncIterator[None]:
-    """Serve ``runtime``'s metrics for the block when ``--metrics-port`` was given."""
-    port = getattr(args, "metrics_port", None)
-    if port is None:
-        yield
-        return
+async def observed(runtime: Runtime, args: argparse.Namespace,
+                   console: Console | None = None) -> AsyncIterator[None]:
+    """For a command that runs workflows (``run``, ``batch``, ``resume``, ``worker``):
+    count its events (``Telemetry``), publish its live view for the dashboard, and serve
+    Prometheus metrics when ``--metrics-port`` was given."""
+    from ._dashboard._source import runtime_directory
+    from ._observe import RuntimeFile, Telemetry
+
+    telemetry = Telemetry().attach(runtime)
+    published = RuntimeFile(telemetry, runtime_directory(runtime))
+    published.start(runtime)
+    server = None
     try:
-        from ._metrics import serve_metrics
-        _, server = serve_metrics(runtime, host=args.metrics_host, port=port)
-    except ImportError as error:
-        raise ConfigurationError(f"--metrics-port needs prometheus_client ({error}); install "
-                                 "workflow-manager[dashboard]") from None
-    except OSError as error:
-        raise ConfigurationError(f"cannot serve metrics on {args.metrics_host}:{port}: "
-                                 f"{error.strerror or error}") from None
-    (console or Console(stderr=True)).print(
-        f"Metrics: http://{server.host}:{server.port}/metrics", style="dim")
-    try:
+        port = getattr(args, "metrics_port", None)
+        if port is not None:
+            from ._metrics import serve_metrics
+
+            try:
+                _, server = serve_metrics(runtime, host=args.metrics_host, port=port,
+                                          telemetry=telemetry)
+            except OSError as error:
+                raise ConfigurationError(f"cannot serve metrics on {args.metrics_host}:{port}: "
+                                         f"{error.strerror or error}") from None
+            (console or Console(stderr=True)).print(
+                f"Metrics: http://{_host_for_url(server.host)}:{server.port}/metrics",
+                style="dim")
         yield
     finally:
-        await asyncio.to_thread(server.close)
+        if server is not None:
+            await asyncio.to_thread(server.close)
+        await published.stop()
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _definition_option(parser: argparse.ArgumentParser) -> None:
@@ -233,6 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("workflow_id", metavar="ID")
     bundle.add_argument("--output", metavar="FILE",
                         help="default: diagnostic-bundle-ID.json in the project root")
+
+    dashboard = add("dashboard", "serve a live web dashboard of this project's workflows "
+                                 "(read-only unless --allow-actions)",
+                    _examples("dashboard", "dashboard --port 9000",
+                              "dashboard --allow-actions   # with WORKFLOW_DASHBOARD_TOKEN set"),
+                    [common])
+    dashboard.add_argument("--port", type=int, default=8765, metavar="PORT",
+                           help="the port to serve on (default: 8765; 0 picks a free one)")
+    dashboard.add_argument("--host", default="127.0.0.1", metavar="HOST",
+                           help="the address to serve on (default: 127.0.0.1, this machine "
+                                "only; anything else exposes workflow data to the network)")
+    dashboard.add_argument("--allow-actions", action="store_true",
+                           help="allow cancel and resume (POST, with the token from "
+                                "WORKFLOW_DASHBOARD_TOKEN in 'Authorization: Bearer')")
+    dashboard.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
+                           help="how often the store is read for changes (default: 0.5)")
+
+    report = add("report", "render a batch report (the JSON 'batch' writes) as one "
+                           "self-contained HTML file with each workflow's stage timeline",
+                 _examples("report .github/workflow-reports/batch-20240115-142315.json --html",
+                           "report run.json --html --output run.html"), [common])
+    report.add_argument("report_file", metavar="RUN.json")
+    report.add_argument("--html", action="store_true", required=True,
+                        help="write HTML (the only format; the JSON is the input)")
+    report.add_argument("--output", metavar="FILE",
+                        help="default: the report's path with .html instead of .json")
 
     # Listed for --help only: main() hands "bench ..." to the benchmark harness as is.
     bench = add("bench", "measure the runtime against its performance targets (the same "
@@ -539,7 +578,7 @@ async def _cmd_run(args: argparse.Namespace, config: WorkflowConfiguration, root
     prompt = _prompt_path(args.prompt, root)
     definition = _definition(args)
     async with _runtime(config, root, console_level=_console_level(config, args),
-                        handle_signals=True) as runtime, metrics_served(runtime, args):
+                        handle_signals=True) as runtime, observed(runtime, args):
         if definition is None:
             result = await runtime.run(str(prompt))
         else:
@@ -555,7 +594,7 @@ async def _cmd_resume(args: argparse.Namespace, config: WorkflowConfiguration,
     if not args.all:
         validate_workflow_id(args.workflow_id)
     async with _runtime(config, root, console_level=_console_level(config, args),
-                        handle_signals=True) as runtime:
+                        handle_signals=True) as runtime, observed(runtime, args):
         if args.all:
             results = await runtime.resume_all()
         else:
@@ -584,8 +623,7 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
     # worse (all of it at DEBUG); the daily log file always gets everything.
     console_level = "DEBUG" if config.log_level == "DEBUG" else "WARNING"
     async with _runtime(config, root, handle_signals=True, console=err,
-                        console_level=console_level) as runtime, metrics_served(
-            runtime, args, err):
+                        console_level=console_level) as runtime, observed(runtime, args, err):
         tracker = BatchTracker(runtime, len(prompts))
         runtime.add_listener(tracker)
         items = await _batch_with_display(runtime, prompts, definition, config, tracker,
@@ -790,8 +828,74 @@ async def _cmd_bundle(args: argparse.Namespace, config: WorkflowConfiguration,
     return EXIT_OK
 
 
+async def _cmd_dashboard(args: argparse.Namespace, config: WorkflowConfiguration,
+                         root: Path) -> int:
+    try:
+        from ._dashboard import create_app, start_server
+    except ImportError as error:
+        raise ConfigurationError(f"the dashboard needs its extra ({error}); install "
+                                 "'workflow-manager[dashboard]'") from None
+    token = os.environ.get("WORKFLOW_DASHBOARD_TOKEN") or None
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1", "[::1]")
+    if args.host not in hosts:
+        # A wildcard address is reached by any of the machine's names: the user chose that.
+        hosts = (*hosts, args.host, "*") if args.host in ("0.0.0.0", "::") else (
+            *hosts, args.host)
+    config_path = args.config  # the resume subprocess starts in this directory too
+
+    async with _runtime(config, root, console_level="WARNING") as runtime:
+        app = create_app(runtime, allow_actions=args.allow_actions, token=token,
+                         poll_interval=args.poll_interval, allowed_hosts=hosts,
+                         config_path=config_path)
+        try:
+            server = await start_server(app, args.host, args.port)
+        except OSError as error:
+            raise ConfigurationError(str(error)) from None
+        print(f"Dashboard: http://{_host_for_url(args.host)}:{server.port}/ "
+              f"({'actions allowed with the token' if args.allow_actions else 'read-only'}"
+              "; Ctrl-C stops it)", file=sys.stderr, flush=True)
+        await server.wait()
+    return EXIT_OK
+
+
+async def _cmd_report(args: argparse.Namespace, config: WorkflowConfiguration,
+                      root: Path) -> int:
+    try:
+        from ._dashboard import render_report
+    except ImportError as error:
+        raise ConfigurationError(f"the HTML report needs the dashboard extra ({error}); "
+                                 "install 'workflow-manager[dashboard]'") from None
+    path = Path(args.report_file)
+    try:
+        report = json.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"cannot read report {path}: {error}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("workflows"), list):
+        raise ConfigurationError(f"{path} is not a batch report (no 'workflows' list)")
+    output = Path(args.output) if args.output else path.with_suffix(".html")
+    async with _runtime(config, root, console_level="WARNING") as runtime:
+        states: dict[str, Any] = {}
+        for row in report["workflows"]:
+            workflow_id = row.get("workflow_id") if isinstance(row, dict) else None
+            if not isinstance(workflow_id, str):
+                continue
+            try:
+                validate_workflow_id(workflow_id)
+                states[workflow_id] = (await runtime.store.load(workflow_id)).state
+            except (WorkflowError, ValueError):
+                continue  # its state is gone: the table still shows the row
+        secrets = config.secret_values()
+        html = render_report(redact(report, secrets), redact(states, secrets), runtime)
+    await asyncio.to_thread(output.write_text, html, encoding="utf-8")
+    if args.json:
+        _print_json({"report": str(path), "html": str(output)})
+    else:
+        _stdout().print(f"HTML report written to {escape(str(output))}")
+    return EXIT_OK
+
+
 _COMMANDS: dict[str, Command] = {
     "run": _cmd_run, "batch": _cmd_batch, "resume": _cmd_resume,
     "diagnostics": _cmd_diagnostics, "list": _cmd_list, "cancel": _cmd_cancel,
-    "bundle": _cmd_bundle,
+    "bundle": _cmd_bundle, "dashboard": _cmd_dashboard, "report": _cmd_report,
 }
