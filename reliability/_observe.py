@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +122,7 @@ class Telemetry:
         self._events: dict[str, list[dict[str, Any]]] = {}  # warnings, timeouts, retries
         self._fold_lock = threading.Lock()
         self._runtime: Runtime | None = None
+        self.on_change: Callable[[], None] | None = None  # a breaker moved: publish now
 
     # ------------------------------------------------------------------ wiring
 
@@ -247,6 +248,8 @@ class Telemetry:
             self.breaker_states[name] = state
             self.breaker_transitions.append({"dependency": name, "from": previous,
                                              "to": state, "at": self._now()})
+            if self.on_change is not None:
+                self.on_change()
         elif event == "health":
             self._on_health(data)
 
@@ -280,9 +283,10 @@ class Telemetry:
                 counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def snapshot(self, limit: int = LIVE_LIMIT) -> dict[str, Any]:
+    def snapshot(self, limit: int = LIVE_LIMIT,
+                 watched: Iterable[str] = ()) -> dict[str, Any]:
         """The runtime's live picture as JSON: what the dashboard reads from the runtime file
-        (at most ``limit`` running workflows in detail)."""
+        (at most ``limit`` running workflows; the whole record of those ``watched``)."""
         runtime = self._runtime
         breakers = {}
         workflows: dict[str, Any] = {}
@@ -299,14 +303,25 @@ class Telemetry:
                         waiting["attempt"] <= run.attempt):
                     waiting = None  # the retry has started
                 workflows[workflow_id] = {
-                    "definition": run.definition_name, "stage": run.current_stage,
+                    "definition": run.definition_path or run.definition_name,
+                    "definition_name": run.definition_name,
+                    "prompt_file": run.prompt_file or run.context.get("prompt_file"),
+                    "created_at": run.created_at, "updated_at": run.updated_at,
+                    "stage": run.current_stage,
                     "attempt": run.attempt,
                     "stage_started": now - (monotonic - live.stage_started),
                     "in_handler": live.in_handler, "progress": live.progress,
                     "waiting": waiting, "events": list(self._events.get(workflow_id, ()))}
+        states = {}
+        if runtime is not None:
+            for workflow_id in watched:
+                live = runtime.live(workflow_id)
+                if live is not None:
+                    states[workflow_id] = live_state(live.run)
         return {
             "pid": os.getpid(),
             "at": self._now(),
+            "states": states,
             "breakers": breakers,
             "breaker_transitions": list(self.breaker_transitions),
             "health": dict(self.health),
@@ -315,6 +330,27 @@ class Telemetry:
             "running": len(self._running),
             "workflows": workflows,
         }
+
+
+def live_state(run: WorkflowRun) -> dict[str, Any]:
+    """A running workflow's record in the stored state's shape, for the dashboard (made
+    without ``to_state``, which numbers each snapshot it takes)."""
+    return {
+        "workflow_id": run.workflow_id, "definition": run.definition_path,
+        "definition_name": run.definition_name, "prompt_file": run.prompt_file,
+        "status": run.status, "current_stage": run.current_stage,
+        "stage_start_time": run.stage_start_time, "attempt": run.attempt,
+        "completed_stages": list(run.completed_stages), "progress_data": dict(run.outputs),
+        "monitoring_state": {
+            "error_count": run.error_count, "retry_count": run.retry_count,
+            "recovery_attempts": run.recovery_attempts,
+            "recovery_successes": run.recovery_successes,
+            "stage_history": list(run.stage_history), "errors": list(run.errors),
+            "watchdog_events": list(run.watchdog_events)},
+        "error": run.error, "error_category": run.error_category,
+        "resumed_from": run.resumed_from, "created_at": run.created_at,
+        "updated_at": run.updated_at,
+    }
 
 
 def _keep(events: list[dict[str, Any]], event: dict[str, Any]) -> None:
@@ -378,10 +414,13 @@ class SaveSampler:
 
 class RuntimeFile:
     """Publishes a runtime's ``Telemetry.snapshot()`` to ``DIR/runtime-PID.json`` about once
-    a second, so a dashboard in another process shows breakers, health and live stages.
+    a second, and at once when a breaker changes state, so a dashboard in another process
+    shows breakers, health and live stages.
 
-    Written from a thread (atomic rename); the loop only builds the snapshot. Removed when
-    the runtime closes.
+    Written from a thread (atomic rename, mode 0600); the loop only builds the snapshot.
+    When the runtime closes, a last snapshot marked ``stopped`` stays: the dashboard shows
+    how the process left its breakers. Files of processes gone for a day are removed when
+    the next one starts.
     """
 
     def __init__(self, telemetry: Telemetry, directory: Path, *, period: float = 1.0) -> None:
@@ -389,39 +428,99 @@ class RuntimeFile:
         self.path = directory / f"runtime-{os.getpid()}.json"
         self._period = period
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._sampler: Any = None
 
     def start(self, runtime: Runtime) -> None:
+        from ._health import HealthSampler
+
+        self._sampler = HealthSampler(runtime.project_root, runtime.clock, min_interval=0.0)
+        self._telemetry.on_change = self._wake.set
         self._task = asyncio.get_running_loop().create_task(self._publish(runtime),
                                                             name="runtime-file")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(self.path.unlink)
+        self._telemetry.on_change = None
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        await self._write(stopped=True)
 
     async def _publish(self, runtime: Runtime) -> None:
-        import orjson
-
-        from ._health import HealthSampler
-
-        sampler = HealthSampler(runtime.project_root, runtime.clock, min_interval=0.0)
+        await asyncio.to_thread(_remove_stale, self.path.parent)
         while True:
-            sample = await asyncio.to_thread(sampler.sample)
+            sample = await asyncio.to_thread(self._sampler.sample)
             self._telemetry.sample_resources(sample.cpu, sample.memory, sample.disk,
                                              runtime.loop_lag_ms)
-            document = orjson.dumps(self._telemetry.snapshot(), default=str)
-            # A failed write: the dashboard shows the runtime as gone; the workflows go on.
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(_write_atomically, self.path, document)
-            await asyncio.sleep(self._period)
+            await self._write()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._period):
+                    await self._wake.wait()
+
+    async def _write(self, *, stopped: bool = False) -> None:
+        import orjson
+
+        watched = [] if stopped else await asyncio.to_thread(_watched,
+                                                             self.path.parent / "watch")
+        snapshot = self._telemetry.snapshot(watched=watched)
+        if stopped:
+            snapshot["stopped"] = True
+            snapshot["workflows"] = {}
+        document = orjson.dumps(snapshot, default=str, option=orjson.OPT_NON_STR_KEYS)
+        # A failed write: the dashboard shows the runtime as gone; the workflows go on.
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(_write_atomically, self.path, document)
+
+
+STALE_SECONDS = 86_400.0
+
+
+def _remove_stale(directory: Path) -> None:
+    """Runtime files of processes that ended over a day ago."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for path in directory.glob("runtime-*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(path.stem.removeprefix("runtime-"))
+                if pid != os.getpid() and now - path.stat().st_mtime > STALE_SECONDS:
+                    path.unlink()
+
+
+WATCH_SECONDS = 60.0  # a dashboard page asks again each time it refreshes
+
+
+def _watched(directory: Path) -> list[str]:
+    """Workflow IDs a dashboard viewed within WATCH_SECONDS (files named by the ID)."""
+    from ._ids import validate_workflow_id
+
+    found: list[str] = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            validate_workflow_id(entry.name)
+            if now - entry.stat(follow_symlinks=False).st_mtime <= WATCH_SECONDS:
+                found.append(entry.name)
+        except (ValueError, OSError):
+            continue
+    return found
 
 
 def _write_atomically(path: Path, document: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_bytes(document)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(document)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
     os.replace(temporary, path)

@@ -36,9 +36,13 @@ if TYPE_CHECKING:
 __all__ = ["RESUMABLE_STATUSES", "create_app", "render_report", "timeline_context"]
 
 _HERE = Path(__file__).parent
+_ENDED = frozenset({"completed", "failed", "timed_out", "cancelled", "interrupted"})
 RESUMABLE_STATUSES = ("pending", "running", "interrupted")
-_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+# Scripts and style sheets only from the app itself. Style attributes are allowed: the
+# timeline places its bars with them (numbers the server computed), and they run no code.
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+        "style-src-attr 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
 def _templates() -> Any:
@@ -200,17 +204,30 @@ def create_app(runtime: Runtime, *, allow_actions: bool = False, token: str | No
         workflow_id = request.path_params["workflow_id"]
         try:
             validate_workflow_id(workflow_id)
-            loaded = await runtime.store.load(workflow_id)
-        except (WorkflowError, ValueError) as error:
+        except ValueError as error:
             return page("missing.html", status_code=404, message=str(error))
-        state = redact(loaded.state, secrets)
+        await source.watch(workflow_id)
+        raw = source.live_state(workflow_id)
+        try:
+            loaded = (await runtime.store.load(workflow_id)).state
+        except WorkflowError as error:
+            if raw is None:
+                if source.live(workflow_id) is None:
+                    return page("missing.html", status_code=404, message=str(error))
+                raw = {"workflow_id": workflow_id, "status": "running",
+                       "current_stage": (source.live(workflow_id) or {}).get("stage")}
+            loaded = raw
+        if raw is None or (loaded.get("status") in _ENDED and float(
+                loaded.get("updated_at") or 0) >= float(raw.get("updated_at") or 0)):
+            raw = loaded  # the store's record is the newest
+        state = redact(raw, secrets)
         now = time.time()
         live = source.live(workflow_id)
         monitoring = state.get("monitoring_state") or {}
         from .._runtime import result_for
         from .._state import WorkflowRun
 
-        advice = result_for(WorkflowRun.from_state(loaded.state)).recovery_recommendations
+        advice = result_for(WorkflowRun.from_state(raw)).recovery_recommendations
         return page("workflow.html" if not request.query_params.get("fragment")
                     else "workflow_body.html",
                     state=state, timeline=timeline_context(runtime, state, now, live),
@@ -252,6 +269,11 @@ def create_app(runtime: Runtime, *, allow_actions: bool = False, token: str | No
 
     async def api_health(request: Request) -> Response:
         return json_response({**source.health(), "counts": source.counts()})
+
+    async def no_icon(request: Request) -> Response:
+        from starlette.responses import Response as Empty
+
+        return Empty(status_code=204)  # browsers ask even for JSON pages
 
     async def events(request: Request) -> Response:
         raw = request.headers.get("last-event-id") or request.query_params.get("after")
@@ -334,7 +356,7 @@ def create_app(runtime: Runtime, *, allow_actions: bool = False, token: str | No
         Route("/health", health), Route("/events", events), Route("/metrics", metrics),
         Route("/api/workflows", api_workflows),
         Route("/api/workflows/{workflow_id}", api_workflow),
-        Route("/api/health", api_health),
+        Route("/api/health", api_health), Route("/favicon.ico", no_icon),
         Route("/api/workflows/{workflow_id}/cancel", cancel, methods=["POST"]),
         Route("/api/workflows/{workflow_id}/resume", resume, methods=["POST"]),
         Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),

@@ -46,8 +46,11 @@ async def start_server(app: Any, host: str, port: int, *,
             else:  # embedded (tests): the caller stops it
                 yield
 
+    # Live event streams never end by themselves: on shutdown give them a moment, then
+    # close them.
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                   lifespan="on", access_log=False))
+                                   lifespan="on", access_log=False,
+                                   timeout_graceful_shutdown=1))
     task = asyncio.ensure_future(server.serve())
     waiting = asyncio.ensure_future(ready.wait())
     await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["BUFFERED_EVENTS", "DashboardSource", "Event", "runtime_directory"]
 
 BUFFERED_EVENTS = 20_000
+ENDED_SHOWN = 3  # processes that ended, kept on /health with how they left their breakers
 KEEP_ALIVE = 15.0  # seconds between comments on an idle stream
 _KEY_FIELDS = ("status", "current_stage", "updated_at", "error")
 
@@ -90,10 +91,11 @@ class DashboardSource:
             await asyncio.sleep(max(self.poll_interval, 2 * (time.monotonic() - began)))
 
     async def poll(self) -> None:
-        rows = {str(r["workflow_id"]): redact(r, self._secrets)
-                for r in await self.runtime.list_workflows()}
+        stored = {str(r["workflow_id"]): r for r in await self.runtime.list_workflows()}
         runtimes = await asyncio.to_thread(_read_runtime_files,
                                            runtime_directory(self.runtime))
+        rows = {workflow_id: redact(row, self._secrets)
+                for workflow_id, row in _merge(stored, runtimes).items()}
         events: list[tuple[str, Any]] = []
         for workflow_id, row in rows.items():
             before = self.rows.get(workflow_id)
@@ -148,8 +150,35 @@ class DashboardSource:
                 return {**found, "pid": view.get("pid")}
         return None
 
+    def live_state(self, workflow_id: str) -> dict[str, Any] | None:
+        """The whole record of a running workflow, from a process that publishes it (once
+        ``watch`` asked for it)."""
+        for view in self.runtimes.values():
+            if view.get("alive"):
+                found = (view.get("states") or {}).get(workflow_id)
+                if isinstance(found, dict):
+                    return found
+        return None
+
+    async def watch(self, workflow_id: str) -> None:
+        """Ask the processes running ``workflow_id`` to publish its whole record (for a
+        minute): a file named by the ID, whose time they read."""
+        path = runtime_directory(self.runtime) / "watch" / workflow_id
+
+        def touch() -> None:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+
+        with contextlib.suppress(OSError):  # read-only disk: pages show the stored record
+            await asyncio.to_thread(touch)
+
     def health(self) -> dict[str, Any]:
-        return {"runtimes": [redact(v, self._secrets) for v in self.runtimes.values()]}
+        """Running processes first, then the last few that ended (newest first)."""
+        views = sorted(self.runtimes.values(),
+                       key=lambda v: (not v.get("alive"), -float(v.get("at") or 0)))
+        running = [v for v in views if v.get("alive")]
+        ended = [v for v in views if not v.get("alive")][:ENDED_SHOWN]
+        return {"runtimes": [redact(v, self._secrets) for v in (*running, *ended)]}
 
     # ------------------------------------------------------------------ streaming
 
@@ -182,6 +211,33 @@ class DashboardSource:
         return True
 
 
+_ENDED = frozenset({"completed", "failed", "timed_out", "cancelled", "interrupted"})
+
+
+def _merge(stored: dict[str, dict[str, Any]],
+           runtimes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The store's rows, with each workflow a live process runs shown as it is now.
+
+    A store may keep a running workflow's newest record where only its writer reads it
+    (the file store's journal, until a checkpoint): the process running it publishes it.
+    A row the store says ended, newer than the live view, wins (the process ended it)."""
+    rows = dict(stored)
+    for view in runtimes.values():
+        if not view.get("alive"):
+            continue
+        for workflow_id, live in (view.get("workflows") or {}).items():
+            row = rows.get(workflow_id)
+            if row is not None and row.get("status") in _ENDED and float(
+                    row.get("updated_at") or 0) >= float(live.get("updated_at") or 0):
+                continue
+            rows[workflow_id] = {
+                "workflow_id": workflow_id, "status": "running",
+                "current_stage": live.get("stage"), "definition": live.get("definition"),
+                "prompt_file": live.get("prompt_file"), "created_at": live.get("created_at"),
+                "updated_at": live.get("updated_at"), "error": None}
+    return rows
+
+
 def _health_view(runtimes: Mapping[str, Mapping[str, Any]]) -> Any:
     return [(v.get("pid"), v.get("breakers"), v.get("health"))
             for _, v in sorted(runtimes.items())]
@@ -203,7 +259,8 @@ def _read_runtime_files(directory: Path) -> dict[str, dict[str, Any]]:
         if not isinstance(document, dict):
             continue
         pid = document.get("pid")
-        document["alive"] = isinstance(pid, int) and _alive(pid)
+        document["alive"] = isinstance(pid, int) and not document.get("stopped") and _alive(
+            pid)
         found[path.name] = document
     return found
 

@@ -83,6 +83,9 @@
           document.getElementById(targetId).replaceChildren(...doc.body.childNodes);
           bindActions();
         }
+      } catch (error) {
+        // The server is away (restarting, stopped): the live marker says so; the next
+        // event after it reconnects refreshes again.
       } finally { refreshing = null; }
     }, 150);
   }
