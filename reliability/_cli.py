@@ -60,6 +60,7 @@ from ._logging import (
     logger,
     shutdown_logging,
 )
+from ._metrics import MetricsServer
 from ._plugins import load_plugins
 from ._runtime import Runtime, WorkflowResult, resolve_definition
 from ._state import STATUSES, WorkflowRun
@@ -129,12 +130,11 @@ def metrics_options() -> argparse.ArgumentParser:
 
 @contextlib.asynccontextmanager
 async def observed(runtime: Runtime, args: argparse.Namespace,
-                   console: Console | None = None) -> AsyncIterator[None]:
+                   console: Console | None = None) -> AsyncIterator[MetricsServer | None]:
     """For a command that runs workflows (``run``, ``batch``, ``resume``, ``worker``):
     count its events (``Telemetry``), publish its live view for the dashboard, and serve
-    Prometheus metrics when ``--metrics-port`` was given."""
-    from ._dashboard._source import runtime_directory
-    from ._observe import RuntimeFile, Telemetry
+    Prometheus metrics when ``--metrics-port`` was given (the server is yielded)."""
+    from ._observe import RuntimeFile, Telemetry, runtime_directory
 
     telemetry = Telemetry().attach(runtime)
     published = RuntimeFile(telemetry, runtime_directory(runtime))
@@ -154,7 +154,7 @@ async def observed(runtime: Runtime, args: argparse.Namespace,
             (console or Console(stderr=True)).print(
                 f"Metrics: http://{_host_for_url(server.host)}:{server.port}/metrics",
                 style="dim")
-        yield
+        yield server
     finally:
         if server is not None:
             await asyncio.to_thread(server.close)

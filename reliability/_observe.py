@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from ._state import WorkflowRun
 
 __all__ = ["DURATION_BUCKETS", "LAG_BUCKETS", "LIVE_LIMIT", "SAVE_BUCKETS", "WORKFLOW_EVENTS",
-           "Histogram", "RuntimeFile", "SaveSampler", "Telemetry", "health_level"]
+           "Histogram", "RuntimeFile", "SaveSampler", "Telemetry", "health_level",
+           "runtime_directory"]
 
 # Seconds. Stages run from milliseconds (tests, no-op stages) to hours (agents).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -44,6 +45,11 @@ WORKFLOW_EVENTS = ("started", "finished", "retry", "watchdog", "held")  # none p
 LIVE_LIMIT = 1000  # running workflows described in the runtime file
 _RECENT = 200  # breaker transitions and watchdog events kept for the dashboard
 _SERIES = 600  # health samples kept (10 minutes at one a second)
+
+
+def runtime_directory(runtime: Runtime) -> Path:
+    """Where running processes publish their live view: beside the workflows' states."""
+    return runtime._path(runtime.config.state_directory) / ".runtime"
 
 
 def health_level(status: str | HealthStatus) -> int:

@@ -4,6 +4,7 @@ registry of the runtime's own, served over HTTP by run and batch with --metrics-
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import urllib.request
 from pathlib import Path
@@ -262,3 +263,46 @@ def test_run_and_batch_take_the_metrics_options() -> None:
     assert (batch.metrics_port, batch.metrics_host) == (0, "::")
     with pytest.raises(SystemExit):
         parser.parse_args(["list", "--metrics-port", "1"])
+
+
+async def test_commands_serve_metrics_and_publish_their_live_view(tmp_path: Path) -> None:
+    """What run/batch/resume do (observed): /metrics over HTTP counts the workflow; the
+    runtime file shows it running with its breaker, and stays marked stopped after."""
+    import argparse
+    import json
+
+    from reliability._cli import observed
+    from reliability._observe import runtime_directory
+
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(ctx: StageContext) -> None:
+        ctx.breaker("forge")
+        entered.set()
+        await release.wait()
+
+    flow = WorkflowDefinition("observed", [StageSpec("hold", hold)])
+    args = argparse.Namespace(metrics_port=0, metrics_host="127.0.0.1")
+    async with Runtime(WorkflowConfiguration(enable_health_checks=False), tmp_path,
+                       store=MemoryStore(), configure_logs=False) as runtime:
+        path = runtime_directory(runtime) / f"runtime-{os.getpid()}.json"
+        async with observed(runtime, args) as server:
+            assert server is not None
+            running = asyncio.ensure_future(runtime.run(flow))
+            await entered.wait()
+            # Written by the publisher's task (each second): a file has no event to await.
+            while not path.exists() or '"observed"' not in path.read_text():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            live = json.loads(path.read_text())
+            release.set()
+            await running
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{server.port}/metrics", timeout=10).read().decode())
+        ended = json.loads(path.read_text())
+    (view,) = live["workflows"].values()
+    assert (view["stage"], view["definition_name"]) == ("hold", "observed")
+    assert live["breakers"]["forge"]["state"] == "closed"
+    assert value(body, "workflow_manager_workflows_finished_total", workflow="observed",
+                 outcome="completed") == 1
+    assert ended["stopped"] is True and ended["workflows"] == {}
+    assert oct(path.stat().st_mode & 0o777) == "0o600"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._diagnostics import redact
+from .._observe import runtime_directory
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -30,11 +31,6 @@ BUFFERED_EVENTS = 20_000
 ENDED_SHOWN = 3  # processes that ended, kept on /health with how they left their breakers
 KEEP_ALIVE = 15.0  # seconds between comments on an idle stream
 _KEY_FIELDS = ("status", "current_stage", "updated_at", "error")
-
-
-def runtime_directory(runtime: Runtime) -> Path:
-    """Where running processes publish their live view: beside the workflows' states."""
-    return runtime._path(runtime.config.state_directory) / ".runtime"
 
 
 class Event:
