@@ -22,7 +22,7 @@ import httpx
 from machines import StageContext, StageSpec, WorkflowDefinition
 from reliability import ConfigurationError, MemoryStore, Runtime, WorkflowConfiguration
 from reliability._cli import main
-from reliability._dashboard import create_app, start_server, timeline
+from reliability._dashboard import create_app, estimated_finish, start_server, timeline
 from reliability._diagnostics import stored_diagnostics
 
 TOKEN = "s3cret-dashboard-token"
@@ -222,6 +222,16 @@ def test_timeline_has_a_bar_per_attempt_a_retry_gap_marks_and_baseline_bands() -
     assert rows["publish"]["bars"][0]["status"] == "running"
     assert rows["publish"]["bars"][0]["end"] == 140.0
     assert drawn["start"] == 100.0 and drawn["end"] == 140.0
+
+
+def test_estimated_finish_adds_the_baselines_still_to_come() -> None:
+    """Running stage: its baseline from its start (or now, once past it) plus the stages
+    after it; an ended workflow has no estimate."""
+    state = {"status": "running", "current_stage": "b", "stage_start_time": 100.0}
+    remaining = [("b", 10.0), ("c", 20.0), ("d", 5.0)]
+    assert estimated_finish(state, 104.0, remaining) == 135.0  # 110 + 25
+    assert estimated_finish(state, 130.0, remaining) == 155.0  # past its baseline: now + 25
+    assert estimated_finish({**state, "status": "completed"}, 104.0, remaining) is None
 
 
 def test_report_html_is_one_self_contained_file_with_timelines(tmp_path: Path) -> None:

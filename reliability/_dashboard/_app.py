@@ -140,9 +140,12 @@ def _waiting_on(state: Mapping[str, Any], live: Mapping[str, Any] | None,
                     f"{waiting.get('category')} error")
         if waiting and waiting.get("kind") == "health":
             return f"system health to recover (now {waiting.get('status')}) before starting"
+        progress = live.get("progress")
+        said = (f", {float(progress[0]) * 100:.0f} % done: {progress[1]}"
+                if isinstance(progress, list) and len(progress) == 2 else "")
         return (f"stage {live.get('stage')} (attempt {live.get('attempt')}) to finish, "
                 f"running for {_seconds(now - float(live.get('stage_started') or now))} in "
-                f"process {live.get('pid')}")
+                f"process {live.get('pid')}{said}")
     if status == "running":
         return (f"stage {state.get('current_stage')} in a process that publishes no live "
                 "view; if that process died, 'workflow-manager resume --all' continues it")
