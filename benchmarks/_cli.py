@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import datetime
 import importlib.metadata
+import itertools
 import os
 import platform
 import shutil
@@ -249,15 +250,22 @@ def _case(argv: Sequence[str], prog: str) -> int:
     parser.add_argument("--runs", type=int, default=1, metavar="N")
     parser.add_argument("--scratch", type=Path, metavar="DIR")
     _add_no_wait_idle(parser)
+    parser.add_argument("--metrics", choices=("off", "on", "paired"), default="off",
+                        help="Prometheus metrics attached: off, on, or paired (each run "
+                             "twice, off then on, so both see the same machine)")
     args = parser.parse_args(argv)
     if args.workflows < 1 or args.runs < 1:
         parser.error("--workflows and --runs must be >= 1")
     with tempfile.TemporaryDirectory(prefix="wm-case-", dir=args.scratch) as scratch:
         plan = Plan(workflows=args.workflows, scratch=Path(scratch), wait_idle=args.wait_idle)
-        for _ in range(args.runs):
+        modes = {"off": (False,), "on": (True,), "paired": (False, True)}[args.metrics]
+        for _, metrics in itertools.product(range(args.runs), modes):
             settle(wait_idle=plan.wait_idle)
-            result = asyncio.run(run_runtime_case(plan, args.store, args.workflows))
-            print(f"{args.store} {args.workflows} workflows: {result.rate:,.0f} transitions/s, "
+            result = asyncio.run(run_runtime_case(plan, args.store, args.workflows,
+                                                  metrics=metrics))
+            label = " metrics" if metrics else ""
+            print(f"{args.store}{label} {args.workflows} workflows: "
+                  f"{result.rate:,.0f} transitions/s, "
                   f"checkpoint p50 {result.save_p50_ms:.1f} ms p99 {result.save_p99_ms:.1f} ms, "
                   f"loop lag p99 {result.lag_p99_ms:.1f} ms max {result.lag_max_ms:.1f} ms, "
                   f"loop thread on CPU {result.loop_cpu:.0%}, "

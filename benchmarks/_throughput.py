@@ -46,12 +46,18 @@ def _store(kind: str) -> Store | None:
     return MemoryStore() if kind == "memory" else None
 
 
-async def run_runtime_case(plan: Plan, kind: str, count: int) -> RuntimeRun:
-    """``count`` workflows of FLOW on a runtime with ``kind`` ("file" or "memory") store."""
+async def run_runtime_case(plan: Plan, kind: str, count: int, *,
+                           metrics: bool = False) -> RuntimeRun:
+    """``count`` workflows of FLOW on a runtime with ``kind`` ("file" or "memory") store;
+    with ``metrics``, Prometheus metrics attached (counted, not scraped)."""
     root = plan.fresh_root(f"throughput-{kind}-{count}")
     async with runtime(root, configuration(persistence=True), store=_store(kind)) as rt:
         _require_store(rt, kind)
         saves = FutureTimer(rt.store, "save_nowait", sample_every=SAVE_SAMPLE)
+        if metrics:  # after the timer: its sampler keeps the timer's wrapper in place
+            from reliability._metrics import RuntimeMetrics
+
+            RuntimeMetrics(rt)
         async with lag_monitor() as lag:
             started, cpu = time.perf_counter(), time.thread_time()
             await run_many(rt, FLOW, count)

@@ -36,10 +36,12 @@ from ._errors import (
 )
 from ._health import HealthStatus, SystemHealthCheck
 from ._ids import new_workflow_id, validate_workflow_id
+from ._metrics import RuntimeMetrics, serve_metrics
 from ._plugins import ResolvedTarget, TargetResolver, register_target_resolver
 from ._retry import RetryPolicy
 from ._runtime import Runtime, WorkflowResult, resume_workflow, run_workflow
 from ._store import FileStore, MemoryStore, Store
+from ._tracing import enable_tracing
 
 __all__ = [
     "Breaker",
@@ -60,6 +62,7 @@ __all__ = [
     "ResourceError",
     "RetryPolicy",
     "Runtime",
+    "RuntimeMetrics",
     "SettingsSection",
     "SignalRefusedError",
     "SignalTimeout",
@@ -76,12 +79,14 @@ __all__ = [
     "WorkflowNotFoundError",
     "WorkflowResult",
     "classify",
+    "enable_tracing",
     "load_configuration",
     "new_workflow_id",
     "register_settings_section",
     "register_target_resolver",
     "resume_workflow",
     "run_workflow",
+    "serve_metrics",
     "setting_error",
     "validate_workflow_id",
 ]

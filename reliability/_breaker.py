@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiobreaker import CircuitBreakerState
 from aiobreaker.storage.memory import CircuitMemoryStorage
@@ -28,6 +28,9 @@ from ._clock import Clock
 from ._errors import CircuitOpenError, ErrorCategory, RateLimitedError, classify
 
 __all__ = ["Breaker"]
+
+_STATE_NAMES = {CircuitBreakerState.CLOSED: "closed", CircuitBreakerState.OPEN: "open",
+                CircuitBreakerState.HALF_OPEN: "half-open"}
 
 T = TypeVar("T")
 
@@ -47,8 +50,10 @@ class Breaker:
     """A circuit breaker guarding one dependency (``name``) for all workflows in a loop."""
 
     def __init__(self, name: str, *, failure_threshold: int, recovery_timeout: float,
-                 clock: Clock) -> None:
+                 clock: Clock, notify: Callable[..., Any] | None = None) -> None:
         self.name = name
+        # notify(event, **data): "breaker" on each state change, "dependency_call" per call
+        self._notify = notify
         self.failure_threshold = failure_threshold
         self.recovery_timeout = recovery_timeout
         self._clock = clock
@@ -85,6 +90,7 @@ class Breaker:
                 return await self._guarded(call)
             remaining = self.retry_in()
             if remaining > 0:
+                self._outcome("rejected")
                 raise CircuitOpenError(self.name, remaining)
             return await self._probe(call)
 
@@ -92,9 +98,11 @@ class Breaker:
         try:
             result = await call()
         except Exception as error:
+            self._failed(error)
             if _counts_as_failure(error):
                 self._record_failure()
             raise
+        self._outcome("ok")
         if self._storage.counter:
             self._storage.reset_counter()
         return result
@@ -106,12 +114,15 @@ class Breaker:
         try:
             result = await call()
         except BaseException as error:
+            if isinstance(error, Exception):
+                self._failed(error)
             if isinstance(error, Exception) and not _counts_as_failure(error):
                 self._close()  # the dependency answered; the request itself was at fault
             else:
                 self._open()
             raise
         else:
+            self._outcome("ok")
             self._close()
             return result
         finally:
@@ -133,7 +144,16 @@ class Breaker:
         self._storage.reset_counter()
         self._set_state(CircuitBreakerState.CLOSED)
 
+    def _outcome(self, outcome: str) -> None:
+        if self._notify is not None:
+            self._notify("dependency_call", dependency=self.name, outcome=outcome)
+
+    def _failed(self, error: Exception) -> None:
+        self._outcome("rate_limited" if isinstance(error, RateLimitedError) else "error")
+
     def _set_state(self, state: CircuitBreakerState) -> None:
+        if self._notify is not None and state is not self._storage.state:
+            self._notify("breaker", dependency=self.name, state=_STATE_NAMES[state])
         # aiobreaker stamps opened_at with datetime.utcnow(), deprecated since 3.12; the
         # stamp is never read here, so its warning is silenced at this one call site.
         with warnings.catch_warnings():

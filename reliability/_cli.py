@@ -62,6 +62,7 @@ from ._logging import (
     logger,
     shutdown_logging,
 )
+from ._metrics import MetricsServer
 from ._plugins import load_plugins
 from ._postgres._url import url_passwords
 from ._runtime import Runtime, WorkflowResult, resolve_definition
@@ -121,6 +122,57 @@ def _runner_options() -> argparse.ArgumentParser:
     return runner
 
 
+def metrics_options() -> argparse.ArgumentParser:
+    """``--metrics-port``/``--metrics-host``: a parent parser for the commands that run
+    workflows for long (``run``, ``batch``, ``worker``); see ``metrics_served``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("metrics")
+    group.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics while the "
+                            "command runs (0 picks a free port; needs prometheus_client)")
+    group.add_argument("--metrics-host", metavar="HOST", default="127.0.0.1",
+                       help="the address to serve metrics on (default: 127.0.0.1, this "
+                            "machine only)")
+    return parser
+
+
+@contextlib.asynccontextmanager
+async def observed(runtime: Runtime, args: argparse.Namespace,
+                   console: Console | None = None) -> AsyncIterator[MetricsServer | None]:
+    """For a command that runs workflows (``run``, ``batch``, ``resume``, ``worker``):
+    count its events (``Telemetry``), publish its live view for the dashboard, and serve
+    Prometheus metrics when ``--metrics-port`` was given (the server is yielded)."""
+    from ._observe import RuntimeFile, Telemetry, runtime_directory
+
+    telemetry = Telemetry().attach(runtime)
+    published = RuntimeFile(telemetry, runtime_directory(runtime))
+    published.start(runtime)
+    server = None
+    try:
+        port = getattr(args, "metrics_port", None)
+        if port is not None:
+            from ._metrics import serve_metrics
+
+            try:
+                _, server = serve_metrics(runtime, host=args.metrics_host, port=port,
+                                          telemetry=telemetry)
+            except OSError as error:
+                raise ConfigurationError(f"cannot serve metrics on {args.metrics_host}:{port}: "
+                                         f"{error.strerror or error}") from None
+            (console or Console(stderr=True)).print(
+                f"Metrics: http://{_host_for_url(server.host)}:{server.port}/metrics",
+                style="dim")
+        yield server
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.close)
+        await published.stop()
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _definition_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--definition", metavar="MODULE:NAME",
                         help="a workflow definition to run instead of the installed default "
@@ -139,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exit codes: 0 all completed, 1 some failed or were interrupted, 2 usage or "
         "configuration error, 130 stopped by Ctrl-C")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common, runner = _common_options(), _runner_options()
+    common, runner, metrics = _common_options(), _runner_options(), metrics_options()
 
     def add(name: str, help_text: str, examples: str,
             parents: Sequence[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -150,14 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", "run one workflow for a prompt file and wait for it to end",
               _examples("run prompts/feature.md",
                         "run prompts/feature.md --max-retries 5 --log-level DEBUG",
-                        "run notes.md --definition mypackage.flows:REPORT --json"),
-              [common, runner])
+                        "run notes.md --definition mypackage.flows:REPORT --json",
+                        "run prompts/feature.md --metrics-port 9464"),
+              [common, runner, metrics])
     run.add_argument("prompt", metavar="PROMPT", help="the prompt file (Markdown)")
     _definition_option(run)
 
     batch = add("batch", "run many prompts concurrently in one process, with live progress",
                 _examples("batch prompts/", "batch a.md b.md prompts/ --concurrency 4",
-                          "batch prompts/ --report report.json --json"), [common, runner])
+                          "batch prompts/ --report report.json --json",
+                          "batch prompts/ --metrics-port 9464"), [common, runner, metrics])
     batch.add_argument("paths", metavar="PATH", nargs="+",
                        help="prompt files, or directories whose *.md files are prompts")
     batch.add_argument("--concurrency", type=int, metavar="N",
@@ -211,6 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
     signal_command.add_argument("name", metavar="NAME", help="the signal's name")
     signal_command.add_argument("--data", metavar="JSON", help="its payload, as JSON")
     _cluster_commands(add, common, runner)
+    dashboard = add("dashboard", "serve a live web dashboard of this project's workflows "
+                                 "(read-only unless --allow-actions)",
+                    _examples("dashboard", "dashboard --port 9000",
+                              "dashboard --allow-actions   # with WORKFLOW_DASHBOARD_TOKEN set"),
+                    [common])
+    dashboard.add_argument("--port", type=int, default=8765, metavar="PORT",
+                           help="the port to serve on (default: 8765; 0 picks a free one)")
+    dashboard.add_argument("--host", default="127.0.0.1", metavar="HOST",
+                           help="the address to serve on (default: 127.0.0.1, this machine "
+                                "only; anything else exposes workflow data to the network)")
+    dashboard.add_argument("--allow-actions", action="store_true",
+                           help="allow cancel and resume (POST, with the token from "
+                                "WORKFLOW_DASHBOARD_TOKEN in 'Authorization: Bearer')")
+    dashboard.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
+                           help="how often the store is read for changes (default: 0.5)")
+
+    report = add("report", "render a batch report (the JSON 'batch' writes) as one "
+                           "self-contained HTML file with each workflow's stage timeline",
+                 _examples("report .github/workflow-reports/batch-20240115-142315.json --html",
+                           "report run.json --html --output run.html"), [common])
+    report.add_argument("report_file", metavar="RUN.json")
+    report.add_argument("--html", action="store_true", required=True,
+                        help="write HTML (the only format; the JSON is the input)")
+    report.add_argument("--output", metavar="FILE",
+                        help="default: the report's path with .html instead of .json")
 
     # Listed for --help only: main() hands "bench ..." to the benchmark harness as is.
     bench = add("bench", "measure the runtime against its performance targets (the same "
@@ -568,7 +647,7 @@ async def _cmd_run(args: argparse.Namespace, config: WorkflowConfiguration, root
     prompt = _prompt_path(args.prompt, root)
     definition = _definition(args)
     async with _runtime(config, root, console_level=_console_level(config, args),
-                        handle_signals=True) as runtime:
+                        handle_signals=True) as runtime, observed(runtime, args):
         if definition is None:
             result = await runtime.run(str(prompt))
         else:
@@ -584,7 +663,7 @@ async def _cmd_resume(args: argparse.Namespace, config: WorkflowConfiguration,
     if not args.all:
         validate_workflow_id(args.workflow_id)
     async with _runtime(config, root, console_level=_console_level(config, args),
-                        handle_signals=True) as runtime:
+                        handle_signals=True) as runtime, observed(runtime, args):
         if args.all:
             results = await runtime.resume_all()
             # Parked workflows whose deadline passed (or whose signal came) while no
@@ -616,7 +695,7 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
     # worse (all of it at DEBUG); the daily log file always gets everything.
     console_level = "DEBUG" if config.log_level == "DEBUG" else "WARNING"
     async with _runtime(config, root, handle_signals=True, console=err,
-                        console_level=console_level) as runtime:
+                        console_level=console_level) as runtime, observed(runtime, args, err):
         tracker = BatchTracker(runtime, len(prompts))
         runtime.add_listener(tracker)
         items = await _batch_with_display(runtime, prompts, definition, config, tracker,
@@ -925,9 +1004,76 @@ async def _cmd_migrate(args: argparse.Namespace, config: WorkflowConfiguration,
     return EXIT_OK
 
 
+async def _cmd_dashboard(args: argparse.Namespace, config: WorkflowConfiguration,
+                         root: Path) -> int:
+    try:
+        from ._dashboard import create_app, start_server
+    except ImportError as error:
+        raise ConfigurationError(f"the dashboard needs its extra ({error}); install "
+                                 "'workflow-manager[dashboard]'") from None
+    token = os.environ.get("WORKFLOW_DASHBOARD_TOKEN") or None
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1", "[::1]")
+    if args.host not in hosts:
+        # A wildcard address is reached by any of the machine's names: the user chose that.
+        hosts = (*hosts, args.host, "*") if args.host in ("0.0.0.0", "::") else (
+            *hosts, args.host)
+    config_path = args.config  # the resume subprocess starts in this directory too
+
+    async with _runtime(config, root, console_level="WARNING") as runtime:
+        app = create_app(runtime, allow_actions=args.allow_actions, token=token,
+                         poll_interval=args.poll_interval, allowed_hosts=hosts,
+                         config_path=config_path)
+        try:
+            server = await start_server(app, args.host, args.port)
+        except OSError as error:
+            raise ConfigurationError(str(error)) from None
+        print(f"Dashboard: http://{_host_for_url(args.host)}:{server.port}/ "
+              f"({'actions allowed with the token' if args.allow_actions else 'read-only'}"
+              "; Ctrl-C stops it)", file=sys.stderr, flush=True)
+        await server.wait()
+    return EXIT_OK
+
+
+async def _cmd_report(args: argparse.Namespace, config: WorkflowConfiguration,
+                      root: Path) -> int:
+    try:
+        from ._dashboard import render_report
+    except ImportError as error:
+        raise ConfigurationError(f"the HTML report needs the dashboard extra ({error}); "
+                                 "install 'workflow-manager[dashboard]'") from None
+    path = Path(args.report_file)
+    try:
+        report = json.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"cannot read report {path}: {error}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("workflows"), list):
+        raise ConfigurationError(f"{path} is not a batch report (no 'workflows' list)")
+    output = Path(args.output) if args.output else path.with_suffix(".html")
+    async with _runtime(config, root, console_level="WARNING") as runtime:
+        states: dict[str, Any] = {}
+        for row in report["workflows"]:
+            workflow_id = row.get("workflow_id") if isinstance(row, dict) else None
+            if not isinstance(workflow_id, str):
+                continue
+            try:
+                validate_workflow_id(workflow_id)
+                states[workflow_id] = (await runtime.store.load(workflow_id)).state
+            except (WorkflowError, ValueError):
+                continue  # its state is gone: the table still shows the row
+        secrets = config.secret_values()
+        html = render_report(redact(report, secrets), redact(states, secrets), runtime)
+    await asyncio.to_thread(output.write_text, html, encoding="utf-8")
+    if args.json:
+        _print_json({"report": str(path), "html": str(output)})
+    else:
+        _stdout().print(f"HTML report written to {escape(str(output))}")
+    return EXIT_OK
+
+
 _COMMANDS: dict[str, Command] = {
     "run": _cmd_run, "batch": _cmd_batch, "resume": _cmd_resume,
     "diagnostics": _cmd_diagnostics, "list": _cmd_list, "cancel": _cmd_cancel,
     "bundle": _cmd_bundle, "signal": _cmd_signal, "submit": _cmd_submit,
-    "worker": _cmd_worker, "migrate": _cmd_migrate,
+    "worker": _cmd_worker, "migrate": _cmd_migrate, "dashboard": _cmd_dashboard,
+    "report": _cmd_report,
 }

@@ -427,6 +427,7 @@ class Engine:
         run.stage_history.append({"stage": spec.name, "started_at": run.stage_start_time,
                                   "duration": round(duration, 6), "baseline": baseline,
                                   "attempts": attempt, "status": status})
+        self.host.emit("stage_end", run, entry=run.stage_history[-1])
         return duration
 
     def _wants_checkpoint(self, run: WorkflowRun, spec: StageSpecLike) -> bool:
@@ -475,7 +476,7 @@ class Engine:
         category = classify(error)
         run.record_error({"stage": spec.name, "attempt": attempt, "type": type(error).__name__,
                           "message": redact_secrets(str(error))[:500],
-                          "category": category.value,
+                          "category": category.value, "started_at": run.stage_start_time,
                           "at": self._clock.time()})
         self._log("warning", "Stage %s attempt %d failed (%s): %s", spec.name, attempt,
                   category.value, error)
@@ -600,6 +601,7 @@ class Engine:
             logger.error("Stage %s timed out after %.1fs (%s); cancelling it", spec.name,
                          self._clock.monotonic() - live.stage_started, reason)
         live.timeout_reason = reason
+        self._watchdog_event(live, spec, reason)
         live.task.cancel()
 
     def _warn(self, live: LiveWorkflow, spec: StageSpecLike, now: float) -> None:
@@ -607,7 +609,15 @@ class Engine:
             logger.warning("Stage %s still running after %.1fs (warning threshold %.1fs, "
                            "timeout in %.1fs)", spec.name, now - live.stage_started,
                            self._timing(spec)[1], live.deadline - now)
+        self._watchdog_event(live, spec, "warning")
         self.host.spawn(self._on_warning(live, spec), f"warning-{live.run.workflow_id}")
+
+    def _watchdog_event(self, live: LiveWorkflow, spec: StageSpecLike, level: str) -> None:
+        """Kept in the workflow's record (the dashboard's timeline marks) and told to
+        listeners (metrics, traces)."""
+        live.run.record_watchdog({"stage": spec.name, "attempt": live.run.attempt,
+                                  "level": level, "at": self._clock.time()})
+        self.host.emit("watchdog", live.run, stage=spec.name, level=level)
 
     async def _on_warning(self, live: LiveWorkflow, spec: StageSpecLike) -> None:
         token = workflow_id_var.set(live.run.workflow_id)

@@ -134,8 +134,10 @@ class LoopLagMonitor:
 
     def __init__(self, lives: Callable[[], list[LiveWorkflow]], *,
                  threshold: float = LAG_WARNING_SECONDS, tick: float = _TICK_SECONDS,
-                 on_sample: Callable[[float], None] | None = None) -> None:
+                 on_sample: Callable[[float], None] | None = None,
+                 on_lag: Callable[[float], None] | None = None) -> None:
         self._lives = lives
+        self._on_lag = on_lag  # each lag measured, in seconds (the metrics' histogram)
         self._threshold = threshold
         self._tick = tick
         self._on_sample = on_sample
@@ -202,6 +204,8 @@ class LoopLagMonitor:
         bisect.insort(self._sorted, lag)
         if self._on_sample is not None:
             self._on_sample(self.p99_ms)
+        if self._on_lag is not None:
+            self._on_lag(lag)
 
     def _report(self, stall: float, beat_before: float) -> None:
         blocker, self._blocker = self._blocker, None
@@ -376,7 +380,8 @@ class RuntimeMonitor:
         host = self._host
         config = host.config
         if config.enable_monitoring:
-            self.loop_lag = LoopLagMonitor(host.live_workflows, on_sample=self._set_lag)
+            self.loop_lag = LoopLagMonitor(host.live_workflows, on_sample=self._set_lag,
+                                           on_lag=self._notify_lag)
             self.loop_lag.start()
         if config.enable_health_checks:
             host.spawn(periodic_health_checks(host), "periodic-health-checks")
@@ -409,6 +414,9 @@ class RuntimeMonitor:
 
     def _set_lag(self, p99_ms: float) -> None:
         self._host.loop_lag_ms = p99_ms
+
+    def _notify_lag(self, seconds: float) -> None:
+        self._host.notify("loop_lag", seconds=seconds)
 
     async def _health_status(self) -> HealthStatus:
         return (await self._host.perform_health_check()).status

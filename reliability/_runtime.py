@@ -188,7 +188,11 @@ class Runtime:
         self._shared: dict[str, Any] = {}
         self._shared_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._listeners: list[Listener] = []
+        self._listeners: list[Listener] = []  # hear every event
+        # Per event: the listeners above plus those that asked for it only, so a stage's
+        # events cost nothing for a listener that counts workflows.
+        self._listening: dict[str, list[Listener]] = {}
+        self._runtime_listeners: list[Callable[..., None]] = []
         self._sampler: HealthSampler | None = None
         self._policy = RetryPolicy(max_retries=self.config.max_retries,
                                    base_delay=self.config.retry_base_delay,
@@ -636,7 +640,8 @@ class Runtime:
             settings = self.config.breaker_settings(name)
             breaker = self.breakers[name] = Breaker(
                 name, failure_threshold=settings.failure_threshold,
-                recovery_timeout=settings.recovery_timeout, clock=self.clock)
+                recovery_timeout=settings.recovery_timeout, clock=self.clock,
+                notify=self.notify)
         return breaker
 
     async def guarded_call(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -659,20 +664,44 @@ class Runtime:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener, *, events: Iterable[str] | None = None) -> None:
         """``listener(event, run, **data)`` hears of each workflow's events: ``started``,
         ``stage`` (stage=, attempt=), ``retry`` (stage=, attempt=, delay=), ``progress``
-        (stage=, fraction=, message=) and ``finished`` (``run.status`` says how)."""
-        self._listeners.append(listener)
+        (stage=, fraction=, message=), ``stage_end`` (entry=, the stage's history entry),
+        ``watchdog`` (stage=, level= warning, timeout or heartbeat), ``held`` (status=) and
+        ``finished`` (``run.status`` says how). With ``events``, only those."""
+        if events is None:
+            self._listeners.append(listener)
+            for listeners in self._listening.values():
+                listeners.append(listener)
+            return
+        for event in events:
+            self._listening.setdefault(event, list(self._listeners)).append(listener)
 
     def emit(self, event: str, run: WorkflowRun, **data: Any) -> None:
-        if not self._listeners:
+        listeners = self._listening.get(event, self._listeners)
+        if not listeners:
             return
-        for listener in self._listeners:
+        for listener in listeners:
             try:
                 listener(event, run, **data)
             except Exception:
                 logger.exception("Listener %r failed on %s", listener, event)
+
+    def add_runtime_listener(self, listener: Callable[..., None]) -> None:
+        """``listener(event, **data)`` hears of events that belong to no one workflow:
+        ``breaker`` (dependency=, state=), ``dependency_call`` (dependency=, outcome= ok,
+        error, rejected or rate_limited), ``loop_lag`` (seconds=) and ``health`` (check=,
+        a ``SystemHealthCheck``)."""
+        self._runtime_listeners.append(listener)
+
+    def notify(self, event: str, **data: Any) -> None:
+        """Tell the runtime listeners (``add_runtime_listener``) of ``event``."""
+        for listener in self._runtime_listeners:
+            try:
+                listener(event, **data)
+            except Exception:
+                logger.exception("Runtime listener %r failed on %s", listener, event)
 
     def register_error_handler(self, handler: ErrorHandler) -> None:
         """``handler(workflow_id, error, stage, context)`` may return a strategy dict."""
@@ -708,6 +737,7 @@ class Runtime:
             status=status, cpu_usage=sample.cpu, memory_usage=sample.memory,
             disk_usage=sample.disk, recommendations=tuple(dict.fromkeys(advice)),
             timestamp=self.clock.time(), loop_lag_ms=self.loop_lag_ms, custom=custom)
+        self.notify("health", check=check_result)
         live = self._live.get(workflow_id) if workflow_id else None
         if live is not None:
             live.run.record_health_check(check_result.to_dict())

@@ -49,7 +49,7 @@ class WorkflowRun:
         "errors", "health_checks", "outputs", "prompt_file", "recovery_attempts",
         "recovery_successes", "resumed_from", "retry_count", "revision", "signals_consumed",
         "stage_history", "stage_start_time", "stage_waits", "state", "status", "updated_at",
-        "wait", "workflow_id",
+        "wait", "watchdog_events", "workflow_id",
     )
 
     def __init__(self, workflow_id: str, *, definition_name: str,
@@ -72,6 +72,7 @@ class WorkflowRun:
         self.stage_history: list[dict[str, Any]] = []
         self.health_checks: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
+        self.watchdog_events: list[dict[str, Any]] = []  # warnings and timeouts, with times
         self.error_count = 0
         self.retry_count = 0
         self.recovery_attempts = 0
@@ -100,6 +101,10 @@ class WorkflowRun:
         self.errors.append(entry)
         del self.errors[:-_MAX_ERRORS]
 
+    def record_watchdog(self, event: dict[str, Any]) -> None:
+        self.watchdog_events.append(event)
+        del self.watchdog_events[:-_MAX_ERRORS]
+
     def to_state(self) -> dict[str, Any]:
         """A snapshot in the spec's shape; safe to hand to another thread (no shared lists).
 
@@ -127,6 +132,7 @@ class WorkflowRun:
                 "health_checks": list(self.health_checks),
                 "stage_history": list(self.stage_history),
                 "errors": list(self.errors),
+                "watchdog_events": list(self.watchdog_events),
             },
             "context": dict(self.context),
             "error": self.error,
@@ -160,6 +166,7 @@ class WorkflowRun:
         run.health_checks = list(monitoring.get("health_checks") or [])
         run.stage_history = list(monitoring.get("stage_history") or [])
         run.errors = list(monitoring.get("errors") or [])
+        run.watchdog_events = list(monitoring.get("watchdog_events") or [])
         run.error = state.get("error")
         run.error_category = state.get("error_category")
         run.resumed_from = state.get("resumed_from")
