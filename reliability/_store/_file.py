@@ -529,7 +529,14 @@ class FileStore:
 
     async def _flush_state_files(self) -> None:
         """Have the writer write every state only its journal holds, before a read."""
-        if self._link is None or not self._unflushed or self._broken is not None:
+        if self._link is None or self._broken is not None:
+            return
+        if not self._unflushed:
+            if self._flushes:
+                # Another read's flush is on its way and covers every write sent so far:
+                # wait for it too (not waiting let 10,000 woken workflows read state files
+                # not yet written). Shielded: that read may be cancelled, this one not.
+                await asyncio.shield(self._flushes[max(self._flushes)])
             return
         assert self._loop is not None
         self._sequence += 1
