@@ -118,7 +118,9 @@ async def durable_wait(store: SignalStore, now: float, run: WorkflowRun,
             raise SignalTimeout(run.workflow_id, name, deadline)
         return False, None
     entry: ParkedEntry = (run.workflow_id, deadline, name, index)
-    await store.park(entry)  # before the "waiting" state: never a waiting state unindexed
+    # Durable before the "waiting" state: never a waiting state unindexed
+    # (docs/architecture.md, invariant 11).
+    await store.park(entry)
     raise WaitParked(entry)
 
 

@@ -659,7 +659,7 @@ class FileStore:
         return await asyncio.to_thread(_waits.signals_ready, self.state_directory, wanted)
 
     async def park(self, entry: ParkedEntry) -> None:
-        await asyncio.to_thread(_waits.write_parked, self.state_directory, entry)
+        await asyncio.to_thread(_waits.write_parked, self.state_directory, entry, self.durable)
 
     async def unpark(self, entry: ParkedEntry) -> None:
         await asyncio.to_thread(_waits.remove_parked, self.state_directory, entry)

@@ -7,11 +7,12 @@ Layout under the state directory (``_signals`` is skipped by listings: not a wor
     _signals/_notices/{id}~{name}~{pid}~{ns}    "a signal came": a hint for other processes
 
 These small files are written by a thread of the process that sends or parks, not by the
-writer (docs/architecture.md, invariant 4 is about the states' hot path; a signal or a
-park is one file per event, rare next to stage writes). A signal is synced before it
-is acknowledged; the parked entry is written before the state that says ``waiting``, so
-a crash leaves at worst an entry whose state does not wait (dropped when checked). Blocking
-functions: ``FileStore`` runs them in a thread.
+writer: the exception to docs/architecture.md, invariant 4 that its "Durable waits"
+section explains (one file per event, rare next to stage writes, never in the files the
+writer owns). A signal is synced before it is acknowledged; the parked entry is synced
+before the state that says ``waiting`` is queued (invariant 11), so a crash leaves at
+worst an entry whose state does not wait (dropped when checked). Blocking functions:
+``FileStore`` runs them in a thread.
 """
 
 from __future__ import annotations
@@ -104,10 +105,14 @@ def _parked_name(entry: ParkedEntry) -> str:
     return f"{validate_workflow_id(workflow_id)}~{deadline!r}~{name}~{index}"
 
 
-def write_parked(root: Path, entry: ParkedEntry) -> None:
+def write_parked(root: Path, entry: ParkedEntry, durable: bool) -> None:
+    """Create the entry (its name is its content); with ``durable``, synced before the
+    state that says ``waiting`` is queued (docs/architecture.md, invariant 11)."""
     directory = root / SIGNALS_DIRECTORY / _PARKED
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     (directory / _parked_name(entry)).touch()
+    if durable:
+        _sync_directory(directory)
 
 
 def remove_parked(root: Path, entry: ParkedEntry) -> None:
