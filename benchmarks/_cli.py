@@ -34,6 +34,7 @@ from ._report import compare_files, print_figures, to_document, write_json
 from ._results import Figure
 from ._resume import measure_resume
 from ._throughput import measure_throughput, run_runtime_case
+from ._waits import measure_waits
 
 __all__ = ["FIGURES", "main"]
 
@@ -47,14 +48,17 @@ FIGURES: dict[str, Measure] = {
     "memory": measure_memory,
     "health": measure_health,
     "resume": measure_resume,
+    "waits": measure_waits,
     "end_to_end": measure_end_to_end,
     "peer": measure_peer,
 }
-_RUN_ORDER = ("memory", "overhead", "throughput", "health", "resume", "end_to_end", "peer")
+_RUN_ORDER = ("memory", "overhead", "throughput", "health", "resume", "waits", "end_to_end",
+              "peer")
 _TITLES = {
     "overhead": "Overhead vs bare asyncio", "throughput": "Throughput",
     "memory": "Memory per in-flight workflow", "health": "Health check cost",
-    "resume": "Resume interrupted workflows", "end_to_end": "End to end: example prompts",
+    "resume": "Resume interrupted workflows", "waits": "Durable waits",
+    "end_to_end": "End to end: example prompts",
     "peer": "Peer: DBOS on SQLite",
 }
 _SKIPPED_WHEN_QUICK = {"end_to_end": "skipped in --quick: it runs real git, agent and test "

@@ -32,7 +32,7 @@ from ._errors import ErrorCategory, FencedError, StageTimeoutError, classify
 from ._logging import logger, redact_secrets, workflow_id_var
 from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, backoff_delays, next_delay
-from ._state import COMPLETED, PENDING, WAITING, WorkflowRun
+from ._state import COMPLETED, PENDING, TERMINAL, WAITING, WorkflowRun
 from ._waits import WaitParked
 
 if TYPE_CHECKING:
@@ -128,6 +128,7 @@ class Engine:
         self._clock = host.clock
         self._store = host.store
         self._persistence = host.persistence
+        self._drop_signals = getattr(host.store, "drop_signals", None)
         self._turns = host.turns
         self._emit = host.emit
         self._error_handlers = host.error_handlers
@@ -245,6 +246,14 @@ class Engine:
             await self._store.save(run.workflow_id, run.to_state, checkpoint_stage="final")
         except Exception as error:  # the state on disk is still the last durable one
             self._log("error", "Could not save final state: %s", error)
+            return
+        if run.signals_consumed and run.status in TERMINAL and self._drop_signals is not None:
+            # Its end is durable: nothing will read its signals again. (Signals a workflow
+            # never took go when a runtime next opens: Waker.sweep.)
+            try:
+                await self._drop_signals(run.workflow_id)
+            except OSError as error:
+                self._log("warning", "Could not remove signals: %s", error)
 
     def _report_unsynced(self, write: asyncio.Future[None]) -> None:
         if not write.cancelled() and write.exception() is not None:

@@ -17,6 +17,7 @@ while nothing ran fires at the next start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import re
 from collections import deque
@@ -34,7 +35,7 @@ from ._errors import (
     WorkflowLockedError,
 )
 from ._logging import logger
-from ._state import WAITING
+from ._state import TERMINAL, WAITING
 
 if TYPE_CHECKING:
     from ._clock import TimerHandle
@@ -117,7 +118,9 @@ async def durable_wait(store: SignalStore, now: float, run: WorkflowRun,
             raise SignalTimeout(run.workflow_id, name, deadline)
         return False, None
     entry: ParkedEntry = (run.workflow_id, deadline, name, index)
-    await store.park(entry)  # before the "waiting" state: never a waiting state unindexed
+    # Durable before the "waiting" state: never a waiting state unindexed
+    # (docs/architecture.md, invariant 11).
+    await store.park(entry)
     raise WaitParked(entry)
 
 
@@ -193,6 +196,7 @@ class Waker:
         self.started = True
         self._store = signal_store(store)
         woken = await self.rescan()
+        await self.sweep()
         if type(store).__name__ != "MemoryStore":  # other processes may send signals
             self._notices = asyncio.get_running_loop().create_task(
                 self._watch_notices(), name="signal-notices")
@@ -212,6 +216,28 @@ class Waker:
             else:
                 self.push(workflow_id, deadline, name)
         return woken
+
+    async def sweep(self) -> int:
+        """Drop the signals, notices and parked entries of finished workflows (signals
+        sent as a workflow ended, never taken, or left by a crash before their cleanup).
+        Returns how many workflows' leftovers were dropped."""
+        assert self._store is not None
+        dropped = 0
+        try:
+            for workflow_id in await self._store.signalled():
+                if (workflow_id in self._parked or workflow_id in self._waking
+                        or self._runtime.live(workflow_id)):
+                    continue
+                try:
+                    status = (await self._runtime.store.load(workflow_id)).state.get("status")
+                except WorkflowError:
+                    continue
+                if status in TERMINAL:
+                    await self._store.drop_signals(workflow_id, scan=True)
+                    dropped += 1
+        except OSError as error:
+            logger.warning("Could not remove finished workflows' signals: %s", error)
+        return dropped
 
     def push(self, workflow_id: str, deadline: float, name: str) -> None:
         if self._parked.get(workflow_id) == (deadline, name):
@@ -297,6 +323,9 @@ class Waker:
                 if state.get("status") != WAITING or not wait:
                     claim.release()
                     self._parked.pop(workflow_id, None)
+                    if state.get("status") in TERMINAL:  # an entry a crash left behind
+                        with contextlib.suppress(OSError):  # the next start tries again
+                            await store.drop_signals(workflow_id, scan=True)
                     return
                 entry: ParkedEntry = (workflow_id, float(wait["deadline"]),
                                       str(wait.get("signal") or ""), int(wait.get("index", 0)))

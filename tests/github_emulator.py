@@ -120,6 +120,8 @@ class GitHubEmulator:
         self._ids = itertools.count(1_000_001)
         self._requests: list[RecordedRequest] = []
         self._faults: list[_Fault] = []
+        self._user_tokens: dict[str, str] = {token: login}  # token -> the user it acts as
+        self._caller = login  # the requesting user, set under the lock for each request
         self._outage_until = 0.0
         self._outage_status = 502
         self._latency = 0.0
@@ -194,6 +196,13 @@ class GitHubEmulator:
                 "id": next(self._ids), "user": self._user(user), "body": "",
                 "state": state, "submitted_at": _iso(time.time()),
             })
+
+    def token_for(self, user: str) -> str:
+        """A token that authenticates as ``user`` (a reviewer who is not the bot)."""
+        token = f"ghp_{hashlib.sha1(user.encode()).hexdigest()[:20]}"
+        with self._lock:
+            self._user_tokens[token] = user
+        return token
 
     def add_issue(self, title: str, body: str = "", labels: Collection[str] = ()) -> int:
         """Create an issue directly (no HTTP request); returns its number."""
@@ -339,15 +348,20 @@ class GitHubEmulator:
         with self._lock:
             self._requests.append(RecordedRequest(time.monotonic(), method, path, status))
 
-    def _authorized(self, handler: _Handler) -> bool:
+    def _authorized(self, handler: _Handler) -> str | None:
+        """The login the request's token acts as, or None."""
         scheme, _, credential = (handler.headers.get("Authorization") or "").partition(" ")
-        return scheme.lower() in ("bearer", "token") and credential.strip() == self.token
+        if scheme.lower() not in ("bearer", "token"):
+            return None
+        with self._lock:
+            return self._user_tokens.get(credential.strip())
 
     def _respond(
         self, handler: _Handler, method: str, path: str, query: dict[str, list[str]],
         raw: bytes,
     ) -> _Reply:
-        if not self._authorized(handler):
+        caller = self._authorized(handler)
+        if caller is None:
             return _Reply(401, {"message": "Bad credentials", "documentation_url": DOCS})
         try:
             body = json.loads(raw) if raw else {}
@@ -357,6 +371,7 @@ class GitHubEmulator:
             match = pattern.fullmatch(path)
             if match and route_method == method:
                 with self._lock:
+                    self._caller = caller
                     return action(match, _Query(query), body)
         return _not_found()
 
@@ -372,6 +387,7 @@ class GitHubEmulator:
         yield "GET", re.compile(rf"{base}/pulls/(\d+)"), self._get_pull
         yield "POST", re.compile(rf"{base}/pulls/(\d+)/requested_reviewers"), self._request
         yield "GET", re.compile(rf"{base}/pulls/(\d+)/reviews"), self._list_reviews
+        yield "POST", re.compile(rf"{base}/pulls/(\d+)/reviews"), self._create_review
 
     # -- endpoints (called with self._lock held) ------------------------------------------
 
@@ -484,6 +500,27 @@ class GitHubEmulator:
         items = copy.deepcopy(self._reviews.get(number, []))
         return self._paginate(items, query, f"{self._api}/pulls/{number}/reviews",
                               newest_first=False)
+
+    def _create_review(self, match: re.Match[str], query: _Query, body: JSON) -> _Reply:
+        """Submit a review as the token's user: ``{"event": "APPROVE" | "REQUEST_CHANGES" |
+        "COMMENT", "body": ...}``; as on GitHub, nobody approves their own pull request."""
+        number = int(match.group(1))
+        pull = self._pulls.get(number)
+        if pull is None:
+            return _not_found()
+        states = {"APPROVE": "APPROVED", "REQUEST_CHANGES": "CHANGES_REQUESTED",
+                  "COMMENT": "COMMENTED"}
+        state = states.get(str(body.get("event")))
+        if state is None:
+            return _validation_failed("PullRequestReview", "event", "invalid")
+        if state != "COMMENTED" and self._caller == pull["user"]["login"]:
+            return _Reply(422, {"message": "Unprocessable Entity", "documentation_url": DOCS,
+                                "errors": ["Can not approve your own pull request"]})
+        review = {"id": next(self._ids), "user": self._user(self._caller),
+                  "body": str(body.get("body") or ""), "state": state,
+                  "submitted_at": _iso(time.time())}
+        self._reviews.setdefault(number, []).append(review)
+        return _Reply(200, copy.deepcopy(review))
 
     # -- helpers ------------------------------------------------------------------------
 

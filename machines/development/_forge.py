@@ -286,8 +286,23 @@ class LocalForge:
 
         await self._locked(update)
 
+    async def add_review(self, number: int, user: str, state: str) -> None:
+        """Record a review of pull ``number`` by ``user`` (``APPROVED``,
+        ``CHANGES_REQUESTED``, ``COMMENTED`` or ``DISMISSED``): what a person does on
+        this forge, here or by editing ``pulls/N.json``."""
+        if state.upper() not in ("APPROVED", "CHANGES_REQUESTED", "COMMENTED", "DISMISSED"):
+            raise ValueError(f"unknown review state {state!r}")
+
+        def update() -> None:
+            record = self._read("pulls", number)
+            record.setdefault("reviews", []).append({"user": user, "state": state.upper()})
+            self._write(self._path("pulls", number), record)
+
+        await self._locked(update)
+
     async def review_state(self, number: int) -> str:
-        """Reviews are ``{"user", "state"}`` entries a person adds to ``pulls/N.json``."""
+        """Reviews are ``{"user", "state"}`` entries a person adds to ``pulls/N.json``
+        (or ``add_review``)."""
         record = await anyio.to_thread.run_sync(self._read, "pulls", number)
         reviews = record.get("reviews") or []
         return summarize_reviews((str(r.get("user", "")), str(r.get("state", "")))

@@ -50,9 +50,15 @@ def marker_for(workflow_id: str) -> str:
 
 async def forge_for(ctx: StageContext) -> Forge:
     """The runtime's one forge (made on first use), as the configuration chooses."""
+    return await runtime_forge(ctx.runtime)
+
+
+async def runtime_forge(runtime: Any) -> Forge:
+    """The runtime's one forge, shared by the stages and the review poller: every GitHub
+    call of either goes through the same ``github`` breaker and retries."""
 
     async def make() -> Forge:
-        settings = settings_of(ctx.config)
+        settings = settings_of(runtime.config)
         if settings.resolved_forge() == "github":
             # Read when the forge starts, not when the configuration is built: a token not
             # given explicitly never sits in a configuration object.
@@ -63,18 +69,19 @@ async def forge_for(ctx: StageContext) -> Forge:
                     f"github_token, or {TOKEN_VARIABLE} in the environment")
             register_secret(token)  # never in a log line or a stored error
             return GitHubForge(settings.github_repository, token,
-                               api_url=settings.github_api_url, clock=ctx.clock,
-                               guard=_GitHubGuard(ctx))
-        return LocalForge(ctx.project_root, ctx.clock)
+                               api_url=settings.github_api_url, clock=runtime.clock,
+                               guard=_GitHubGuard(runtime))
+        return LocalForge(runtime.project_root, runtime.clock)
 
-    return await ctx.shared(_FORGE_KEY, make)
+    forge: Forge = await runtime.shared(_FORGE_KEY, make)
+    return forge
 
 
 class _GitHubGuard:
     """Every GitHub call: retries (outer) around the shared ``github`` breaker (inner)."""
 
-    def __init__(self, ctx: StageContext) -> None:
-        self._runtime = ctx.runtime
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
 
     def __call__(self, attempt: Any, /) -> Any:
         return self._runtime.guarded_call("github", attempt)
@@ -406,32 +413,10 @@ async def poll_reviews(runtime: Any, workflow_ids: list[str]) -> None:
         if number is None:
             continue
         if forge is None:
-            forge = await _runtime_forge(runtime)
+            forge = await runtime_forge(runtime)
         verdict = await forge.review_state(int(number))
         if verdict != "pending":
             await runtime.signal(workflow_id, "review", {"state": verdict})
-
-
-async def _runtime_forge(runtime: Any) -> Forge:
-    """The runtime's forge for the poller: the local one, or GitHub as configured."""
-    settings = settings_of(runtime.config)
-    if settings.resolved_forge() == "github":
-        token = settings.token()
-        register_secret(token)
-        forge: Forge = await runtime.shared("review-poller-forge", lambda: _github(settings, token,
-                                                                            runtime.clock))
-        return forge
-    local: Forge = await runtime.shared(_FORGE_KEY, lambda: _local(runtime))
-    return local
-
-
-async def _github(settings: Any, token: str, clock: Any) -> Forge:
-    return GitHubForge(settings.github_repository, token, api_url=settings.github_api_url,
-                       clock=clock)
-
-
-async def _local(runtime: Any) -> Forge:
-    return LocalForge(runtime.project_root, runtime.clock)
 
 
 register_signal_source(SignalSource("review", poll_reviews, interval_seconds=60.0))

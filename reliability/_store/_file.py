@@ -158,6 +158,7 @@ class FileStore:
         self._opening_claims: asyncio.Future[None] | None = None
         self._made_dirs: set[Path] = set()
         self._file_paths: dict[str, dict[str, str]] = {}  # workflow -> {stage or "": path}
+        self._notices_sent: dict[str, list[Path]] = {}  # workflow -> our signals' notices
         self._temporary_suffix = f".tmp-{os.getpid()}"
         self._fsync_each = durable and _SYNCFS is None
         self.materialize_errors: list[str] = []
@@ -412,6 +413,9 @@ class FileStore:
                 document = canonical(document())
             state_path, checkpoints = self._file_paths_of(workflow_id, stages)
             items.append((workflow_id, document, state_path, checkpoints))
+            if "final" in stages:
+                # It ended here (or parked): nothing of it stays in this process.
+                del self._file_paths[workflow_id]
         appends = [(str(path), documents) for path, documents in batch.appends.items()]
         self._sequence += 1
         sent = _Sent(self._sequence, encode_frame(("W", self._sequence, items, appends)),
@@ -529,7 +533,14 @@ class FileStore:
 
     async def _flush_state_files(self) -> None:
         """Have the writer write every state only its journal holds, before a read."""
-        if self._link is None or not self._unflushed or self._broken is not None:
+        if self._link is None or self._broken is not None:
+            return
+        if not self._unflushed:
+            if self._flushes:
+                # Another read's flush is on its way and covers every write sent so far:
+                # wait for it too (not waiting let 10,000 woken workflows read state files
+                # not yet written). Shielded: that read may be cancelled, this one not.
+                await asyncio.shield(self._flushes[max(self._flushes)])
             return
         assert self._loop is not None
         self._sequence += 1
@@ -633,8 +644,12 @@ class FileStore:
 
     async def send_signal(self, workflow_id: str, name: str, payload: bytes) -> None:
         validate_workflow_id(workflow_id)
-        await asyncio.to_thread(_waits.write_signal, self.state_directory, workflow_id, name,
-                                payload, self.durable)
+        notice = await asyncio.to_thread(_waits.write_signal, self.state_directory,
+                                         workflow_id, name, payload, self.durable)
+        # Our own notices are for other processes; dropped when the workflow finishes.
+        if len(self._notices_sent) > 10_000:
+            self._notices_sent.clear()  # bounded: the rest expire (NOTICE_SECONDS)
+        self._notices_sent.setdefault(workflow_id, []).append(notice)
 
     async def read_signal(self, workflow_id: str, name: str, index: int) -> bytes | None:
         return await asyncio.to_thread(_waits.read_signal, self.state_directory,
@@ -644,7 +659,7 @@ class FileStore:
         return await asyncio.to_thread(_waits.signals_ready, self.state_directory, wanted)
 
     async def park(self, entry: ParkedEntry) -> None:
-        await asyncio.to_thread(_waits.write_parked, self.state_directory, entry)
+        await asyncio.to_thread(_waits.write_parked, self.state_directory, entry, self.durable)
 
     async def unpark(self, entry: ParkedEntry) -> None:
         await asyncio.to_thread(_waits.remove_parked, self.state_directory, entry)
@@ -654,6 +669,14 @@ class FileStore:
 
     async def signal_notices(self) -> list[tuple[str, str]]:
         return await asyncio.to_thread(_waits.take_notices, self.state_directory)
+
+    async def signalled(self) -> list[str]:
+        return await asyncio.to_thread(_waits.signalled, self.state_directory)
+
+    async def drop_signals(self, workflow_id: str, *, scan: bool = False) -> None:
+        notices = self._notices_sent.pop(workflow_id, ())
+        await asyncio.to_thread(_waits.drop_signals, self.state_directory, workflow_id,
+                                notices, scan)
 
 
 def _resolve(waiters: list[tuple[str, asyncio.Future[None]]],

@@ -151,5 +151,14 @@ class MemoryStore:
     async def parked(self) -> list[ParkedEntry]:
         return list(self.parked_entries.values())
 
+    async def signalled(self) -> list[str]:
+        return sorted({w for w, _ in self.signals})
+
+    async def drop_signals(self, workflow_id: str, *, scan: bool = False) -> None:
+        for key in [k for k in self.signals if k[0] == workflow_id]:
+            del self.signals[key]
+        if scan:
+            self.parked_entries.pop(workflow_id, None)
+
     async def signal_notices(self) -> list[tuple[str, str]]:
         return []  # one process: its own sends wake directly

@@ -202,6 +202,8 @@ class SignalStore(Protocol):
     deadline) without reading every state; ``unpark`` drops the entry when it wakes.
     ``signal_notices`` returns signals sent by other processes since the last call (a
     hint, each taken by one process; a store of one process returns ``[]``).
+    ``drop_signals`` forgets a finished workflow's signals: called once its terminal state
+    is durable, and for leftovers (``signalled``) when a runtime opens.
     """
 
     async def send_signal(self, workflow_id: str, name: str, payload: bytes) -> None:
@@ -221,6 +223,16 @@ class SignalStore(Protocol):
     async def parked(self) -> list[ParkedEntry]: ...
 
     async def signal_notices(self) -> list[tuple[str, str]]: ...
+
+    async def signalled(self) -> list[str]:
+        """The IDs of the workflows that have signals stored."""
+        ...
+
+    async def drop_signals(self, workflow_id: str, *, scan: bool = False) -> None:
+        """Forget a finished workflow's signals (and the notices this store sent for it);
+        with ``scan``, also whatever notices and parked entries of it are left (slower:
+        for what a crash or another process left behind)."""
+        ...
 
 
 # --------------------------------------------------------------------------- documents

@@ -7,17 +7,19 @@ Layout under the state directory (``_signals`` is skipped by listings: not a wor
     _signals/_notices/{id}~{name}~{pid}~{ns}    "a signal came": a hint for other processes
 
 These small files are written by a thread of the process that sends or parks, not by the
-writer (docs/architecture.md, invariant 4 is about the states' hot path; a signal or a
-park is one file per event, rare next to stage writes). A signal is synced before it
-is acknowledged; the parked entry is written before the state that says ``waiting``, so
-a crash leaves at worst an entry whose state does not wait (dropped when checked). Blocking
-functions: ``FileStore`` runs them in a thread.
+writer: the exception to docs/architecture.md, invariant 4 that its "Durable waits"
+section explains (one file per event, rare next to stage writes, never in the files the
+writer owns). A signal is synced before it is acknowledged; the parked entry is synced
+before the state that says ``waiting`` is queued (invariant 11), so a crash leaves at
+worst an entry whose state does not wait (dropped when checked). Blocking functions:
+``FileStore`` runs them in a thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,21 +27,27 @@ from pathlib import Path
 from .._ids import validate_workflow_id
 from ._protocol import ParkedEntry
 
-__all__ = ["SIGNALS_DIRECTORY", "list_parked", "read_signal", "remove_parked",
-           "signals_ready", "take_notices", "write_parked", "write_signal"]
+__all__ = ["NOTICE_SECONDS", "SIGNALS_DIRECTORY", "drop_signals", "list_parked", "read_signal",
+           "remove_parked", "signalled", "signals_ready", "take_notices", "write_parked",
+           "write_signal"]
 
 SIGNALS_DIRECTORY = "_signals"
 _PARKED = "_parked"
 _NOTICES = "_notices"
-
+# A notice nobody took within this long is dropped by whoever sees it: every runtime that
+# watches takes them every ``poll_seconds`` (1 s), and a runtime that opens rescans the
+# parked index anyway. The sender's own notices are never taken by itself: they end so.
+NOTICE_SECONDS = 300.0
 
 
 def _signal_directory(root: Path, workflow_id: str, name: str) -> Path:
     return root / SIGNALS_DIRECTORY / validate_workflow_id(workflow_id) / name
 
 
-def write_signal(root: Path, workflow_id: str, name: str, payload: bytes, durable: bool) -> None:
-    """Store one signal atomically (temporary file, sync, rename), then leave a notice."""
+def write_signal(root: Path, workflow_id: str, name: str, payload: bytes,
+                 durable: bool) -> Path:
+    """Store one signal atomically (temporary file, sync, rename), then leave a notice;
+    returns the notice's path."""
     directory = _signal_directory(root, workflow_id, name)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     stamp = f"{time.time_ns():020d}-{os.getpid()}"
@@ -58,7 +66,9 @@ def write_signal(root: Path, workflow_id: str, name: str, payload: bytes, durabl
     notices = root / SIGNALS_DIRECTORY / _NOTICES
     notices.mkdir(parents=True, exist_ok=True, mode=0o700)
     # A hint only: a lost notice costs a wake at the next open or rescan, never a signal.
-    (notices / f"{workflow_id}~{name}~{os.getpid()}~{time.time_ns()}").touch()
+    notice = notices / f"{workflow_id}~{name}~{os.getpid()}~{time.time_ns()}"
+    notice.touch()
+    return notice
 
 
 def _sync_directory(directory: Path) -> None:
@@ -95,10 +105,14 @@ def _parked_name(entry: ParkedEntry) -> str:
     return f"{validate_workflow_id(workflow_id)}~{deadline!r}~{name}~{index}"
 
 
-def write_parked(root: Path, entry: ParkedEntry) -> None:
+def write_parked(root: Path, entry: ParkedEntry, durable: bool) -> None:
+    """Create the entry (its name is its content); with ``durable``, synced before the
+    state that says ``waiting`` is queued (docs/architecture.md, invariant 11)."""
     directory = root / SIGNALS_DIRECTORY / _PARKED
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     (directory / _parked_name(entry)).touch()
+    if durable:
+        _sync_directory(directory)
 
 
 def remove_parked(root: Path, entry: ParkedEntry) -> None:
@@ -134,14 +148,54 @@ def take_notices(root: Path) -> list[tuple[str, str]]:
     except FileNotFoundError:
         return []
     mine = str(os.getpid())
+    expired = time.time_ns() - int(NOTICE_SECONDS * 1e9)
     taken: list[tuple[str, str]] = []
     for file_name in names:
         parts = file_name.split("~")
-        if len(parts) != 4 or parts[2] == mine:
-            continue  # our own sends wake directly
+        if len(parts) != 4:
+            continue
+        if parts[2] == mine:  # our own sends wake directly; old ones are dropped
+            if parts[3].isdigit() and int(parts[3]) < expired:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / file_name)
+            continue
         try:
             os.unlink(directory / file_name)
             taken.append((validate_workflow_id(parts[0]), parts[1]))
         except (FileNotFoundError, ValueError):
             continue  # another process took it first, or not ours
     return taken
+
+
+def signalled(root: Path) -> list[str]:
+    """The IDs of the workflows that have signals stored."""
+    try:
+        names = os.listdir(root / SIGNALS_DIRECTORY)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        with contextlib.suppress(ValueError):  # _parked, _notices, or not ours
+            found.append(validate_workflow_id(name))
+    return found
+
+
+def drop_signals(root: Path, workflow_id: str, notices: Iterable[Path], scan: bool) -> None:
+    """Remove a finished workflow's signals and the given notices; with ``scan``, also
+    every notice and parked entry of it (a scan of both directories: for what a crash or
+    another process left)."""
+    prefix = f"{validate_workflow_id(workflow_id)}~"
+    shutil.rmtree(root / SIGNALS_DIRECTORY / workflow_id, ignore_errors=True)
+    for notice in notices:
+        with contextlib.suppress(FileNotFoundError):  # taken by another process
+            os.unlink(notice)
+    for kind in (_NOTICES, _PARKED) if scan else ():
+        directory = root / SIGNALS_DIRECTORY / kind
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for file_name in names:
+            if file_name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / file_name)
