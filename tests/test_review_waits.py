@@ -88,7 +88,9 @@ class TestLocalForge:
             out, err = await command.communicate()
             assert command.returncode == 0, err.decode()
             assert "sent" in out.decode()
-            assert await runtime.wake_due() == 1
+            # This call or the runtime's own notice scan (whichever reads the notice
+            # first) wakes it: one of them exactly.
+            assert await runtime.wake_due() in (0, 1)
             woken = await runtime.settle_woken()
         _completed_approved(woken, parked.workflow_id)
 
