@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from cluster_workflows import EFFECTS, TINY, read_effects
+from cluster_workflows import EFFECTS, NOTED, TINY, read_effects
 
 from reliability import Runtime, WorkflowConfiguration
 from reliability._cli import main
@@ -27,6 +28,7 @@ from reliability._store import FileStore
 ROOT = Path(__file__).resolve().parent.parent
 EFFECTS_PATH = "tests.cluster_workflows:EFFECTS"
 TINY_PATH = "tests.cluster_workflows:TINY"
+NOTED_PATH = "tests.cluster_workflows:NOTED"
 
 
 def _config(url: str = "", **settings: Any) -> WorkflowConfiguration:
@@ -159,6 +161,23 @@ async def test_run_workflow_on_postgres(tmp_path: Path, postgres_url: str) -> No
     assert [tuple(r) for r in rows] == [("completed", None, None)]
 
 
+async def test_diagnostics_of_a_stored_workflow_from_any_runtime(tmp_path: Path,
+                                                                  postgres_url: str) -> None:
+    """A runtime that did not run a workflow describes it from the database through
+    workflow_diagnostics(); the synchronous call says to use that instead."""
+    async with Runtime(_config(postgres_url), tmp_path) as runner:
+        workflow_id = await runner.submit(NOTED, context={"note": "hello"})
+        assert await runner.serve(concurrency=1, exit_when_idle=True) == 1
+    async with Runtime(_config(postgres_url), tmp_path) as other:
+        with pytest.raises(Exception, match="workflow_diagnostics"):
+            other.get_workflow_diagnostics(workflow_id)
+        diagnostics = await other.workflow_diagnostics(workflow_id)
+    assert diagnostics["status"] == "completed" and not diagnostics["running_here"]
+    assert diagnostics["completed_stages"] == ["first", "second"]
+    assert diagnostics["outputs"] == {"note": "hello"}
+    assert diagnostics["state_source"].endswith(f"#workflows/{workflow_id}")
+
+
 # --------------------------------------------------------------------------- fencing
 
 
@@ -255,10 +274,10 @@ def _worker(url: str, root: Path, effects: Path, *args: str,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _submit(url: str, root: Path, definition: str, count: int) -> list[str]:
+def _submit(url: str, root: Path, definition: str, count: int, *args: str) -> list[str]:
     done = subprocess.run(
         [sys.executable, "-m", "reliability", "submit", "--definition", definition,
-         "--count", str(count), "--store", url, "--project-root", str(root), "--json"],
+         "--count", str(count), "--store", url, "--project-root", str(root), "--json", *args],
         cwd=ROOT, env=_env(root), capture_output=True, check=True)
     ids: list[str] = json.loads(done.stdout)["workflow_ids"]
     return ids
@@ -380,6 +399,44 @@ def test_sigterm_gives_claims_back_and_exits_130(
     workers.append(second)
     assert second.wait(timeout=60) == 0
     assert _statuses(postgres_url) == {"completed": 5}
+
+
+def test_diagnostics_and_bundle_commands_read_the_database_and_hide_the_password(
+        tmp_path: Path, postgres_url: str, workers: list[subprocess.Popen[bytes]],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`diagnostics --json`, `diagnostics` and `bundle` of a workflow a worker process ran
+    read its state and each stage's checkpoint from the database, and never show the
+    database password, not even where the workflow's own outputs carry the URL."""
+    password = urlsplit(postgres_url).password
+    assert password
+    [workflow_id] = _submit(postgres_url, tmp_path, NOTED_PATH, 1,
+                            "--context", json.dumps({"note": f"see {postgres_url}"}))
+    workers.append(_worker(postgres_url, tmp_path, tmp_path, "--exit-when-idle"))
+    assert workers[0].wait(timeout=120) == 0, workers[0].communicate()
+    common = ["--store", postgres_url, "--project-root", str(tmp_path)]
+    assert main(["diagnostics", workflow_id, *common, "--json"]) == 0
+    out, err = capsys.readouterr()
+    diagnostics = json.loads(out)
+    assert diagnostics["status"] == "completed"
+    assert diagnostics["completed_stages"] == ["first", "second"]
+    assert diagnostics["outputs"]["note"].startswith("see postgresql://")
+    assert password not in out + err
+    assert main(["diagnostics", workflow_id, *common]) == 0
+    out, err = capsys.readouterr()
+    assert workflow_id in out and "completed" in out and password not in out + err
+    assert main(["bundle", workflow_id, *common, "--json"]) == 0
+    out, err = capsys.readouterr()
+    bundle_path = Path(json.loads(out)["bundle"])
+    text = bundle_path.read_text()
+    assert password not in out + err + text
+    bundle = json.loads(text)
+    assert bundle["workflow_diagnostics"]["completed_stages"] == ["first", "second"]
+    sources = list(bundle["state_files"])
+    assert [s.rsplit("#", 1)[1] for s in sources] == [
+        f"workflows/{workflow_id}", f"workflows/{workflow_id}/first",
+        f"workflows/{workflow_id}/final"]
+    assert bundle["state_files"][sources[1]]["completed_stages"] == ["first"]
+    assert bundle["configuration"]["store_url"].count("***") == 1
 
 
 def test_claim_stress_every_epoch_claimed_once(

@@ -792,6 +792,21 @@ class PostgresStore:
         return LoadedState(_decode(row["state"], row["schema_version"], workflow_id, source),
                            source)
 
+    async def checkpoints(self, workflow_id: str) -> dict[str, Any]:
+        """Every stage checkpoint of ``workflow_id``, oldest first: source -> state (or
+        ``{"error": ...}`` for a row this code cannot read), for diagnostic bundles."""
+        rows = await self._require_pool().fetch(
+            "SELECT stage, state, schema_version FROM workflow_checkpoints "
+            "WHERE workflow_id = $1 ORDER BY created_at, stage", validate_workflow_id(workflow_id))
+        found: dict[str, Any] = {}
+        for row in rows:
+            source = f"{self._source(workflow_id)}/{row['stage']}"
+            try:
+                found[source] = _decode(row["state"], row["schema_version"], workflow_id, source)
+            except StateCorruptedError as error:
+                found[source] = {"error": error.problem}
+        return found
+
     def describe(self, workflow_id: str) -> dict[str, str]:
         return {"database": self.url.masked, "workflow": f"workflows/{workflow_id}",
                 "worker": self.worker_id}
