@@ -50,7 +50,7 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -177,6 +177,7 @@ _CLAIM_NEXT = """
 WITH picked AS (
     SELECT workflow_id FROM workflows
     WHERE queue = $2 AND owner IS NULL AND status = ANY($4::text[])
+      AND NOT (workflow_id = ANY($5::text[]))
     ORDER BY created_at, workflow_id
     LIMIT $3
     FOR UPDATE SKIP LOCKED),
@@ -217,6 +218,20 @@ audit AS (
     INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
     SELECT workflow_id, worker_id, epoch, 'requeue', true FROM requeued)
 SELECT workflow_id, queue FROM requeued
+"""
+
+# Claims this worker holds in the database but not in memory: a claim whose COMMIT went
+# through but whose reply was lost (the server crashed in between). Given back with a new
+# epoch, as if this worker had died, so the workflow runs again elsewhere, not never.
+_ORPHANS = """
+WITH orphans AS (
+    UPDATE workflows w SET owner = NULL, epoch = w.epoch + 1, claimed_at = NULL
+    WHERE w.owner = $1 AND NOT (w.workflow_id = ANY($2::text[]))
+    RETURNING w.workflow_id, w.epoch, w.queue),
+audit AS (
+    INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
+    SELECT workflow_id, $1, epoch, 'requeue', true FROM orphans)
+SELECT workflow_id, queue FROM orphans
 """
 
 # First statement of every batch: claims this worker's commit row for the batch. No row
@@ -328,6 +343,9 @@ class PostgresStore:
         self._pending = _Batch()
         self._wake = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
+        self._sending: list[_Batch] = []  # batches sent, not yet committed
+        self._claiming = asyncio.Lock()  # one claim statement at a time (see _claims)
+        self._claims_unsure = False  # a claim's reply was lost: see _ORPHANS
         self._heartbeat: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
         self._work = asyncio.Event()
@@ -354,7 +372,10 @@ class PostgresStore:
             raise ConfigurationError("the PostgreSQL store needs asyncpg: pip install "
                                      "'workflow-manager[postgres]'") from None
         try:
-            pool = await asyncpg.create_pool(self.url.secret, min_size=1,
+            # No connection floor (min_size 0): after an outage asyncpg would otherwise
+            # restore it in the background, logging a traceback per failed try; connections
+            # are made again on demand, by the callers that back off and log once.
+            pool = await asyncpg.create_pool(self.url.secret, min_size=0,
                                              max_size=self.pool_size)
         except Exception as error:
             raise await self.connect_error(error) from None
@@ -396,6 +417,8 @@ class PostgresStore:
         if self._committer is not None:
             await self._committer
         with contextlib.suppress(Exception):
+            if self._claims_unsure:  # before the row goes: none would re-queue them then
+                await self._release_orphans()
             await pool.execute("DELETE FROM workflow_workers WHERE worker_id = $1",
                                self.worker_id)
             await pool.execute("DELETE FROM workflow_commits WHERE worker_id = $1",
@@ -485,7 +508,11 @@ class PostgresStore:
                 if self._closing:
                     return
                 continue
-            await self._commit_with_retries(batch)
+            self._sending.append(batch)
+            try:
+                await self._commit_with_retries(batch)
+            finally:
+                self._sending.remove(batch)
             if batch.done is not None and not batch.done.done():
                 batch.done.set_result(None)
 
@@ -531,6 +558,14 @@ class PostgresStore:
         down_for, self._down_since = self.clock.monotonic() - self._down_since, None
         logger.warning("PostgreSQL at %s reachable again after %.1f s; writes go on",
                        self.url.server, down_for)
+
+    def unreachable(self, error: BaseException) -> bool:
+        """True if ``error`` means the server cannot be reached now (then recorded, and the
+        outage logged once): the caller backs off and tries again."""
+        if not _connection_lost(error):
+            return False
+        self._mark_down(error)
+        return True
 
     @property
     def reachable(self) -> bool:
@@ -638,11 +673,15 @@ class PostgresStore:
             raise FencedError(refused[0], self.worker_id, 0,
                               f"cannot queue it: it exists already ({len(refused)} refused)")
 
-    async def claim_next(self, limit: int = 1, *,
-                         queue: str = "default") -> list[tuple[Claim, LoadedState]]:
-        """Claim up to ``limit`` queued workflows (oldest first), with their states."""
+    async def claim_next(self, limit: int = 1, *, queue: str = "default",
+                         exclude: Iterable[str] = ()) -> list[tuple[Claim, LoadedState]]:
+        """Claim up to ``limit`` queued workflows (oldest first), with their states; none
+        of ``exclude`` (those still ending here after their claim was lost: a workflow
+        re-queued meanwhile must not run twice in one process)."""
         pool = self._require_pool()
-        rows = await pool.fetch(_CLAIM_NEXT, self.worker_id, queue, limit, list(CLAIMABLE))
+        async with self._claims():
+            rows = await pool.fetch(_CLAIM_NEXT, self.worker_id, queue, limit,
+                                    list(CLAIMABLE), list(exclude))
         claimed: list[tuple[Claim, LoadedState]] = []
         for row in rows:
             workflow_id, epoch = row["workflow_id"], row["epoch"]
@@ -712,9 +751,15 @@ class PostgresStore:
                 await self.renew()
                 await self.reap()
             except Exception as error:
-                if not _connection_lost(error):
-                    raise
-                self._mark_down(error)
+                # Never ends on an error: a worker whose heartbeat stopped would keep its
+                # claims' tasks waiting for a lease forever. Besides an outage, two workers
+                # reaping at once after one can deadlock, and the server picks a victim.
+                if _connection_lost(error):
+                    self._mark_down(error)
+                else:
+                    logger.warning("Lease renewal of %s failed (%s); trying again",
+                                   self.worker_id, scrub(f"{type(error).__name__}: {error}",
+                                                         self.url.secret).replace("\n", " "))
                 delay = min(backoff, interval) * random.uniform(0.5, 1.0)
                 backoff = min(backoff * 2, _RETRY_MAX)
                 continue
@@ -828,7 +873,7 @@ class PostgresStore:
         granted: dict[str, int] = {}
         if wanted:
             await self._flush()  # a registration still queued must exist before its claim
-            async with self._require_pool().acquire() as connection, \
+            async with self._claims(), self._require_pool().acquire() as connection, \
                     connection.transaction():
                 for row in await connection.fetch(_CLAIM, self.worker_id, wanted):
                     granted[row["workflow_id"]] = row["epoch"]
@@ -847,6 +892,35 @@ class PostgresStore:
             self._epochs[workflow_id] = epoch
             claims.append(_PostgresClaim(workflow_id, epoch, self))
         return claims, refused
+
+    @contextlib.asynccontextmanager
+    async def _claims(self) -> AsyncIterator[None]:
+        """Around a claim statement: one at a time, so that what this store holds is known
+        whenever none is in flight. After a claim whose reply was lost (it may have
+        committed), the next one first gives back every claim the database says this
+        worker holds and this store does not know of."""
+        async with self._claiming:
+            if self._claims_unsure:
+                await self._release_orphans()
+            try:
+                yield
+            except Exception as error:
+                if _connection_lost(error):
+                    self._claims_unsure = True
+                raise
+
+    async def _release_orphans(self) -> None:
+        known = set(self._epochs) | set(self._pending.releases)
+        for batch in self._sending:
+            known.update(batch.releases)
+        async with self._require_pool().acquire() as connection:
+            rows = await connection.fetch(_ORPHANS, self.worker_id, sorted(known))
+            for queue in {r["queue"] for r in rows if r["queue"] is not None}:
+                await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL, queue)
+        self._claims_unsure = False
+        if rows:
+            logger.warning("Gave back %d claim(s) whose replies were lost in an outage",
+                           len(rows))
 
     def _release(self, workflow_id: str, epoch: int) -> None:
         if self._epochs.get(workflow_id) != epoch:
