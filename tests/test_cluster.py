@@ -21,11 +21,23 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 from cluster_workflows import EFFECTS, NOTED, TINY, read_effects
+from dev_helpers import (
+    AGENT_COMMAND,
+    PROMPTS,
+    assert_one_marked_commit,
+    assert_worktree_removed,
+    bare_branches,
+    forge_records,
+    git,
+    make_example_repo,
+)
 from postgres_server import PostgresServer
 
+from machines.development import marker_for
 from reliability import Runtime, WorkflowConfiguration
 from reliability._cli import main
 from reliability._postgres import PostgresStore
+from reliability._state import WorkflowRun
 from reliability._store import FileStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -502,6 +514,54 @@ def test_diagnostics_and_bundle_commands_read_the_database_and_hide_the_password
         f"workflows/{workflow_id}/final"]
     assert bundle["state_files"][sources[1]]["completed_stages"] == ["first"]
     assert bundle["configuration"]["store_url"].count("***") == 1
+
+
+def test_development_workflows_through_two_workers_one_killed(
+        tmp_path: Path, postgres_url: str, workers: list[subprocess.Popen[bytes]]) -> None:
+    """The development workflow on the local forge, 3 prompts submitted to 2 workers; the
+    one running them is SIGKILLed once the first issue exists: the other finishes them all
+    with one issue, one branch, one marked commit and one pull request per workflow."""
+    repo = make_example_repo(tmp_path / "repo")
+    done = subprocess.run(
+        [sys.executable, "-m", "reliability", "submit", *map(str, PROMPTS), "--store",
+         postgres_url, "--project-root", str(repo), "--json"],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, check=True)
+    ids = json.loads(done.stdout)["workflow_ids"]
+    settings = {"WORKFLOW_AGENT_COMMAND": AGENT_COMMAND, "WORKFLOW_FORGE": "local",
+                "WORKFLOW_RETRY_BASE_DELAY": "0.01", "WORKFLOW_RETRY_MAX_DELAY": "0.5",
+                "WORKFLOW_LEASE_SECONDS": "3"}
+    victim = _worker(postgres_url, repo, tmp_path, "--concurrency", "3",
+                     log=tmp_path / "victim.log", **settings)
+    workers.append(victim)
+    owned = "SELECT count(*) AS n FROM workflows WHERE owner IS NOT NULL"
+    _wait_until(lambda: _sync_rows(postgres_url, owned)[0]["n"] == 3, "the first to claim all")
+    survivor = _worker(postgres_url, repo, tmp_path, "--concurrency", "3", "--exit-when-idle",
+                       log=tmp_path / "survivor.log", **settings)
+    workers.append(survivor)
+    _wait_until(lambda: (repo / ".github" / "workflow-forge" / "issues" / "1.json").exists(),
+                "the first issue")
+    victim.kill()
+    assert survivor.wait(timeout=150) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
+    rows = _sync_rows(postgres_url, "SELECT workflow_id, status, epoch, state FROM workflows")
+    assert {r["workflow_id"] for r in rows} == set(ids)
+    assert {r["status"] for r in rows} == {"completed"}
+    assert max(r["epoch"] for r in rows) >= 2  # the survivor took over from the victim
+    issues, pulls = forge_records(repo, "issues"), forge_records(repo, "pulls")
+    assert len(issues) == len(pulls) == 3
+    bare = repo / ".github" / "workflow-forge" / "remote.git"
+    branches = bare_branches(bare)
+    main = git(repo, "rev-parse", "main")
+    outputs = {r["workflow_id"]: WorkflowRun.from_state(json.loads(r["state"])).outputs
+               for r in rows}
+    assert set(branches) == {out["branch_name"] for out in outputs.values()}
+    for workflow_id, out in outputs.items():
+        marker = marker_for(workflow_id)
+        assert [i["number"] for i in issues if marker in i["body"]] == [out["issue_number"]]
+        mine = [p for p in pulls if p["head_branch"] == out["branch_name"]]
+        assert [p["number"] for p in mine] == [out["pr_number"]]
+        assert mine[0]["head_sha"] == out["commit_sha"] == branches[out["branch_name"]]
+        assert_one_marked_commit(bare, out["branch_name"], workflow_id, main)
+        assert_worktree_removed(repo, out["worktree"])
 
 
 def test_claim_stress_every_epoch_claimed_once(
