@@ -56,12 +56,13 @@ async def _fresh_database(url: str, prefix: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + name
 
 
-async def store_run(url: str, workflows: int) -> dict[str, float]:
-    """N workflows' 19 durable checkpoint saves each through one PostgresStore."""
+async def store_run(url: str, workflows: int, **settings: int) -> dict[str, float]:
+    """N workflows' 19 durable checkpoint saves each through one PostgresStore
+    (``settings``: its batch_rows and commit_lanes, when not the defaults)."""
     from reliability._postgres import PostgresStore
 
     database = await _fresh_database(url, "bench_store")
-    store = PostgresStore(database, lease_seconds=600)
+    store = PostgresStore(database, lease_seconds=600, **settings)
     await store.open()
     commits: list[tuple[float, int]] = []
     commit = store._commit
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dbos-workflows", default="1000",
                         help="comma-separated workflow counts for DBOS ('' skips DBOS)")
     parser.add_argument("--dbos-mode", choices=("async", "sync"), default="async")
+    parser.add_argument("--batch-rows", type=int,
+                        help="rows per group commit (default: the store's; a huge number "
+                             "and --commit-lanes 1 is one uncapped batch at a time)")
+    parser.add_argument("--commit-lanes", type=int,
+                        help="group commits in flight at once (default: the store's)")
     parser.add_argument("--dbos-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -199,10 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         server = PostgresServer().start()
         url = server.url
 
+    settings = {name: value for name, value in (("batch_rows", args.batch_rows),
+                                                ("commit_lanes", args.commit_lanes))
+                if value is not None}
+
     async def run(url: str) -> dict[str, list[dict[str, Any]]]:
         results: dict[str, list[dict[str, Any]]] = {"postgres_store": [], "dbos": []}
         for n in (int(x) for x in args.workflows.split(",") if x):
-            results["postgres_store"].append(await store_run(url, n))
+            results["postgres_store"].append(await store_run(url, n, **settings))
         for n in (int(x) for x in args.dbos_workflows.split(",") if x):
             results["dbos"].append(await dbos_run(url, n, args.dbos_mode))
         return results

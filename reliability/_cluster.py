@@ -41,6 +41,7 @@ __all__ = ["make_store", "migrate_store", "postgres", "result", "serve", "submit
 _FILE_POLL = 0.2  # seconds between looks at the file store (it has no notifications)
 _RESULT_POLL = 2.0  # fallback poll while waiting for a NOTIFY of a result
 _SHUTDOWN_TICK = 0.25  # how soon an idle worker notices a shutdown request
+_RETRY_FIRST, _RETRY_MAX = 0.05, 2.0  # backoff of a worker's claims while the server is down
 
 
 def make_store(config: WorkflowConfiguration, root: Path,
@@ -272,6 +273,7 @@ class _Worker:
         self.concurrency = concurrency
         self.queue = queue
         self.tasks: set[asyncio.Task[None]] = set()
+        self.busy: dict[asyncio.Task[None], str] = {}  # task -> its workflow's ID
         self.claims: dict[str, _CancellableClaim] = {}
         self.freed = asyncio.Event()
         self.started = 0
@@ -280,11 +282,13 @@ class _Worker:
         task = asyncio.get_running_loop().create_task(self._one(claim, loaded),
                                                       name=f"serve-{claim.workflow_id}")
         self.tasks.add(task)
+        self.busy[task] = claim.workflow_id
         self.started += 1
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self.busy.pop(task, None)
         self.freed.set()
         if not task.cancelled() and task.exception() is not None:
             logger.error("Worker task %s failed: %r", task.get_name(), task.exception())
@@ -384,16 +388,32 @@ async def serve(rt: Runtime, *, concurrency: int = 8, queue: str = "default",
 async def _serve_postgres(rt: Runtime, worker: _Worker, store: PostgresStore,
                           exit_when_idle: bool) -> None:
     announced = False
+    backoff = _RETRY_FIRST
     while not rt.shutting_down:
         free = worker.concurrency - len(worker.tasks)
-        if free > 0 and store.lease_valid:
-            claimed = await store.claim_next(free, queue=worker.queue)
-            for claim, loaded in claimed:
-                worker.start(claim, loaded)
-            if claimed:
-                continue
-        if exit_when_idle and not worker.tasks and await store.count_unfinished(
-                worker.queue) == 0:
+        try:
+            if free > 0 and store.lease_valid:
+                # Not one still ending here after its claim was lost (fenced) and that
+                # was re-queued meanwhile: one process runs a workflow once at a time.
+                claimed = await store.claim_next(free, queue=worker.queue,
+                                                 exclude=worker.busy.values())
+                for claim, loaded in claimed:
+                    worker.start(claim, loaded)
+                if claimed:
+                    backoff = _RETRY_FIRST
+                    continue
+            idle = exit_when_idle and not worker.tasks and await store.count_unfinished(
+                worker.queue) == 0
+        except Exception as error:
+            # The server is down or restarting: the store logs it once; claim nothing,
+            # let running workflows wait for their commits, and try again with backoff.
+            if not store.unreachable(error):
+                raise
+            await store.clock.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, _RETRY_MAX)
+            continue
+        backoff = _RETRY_FIRST
+        if idle:
             return
         if not announced:
             logger.info("Worker %s waiting for work on queue %r", store.worker_id, worker.queue)

@@ -126,11 +126,15 @@ async def _scan_log(path: Path, workflow_id: str, found: deque[str]) -> None:
 
 
 async def collect_state_files(runtime: Runtime, workflow_id: str) -> dict[str, Any]:
-    """The workflow's state document and checkpoint files: path -> parsed content."""
+    """The workflow's state document and checkpoint files (or rows): where -> content."""
     store = runtime.store
     if not isinstance(store, FileStore):
         loaded = await store.load(workflow_id)
-        return {loaded.source: loaded.state}
+        files: dict[str, Any] = {loaded.source: loaded.state}
+        checkpoints = getattr(store, "checkpoints", None)  # PostgreSQL's: one row per stage
+        if checkpoints is not None:
+            files.update(await checkpoints(workflow_id))
+        return files
     return await asyncio.to_thread(_read_state_files, store, workflow_id)
 
 

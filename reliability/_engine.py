@@ -312,7 +312,8 @@ class Engine:
     async def _await_lease(self, live: LiveWorkflow) -> None:
         """Start no stage while this worker's lease may have run out (not renewed for half
         of it): another worker may own the workflow by now (invariant 9)."""
-        self._log("warning", "Lease not renewed for half its length: waiting before "
+        # Debug only: the store logs the outage once, not once per waiting workflow.
+        self._log("debug", "Lease not renewed for half its length: waiting before "
                   "stage %s", live.run.current_stage or "1")
         while not getattr(self._store, "lease_valid", True):
             if live.stop_reason is not None:

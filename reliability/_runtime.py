@@ -766,9 +766,18 @@ class Runtime:
         if run is None:
             loader = getattr(self.store, "load_sync", None)
             if loader is None:
-                raise ConfigurationError(f"workflow {workflow_id} is not known to this runtime")
+                raise ConfigurationError(
+                    f"workflow {workflow_id} is not known to this runtime and its store has "
+                    "no synchronous read: use await runtime.workflow_diagnostics(id)")
             run = WorkflowRun.from_state(loader(workflow_id).state)
         return diagnostics_for(run, live, self.clock, self.store.describe(workflow_id))
+
+    async def workflow_diagnostics(self, workflow_id: str) -> dict[str, Any]:
+        """``get_workflow_diagnostics`` for a workflow in any store (PostgreSQL's too): one
+        known here from memory, any other read from the store without blocking the loop,
+        with ``state_source`` and ``state_problems`` saying where and how it was read."""
+        from ._diagnostics import stored_diagnostics
+        return await stored_diagnostics(self, workflow_id)
 
 
 def diagnostics_for(run: WorkflowRun, live: LiveWorkflow | None, clock: Clock,

@@ -47,6 +47,11 @@ async def noop(ctx: StageContext) -> None:
     return None
 
 
+async def note(ctx: StageContext) -> Mapping[str, Any]:
+    """Copies the context's ``note`` into the outputs (a secret there must stay hidden)."""
+    return {"note": ctx.context.get("note")}
+
+
 EFFECTS = WorkflowDefinition("effects", [
     StageSpec("one", effect, timeout_seconds=60),
     StageSpec("two", effect, timeout_seconds=60),
@@ -54,6 +59,9 @@ EFFECTS = WorkflowDefinition("effects", [
 ])
 
 TINY = WorkflowDefinition("tiny", [StageSpec("only", noop)])
+
+NOTED = WorkflowDefinition("noted", [StageSpec("first", note, checkpoint=True),
+                                     StageSpec("second", noop)])
 
 
 def read_effects(directory: Path) -> list[tuple[str, str, str, int, float]]:

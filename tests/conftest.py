@@ -1,7 +1,8 @@
 """Shared fixtures: a real PostgreSQL server for the tests that need one.
 
 One throwaway server per test session (``tests/postgres_server.py``), started only when a
-test asks for ``postgres_url``; ``WORKFLOW_TEST_POSTGRES_URL`` names an existing server
+test asks for ``postgres_url`` (``own_server``: one per test module, for tests that stop
+and start it); ``WORKFLOW_TEST_POSTGRES_URL`` names an existing server
 instead. Each test gets a database of its own, dropped afterwards. Where no server can
 be started the tests that need one are skipped, except in CI (``CI=true``), where that is
 a failure: they must always run there.
@@ -37,6 +38,20 @@ def postgres_server() -> Iterator[PostgresServer | str]:
         import asyncpg  # noqa: F401
     except ImportError:
         _unavailable("asyncpg is not installed (pip install -e '.[test]')")
+    try:
+        server = PostgresServer().start()
+    except ServerUnavailable as error:
+        _unavailable(str(error))
+        raise  # not reached: _unavailable skips or fails
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[PostgresServer]:
+    """A server of the test module's own, which its tests may stop and start."""
     try:
         server = PostgresServer().start()
     except ServerUnavailable as error:

@@ -5,6 +5,8 @@ killed (SIGKILL), paused past their lease (SIGSTOP) and stopped (SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import signal
@@ -14,19 +16,34 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from cluster_workflows import EFFECTS, TINY, read_effects
+from cluster_workflows import EFFECTS, NOTED, TINY, read_effects
+from dev_helpers import (
+    AGENT_COMMAND,
+    PROMPTS,
+    assert_one_marked_commit,
+    assert_worktree_removed,
+    bare_branches,
+    forge_records,
+    git,
+    make_example_repo,
+)
+from postgres_server import PostgresServer
 
+from machines.development import marker_for
 from reliability import Runtime, WorkflowConfiguration
 from reliability._cli import main
 from reliability._postgres import PostgresStore
+from reliability._state import WorkflowRun
 from reliability._store import FileStore
 
 ROOT = Path(__file__).resolve().parent.parent
 EFFECTS_PATH = "tests.cluster_workflows:EFFECTS"
 TINY_PATH = "tests.cluster_workflows:TINY"
+NOTED_PATH = "tests.cluster_workflows:NOTED"
 
 
 def _config(url: str = "", **settings: Any) -> WorkflowConfiguration:
@@ -159,6 +176,23 @@ async def test_run_workflow_on_postgres(tmp_path: Path, postgres_url: str) -> No
     assert [tuple(r) for r in rows] == [("completed", None, None)]
 
 
+async def test_diagnostics_of_a_stored_workflow_from_any_runtime(tmp_path: Path,
+                                                                  postgres_url: str) -> None:
+    """A runtime that did not run a workflow describes it from the database through
+    workflow_diagnostics(); the synchronous call says to use that instead."""
+    async with Runtime(_config(postgres_url), tmp_path) as runner:
+        workflow_id = await runner.submit(NOTED, context={"note": "hello"})
+        assert await runner.serve(concurrency=1, exit_when_idle=True) == 1
+    async with Runtime(_config(postgres_url), tmp_path) as other:
+        with pytest.raises(Exception, match="workflow_diagnostics"):
+            other.get_workflow_diagnostics(workflow_id)
+        diagnostics = await other.workflow_diagnostics(workflow_id)
+    assert diagnostics["status"] == "completed" and not diagnostics["running_here"]
+    assert diagnostics["completed_stages"] == ["first", "second"]
+    assert diagnostics["outputs"] == {"note": "hello"}
+    assert diagnostics["state_source"].endswith(f"#workflows/{workflow_id}")
+
+
 # --------------------------------------------------------------------------- fencing
 
 
@@ -246,19 +280,22 @@ def _env(effects: Path, **extra: str) -> dict[str, str]:
             "WORKFLOW_ENABLE_HEALTH_CHECKS": "false", **extra}
 
 
-def _worker(url: str, root: Path, effects: Path, *args: str,
+def _worker(url: str, root: Path, effects: Path, *args: str, log: Path | None = None,
             **extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "reliability", "worker", "--store", url, "--project-root",
-         str(root), "--log-level", "WARNING", *args], cwd=ROOT,
-        env=_env(effects, **{"WORKFLOW_LEASE_SECONDS": "1.5", **extra}),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """A worker process; its stderr (the log) goes to ``log`` if given, else to a pipe."""
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
+        return subprocess.Popen(
+            [sys.executable, "-m", "reliability", "worker", "--store", url, "--project-root",
+             str(root), "--log-level", "WARNING", *args], cwd=ROOT,
+            env=_env(effects, **{"WORKFLOW_LEASE_SECONDS": "1.5", **extra}),
+            stdout=subprocess.PIPE, stderr=stderr)
 
 
-def _submit(url: str, root: Path, definition: str, count: int) -> list[str]:
+def _submit(url: str, root: Path, definition: str, count: int, *args: str) -> list[str]:
     done = subprocess.run(
         [sys.executable, "-m", "reliability", "submit", "--definition", definition,
-         "--count", str(count), "--store", url, "--project-root", str(root), "--json"],
+         "--count", str(count), "--store", url, "--project-root", str(root), "--json", *args],
         cwd=ROOT, env=_env(root), capture_output=True, check=True)
     ids: list[str] = json.loads(done.stdout)["workflow_ids"]
     return ids
@@ -359,6 +396,65 @@ def test_a_paused_worker_loses_its_workflows_and_writes_nothing_more(
     assert continued > stopped_at
 
 
+def test_a_server_crash_under_two_workers_loses_nothing_acknowledged(
+        tmp_path: Path, own_server: PostgresServer,
+        workers: list[subprocess.Popen[bytes]]) -> None:
+    """pg_ctl stop -m immediate while 2 worker processes run 100 workflows, past their
+    lease, then start: all complete, none is left running or owned; no acknowledged stage
+    completion is lost (no stage starts again once the next one started: in strict mode a
+    start is the proof its predecessor committed); while the server is down each worker
+    starts at most the stages whose predecessors committed just before, and logs the
+    outage once each way."""
+    url = own_server.url
+    effects = tmp_path / "effects"
+    effects.mkdir()
+    ids = _submit(url, tmp_path, EFFECTS_PATH, 100)
+    logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
+    for log in logs:
+        workers.append(_worker(url, tmp_path, effects, "--concurrency", "10",
+                               "--exit-when-idle", log=log, CLUSTER_STAGE_SECONDS="0.02",
+                               WORKFLOW_DURABILITY="strict"))
+    pids = {process.pid for process in workers}
+    _wait_until(lambda: all(sum(e[0] == "done" and e[3] == pid for e in read_effects(effects))
+                            >= 20 for pid in pids), "stages to complete in both workers")
+    own_server.stop("immediate")
+    down_at = time.monotonic()
+    _wait_until(lambda: all("unreachable" in log.read_text() for log in logs),
+                "both workers to see the server gone")
+    # Down for longer than the lease (1.5 s): whichever worker comes back first may find
+    # the other dead and re-queue its workflows. (Only the outage's length; nothing
+    # asserted depends on it.)
+    time.sleep(2)
+    up_at = time.monotonic()
+    own_server.start()
+    for process, log in zip(workers, logs, strict=True):
+        assert process.wait(timeout=180) == 0, log.read_text()
+    rows = _sync_rows(url, "SELECT workflow_id, status, owner, state FROM workflows")
+    assert {r["workflow_id"] for r in rows} == set(ids)
+    assert {(r["status"], r["owner"]) for r in rows} == {("completed", None)}
+    for row in rows:
+        state = json.loads(row["state"])
+        history = [e["stage"] for e in state["monitoring_state"]["stage_history"]
+                   if e["status"] == "completed"]
+        assert state["completed_stages"] == history == ["one", "two", "three"], state
+    effects_rows = read_effects(effects)
+    stages = ("one", "two", "three")
+    for workflow_id in ids:
+        starts = {stage: [e[4] for e in effects_rows if e[0] == "start"
+                          and e[1] == workflow_id and e[2] == stage] for stage in stages}
+        for earlier, later in itertools.pairwise(stages):
+            assert starts[later], (workflow_id, later)
+            assert max(starts[earlier]) < min(starts[later]), (
+                f"{workflow_id}: {earlier} ran again after {later} started")
+    during = [e for e in effects_rows if e[0] == "start" and down_at < e[4] < up_at]
+    per_workflow = [e[1] for e in during]
+    assert len(per_workflow) == len(set(per_workflow)) and len(during) <= 20, during
+    for log in logs:
+        text = log.read_text()
+        assert text.count("unreachable") == 1 and text.count("reachable again") == 1, text
+        assert own_server.password not in text
+
+
 def test_sigterm_gives_claims_back_and_exits_130(
         tmp_path: Path, postgres_url: str, workers: list[subprocess.Popen[bytes]]) -> None:
     """SIGTERM stops a worker's stages at their boundary, gives its claims back (another
@@ -380,6 +476,92 @@ def test_sigterm_gives_claims_back_and_exits_130(
     workers.append(second)
     assert second.wait(timeout=60) == 0
     assert _statuses(postgres_url) == {"completed": 5}
+
+
+def test_diagnostics_and_bundle_commands_read_the_database_and_hide_the_password(
+        tmp_path: Path, postgres_url: str, workers: list[subprocess.Popen[bytes]],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`diagnostics --json`, `diagnostics` and `bundle` of a workflow a worker process ran
+    read its state and each stage's checkpoint from the database, and never show the
+    database password, not even where the workflow's own outputs carry the URL."""
+    password = urlsplit(postgres_url).password
+    assert password
+    [workflow_id] = _submit(postgres_url, tmp_path, NOTED_PATH, 1,
+                            "--context", json.dumps({"note": f"see {postgres_url}"}))
+    workers.append(_worker(postgres_url, tmp_path, tmp_path, "--exit-when-idle"))
+    assert workers[0].wait(timeout=120) == 0, workers[0].communicate()
+    common = ["--store", postgres_url, "--project-root", str(tmp_path)]
+    assert main(["diagnostics", workflow_id, *common, "--json"]) == 0
+    out, err = capsys.readouterr()
+    diagnostics = json.loads(out)
+    assert diagnostics["status"] == "completed"
+    assert diagnostics["completed_stages"] == ["first", "second"]
+    assert diagnostics["outputs"]["note"].startswith("see postgresql://")
+    assert password not in out + err
+    assert main(["diagnostics", workflow_id, *common]) == 0
+    out, err = capsys.readouterr()
+    assert workflow_id in out and "completed" in out and password not in out + err
+    assert main(["bundle", workflow_id, *common, "--json"]) == 0
+    out, err = capsys.readouterr()
+    bundle_path = Path(json.loads(out)["bundle"])
+    text = bundle_path.read_text()
+    assert password not in out + err + text
+    bundle = json.loads(text)
+    assert bundle["workflow_diagnostics"]["completed_stages"] == ["first", "second"]
+    sources = list(bundle["state_files"])
+    assert [s.rsplit("#", 1)[1] for s in sources] == [
+        f"workflows/{workflow_id}", f"workflows/{workflow_id}/first",
+        f"workflows/{workflow_id}/final"]
+    assert bundle["state_files"][sources[1]]["completed_stages"] == ["first"]
+    assert bundle["configuration"]["store_url"].count("***") == 1
+
+
+def test_development_workflows_through_two_workers_one_killed(
+        tmp_path: Path, postgres_url: str, workers: list[subprocess.Popen[bytes]]) -> None:
+    """The development workflow on the local forge, 3 prompts submitted to 2 workers; the
+    one running them is SIGKILLed once the first issue exists: the other finishes them all
+    with one issue, one branch, one marked commit and one pull request per workflow."""
+    repo = make_example_repo(tmp_path / "repo")
+    done = subprocess.run(
+        [sys.executable, "-m", "reliability", "submit", *map(str, PROMPTS), "--store",
+         postgres_url, "--project-root", str(repo), "--json"],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, check=True)
+    ids = json.loads(done.stdout)["workflow_ids"]
+    settings = {"WORKFLOW_AGENT_COMMAND": AGENT_COMMAND, "WORKFLOW_FORGE": "local",
+                "WORKFLOW_RETRY_BASE_DELAY": "0.01", "WORKFLOW_RETRY_MAX_DELAY": "0.5",
+                "WORKFLOW_LEASE_SECONDS": "3"}
+    victim = _worker(postgres_url, repo, tmp_path, "--concurrency", "3",
+                     log=tmp_path / "victim.log", **settings)
+    workers.append(victim)
+    owned = "SELECT count(*) AS n FROM workflows WHERE owner IS NOT NULL"
+    _wait_until(lambda: _sync_rows(postgres_url, owned)[0]["n"] == 3, "the first to claim all")
+    survivor = _worker(postgres_url, repo, tmp_path, "--concurrency", "3", "--exit-when-idle",
+                       log=tmp_path / "survivor.log", **settings)
+    workers.append(survivor)
+    _wait_until(lambda: (repo / ".github" / "workflow-forge" / "issues" / "1.json").exists(),
+                "the first issue")
+    victim.kill()
+    assert survivor.wait(timeout=150) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
+    rows = _sync_rows(postgres_url, "SELECT workflow_id, status, epoch, state FROM workflows")
+    assert {r["workflow_id"] for r in rows} == set(ids)
+    assert {r["status"] for r in rows} == {"completed"}
+    assert max(r["epoch"] for r in rows) >= 2  # the survivor took over from the victim
+    issues, pulls = forge_records(repo, "issues"), forge_records(repo, "pulls")
+    assert len(issues) == len(pulls) == 3
+    bare = repo / ".github" / "workflow-forge" / "remote.git"
+    branches = bare_branches(bare)
+    main = git(repo, "rev-parse", "main")
+    outputs = {r["workflow_id"]: WorkflowRun.from_state(json.loads(r["state"])).outputs
+               for r in rows}
+    assert set(branches) == {out["branch_name"] for out in outputs.values()}
+    for workflow_id, out in outputs.items():
+        marker = marker_for(workflow_id)
+        assert [i["number"] for i in issues if marker in i["body"]] == [out["issue_number"]]
+        mine = [p for p in pulls if p["head_branch"] == out["branch_name"]]
+        assert [p["number"] for p in mine] == [out["pr_number"]]
+        assert mine[0]["head_sha"] == out["commit_sha"] == branches[out["branch_name"]]
+        assert_one_marked_commit(bare, out["branch_name"], workflow_id, main)
+        assert_worktree_removed(repo, out["worktree"])
 
 
 def test_claim_stress_every_epoch_claimed_once(

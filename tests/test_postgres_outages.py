@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 import pytest
-from postgres_server import PostgresServer, ServerUnavailable
+from postgres_server import PostgresServer
 
 from reliability._clock import FakeClock
 from reliability._errors import FencedError, StateCorruptedError
@@ -138,21 +137,6 @@ async def proxy(postgres_url: str) -> AsyncIterator[_Proxy]:
         await proxy.close()
 
 
-@pytest.fixture(scope="module")
-def own_server() -> Iterator[PostgresServer]:
-    """A server of this module's own, stopped and started by its tests."""
-    try:
-        server = PostgresServer().start()
-    except ServerUnavailable as error:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI must run the PostgreSQL tests, but: {error}", pytrace=False)
-        pytest.skip(str(error))
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
 def _outage_lines(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
     messages = [r.getMessage() for r in caplog.records]
     return (sum("unreachable" in m for m in messages),
@@ -213,6 +197,34 @@ async def test_a_lost_reply_keeps_the_refusals_of_its_batch(
                                         "WHERE kind = 'save' ORDER BY id")
     assert [(w["workflow_id"], w["applied"]) for w in writes] in (
         [(kept, True), (taken, False)], [(taken, False), (kept, True)])
+
+
+async def test_a_claim_whose_reply_was_lost_is_given_back(
+        proxy: _Proxy, postgres_url: str) -> None:
+    """A claim that committed but lost its reply is unknown to the store; its next claim
+    first gives it back with a new epoch (audited), so no workflow stays held by a live
+    worker that will never run it."""
+    store = PostgresStore(proxy.url, lease_seconds=30)
+    await store.open()
+    query = "SELECT owner, epoch FROM workflows WHERE workflow_id = $1"
+    try:
+        orphan, other = _id(1), _id(2)
+        lost = proxy.lose_reply_of_next_commit()
+        with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
+            await store.claim(orphan)
+        assert lost.is_set() and store.epoch_of(orphan) is None
+        [row] = await _fetch(postgres_url, query, orphan)
+        assert (row["owner"], row["epoch"]) == (store.worker_id, 1)  # it did commit
+        await store.claim(other)
+        [row] = await _fetch(postgres_url, query, orphan)
+        assert (row["owner"], row["epoch"]) == (None, 2)
+        assert (await store.claim(orphan)).epoch == 3
+    finally:
+        await store.close()
+    writes = await _fetch(postgres_url, "SELECT kind, epoch FROM workflow_writes WHERE "
+                                        "workflow_id = $1 ORDER BY id", orphan)
+    assert [(w["kind"], w["epoch"]) for w in writes] == [
+        ("claim", 1), ("requeue", 2), ("claim", 3), ("release", 3)]
 
 
 async def test_a_server_restart_loses_nothing_acknowledged(

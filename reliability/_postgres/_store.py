@@ -4,9 +4,11 @@ The same ``Store`` interface as the file store, plus what workers need (``enqueu
 ``claim_next``, ``wait_for_work``). How it keeps its promises:
 
 - Group commit (docs/architecture.md, invariant 4): saves are queued; one committer task
-  sends everything queued meanwhile as one statement (arrays through ``unnest``), so a
-  thousand workflows' checkpoints cost one round trip and one WAL flush. Its future
-  completes when that statement committed (synchronous_commit on: durable).
+  sends what is queued as batches of at most ``batch_rows`` rows (arrays through
+  ``unnest``, one statement per kind), oldest first, up to ``commit_lanes`` batches at once
+  on connections of their own, never two with writes of one workflow at once (a later
+  write would overtake an earlier). A save's future completes when its batch committed
+  (synchronous_commit on: durable).
 - Claims (invariant 9): ``UPDATE ... FOR UPDATE SKIP LOCKED``; each raises the
   workflow's epoch. Every write is conditional on (owner, epoch): a write by a worker
   that lost the workflow changes nothing, is recorded as refused in ``workflow_writes``
@@ -18,7 +20,8 @@ The same ``Store`` interface as the file store, plus what workers need (``enqueu
   poll as fallback, reconnected when lost.
 - Idempotent retries: a batch whose connection broke is sent again once the server is
   reachable (backoff through the Clock, docs/architecture.md invariant 6). Each batch
-  records its random ID in ``workflow_commits`` in its own transaction, first thing: a
+  records its random ID in its lane's ``workflow_commits`` row (a lane sends one batch at a
+  time) in its own transaction, first thing: a
   retry that finds its ID there knows the earlier COMMIT went through (only its reply was
   lost) and takes that outcome instead of writing again, which a release in the same batch
   would now have refused. If the earlier transaction is still open on a dying backend, the
@@ -46,11 +49,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import os
 import random
 import secrets
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +86,14 @@ WORK_CHANNEL = "workflow_work"
 RESULT_CHANNEL = "workflow_result"  # payload: the ID of a workflow that ended
 CLAIMABLE = ("pending", "running", "interrupted")
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0  # reconnect backoff of the committer, seconds
+# Rows (writes and releases) per group commit, at most, and group commits in flight at once
+# (each on a pool connection of its own). A commit's time grows with its rows: uncapped, one
+# batch at a time, 1,000 workflows in lockstep made ~950-row commits of ~100 ms (p99
+# 110-220 ms); 64 rows in 3 lanes, paired on the same server, commits in ~15 ms (p99
+# 32-74 ms on a loaded 2-core machine) at the same transitions/s (benchmarks.pgstore,
+# --batch-rows/--commit-lanes; benchmarks/README.md).
+BATCH_ROWS = 64
+COMMIT_LANES = 3
 
 _SAVE = """
 WITH input AS (
@@ -177,6 +190,7 @@ _CLAIM_NEXT = """
 WITH picked AS (
     SELECT workflow_id FROM workflows
     WHERE queue = $2 AND owner IS NULL AND status = ANY($4::text[])
+      AND NOT (workflow_id = ANY($5::text[]))
     ORDER BY created_at, workflow_id
     LIMIT $3
     FOR UPDATE SKIP LOCKED),
@@ -219,11 +233,25 @@ audit AS (
 SELECT workflow_id, queue FROM requeued
 """
 
+# Claims this worker holds in the database but not in memory: a claim whose COMMIT went
+# through but whose reply was lost (the server crashed in between). Given back with a new
+# epoch, as if this worker had died, so the workflow runs again elsewhere, not never.
+_ORPHANS = """
+WITH orphans AS (
+    UPDATE workflows w SET owner = NULL, epoch = w.epoch + 1, claimed_at = NULL
+    WHERE w.owner = $1 AND NOT (w.workflow_id = ANY($2::text[]))
+    RETURNING w.workflow_id, w.epoch, w.queue),
+audit AS (
+    INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
+    SELECT workflow_id, $1, epoch, 'requeue', true FROM orphans)
+SELECT workflow_id, queue FROM orphans
+"""
+
 # First statement of every batch: claims this worker's commit row for the batch. No row
 # back means the row holds this batch's ID already: it committed before (see above).
 _MARK = """
-INSERT INTO workflow_commits AS c (worker_id, batch) VALUES ($1, $2)
-ON CONFLICT (worker_id) DO UPDATE
+INSERT INTO workflow_commits AS c (worker_id, lane, batch) VALUES ($1, $3, $2)
+ON CONFLICT (worker_id, lane) DO UPDATE
     SET batch = EXCLUDED.batch, refused = '{}', committed_at = now()
     WHERE c.batch <> EXCLUDED.batch
 RETURNING batch
@@ -280,20 +308,63 @@ class _PostgresClaim:
         return f"<claim {self.workflow_id} epoch {self.epoch}>"
 
 
+# workflow ID -> (encoded state or a snapshot to take at send time, checkpoint stages, the
+# epoch of this store's claim when the write was asked for (None without a claim), and the
+# state's status and revision when it was encoded already)
+_Write = tuple[str | Snapshot, frozenset[str], int | None, str | None, int | None]
+
+
 @dataclass(slots=True)
 class _Batch:
-    # workflow ID -> (encoded state or a snapshot to take at send time, checkpoint stages,
-    # the epoch of this store's claim when the write was asked for, None without a claim)
-    writes: dict[str, tuple[str | Snapshot, frozenset[str], int | None]] = field(
-        default_factory=dict)
+    writes: dict[str, _Write] = field(default_factory=dict)
     waiters: list[tuple[str, asyncio.Future[None]]] = field(default_factory=list)
     releases: dict[str, int] = field(default_factory=dict)
-    done: asyncio.Future[None] | None = None
+    # The sequence number of each write and release when first queued (a later write of
+    # the same workflow coalesces into the entry and keeps it): in increasing order, so
+    # the first of each dict is the oldest; what _flush waits for.
+    seqs: dict[str, int] = field(default_factory=dict)
+    release_seqs: dict[str, int] = field(default_factory=dict)
     # Recorded in workflow_commits with the batch: how a retry knows it committed already.
     id: int = field(default_factory=lambda: secrets.randbits(63))
+    lane: int = 0  # which of the store's commit lanes sends it (its workflow_commits row)
 
     def empty(self) -> bool:
         return not (self.writes or self.releases)
+
+    def oldest(self) -> int | None:
+        firsts = [next(iter(d.values())) for d in (self.seqs, self.release_seqs) if d]
+        return min(firsts) if firsts else None
+
+    def take(self, rows: int, busy: set[str]) -> _Batch:
+        """Up to ``rows`` of the oldest writes and releases, moved into a batch of their
+        own; none of a workflow in ``busy`` (a batch in flight has a write of it: the
+        later must not overtake it), and a release only with or after its workflow's last
+        queued write."""
+        if len(self.writes) + len(self.releases) <= rows and busy.isdisjoint(
+                self.writes) and busy.isdisjoint(self.releases):
+            taken = _Batch(self.writes, self.waiters, self.releases, self.seqs,
+                           self.release_seqs)
+            self.writes, self.waiters, self.releases = {}, [], {}
+            self.seqs, self.release_seqs = {}, {}
+            return taken
+        taken = _Batch()
+        free = (w for w in self.writes if w not in busy) if busy else iter(self.writes)
+        for workflow_id in list(itertools.islice(free, rows)):
+            taken.writes[workflow_id] = self.writes.pop(workflow_id)
+            taken.seqs[workflow_id] = self.seqs.pop(workflow_id)
+        room = rows - len(taken.writes)
+        for workflow_id in list(self.releases):
+            if room <= 0:
+                break
+            if workflow_id not in self.writes and workflow_id not in busy:
+                taken.releases[workflow_id] = self.releases.pop(workflow_id)
+                taken.release_seqs[workflow_id] = self.release_seqs.pop(workflow_id)
+                room -= 1
+        kept: list[tuple[str, asyncio.Future[None]]] = []
+        for waiter in self.waiters:
+            (taken.waiters if waiter[0] in taken.writes else kept).append(waiter)
+        self.waiters = kept
+        return taken
 
 
 class PostgresStore:
@@ -308,7 +379,8 @@ class PostgresStore:
 
     def __init__(self, url: str, *, lease_seconds: float = 30.0, pool_size: int = 4,
                  worker_id: str | None = None, apply_migrations: bool = True,
-                 poll_interval: float = 5.0,
+                 poll_interval: float = 5.0, batch_rows: int = BATCH_ROWS,
+                 commit_lanes: int = COMMIT_LANES,
                  on_fenced: Callable[[str], None] | None = None,
                  clock: Clock | None = None) -> None:
         if lease_seconds <= 0:
@@ -319,6 +391,9 @@ class PostgresStore:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.apply_migrations = apply_migrations
         self.poll_interval = poll_interval
+        self.batch_rows = max(1, batch_rows)
+        # At least one pool connection stays for claims, reads and the heartbeat.
+        self.commit_lanes = max(1, min(commit_lanes, pool_size - 1))
         self.on_fenced = on_fenced
         self.clock: Clock = clock or SystemClock()
         self._down_since: float | None = None  # when the server became unreachable
@@ -326,8 +401,13 @@ class PostgresStore:
         self._epochs: dict[str, int] = {}  # claims held: workflow ID -> epoch
         self._lost: set[str] = set()  # fenced off: nothing more is sent for these
         self._pending = _Batch()
+        self._seq = 0  # of the last write or release queued
+        self._flushes: list[tuple[int, asyncio.Future[None]]] = []  # (sequence, waiter)
         self._wake = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
+        self._sending: list[_Batch] = []  # batches sent, not yet committed
+        self._claiming = asyncio.Lock()  # one claim statement at a time (see _claims)
+        self._claims_unsure = False  # a claim's reply was lost: see _ORPHANS
         self._heartbeat: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
         self._work = asyncio.Event()
@@ -354,7 +434,10 @@ class PostgresStore:
             raise ConfigurationError("the PostgreSQL store needs asyncpg: pip install "
                                      "'workflow-manager[postgres]'") from None
         try:
-            pool = await asyncpg.create_pool(self.url.secret, min_size=1,
+            # No connection floor (min_size 0): after an outage asyncpg would otherwise
+            # restore it in the background, logging a traceback per failed try; connections
+            # are made again on demand, by the callers that back off and log once.
+            pool = await asyncpg.create_pool(self.url.secret, min_size=0,
                                              max_size=self.pool_size)
         except Exception as error:
             raise await self.connect_error(error) from None
@@ -396,6 +479,8 @@ class PostgresStore:
         if self._committer is not None:
             await self._committer
         with contextlib.suppress(Exception):
+            if self._claims_unsure:  # before the row goes: none would re-queue them then
+                await self._release_orphans()
             await pool.execute("DELETE FROM workflow_workers WHERE worker_id = $1",
                                self.worker_id)
             await pool.execute("DELETE FROM workflow_commits WHERE worker_id = $1",
@@ -414,12 +499,17 @@ class PostgresStore:
 
     # --- writes
 
-    def _queue(self, workflow_id: str, entry: str | Snapshot, stages: frozenset[str]) -> None:
+    def _queue(self, workflow_id: str, entry: str | Snapshot, stages: frozenset[str],
+               status: str | None = None, revision: int | None = None) -> None:
         batch = self._pending
         earlier = batch.writes.get(workflow_id)
         if earlier is not None:
             stages = stages | earlier[1]
-        batch.writes[workflow_id] = (entry, stages, self._epochs.get(workflow_id))
+        else:
+            self._seq += 1
+            batch.seqs[workflow_id] = self._seq
+        batch.writes[workflow_id] = (entry, stages, self._epochs.get(workflow_id), status,
+                                     revision)
         self._wake.set()
 
     def save_soon(self, workflow_id: str, snapshot: Snapshot, *,
@@ -444,7 +534,9 @@ class PostgresStore:
             return waiter
         self._require_pool()
         stages = frozenset((checkpoint_stage,)) if checkpoint_stage else frozenset()
-        self._queue(workflow_id, _encode(snapshot()), stages)
+        state = snapshot()
+        self._queue(workflow_id, _encode(state), stages, str(state.get("status") or "pending"),
+                    int(state.get("revision") or 0))
         self._pending.waiters.append((workflow_id, waiter))
         return waiter
 
@@ -468,26 +560,64 @@ class PostgresStore:
         if self.on_fenced is not None:
             self.on_fenced(workflow_id)
 
+    def _oldest_outstanding(self) -> int:
+        """The sequence number of the oldest write or release not yet committed."""
+        found = [b.oldest() for b in (self._pending, *self._sending)]
+        return min((n for n in found if n is not None), default=self._seq + 1)
+
     async def _flush(self) -> None:
         """Wait until everything queued so far is committed (or failed)."""
-        if self._pending.empty():
+        if self._oldest_outstanding() > self._seq:
             return
-        if self._pending.done is None:
-            self._pending.done = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._pending.done)
+        waiter = asyncio.get_running_loop().create_future()
+        self._flushes.append((self._seq, waiter))
+        await asyncio.shield(waiter)
+
+    def _settle_flushes(self) -> None:
+        oldest = self._oldest_outstanding()
+        waiting = []
+        for sequence, waiter in self._flushes:
+            if sequence >= oldest:
+                waiting.append((sequence, waiter))
+            elif not waiter.done():
+                waiter.set_result(None)
+        self._flushes = waiting
 
     async def _commit_loop(self) -> None:
+        lanes = list(range(self.commit_lanes))
+        busy: set[str] = set()  # workflows with a write or release in flight
+        sends: set[asyncio.Task[None]] = set()
+
+        def sent(task: asyncio.Task[None], batch: _Batch) -> None:
+            sends.discard(task)
+            self._sending.remove(batch)
+            busy.difference_update(batch.writes)
+            busy.difference_update(batch.releases)
+            lanes.append(batch.lane)
+            self._settle_flushes()
+            self._wake.set()
+
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._pending = self._pending, _Batch()
-            if batch.empty():
+            # The oldest rows first, so everything queued is sent within a bounded number
+            # of batches however fast new writes arrive; several batches at once, none
+            # with a workflow another in flight has.
+            while lanes and not self._pending.empty():
+                batch = self._pending.take(self.batch_rows, busy)
+                if batch.empty():
+                    break  # what is left waits for a batch in flight
+                batch.lane = lanes.pop()
+                busy.update(batch.writes)
+                busy.update(batch.releases)
+                self._sending.append(batch)
+                task = asyncio.create_task(self._commit_with_retries(batch))
+                sends.add(task)
+                task.add_done_callback(functools.partial(sent, batch=batch))
+            if not sends and self._pending.empty():
+                self._settle_flushes()
                 if self._closing:
                     return
-                continue
-            await self._commit_with_retries(batch)
-            if batch.done is not None and not batch.done.done():
-                batch.done.set_result(None)
 
     async def _commit_with_retries(self, batch: _Batch) -> None:
         delay = _RETRY_FIRST
@@ -532,6 +662,14 @@ class PostgresStore:
         logger.warning("PostgreSQL at %s reachable again after %.1f s; writes go on",
                        self.url.server, down_for)
 
+    def unreachable(self, error: BaseException) -> bool:
+        """True if ``error`` means the server cannot be reached now (then recorded, and the
+        outage logged once): the caller backs off and tries again."""
+        if not _connection_lost(error):
+            return False
+        self._mark_down(error)
+        return True
+
     @property
     def reachable(self) -> bool:
         """False from a failed round trip to the server until one succeeds again."""
@@ -544,18 +682,23 @@ class PostgresStore:
         checkpoint_stages: list[str] = []
         register: list[tuple[str, str, str, int, str | None]] = []
         failures: dict[str, BaseException] = {}
-        for workflow_id, (entry, stages, epoch) in batch.writes.items():
+        for workflow_id, (entry, stages, epoch, known_status, known_revision) in (
+                batch.writes.items()):
             if workflow_id in self._lost:
                 failures[workflow_id] = self._fenced(workflow_id, "lost its claim earlier")
                 continue
             state = entry() if callable(entry) else None
             encoded = _encode(state) if state is not None else entry
             assert isinstance(encoded, str)
-            if state is None:
-                state = orjson.loads(encoded)
-            status = str(state.get("status") or "pending")
-            revision = int(state.get("revision") or 0)
+            if epoch is None or known_status is None or known_revision is None:
+                if state is None:
+                    state = orjson.loads(encoded)
+                status = str(state.get("status") or "pending")
+                revision = int(state.get("revision") or 0)
+            else:  # read when it was queued: no second parse of every state
+                status, revision = known_status, known_revision
             if epoch is None:
+                assert state is not None
                 register.append((workflow_id, encoded, status, revision,
                                  state.get("definition") or state.get("definition_name")))
                 continue
@@ -570,11 +713,11 @@ class PostgresStore:
         refused: list[str] = []
         pool = self._require_pool()
         async with pool.acquire() as connection, connection.transaction():
-            if await connection.fetchval(_MARK, self.worker_id, batch.id) is None:
+            if await connection.fetchval(_MARK, self.worker_id, batch.id, batch.lane) is None:
                 # This batch committed before its connection broke: its outcome then.
                 refused = list(await connection.fetchval(
-                    "SELECT refused FROM workflow_commits WHERE worker_id = $1",
-                    self.worker_id))
+                    "SELECT refused FROM workflow_commits WHERE worker_id = $1 AND lane = $2",
+                    self.worker_id, batch.lane))
             else:
                 if fenced_ids:
                     rows = await connection.fetch(
@@ -592,8 +735,9 @@ class PostgresStore:
                     refused += [r[0] for r in register if r[0] not in applied]
                 if refused:
                     await connection.execute(
-                        "UPDATE workflow_commits SET refused = $2 WHERE worker_id = $1",
-                        self.worker_id, refused)
+                        "UPDATE workflow_commits SET refused = $2 "
+                        "WHERE worker_id = $1 AND lane = $3", self.worker_id, refused,
+                        batch.lane)
                 if batch.releases:
                     queues = await connection.fetch(
                         _RELEASE, self.worker_id, list(batch.releases),
@@ -638,11 +782,15 @@ class PostgresStore:
             raise FencedError(refused[0], self.worker_id, 0,
                               f"cannot queue it: it exists already ({len(refused)} refused)")
 
-    async def claim_next(self, limit: int = 1, *,
-                         queue: str = "default") -> list[tuple[Claim, LoadedState]]:
-        """Claim up to ``limit`` queued workflows (oldest first), with their states."""
+    async def claim_next(self, limit: int = 1, *, queue: str = "default",
+                         exclude: Iterable[str] = ()) -> list[tuple[Claim, LoadedState]]:
+        """Claim up to ``limit`` queued workflows (oldest first), with their states; none
+        of ``exclude`` (those still ending here after their claim was lost: a workflow
+        re-queued meanwhile must not run twice in one process)."""
         pool = self._require_pool()
-        rows = await pool.fetch(_CLAIM_NEXT, self.worker_id, queue, limit, list(CLAIMABLE))
+        async with self._claims():
+            rows = await pool.fetch(_CLAIM_NEXT, self.worker_id, queue, limit,
+                                    list(CLAIMABLE), list(exclude))
         claimed: list[tuple[Claim, LoadedState]] = []
         for row in rows:
             workflow_id, epoch = row["workflow_id"], row["epoch"]
@@ -712,9 +860,15 @@ class PostgresStore:
                 await self.renew()
                 await self.reap()
             except Exception as error:
-                if not _connection_lost(error):
-                    raise
-                self._mark_down(error)
+                # Never ends on an error: a worker whose heartbeat stopped would keep its
+                # claims' tasks waiting for a lease forever. Besides an outage, two workers
+                # reaping at once after one can deadlock, and the server picks a victim.
+                if _connection_lost(error):
+                    self._mark_down(error)
+                else:
+                    logger.warning("Lease renewal of %s failed (%s); trying again",
+                                   self.worker_id, scrub(f"{type(error).__name__}: {error}",
+                                                         self.url.secret).replace("\n", " "))
                 delay = min(backoff, interval) * random.uniform(0.5, 1.0)
                 backoff = min(backoff * 2, _RETRY_MAX)
                 continue
@@ -792,6 +946,21 @@ class PostgresStore:
         return LoadedState(_decode(row["state"], row["schema_version"], workflow_id, source),
                            source)
 
+    async def checkpoints(self, workflow_id: str) -> dict[str, Any]:
+        """Every stage checkpoint of ``workflow_id``, oldest first: source -> state (or
+        ``{"error": ...}`` for a row this code cannot read), for diagnostic bundles."""
+        rows = await self._require_pool().fetch(
+            "SELECT stage, state, schema_version FROM workflow_checkpoints "
+            "WHERE workflow_id = $1 ORDER BY created_at, stage", validate_workflow_id(workflow_id))
+        found: dict[str, Any] = {}
+        for row in rows:
+            source = f"{self._source(workflow_id)}/{row['stage']}"
+            try:
+                found[source] = _decode(row["state"], row["schema_version"], workflow_id, source)
+            except StateCorruptedError as error:
+                found[source] = {"error": error.problem}
+        return found
+
     def describe(self, workflow_id: str) -> dict[str, str]:
         return {"database": self.url.masked, "workflow": f"workflows/{workflow_id}",
                 "worker": self.worker_id}
@@ -813,7 +982,7 @@ class PostgresStore:
         granted: dict[str, int] = {}
         if wanted:
             await self._flush()  # a registration still queued must exist before its claim
-            async with self._require_pool().acquire() as connection, \
+            async with self._claims(), self._require_pool().acquire() as connection, \
                     connection.transaction():
                 for row in await connection.fetch(_CLAIM, self.worker_id, wanted):
                     granted[row["workflow_id"]] = row["epoch"]
@@ -833,12 +1002,44 @@ class PostgresStore:
             claims.append(_PostgresClaim(workflow_id, epoch, self))
         return claims, refused
 
+    @contextlib.asynccontextmanager
+    async def _claims(self) -> AsyncIterator[None]:
+        """Around a claim statement: one at a time, so that what this store holds is known
+        whenever none is in flight. After a claim whose reply was lost (it may have
+        committed), the next one first gives back every claim the database says this
+        worker holds and this store does not know of."""
+        async with self._claiming:
+            if self._claims_unsure:
+                await self._release_orphans()
+            try:
+                yield
+            except Exception as error:
+                if _connection_lost(error):
+                    self._claims_unsure = True
+                raise
+
+    async def _release_orphans(self) -> None:
+        known = set(self._epochs) | set(self._pending.releases)
+        for batch in self._sending:
+            known.update(batch.releases)
+        async with self._require_pool().acquire() as connection:
+            rows = await connection.fetch(_ORPHANS, self.worker_id, sorted(known))
+            for queue in {r["queue"] for r in rows if r["queue"] is not None}:
+                await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL, queue)
+        self._claims_unsure = False
+        if rows:
+            logger.warning("Gave back %d claim(s) whose replies were lost in an outage",
+                           len(rows))
+
     def _release(self, workflow_id: str, epoch: int) -> None:
         if self._epochs.get(workflow_id) != epoch:
             return  # lost meanwhile: the new owner's, not ours to release
         del self._epochs[workflow_id]
         if self._pool is None:
             return
+        if workflow_id not in self._pending.releases:
+            self._seq += 1
+            self._pending.release_seqs[workflow_id] = self._seq
         self._pending.releases[workflow_id] = epoch
         self._wake.set()
 
