@@ -580,3 +580,20 @@ def test_claim_stress_every_epoch_claimed_once(
     claims = _sync_rows(postgres_url, "SELECT count(DISTINCT owner) AS owners, count(*) AS n "
                                       "FROM workflow_writes WHERE kind = 'claim'")[0]
     assert claims["n"] >= 2000 and claims["owners"] >= 2
+
+
+def test_cluster_benchmark_runs_workers_and_reports_every_figure(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.cluster with 1 and 2 worker processes on a small batch: every workflow
+    completes and each row has its rate, its commit percentiles and each worker's count."""
+    from benchmarks._cluster import main as bench
+    monkeypatch.setenv("WORKFLOW_TEST_POSTGRES_URL", postgres_url)
+    out = tmp_path / "cluster.json"
+    assert bench(["--workers", "1,2", "--workflows", "40", "--concurrency", "10",
+                  "--dbos-workflows", "", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["cluster"]
+    assert [r["workers"] for r in rows] == [1, 2]
+    for row in rows:
+        assert sum(row["per_worker"]) == 40 and len(row["per_worker"]) == row["workers"]
+        assert row["transitions"] == 40 * 19 and row["transitions_per_s"] > 0
+        assert 0 < row["commit_p50_ms"] <= row["commit_p99_ms"] and row["batches"] >= 1

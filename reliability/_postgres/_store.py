@@ -55,6 +55,7 @@ import os
 import random
 import secrets
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -414,6 +415,9 @@ class PostgresStore:
         self._renewed_at = 0.0
         self._closing = False
         self.batches_committed = 0
+        # How long each of the recent batches took to commit (its successful attempt), for
+        # benchmarks and metrics.
+        self.commit_seconds: deque[float] = deque(maxlen=100_000)
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url.masked!r}, worker_id={self.worker_id!r})"
@@ -623,7 +627,9 @@ class PostgresStore:
         delay = _RETRY_FIRST
         while True:
             try:
+                started = self.clock.monotonic()
                 failures = await self._commit(batch)
+                self.commit_seconds.append(self.clock.monotonic() - started)
                 self._mark_up()
                 break
             except Exception as error:
