@@ -144,6 +144,7 @@ class _ResultListener:
         self._url = url
         self._connection: asyncpg.Connection | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._connecting = asyncio.Lock()
 
     async def ensure(self) -> None:
         if self._connection is not None and not self._connection.is_closed():
@@ -151,14 +152,23 @@ class _ResultListener:
         import asyncpg
 
         from ._postgres import RESULT_CHANNEL
-        try:
-            connection = await asyncpg.connect(self._url)
-            await connection.add_listener(RESULT_CHANNEL, self._notified)
-        except Exception as error:  # the poll still finds the end; try again next time
-            logger.debug("Cannot listen for results: %s", type(error).__name__)
-            return
-        connection.add_termination_listener(self._lost)
-        self._connection = connection
+        async with self._connecting:  # two waiters at once open one connection, not two
+            if self._connection is not None and not self._connection.is_closed():
+                return
+            connection = None
+            try:
+                connection = await asyncpg.connect(self._url)
+                await connection.add_listener(RESULT_CHANNEL, self._notified)
+            except BaseException as error:
+                if connection is not None:  # connected but not listening: not kept
+                    connection.terminate()
+                if not isinstance(error, Exception):
+                    raise  # cancelled: the caller goes
+                # The poll still finds the end; the next wait tries again.
+                logger.debug("Cannot listen for results: %s", type(error).__name__)
+                return
+            connection.add_termination_listener(self._lost)
+            self._connection = connection
 
     def _notified(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
         for event in self._waiters.get(str(payload), ()):

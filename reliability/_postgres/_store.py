@@ -830,11 +830,16 @@ class PostgresStore:
         if self._listener is not None and not self._listener.is_closed():
             return
         import asyncpg
+        connection = None
         try:
             connection = await asyncpg.connect(self.url.secret)
             await connection.add_listener(WORK_CHANNEL, self._notified)
-        except Exception as error:
-            if _connection_lost(error):
+        except BaseException as error:
+            # Connected but not listening (an error, or the waiter cancelled meanwhile):
+            # this connection is nobody's, so it is closed here, never left to the GC.
+            if connection is not None:
+                connection.terminate()
+            if isinstance(error, Exception) and _connection_lost(error):
                 self._mark_down(error)
                 return  # the poll still finds work; the next wait tries again
             raise
