@@ -38,20 +38,18 @@ def postgres_server() -> Iterator[PostgresServer | str]:
         import asyncpg  # noqa: F401
     except ImportError:
         _unavailable("asyncpg is not installed (pip install -e '.[test]')")
-    try:
-        server = PostgresServer().start()
-    except ServerUnavailable as error:
-        _unavailable(str(error))
-        raise  # not reached: _unavailable skips or fails
-    try:
-        yield server
-    finally:
-        server.destroy()
+    yield from _throwaway_server()
 
 
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[PostgresServer]:
     """A server of the test module's own, which its tests may stop and start."""
+    yield from _throwaway_server()
+
+
+def _throwaway_server() -> Iterator[PostgresServer]:
+    """A started server, destroyed when the fixture ends; skipped or failed when none
+    can start (failed in CI)."""
     try:
         server = PostgresServer().start()
     except ServerUnavailable as error:
