@@ -75,6 +75,7 @@ from .._ids import validate_workflow_id
 from .._logging import logger
 from .._store import SCHEMA_VERSION, Claim, LoadedState
 from ._schema import migrate
+from ._signals import PostgresSignals
 from ._url import DatabaseURL, parse_url, scrub
 
 if TYPE_CHECKING:
@@ -368,8 +369,10 @@ class _Batch:
         return taken
 
 
-class PostgresStore:
+class PostgresStore(PostgresSignals):
     """Workflow states in a PostgreSQL database shared by many worker processes.
+
+    Durable waits (signals, parked workflows, due wakes): ``PostgresSignals``.
 
     ``lease_seconds``: how long this store's claims outlive its last heartbeat.
     ``on_fenced(workflow_id)``: called when a write for a workflow was refused (another

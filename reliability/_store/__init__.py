@@ -36,6 +36,7 @@ from ._platform import PORTABLE_VARIABLE
 from ._protocol import (
     SCHEMA_VERSION,
     Claim,
+    DueClaims,
     LoadedState,
     ParkedEntry,
     SignalStore,
@@ -49,6 +50,6 @@ from ._writer import make_private_directory
 
 __all__ = ["JOURNAL_LIMIT", "MAX_STATE_BYTES", "PORTABLE_VARIABLE",
            "SCHEMA_VERSION", "UNREAD_LIMIT", "WAKE_CHUNK", "WRITER_RESTARTS", "Claim",
-           "FileStore", "LoadedState", "MemoryStore", "ParkedEntry", "SignalStore", "Snapshot",
-           "Store", "decode_document",
+           "DueClaims", "FileStore", "LoadedState", "MemoryStore", "ParkedEntry", "SignalStore",
+           "Snapshot", "Store", "decode_document",
            "encode_document", "make_private_directory", "read_bounded"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._errors import WorkflowLockedError
+from .._errors import WorkflowError, WorkflowLockedError
 from .._ids import validate_workflow_id
 from .._logging import logger
 from . import _waits
@@ -642,6 +642,8 @@ class FileStore:
 
     # --- durable waits (the SignalStore protocol; the files: _waits.py)
 
+    signals_from_other_processes = True  # any process may send one (a notice tells us)
+
     async def send_signal(self, workflow_id: str, name: str, payload: bytes) -> None:
         validate_workflow_id(workflow_id)
         notice = await asyncio.to_thread(_waits.write_signal, self.state_directory,
@@ -663,6 +665,14 @@ class FileStore:
 
     async def unpark(self, entry: ParkedEntry) -> None:
         await asyncio.to_thread(_waits.remove_parked, self.state_directory, entry)
+
+    async def unpark_many(self, entries: list[ParkedEntry]) -> None:
+        await asyncio.to_thread(_waits.remove_parked_many, self.state_directory, entries)
+
+    async def load_many(self, workflow_ids: list[str]) -> dict[str, LoadedState | WorkflowError]:
+        await self._flush_state_files()  # once for the batch, as ``load`` does for one
+        return await asyncio.to_thread(_waits.load_many, self.state_directory,
+                                       self.checkpoint_directory, workflow_ids)
 
     async def parked(self) -> list[ParkedEntry]:
         return await asyncio.to_thread(_waits.list_parked, self.state_directory)

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from .._errors import WorkflowLockedError, WorkflowNotFoundError
+from .._errors import WorkflowError, WorkflowLockedError, WorkflowNotFoundError
 from .._ids import validate_workflow_id
 from ._protocol import (
     Claim,
@@ -130,6 +130,8 @@ class MemoryStore:
 
     # --- durable waits (the SignalStore protocol)
 
+    signals_from_other_processes = False  # one process: its own sends wake directly
+
     async def send_signal(self, workflow_id: str, name: str, payload: bytes) -> None:
         self.signals.setdefault((validate_workflow_id(workflow_id), name), []).append(payload)
 
@@ -147,6 +149,19 @@ class MemoryStore:
     async def unpark(self, entry: ParkedEntry) -> None:
         if self.parked_entries.get(entry[0]) == entry:
             del self.parked_entries[entry[0]]
+
+    async def unpark_many(self, entries: list[ParkedEntry]) -> None:
+        for entry in entries:
+            await self.unpark(entry)
+
+    async def load_many(self, workflow_ids: list[str]) -> dict[str, LoadedState | WorkflowError]:
+        found: dict[str, LoadedState | WorkflowError] = {}
+        for workflow_id in workflow_ids:
+            try:
+                found[workflow_id] = await self.load(workflow_id)
+            except WorkflowError as error:
+                found[workflow_id] = error
+        return found
 
     async def parked(self) -> list[ParkedEntry]:
         return list(self.parked_entries.values())

@@ -103,11 +103,11 @@ from typing import Any, Protocol
 
 import orjson
 
-from .._errors import StateCorruptedError
+from .._errors import StateCorruptedError, WorkflowError
 from ._writer import SCHEMA_VERSION, wrap_document
 
-__all__ = ["SCHEMA_VERSION", "Claim", "LoadedState", "ParkedEntry", "SignalStore", "Snapshot",
-           "Store", "canonical", "check_state", "decode_document", "encode_document"]
+__all__ = ["SCHEMA_VERSION", "Claim", "DueClaims", "LoadedState", "ParkedEntry", "SignalStore",
+           "Snapshot", "Store", "canonical", "check_state", "decode_document", "encode_document"]
 
 # A parked workflow: (workflow_id, deadline in epoch seconds, signal name or "" for a
 # durable sleep, index of the signal of that name it waits for).
@@ -204,7 +204,19 @@ class SignalStore(Protocol):
     hint, each taken by one process; a store of one process returns ``[]``).
     ``drop_signals`` forgets a finished workflow's signals: called once its terminal state
     is durable, and for leftovers (``signalled``) when a runtime opens.
+
+    Waking many at once (10,000 due at a runtime's start) must not cost a round trip or a
+    thread hop per workflow: ``load_many`` reads the states of many parked workflows in
+    one, ``unpark_many`` drops many entries in one.
+
+    Capability, a class attribute: ``signals_from_other_processes`` is True when a signal
+    may be sent to this store by another process (a file store on a shared directory, a
+    database): an open runtime then takes ``signal_notices()`` every ``poll_seconds``.
+    False for a store of one process (``MemoryStore``), whose own sends wake directly. A
+    store without the attribute is taken to be shared.
     """
+
+    signals_from_other_processes: bool
 
     async def send_signal(self, workflow_id: str, name: str, payload: bytes) -> None:
         """Store the signal durably (``payload`` is JSON bytes)."""
@@ -220,6 +232,14 @@ class SignalStore(Protocol):
 
     async def unpark(self, entry: ParkedEntry) -> None: ...
 
+    async def unpark_many(self, entries: list[ParkedEntry]) -> None:
+        """``unpark`` for each entry, in one go."""
+        ...
+
+    async def load_many(self, workflow_ids: list[str]) -> dict[str, LoadedState | WorkflowError]:
+        """Each workflow's ``load``, or the error ``load`` would raise, in one go."""
+        ...
+
     async def parked(self) -> list[ParkedEntry]: ...
 
     async def signal_notices(self) -> list[tuple[str, str]]: ...
@@ -233,6 +253,42 @@ class SignalStore(Protocol):
         with ``scan``, also whatever notices and parked entries of it are left (slower:
         for what a crash or another process left behind)."""
         ...
+
+
+class DueClaims(Protocol):
+    """Optional, besides ``SignalStore``: a store shared by many workers that decides itself
+    when its parked workflows are due (the PostgreSQL store: deadlines on the database's
+    clock, signals from any host by NOTIFY). Declared by the class attribute
+    ``wakes_by_claim = True``; the waker then arms no timer and reads no notices of its
+    own: it claims what ``claim_due`` returns and runs it, and waits with
+    ``wait_for_due`` in between.
+
+    A parked workflow is claimed by nobody; ``claim_due`` claims those due and free, each
+    by one worker (``SKIP LOCKED``), with their states (or the error reading one).
+    """
+
+    wakes_by_claim: bool
+    clock: Any  # the store's Clock: its waits and backoff
+    poll_interval: float
+
+    async def claim_due(self, limit: int) -> list[tuple[Any, LoadedState | WorkflowError]]:
+        """Up to ``limit`` due parked workflows: (their ``Claim``, their state)."""
+        ...
+
+    async def wait_for_due(self, limit: float) -> None:
+        """Until more may be due (a signal sent anywhere, the next deadline) or ``limit``
+        seconds pass."""
+        ...
+
+    def poke_due(self) -> None:
+        """End the current ``wait_for_due`` at once (a signal sent, a workflow parked)."""
+        ...
+
+    def unreachable(self, error: BaseException) -> bool:
+        """True if ``error`` means the store cannot be reached now."""
+        ...
+
+    async def stop_waiting_for_due(self) -> None: ...
 
 
 # --------------------------------------------------------------------------- documents

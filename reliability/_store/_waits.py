@@ -24,12 +24,14 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from .._errors import WorkflowError
 from .._ids import validate_workflow_id
-from ._protocol import ParkedEntry
+from ._protocol import LoadedState, ParkedEntry
+from ._reads import load_stored
 
-__all__ = ["NOTICE_SECONDS", "SIGNALS_DIRECTORY", "drop_signals", "list_parked", "read_signal",
-           "remove_parked", "signalled", "signals_ready", "take_notices", "write_parked",
-           "write_signal"]
+__all__ = ["NOTICE_SECONDS", "SIGNALS_DIRECTORY", "drop_signals", "list_parked", "load_many",
+           "read_signal", "remove_parked", "remove_parked_many", "signalled", "signals_ready",
+           "take_notices", "write_parked", "write_signal"]
 
 SIGNALS_DIRECTORY = "_signals"
 _PARKED = "_parked"
@@ -118,6 +120,26 @@ def write_parked(root: Path, entry: ParkedEntry, durable: bool) -> None:
 def remove_parked(root: Path, entry: ParkedEntry) -> None:
     with contextlib.suppress(FileNotFoundError):  # woken before: nothing to drop
         os.unlink(root / SIGNALS_DIRECTORY / _PARKED / _parked_name(entry))
+
+
+def remove_parked_many(root: Path, entries: Iterable[ParkedEntry]) -> None:
+    """``remove_parked`` for each (one thread hop for a batch of woken workflows)."""
+    for entry in entries:
+        remove_parked(root, entry)
+
+
+def load_many(state_directory: Path, checkpoint_directory: Path,
+              workflow_ids: Iterable[str]) -> dict[str, LoadedState | WorkflowError]:
+    """Each workflow's stored state, or the error its ``load`` would raise: what waking a
+    batch of parked workflows reads, in one thread hop instead of one per workflow."""
+    found: dict[str, LoadedState | WorkflowError] = {}
+    for workflow_id in workflow_ids:
+        try:
+            found[workflow_id] = load_stored(state_directory, checkpoint_directory,
+                                             validate_workflow_id(workflow_id))
+        except WorkflowError as error:
+            found[workflow_id] = error
+    return found
 
 
 def list_parked(root: Path) -> list[ParkedEntry]:

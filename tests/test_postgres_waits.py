@@ -1,0 +1,179 @@
+"""Durable waits on PostgreSQL: parked workflows woken by signals from other processes,
+deadlines on the database's clock honoured at the next worker's start, each wake claimed by
+one worker, parking fenced, bad signals refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from wait_workflows import RUNS, SLEEP_FLOW, WAIT_FLOW
+
+from reliability import (
+    Runtime,
+    SignalRefusedError,
+    WorkflowConfiguration,
+    WorkflowNotFoundError,
+)
+from reliability._errors import FencedError
+from reliability._postgres import PostgresStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(url: str) -> WorkflowConfiguration:
+    return WorkflowConfiguration(store_url=url, enable_health_checks=False,
+                                 enable_monitoring=False, log_level="WARNING",
+                                 tune_interpreter=False)
+
+
+async def _rows(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    connection = await asyncpg.connect(url)
+    try:
+        return list(await connection.fetch(query, *args))
+    finally:
+        await connection.close()
+
+
+async def _until(check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll for an event another process or the database's clock brings (no event to
+    wait on); the test's own timeout turns a hang into a failure."""
+    while not await check():  # noqa: ASYNC110 (rows of other processes have no events)
+        await asyncio.sleep(0.05)
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "reliability", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_a_signal_from_another_process_wakes_the_parked_workflow(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Parked: claimed by nobody, its entry in the index; ``workflow-manager signal`` in
+    another process NOTIFYs the runtime, which claims it, runs the stage again with the
+    payload, and drops the entry once it completed."""
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        assert isinstance(rt.store, PostgresStore)
+        rt.store.poll_interval = 3600.0  # only the NOTIFY can wake it within the test
+        parked = await rt.run(WAIT_FLOW)
+        workflow_id = parked.workflow_id
+        assert parked.status == "waiting"
+        row = (await _rows(postgres_url, "SELECT status, owner FROM workflows "
+                                         "WHERE workflow_id = $1", workflow_id))[0]
+        assert (row["status"], row["owner"]) == ("waiting", None)
+        assert len(await _rows(postgres_url, "SELECT 1 FROM workflow_parked")) == 1
+        code, out, err = await _cli("signal", workflow_id, "go", "--data",
+                                    json.dumps({"from": "cli"}), "--store", postgres_url,
+                                    "--project-root", str(tmp_path))
+        assert code == 0, err
+        assert "sent" in out
+        ended = await asyncio.wait_for(rt.result(workflow_id), 60)
+        woken = await rt.settle_woken()
+    assert ended.status == "completed"
+    assert [r.outputs["payload"] for r in woken] == [{"from": "cli"}]
+    assert RUNS[workflow_id] == ["prepare", "await", "await", "signalled", "finish"]
+    assert await _rows(postgres_url, "SELECT 1 FROM workflow_parked") == []
+    assert await _rows(postgres_url, "SELECT 1 FROM workflow_wait_signals") == []
+
+
+async def test_a_deadline_passed_while_no_worker_ran_fires_at_the_next_start(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Parked for 1 s, then no runtime open; once the database's clock passed the
+    deadline, the next runtime's start wakes it (and the stage times out its wait)."""
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        parked = await rt.run(WAIT_FLOW, context={"timeout": 1.0})
+    assert parked.status == "waiting"
+
+    async def due() -> bool:
+        return bool(await _rows(postgres_url, "SELECT 1 FROM workflow_parked "
+                                              "WHERE due_at <= now()"))
+
+    await asyncio.wait_for(_until(due), 60)
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        assert await rt.wake_due() == 1
+        woken = await rt.settle_woken()
+    assert [(r.workflow_id, r.status) for r in woken] == [(parked.workflow_id, "completed")]
+    assert woken[0].outputs["payload"] == "timed out"
+
+
+async def test_two_workers_wake_each_due_workflow_once(tmp_path: Path,
+                                                       postgres_url: str) -> None:
+    """20 due sleepers, two runtimes (two workers) starting at once: each workflow is
+    claimed by one of them (SKIP LOCKED) and completes once."""
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        parked = await asyncio.gather(*(rt.run(SLEEP_FLOW, context={"seconds": 0.5})
+                                        for _ in range(20)))
+    assert {r.status for r in parked} == {"waiting"}
+
+    async def all_due() -> bool:
+        rows = await _rows(postgres_url, "SELECT 1 FROM workflow_parked WHERE due_at <= now()")
+        return len(rows) == 20
+
+    await asyncio.wait_for(_until(all_due), 60)
+    async with Runtime(_config(postgres_url), tmp_path) as one, \
+            Runtime(_config(postgres_url), tmp_path) as two:
+        await asyncio.gather(one.wake_due(), two.wake_due())
+        results = [*await one.settle_woken(), *await two.settle_woken()]
+    assert sorted(r.workflow_id for r in results) == sorted(r.workflow_id for r in parked)
+    assert {r.status for r in results} == {"completed"}
+    for result in parked:
+        assert RUNS[result.workflow_id].count("finish") == 1
+    claims = await _rows(postgres_url, "SELECT workflow_id, count(*) AS n FROM workflow_writes "
+                                       "WHERE kind = 'claim' GROUP BY workflow_id")
+    assert {row["n"] for row in claims} == {2}  # the first run's claim, one wake's
+
+
+async def test_parking_is_fenced_by_owner_and_epoch(postgres_url: str) -> None:
+    """A park by a store whose claim was taken over writes no entry, is audited as
+    refused, and raises FencedError."""
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        workflow_id = "workflow-20240101-000000-0000000000aa"
+        claim = await store.claim(workflow_id)
+        await store.park((workflow_id, 1e10, "go", 0))
+        assert len(await _rows(postgres_url, "SELECT 1 FROM workflow_parked")) == 1
+        await _rows(postgres_url, "UPDATE workflows SET epoch = epoch + 1, owner = 'other'")
+        with pytest.raises(FencedError):
+            await store.park((workflow_id, 2e10, "go", 0))
+        claim.release()
+    finally:
+        await store.close()
+    rows = await _rows(postgres_url, "SELECT deadline FROM workflow_parked")
+    assert [row["deadline"] for row in rows] == [1e10]  # the refused park changed nothing
+    audit = await _rows(postgres_url, "SELECT applied FROM workflow_writes WHERE kind = 'park' "
+                                      "ORDER BY id")
+    assert [row["applied"] for row in audit] == [True, False]
+
+
+async def test_signals_to_unknown_or_finished_workflows_are_refused(
+        tmp_path: Path, postgres_url: str) -> None:
+    """An unknown ID and a completed workflow: refused, nothing stored; the command says
+    so in one line and exits 1."""
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        done = await rt.run(SLEEP_FLOW, context={"seconds": 0.0})
+        assert done.status == "completed"
+        with pytest.raises(WorkflowNotFoundError):
+            await rt.signal("workflow-20240101-000000-abcdef12", "go")
+        with pytest.raises(SignalRefusedError, match="completed"):
+            await rt.signal(done.workflow_id, "go")
+        store = rt.store
+        assert isinstance(store, PostgresStore)
+        with pytest.raises(WorkflowNotFoundError):  # the table refuses one, too
+            await store.send_signal("workflow-20240101-000000-abcdef12", "go", b"1")
+    code, _, err = await _cli("signal", done.workflow_id, "go", "--store", postgres_url,
+                              "--project-root", str(tmp_path))
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert await _rows(postgres_url, "SELECT 1 FROM workflow_wait_signals") == []

@@ -1,0 +1,191 @@
+"""Waking many parked workflows at once: batched store calls, entries kept until done."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from wait_workflows import RUNS, SLEEP_FLOW, WAIT_FLOW, quiet_config
+
+from machines import StageContext, StageSpec, WorkflowDefinition
+from reliability import FakeClock, FileStore, MemoryStore, Runtime
+from reliability._store import Claim, LoadedState, ParkedEntry
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts the calls the waker makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    async def load(self, workflow_id: str) -> LoadedState:
+        self.calls["load"] += 1
+        return await super().load(workflow_id)
+
+    async def load_many(self, workflow_ids: list[str]) -> dict[str, Any]:
+        self.calls["load_many"] += 1
+        self.calls["load"] -= len(workflow_ids)  # its loads are not single ones
+        return await super().load_many(workflow_ids)
+
+    async def claim_many(self, workflow_ids: Any) -> tuple[list[Claim], list[str]]:
+        self.calls["claim_many"] += 1
+        return await super().claim_many(workflow_ids)
+
+    async def signals_ready(self, wanted: list[tuple[str, str, int]]) -> list[str]:
+        self.calls["signals_ready"] += 1
+        return await super().signals_ready(wanted)
+
+    async def unpark(self, entry: ParkedEntry) -> None:
+        self.calls["unpark"] += 1
+        await super().unpark(entry)
+
+    async def unpark_many(self, entries: list[ParkedEntry]) -> None:
+        self.calls["unpark_many"] += 1
+        self.calls["unpark"] -= len(entries)
+        await super().unpark_many(entries)
+
+
+async def test_many_due_wake_with_a_few_store_calls_not_one_each() -> None:
+    """300 sleepers due at once: one claim call, one state read and one unpark call wake
+    them all (not a claim, a load and an unpark each), and each completes once."""
+    store = CountingStore()
+    clock = FakeClock()
+    async with Runtime(quiet_config(), store=store, clock=clock) as rt:
+        parked = await asyncio.gather(*(rt.run(SLEEP_FLOW, context={"seconds": 10.0})
+                                        for _ in range(300)))
+        assert {r.status for r in parked} == {"waiting"}
+        store.calls.clear()
+        clock.advance(10.0)
+        woken = await rt.settle_woken()
+        calls = dict(store.calls)
+        left = dict(store.parked_entries)
+    assert sorted(r.workflow_id for r in woken) == sorted(r.workflow_id for r in parked)
+    assert {r.status for r in woken} == {"completed"}
+    assert calls.get("claim_many") == 1 and calls.get("load_many") == 1, calls
+    assert calls.get("load", 0) == 0 and calls.get("unpark", 0) == 0, calls
+    assert 1 <= calls.get("unpark_many", 0) <= 3, calls
+    assert left == {}
+    for result in woken:
+        assert RUNS[result.workflow_id].count("finish") == 1
+
+
+async def test_signalled_ones_not_yet_due_are_looked_up_together() -> None:
+    """50 signal waits woken at once before their deadline (as other processes' notices
+    do) cost one signal lookup: those whose signal is stored run, the others stay parked."""
+    store = CountingStore()
+    async with Runtime(quiet_config(), store=store, clock=FakeClock()) as rt:
+        parked = await asyncio.gather(*(rt.run(WAIT_FLOW) for _ in range(50)))
+        await rt.settle_woken()
+        ids = [r.workflow_id for r in parked]
+        for workflow_id in ids[:20]:  # stored without waking: as another process would
+            await store.send_signal(workflow_id, "go", b"1")
+        store.calls.clear()
+        assert sum(rt.waker.wake(workflow_id) for workflow_id in ids) == 50
+        woken = await rt.settle_woken()
+        calls = dict(store.calls)
+        assert rt.waker.parked_count == 30
+    assert sorted(r.workflow_id for r in woken) == sorted(ids[:20])
+    assert calls.get("signals_ready") == 1, calls
+    assert sorted(store.parked_entries) == sorted(ids[20:])
+
+
+_GATE: dict[str, asyncio.Event] = {}
+
+
+async def nap_then_hold(ctx: StageContext) -> Mapping[str, Any]:
+    await ctx.sleep_durably(5.0)
+    await _GATE.setdefault(ctx.workflow_id, asyncio.Event()).wait()
+    return {"held": True}
+
+
+async def finish(ctx: StageContext) -> None:
+    return None
+
+
+HOLD_FLOW = WorkflowDefinition("hold", [
+    StageSpec(stage="nap", handler=nap_then_hold, timeout_seconds=3600),
+    StageSpec(stage="finish", handler=finish),
+], import_path_hint="test_waits_batch:HOLD_FLOW")
+
+
+async def test_a_woken_workflow_keeps_its_entry_until_its_run_ends() -> None:
+    """While a woken workflow runs, its parked entry stays (a crash then wakes it again,
+    never leaves a waiting state unindexed); it is dropped once the run ended."""
+    store = MemoryStore()
+    clock = FakeClock()
+    async with Runtime(quiet_config(), store=store, clock=clock) as rt:
+        parked = await rt.run(HOLD_FLOW)
+        workflow_id = parked.workflow_id
+        gate = _GATE.setdefault(workflow_id, asyncio.Event())
+        clock.advance(5.0)
+        for _ in range(1000):
+            if rt.live(workflow_id) is not None:
+                break
+            await asyncio.sleep(0)
+        assert rt.live(workflow_id) is not None
+        assert workflow_id in store.parked_entries
+        gate.set()
+        woken = await rt.settle_woken()
+    assert [r.status for r in woken] == ["completed"]
+    assert store.parked_entries == {}
+
+
+async def test_a_wake_refused_by_another_claim_leaves_the_workflow_alone(
+        tmp_path: Path) -> None:
+    """A due workflow claimed elsewhere (another store on the same files) is not run
+    here, and stays parked for its owner."""
+    def store() -> FileStore:
+        return FileStore(tmp_path / "states", tmp_path / "checkpoints")
+
+    clock = FakeClock()
+    async with Runtime(quiet_config(), tmp_path, store=store(), clock=clock) as rt:
+        parked = await rt.run(SLEEP_FLOW, context={"seconds": 10.0})
+    other = store()
+    await other.open()
+    try:
+        held = await other.claim(parked.workflow_id)
+        async with Runtime(quiet_config(), tmp_path, store=store(),
+                           clock=FakeClock(wall_start=clock.time() + 60)) as rt:
+            assert await rt.wake_due() == 1
+            assert await rt.settle_woken() == []
+            assert rt.waker.parked_count == 0
+        held.release()
+        entries = await other.parked()
+    finally:
+        await other.close()
+    assert [e[0] for e in entries] == [parked.workflow_id]
+
+
+class _Undeclared(MemoryStore):
+    """A third-party store predating the capability: it has no such attribute."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "signals_from_other_processes":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+class _Shared(MemoryStore):
+    signals_from_other_processes = True
+
+
+class _OneProcess(MemoryStore):
+    """Another store of one process: what it declares counts, not its class's name."""
+
+
+async def test_the_waker_watches_notices_exactly_when_the_store_says_it_is_shared() -> None:
+    """The declared capability decides whether other processes' signal notices are
+    watched: MemoryStore no, a store that says so yes, one that does not say yes."""
+    watching = {}
+    for label, store in (("memory", MemoryStore()), ("undeclared", _Undeclared()),
+                         ("shared", _Shared()), ("one process", _OneProcess())):
+        async with Runtime(quiet_config(), store=store, clock=FakeClock()) as rt:
+            await rt.wake_due()
+            watching[label] = rt.waker._notices is not None
+    assert watching == {"memory": False, "undeclared": True, "shared": True,
+                        "one process": False}
+    assert FileStore.signals_from_other_processes is True
