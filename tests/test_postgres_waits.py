@@ -24,6 +24,7 @@ from reliability import (
 )
 from reliability._errors import FencedError
 from reliability._postgres import PostgresStore
+from reliability._state import PENDING
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,9 +71,13 @@ async def test_a_signal_from_another_process_wakes_the_parked_workflow(
         parked = await rt.run(WAIT_FLOW)
         workflow_id = parked.workflow_id
         assert parked.status == "waiting"
-        row = (await _rows(postgres_url, "SELECT status, owner FROM workflows "
-                                         "WHERE workflow_id = $1", workflow_id))[0]
-        assert (row["status"], row["owner"]) == ("waiting", None)
+
+        async def released() -> bool:  # its claim's release is committed soon after
+            rows = await _rows(postgres_url, "SELECT status FROM workflows WHERE "
+                                             "workflow_id = $1 AND owner IS NULL", workflow_id)
+            return [row["status"] for row in rows] == ["waiting"]
+
+        await asyncio.wait_for(_until(released), 60)
         assert len(await _rows(postgres_url, "SELECT 1 FROM workflow_parked")) == 1
         code, out, err = await _cli("signal", workflow_id, "go", "--data",
                                     json.dumps({"from": "cli"}), "--store", postgres_url,
@@ -93,7 +98,9 @@ async def test_a_deadline_passed_while_no_worker_ran_fires_at_the_next_start(
     """Parked for 1 s, then no runtime open; once the database's clock passed the
     deadline, the next runtime's start wakes it (and the stage times out its wait)."""
     async with Runtime(_config(postgres_url), tmp_path) as rt:
-        parked = await rt.run(WAIT_FLOW, context={"timeout": 1.0})
+        # Not rt.run: its waker would wake it here if this runtime outlived the deadline.
+        parked = await rt.execute_prepared(
+            WAIT_FLOW, rt.new_run(WAIT_FLOW, {"timeout": 1.0}, None), PENDING)
     assert parked.status == "waiting"
 
     async def due() -> bool:
@@ -113,8 +120,10 @@ async def test_two_workers_wake_each_due_workflow_once(tmp_path: Path,
     """20 due sleepers, two runtimes (two workers) starting at once: each workflow is
     claimed by one of them (SKIP LOCKED) and completes once."""
     async with Runtime(_config(postgres_url), tmp_path) as rt:
-        parked = await asyncio.gather(*(rt.run(SLEEP_FLOW, context={"seconds": 0.5})
-                                        for _ in range(20)))
+        # Not rt.run: its waker would wake them here once due, before the two start.
+        parked = await asyncio.gather(*(
+            rt.execute_prepared(SLEEP_FLOW, rt.new_run(SLEEP_FLOW, {"seconds": 0.5}, None),
+                                PENDING) for _ in range(20)))
     assert {r.status for r in parked} == {"waiting"}
 
     async def all_due() -> bool:
@@ -177,3 +186,36 @@ async def test_signals_to_unknown_or_finished_workflows_are_refused(
                               "--project-root", str(tmp_path))
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert await _rows(postgres_url, "SELECT 1 FROM workflow_wait_signals") == []
+
+
+def _waiting(workflow_id: str) -> dict[str, Any]:
+    return {"workflow_id": workflow_id, "status": "waiting", "revision": 2,
+            "wait": {"deadline": 1e10, "signal": "go", "index": 0, "stage": "s"}}
+
+
+async def test_a_due_workflow_still_claimed_is_looked_at_again_until_released(
+        postgres_url: str) -> None:
+    """Signalled while its parking worker still holds the claim (its release not yet
+    committed; no NOTIFY comes after it): another worker's wait ends anyway, and once
+    the claim is given back that worker claims it."""
+    parking, waking = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    await parking.open()
+    await waking.open()
+    try:
+        workflow_id = "workflow-20240101-000000-0000000000bb"
+        claim = await parking.claim(workflow_id)
+        await parking.park((workflow_id, 1e10, "go", 0))
+        await parking.save(workflow_id, lambda: _waiting(workflow_id))
+        await parking.send_signal(workflow_id, "go", b"1")  # nobody listens yet
+        assert await waking.claim_due(10) == []  # still claimed
+        await asyncio.wait_for(waking.wait_for_due(3600.0), 60)
+        claim.release()
+
+        async def claimed() -> bool:
+            return bool(await waking.claim_due(10))
+
+        await asyncio.wait_for(_until(claimed), 60)
+    finally:
+        await waking.stop_waiting_for_due()
+        await waking.close()
+        await parking.close()

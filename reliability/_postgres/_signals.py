@@ -95,12 +95,19 @@ audit AS (
 SELECT workflow_id, epoch, state, schema_version FROM claimed
 """
 
-# Seconds until the next parked workflow is due on the database's clock (NULL: none).
-_NEXT_DUE = """
-SELECT extract(epoch FROM min(p.due_at) - now())::float8
+# Seconds until the next parked workflow is due on the database's clock (NULL: none). One
+# due (or signalled) but still claimed is looked at again shortly: its claim is being given
+# back (its "waiting" state committed, the release not yet), or its owner died and is about
+# to be reaped; no NOTIFY says when either happened.
+_NEXT_DUE = f"""
+SELECT extract(epoch FROM min(greatest(
+    CASE WHEN {_SIGNALLED} THEN now() ELSE p.due_at END,
+    CASE WHEN w.owner IS NULL THEN '-infinity'::timestamptz
+         ELSE now() + make_interval(secs => $1) END)) - now())::float8
 FROM workflow_parked p JOIN workflows w USING (workflow_id)
-WHERE w.status = 'waiting' AND w.owner IS NULL
+WHERE w.status = 'waiting'
 """
+_HELD_AGAIN = 0.5  # seconds: how soon a due workflow still claimed is looked at again
 
 _SEND = """
 WITH sent AS (
@@ -291,7 +298,7 @@ class PostgresSignals:
         """Until a signal is sent (NOTIFY from any host), the next parked workflow is due,
         or ``limit`` seconds (jittered) pass."""
         event = await self._wake_listen()
-        seconds = await self._require_pool().fetchval(_NEXT_DUE)
+        seconds = await self._require_pool().fetchval(_NEXT_DUE, _HELD_AGAIN)
         wait = limit * random.uniform(0.8, 1.0)
         if seconds is not None:
             wait = min(wait, max(0.0, float(seconds)))
