@@ -53,6 +53,9 @@ _RESULTS_KEPT = 10_000  # results of woken workflows kept until ``settle`` takes
 # Parked workflows claimed per claim call while waking: a file store's claims are system
 # calls on the loop, so a chunk holds it for tens of milliseconds at most.
 _WAKE_BATCH = 1000
+# Woken workflows prepared (state decoded into a run, definition resolved) per loop
+# iteration: ~0.1-0.3 ms each, so a chunk holds the loop for tens of milliseconds at most.
+_PREPARE_CHUNK = 200
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0  # backoff of due wakes while a store is unreachable
 
 
@@ -439,7 +442,13 @@ class Waker:
                 else:
                     self._let_go(claim)
                     self.push(entry[0], entry[1], entry[2])
-        for claim, found, entry in due:
+        for position, (claim, found, entry) in enumerate(due):
+            if position and not position % _PREPARE_CHUNK:
+                await asyncio.sleep(0)  # thousands prepared at once would hold the loop
+                if self.closed:  # closing meanwhile: the rest stay parked
+                    for rest in due[position:]:
+                        self._let_go(rest[0])
+                    break
             self._parked.pop(entry[0], None)
             try:
                 prepared = runtime.prepare_resume(found)
