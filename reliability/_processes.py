@@ -40,7 +40,6 @@ import pickle
 import signal
 import struct
 import sys
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -144,6 +143,7 @@ class Family:
         self._changed = asyncio.Event()
         self._readers: list[asyncio.Task[None]] = []
         self.clock = SystemClock()
+        self.last_row_at: float | None = None  # when the latest workflow's row came
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -245,6 +245,7 @@ class Family:
         elif kind == "started":
             child.started.update(message["ids"])
         elif kind == "rows":
+            self.last_row_at = self.clock.monotonic()
             for row in message["rows"]:
                 child.outstanding.discard(row["workflow_id"])
                 self.rows[row["workflow_id"]] = row
@@ -280,8 +281,9 @@ class Family:
         # A child holds up to twice its concurrency: its next workflows are there when a
         # slot frees, without a round trip to the parent.
         for child in self.children:
-            if not child.ready or child.process.stdin is None or child.ended:
-                continue
+            if (not child.ready or child.ended or child.returncode is not None
+                    or child.process.returncode is not None):
+                continue  # starting, told "end" already, or gone (what it held: see rows)
             room = 2 * child.spec.concurrency - len(child.outstanding)
             if room > 0 and self._backlog:
                 batch = [self._backlog.popleft()
@@ -370,12 +372,13 @@ async def run_batch_processes(family: Family, work: list[tuple[str, str, dict[st
                               console: Console | None) -> tuple[dict[str, dict[str, Any]],
                                                                  float]:
     """Run a registered batch's workflows in ``family``'s children; the rows by workflow ID
-    and the seconds from the first dealing to the last child's exit."""
+    and the seconds from the first dealing to the last workflow's end (the children's
+    start-up and their stores' closing excluded, as in one process)."""
     from ._batch import BatchDisplay
     await family.start()
     try:
         await family.wait_ready()
-        started = time.perf_counter()
+        started = family.clock.monotonic()
         family.add_work(work)
         family.close_work()
         if console is None:
@@ -388,7 +391,8 @@ async def run_batch_processes(family: Family, work: list[tuple[str, str, dict[st
                 finally:
                     follower.cancel()
                     await asyncio.gather(follower, return_exceptions=True)
-        return family.rows, time.perf_counter() - started
+        ended = family.last_row_at if family.last_row_at is not None else started
+        return family.rows, ended - started
     except BaseException:
         await family.kill()
         raise
