@@ -8,8 +8,9 @@ stages; strict durability, file store, health checks and monitoring off, WARNING
 in the single-process throughput figure) in a fresh project directory. It reports durable
 stage transitions/s over the batch's run (the report's ``run_seconds``: from the first
 workflow's start to the last one's end; registration, child start-up and closing
-excluded), the command's wall time, and the load average beside each; then the median
-per process count and the ratio to one process.
+excluded), the command's wall time, the CPU time of all its processes (parent, children,
+writers: barely moved by the machine's load, unlike the rates) and the load average beside
+each; then the median per process count and the ratio to one process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +51,7 @@ def batch_run(processes: int, workflows: int, concurrency: int) -> dict[str, Any
         env = {k: v for k, v in os.environ.items() if not k.startswith("WORKFLOW_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         load = os.getloadavg()[0]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "reliability", "batch", str(prompts), "--definition",
@@ -58,6 +61,7 @@ def batch_run(processes: int, workflows: int, concurrency: int) -> dict[str, Any
              "--project-root", str(root)],
             cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"batch --processes {processes} failed ({done.returncode}): "
                            f"{done.stderr[-2000:]}")
@@ -69,7 +73,11 @@ def batch_run(processes: int, workflows: int, concurrency: int) -> dict[str, Any
     return {"processes": processes, "workflows": workflows, "concurrency": concurrency,
             "transitions": transitions, "run_seconds": report["run_seconds"],
             "transitions_per_s": transitions / report["run_seconds"],
-            "wall_seconds": wall, "load_average": load}
+            "wall_seconds": wall, "load_average": load,
+            # Every process of the command (parent, children, writers), reaped: a measure
+            # the machine's load barely moves, unlike the rates.
+            "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime
+                                                                + before.ru_stime)}
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks processes") -> int:
@@ -91,8 +99,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks pro
             runs.append(run)
             print(f"round {round_number + 1}, {processes} process(es): "
                   f"{run['transitions_per_s']:8,.0f} transitions/s (run "
-                  f"{run['run_seconds']:.2f} s, wall {run['wall_seconds']:.1f} s, "
-                  f"load average {run['load_average']:.1f})", flush=True)
+                  f"{run['run_seconds']:.2f} s, wall {run['wall_seconds']:.1f} s, CPU "
+                  f"{run['cpu_seconds']:.1f} s, load average {run['load_average']:.1f})",
+                  flush=True)
     medians = {n: statistics.median(r["transitions_per_s"] for r in runs
                                     if r["processes"] == n) for n in counts}
     base = medians[counts[0]]

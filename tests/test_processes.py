@@ -239,3 +239,21 @@ def test_processes_must_be_positive(tmp_path: Path) -> None:
     refused = cli(tmp_path, "batch", str(prompts), "--definition", DEFINITION,
                   "--processes", "0")
     assert refused.returncode == 2 and "--processes" in refused.stderr
+
+
+def test_processes_benchmark_reports_every_process_count(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """python -m benchmarks processes: one line per run with its rate, wall, CPU and load
+    average, and the medians with the ratio to one process, also written as JSON."""
+    from benchmarks import main as benchmarks
+    output = tmp_path / "processes.json"
+    assert benchmarks(["processes", "--workflows", "12", "--concurrency", "4", "--rounds",
+                       "1", "--json", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 process(es): median" in printed and "2 process(es): median" in printed
+    assert "load average" in printed
+    document = json.loads(output.read_text())
+    assert [run["processes"] for run in document["runs"]] == [1, 2]
+    for run in document["runs"]:
+        assert run["transitions"] == 12 * 19 and run["transitions_per_s"] > 0
+        assert run["cpu_seconds"] > 0
