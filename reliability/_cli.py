@@ -1067,7 +1067,7 @@ async def _workers_in_processes(args: argparse.Namespace, config: WorkflowConfig
                        _console_level(config, args), queue=args.queue,
                        exit_when_idle=args.exit_when_idle)
              for index in range(processes)]
-    family = Family(specs)
+    family = Family(specs, keep_rows=False)
     family.install_signals()
     state_directory = checkpoint_directory = None
     if mode == "run":  # the file store: this process deals its pending workflows

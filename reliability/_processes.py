@@ -116,7 +116,9 @@ class _Child:
     ready: bool = False
     signalled: bool = False
     ended: bool = False  # told that no more work comes
-    outstanding: set[str] = field(default_factory=set)  # dealt, no row back yet
+    # Dealt, no row back yet: ID -> what was dealt (dealt again if it dies before starting).
+    outstanding: dict[str, tuple[str, str | None, dict[str, Any]]] = field(
+        default_factory=dict)
     started: set[str] = field(default_factory=set)
     snapshot: BatchSnapshot | None = None
     summary: dict[str, Any] | None = None
@@ -129,15 +131,16 @@ class Family:
     Install ``on_signal`` (or call ``stop``) for SIGINT/SIGTERM: the first one is forwarded
     to every child, once; later ones only repeat a notice."""
 
-    def __init__(self, specs: list[ChildSpec], *,
-                 on_row: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, specs: list[ChildSpec], *, keep_rows: bool = True) -> None:
+        """``keep_rows``: keep every workflow's report row (a batch's summary); a worker
+        that runs for months does not."""
         self.specs = specs
         self.children: list[_Child] = []
         self.rows: dict[str, dict[str, Any]] = {}
+        self._keep_rows = keep_rows
         self.stop_signal: int | None = None
         # Also called by stop(): e.g. the runtime registering the batch before children start.
         self.on_stop: list[Callable[[], None]] = []
-        self._on_row = on_row
         self._backlog: deque[tuple[str, str | None, dict[str, Any]]] = deque()
         self._closed = False  # no more work will be added
         self._changed = asyncio.Event()
@@ -234,7 +237,26 @@ class Family:
                 break
             self._received(child, message)
         child.returncode = await child.process.wait()
+        self._orphaned(child)
         self._changed.set()
+
+    def _orphaned(self, child: _Child) -> None:
+        """A child that ended holding dealt workflows it never started: deal them again.
+        Those it started stay where it left them (``running`` or ``interrupted``) for
+        ``resume --all``. Its "started" message for one is in the pipe before any of that
+        workflow's stages can complete (a completion waits for the writer), so a workflow
+        not reported started has no completed stage and its dealt state is still current."""
+        unstarted = [work for workflow_id, work in child.outstanding.items()
+                     if workflow_id not in child.started]
+        for workflow_id, *_ in unstarted:
+            del child.outstanding[workflow_id]
+        if unstarted and not self.stopping:
+            if child.returncode not in (0, 130):
+                logger.warning("Process %d ended (status %s) before starting %d "
+                               "workflow(s); dealing them to the others",
+                               child.process.pid, child.returncode, len(unstarted))
+            self._backlog.extendleft(reversed(unstarted))
+            self._deal()
 
     def _received(self, child: _Child, message: dict[str, Any]) -> None:
         kind = message["kind"]
@@ -247,10 +269,9 @@ class Family:
         elif kind == "rows":
             self.last_row_at = self.clock.monotonic()
             for row in message["rows"]:
-                child.outstanding.discard(row["workflow_id"])
-                self.rows[row["workflow_id"]] = row
-                if self._on_row is not None:
-                    self._on_row(row)
+                child.outstanding.pop(row["workflow_id"], None)
+                if self._keep_rows:
+                    self.rows[row["workflow_id"]] = row
             self._deal()
         elif kind == "snapshot":
             child.snapshot = message["snapshot"]
@@ -274,8 +295,10 @@ class Family:
 
     @property
     def idle(self) -> bool:
-        """Nothing waits to be dealt and no child holds a dealt workflow."""
-        return not self._backlog and not any(child.outstanding for child in self.children)
+        """Nothing waits to be dealt and no living child holds a dealt workflow."""
+        return not self._backlog and not any(child.outstanding for child in self.children
+                                             if child.returncode is None)
+
 
     def _deal(self) -> None:
         # A child holds up to twice its concurrency: its next workflows are there when a
@@ -288,11 +311,15 @@ class Family:
             if room > 0 and self._backlog:
                 batch = [self._backlog.popleft()
                          for _ in range(min(room, len(self._backlog)))]
-                child.outstanding.update(workflow_id for workflow_id, _, _ in batch)
+                child.outstanding.update((work[0], work) for work in batch)
                 self._send(child, {"kind": "work", "work": batch})
-            if (self._closed or self.stopping) and not self._backlog:
-                child.ended = True
-                self._send(child, {"kind": "end"})
+        # "end" once nothing is left anywhere: a child that dies may leave workflows to
+        # deal again, and a child told "end" takes no more.
+        if self.stopping or (self._closed and self.idle):
+            for child in self.children:
+                if child.ready and not child.ended and child.returncode is None:
+                    child.ended = True
+                    self._send(child, {"kind": "end"})
 
     def _send(self, child: _Child, message: dict[str, Any]) -> None:
         stdin = child.process.stdin
@@ -424,6 +451,10 @@ async def _deal_pending(family: Family, state_directory: Path, checkpoint_direct
                                       for child in family.children):
         listed = await asyncio.to_thread(list_stored, state_directory, checkpoint_directory,
                                          wanted)
+        pending = {loaded.state["workflow_id"] for loaded in listed}
+        # One no longer listed as pending has a newer state file: it never reads pending
+        # again, so forgetting it keeps this set as small as the pending ones.
+        dealt &= pending
         fresh = [loaded.state for loaded in listed
                  if loaded.state["workflow_id"] not in dealt]
         fresh.sort(key=lambda state: float(state.get("created_at") or 0))

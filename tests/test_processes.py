@@ -203,6 +203,48 @@ def test_sigint_stops_every_process_and_resume_all_finishes_each_once(
     assert len(ids) == 12
 
 
+def test_a_killed_child_s_unstarted_workflows_run_in_the_other(
+        tmp_path: Path, started: list[subprocess.Popen[str]]) -> None:
+    """SIGKILL one child of batch --processes 2 mid-batch: the other runs every workflow
+    the dead one had not started; the batch ends (exit 1) with the dead one's started
+    workflows reported interrupted, and resume --all finishes those, no completed stage
+    running again."""
+    prompts = write_prompts(tmp_path, 12)
+    (tmp_path / "hold").touch()
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "reliability", "batch", str(prompts), "--definition",
+         DEFINITION, "--processes", "2", "--concurrency", "4", "--json", "--project-root",
+         str(tmp_path)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    started.append(parent)
+    wait_for(lambda: len({p for pids in executions(tmp_path).values() for p in pids}) == 2
+             and sum(len(p) for p in executions(tmp_path).values()) == 4,
+             "both children to start their stages")
+    victim = min(p for pids in executions(tmp_path).values() for p in pids)
+    killed = {w for (w, _), pids in executions(tmp_path).items() if victim in pids}
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(victim)
+             or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE, "the victim to die")
+    (tmp_path / "release").touch()
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 1, err
+    report = json.loads(out)
+    rows = {row["workflow_id"]: row for row in report["workflows"]}
+    assert report["counts"] == {"completed": 10, "interrupted": 2}
+    assert {w for w, row in rows.items() if row["status"] == "interrupted"} == killed
+    assert report["resume_command"]
+
+    resumed = cli(tmp_path, "resume", "--all", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(r["workflow_id"] for r in json.loads(resumed.stdout)) == sorted(killed)
+    runs = executions(tmp_path)
+    for workflow_id in rows:
+        counts = [len(runs[(workflow_id, s)]) for s in STAGES]
+        # The victim's stage in flight ran once more; every other stage once.
+        assert counts == ([2, 1, 1] if workflow_id in killed else [1, 1, 1]), workflow_id
+    assert {state["status"] for state in stored(tmp_path).values()} == {"completed"}
+
+
 def test_worker_in_two_processes_drains_the_file_store_and_exits_when_idle(
         tmp_path: Path) -> None:
     """worker --processes 2 on the file store: every submitted workflow runs once, all its
