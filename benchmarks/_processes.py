@@ -72,6 +72,9 @@ def batch_run(processes: int, workflows: int, concurrency: int) -> dict[str, Any
     transitions = workflows * len(NOOP19.stages)
     return {"processes": processes, "workflows": workflows, "concurrency": concurrency,
             "transitions": transitions, "run_seconds": report["run_seconds"],
+            # The loops' processes' CPU over the run, per transition: what a quiet machine
+            # with a core per process turns into the rate (the writers' is apart).
+            "loop_cpu_us_per_transition": report["run_cpu_seconds"] / transitions * 1e6,
             "transitions_per_s": transitions / report["run_seconds"],
             "wall_seconds": wall, "load_average": load,
             # Every process of the command (parent, children, writers), reaped: a measure
@@ -99,8 +102,10 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks pro
             runs.append(run)
             print(f"round {round_number + 1}, {processes} process(es): "
                   f"{run['transitions_per_s']:8,.0f} transitions/s (run "
-                  f"{run['run_seconds']:.2f} s, wall {run['wall_seconds']:.1f} s, CPU "
-                  f"{run['cpu_seconds']:.1f} s, load average {run['load_average']:.1f})",
+                  f"{run['run_seconds']:.2f} s, wall {run['wall_seconds']:.1f} s; loop "
+                  f"processes' CPU {run['loop_cpu_us_per_transition']:.0f} us/transition, "
+                  f"all processes' CPU {run['cpu_seconds']:.1f} s; load average "
+                  f"{run['load_average']:.1f})",
                   flush=True)
     medians = {n: statistics.median(r["transitions_per_s"] for r in runs
                                     if r["processes"] == n) for n in counts}

@@ -175,17 +175,20 @@ def default_report_path(project_root: Path, wall_time: float) -> Path:
 
 def batch_report(rows: list[dict[str, Any]], *, project_root: Path, definition: str,
                  concurrency: int, started_at: float, finished_at: float,
-                 interrupted: bool, processes: int = 1,
-                 run_seconds: float | None = None) -> dict[str, Any]:
+                 interrupted: bool, processes: int = 1, run_seconds: float | None = None,
+                 run_cpu_seconds: float | None = None) -> dict[str, Any]:
     """The JSON report of a batch: one row per prompt (``BatchItem.to_dict``), counts, and
     how to finish it. ``run_seconds``: from the first workflow's start to the last one's
-    end (registration, start-up and the report excluded)."""
+    end (registration, start-up and the report excluded); ``run_cpu_seconds``: the CPU
+    time the processes running workflows spent meanwhile (their writers' excluded)."""
     counts = Counter(row["status"] for row in rows)
     unfinished = counts["interrupted"] + counts[NOT_STARTED] + counts["pending"]
     return {"project_root": str(project_root), "definition": definition,
             "concurrency": concurrency, "processes": processes,
             "started_at": _iso(started_at), "finished_at": _iso(finished_at),
             "run_seconds": round(run_seconds, 3) if run_seconds is not None else None,
+            "run_cpu_seconds": (round(run_cpu_seconds, 3) if run_cpu_seconds is not None
+                                else None),
             "interrupted": interrupted, "counts": dict(counts), "workflows": rows,
             "resume_command": RESUME_ALL if unfinished else None}
 

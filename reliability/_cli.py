@@ -706,7 +706,7 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
     if args.processes < 1:
         raise ConfigurationError(f"--processes must be >= 1, got {args.processes}")
     if args.processes > 1:
-        rows, label, interrupted, run_seconds = await _batch_in_processes(
+        rows, label, interrupted, run_seconds, run_cpu = await _batch_in_processes(
             args, config, root, prompts, definition, err if live else None, console_level)
     else:
         async with _runtime(config, root, handle_signals=True, console=err,
@@ -715,18 +715,22 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
             tracker = BatchTracker(runtime, len(prompts))
             runtime.add_listener(tracker)
             clock = runtime.clock
-            began = [clock.monotonic()]
+            began = [(clock.monotonic(), time.process_time())]
+
+            def registered() -> None:
+                began.append((clock.monotonic(), time.process_time()))
+
             items = await _batch_with_display(runtime, prompts, definition, config, tracker,
-                                              err if live else None,
-                                              lambda: began.append(clock.monotonic()))
-            run_seconds = clock.monotonic() - began[-1]
+                                              err if live else None, registered)
+            run_seconds = clock.monotonic() - began[-1][0]
+            run_cpu = time.process_time() - began[-1][1]
             interrupted = runtime.shutting_down
         rows = [item.to_dict() for item in items]
         label = args.definition or _default_label(runtime, prompts)
     report = batch_report(
         rows, project_root=root, definition=label, concurrency=config.concurrency,
         started_at=started_at, finished_at=time.time(), interrupted=interrupted,
-        processes=args.processes, run_seconds=run_seconds)
+        processes=args.processes, run_seconds=run_seconds, run_cpu_seconds=run_cpu)
     report_path = report_path or default_report_path(root, started_at)
     report_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_private_json(report_path, redact(report, config.secret_values()))
@@ -757,10 +761,11 @@ async def _batch_in_processes(args: argparse.Namespace, config: WorkflowConfigur
                               root: Path, prompts: list[Path],
                               definition: DefinitionLike | None, console: Console | None,
                               console_level: str
-                              ) -> tuple[list[dict[str, Any]], str, bool, float | None]:
+                              ) -> tuple[list[dict[str, Any]], str, bool, float | None,
+                                         float | None]:
     """``batch --processes N`` (``_processes.py``): every workflow registered here, run in
     N children; the report's rows, its definition label, whether it was interrupted, and
-    the run's seconds."""
+    the run's seconds and CPU seconds."""
     from ._processes import ChildSpec, Family, run_batch_processes, split_concurrency
     per_process = split_concurrency(config.concurrency, args.processes)
     specs = [ChildSpec("run", index, str(root), config, per_process, console_level,
@@ -776,12 +781,12 @@ async def _batch_in_processes(args: argparse.Namespace, config: WorkflowConfigur
         label = args.definition or _default_label(runtime, prompts)
         family.on_stop.clear()
     # Closed: every state file is written, before any child writes a newer one.
-    run_seconds = None
+    run_seconds = run_cpu = None
     if not family.stopping:
-        _, run_seconds = await run_batch_processes(family, work, console)
+        _, run_seconds, run_cpu = await run_batch_processes(family, work, console)
     rows = [family.rows.get(workflow_id) or family.missing_row(workflow_id, prompt)
             for workflow_id, prompt, _ in work]
-    return rows, label, family.stopping, run_seconds
+    return rows, label, family.stopping, run_seconds, run_cpu
 
 
 def _nth_port(port: int | None, index: int) -> int | None:

@@ -40,6 +40,7 @@ import pickle
 import signal
 import struct
 import sys
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -396,11 +397,12 @@ class BatchProgress:
 
 
 async def run_batch_processes(family: Family, work: list[tuple[str, str, dict[str, Any]]],
-                              console: Console | None) -> tuple[dict[str, dict[str, Any]],
-                                                                 float]:
-    """Run a registered batch's workflows in ``family``'s children; the rows by workflow ID
-    and the seconds from the first dealing to the last workflow's end (the children's
-    start-up and their stores' closing excluded, as in one process)."""
+                              console: Console | None
+                              ) -> tuple[dict[str, dict[str, Any]], float, float]:
+    """Run a registered batch's workflows in ``family``'s children; the rows by workflow ID,
+    the seconds from the first dealing to the last workflow's end (the children's
+    start-up and their stores' closing excluded, as in one process), and the CPU seconds
+    the children's processes (not their writers) spent meanwhile."""
     from ._batch import BatchDisplay
     await family.start()
     try:
@@ -419,7 +421,9 @@ async def run_batch_processes(family: Family, work: list[tuple[str, str, dict[st
                     follower.cancel()
                     await asyncio.gather(follower, return_exceptions=True)
         ended = family.last_row_at if family.last_row_at is not None else started
-        return family.rows, ended - started
+        cpu = sum(float((child.summary or {}).get("cpu_seconds", 0.0))
+                  for child in family.children)
+        return family.rows, ended - started, cpu
     except BaseException:
         await family.kill()
         raise
@@ -607,9 +611,12 @@ async def _run_dealt(runtime: Any, spec: ChildSpec, channel: _Channel) -> dict[s
 
     reporter = asyncio.ensure_future(progress()) if spec.progress else None
     await runtime.waker.start()  # a runtime that runs workflows wakes parked ones
+    cpu_at: float | None = None  # CPU time at the first work: the run's, for benchmarks
     try:
         while True:
             message = await _read_frame(channel.reader)
+            if cpu_at is None:
+                cpu_at = time.process_time()
             if message is None:  # the parent is gone: stop like a Ctrl-C
                 _parent_gone(runtime)
                 break
@@ -628,7 +635,8 @@ async def _run_dealt(runtime: Any, spec: ChildSpec, channel: _Channel) -> dict[s
         if spec.progress:
             channel.send({"kind": "snapshot", "snapshot": tracker.snapshot()})
         channel.flush()
-    return {"workflows_run": ran, "interrupted": runtime.shutting_down}
+    cpu = time.process_time() - cpu_at if cpu_at is not None else 0.0
+    return {"workflows_run": ran, "interrupted": runtime.shutting_down, "cpu_seconds": cpu}
 
 
 def _child_main() -> int:

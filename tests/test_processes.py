@@ -140,6 +140,7 @@ def test_batch_in_two_processes_runs_every_prompt_once_with_one_summary(
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)  # one document: one summary
     assert report["processes"] == 2 and report["counts"] == {"completed": 24}
+    assert report["run_seconds"] > 0 and report["run_cpu_seconds"] > 0
     ids = [row["workflow_id"] for row in report["workflows"]]
     assert len(set(ids)) == 24
     assert sorted(Path(row["prompt"]).name for row in report["workflows"]) == sorted(
@@ -285,8 +286,9 @@ def test_processes_must_be_positive(tmp_path: Path) -> None:
 
 def test_processes_benchmark_reports_every_process_count(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """python -m benchmarks processes: one line per run with its rate, wall, CPU and load
-    average, and the medians with the ratio to one process, also written as JSON."""
+    """python -m benchmarks processes: one line per run with its rate, wall, CPU per
+    transition and load average, and the medians with the ratio to one process, also
+    written as JSON."""
     from benchmarks import main as benchmarks
     output = tmp_path / "processes.json"
     assert benchmarks(["processes", "--workflows", "12", "--concurrency", "4", "--rounds",
@@ -298,4 +300,4 @@ def test_processes_benchmark_reports_every_process_count(
     assert [run["processes"] for run in document["runs"]] == [1, 2]
     for run in document["runs"]:
         assert run["transitions"] == 12 * 19 and run["transitions_per_s"] > 0
-        assert run["cpu_seconds"] > 0
+        assert run["cpu_seconds"] > 0 and run["loop_cpu_us_per_transition"] > 0
