@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="workflows running at once (default: configuration's concurrency)")
     batch.add_argument("--processes", type=int, metavar="N", default=1,
                        help="run the batch in N processes, one event loop (one core) each, "
-                            "sharing its workflows and --concurrency (default: 1)")
+                            "sharing its workflows and --concurrency; with --metrics-port "
+                            "PORT, process i serves on PORT+i (default: 1)")
     batch.add_argument("--report", metavar="FILE",
                        help="where to write the JSON report (default: "
                             ".github/workflow-reports/batch-YYYYMMDD-HHMMSS.json)")

@@ -129,8 +129,8 @@ class _Child:
 class Family:
     """The parent's side: N children, the work dealt to them, what they sent back.
 
-    Install ``on_signal`` (or call ``stop``) for SIGINT/SIGTERM: the first one is forwarded
-    to every child, once; later ones only repeat a notice."""
+    ``install_signals`` makes SIGINT/SIGTERM call ``stop``: the first one is forwarded to
+    every child, once; later ones are ignored (each child is stopping already)."""
 
     def __init__(self, specs: list[ChildSpec], *, keep_rows: bool = True) -> None:
         """``keep_rows``: keep every workflow's report row (a batch's summary); a worker
@@ -271,6 +271,7 @@ class Family:
             self.last_row_at = self.clock.monotonic()
             for row in message["rows"]:
                 child.outstanding.pop(row["workflow_id"], None)
+                child.started.discard(row["workflow_id"])  # only unreported ones matter
                 if self._keep_rows:
                     self.rows[row["workflow_id"]] = row
             self._deal()
