@@ -279,8 +279,8 @@ def _case(argv: Sequence[str], prog: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks") -> int:
-    """Run the suite, or ``compare``, ``case`` or ``profile``; ``prog`` names the command
-    in help and errors (``workflow-manager bench`` forwards here)."""
+    """Run the suite, or ``compare``, ``case``, ``profile`` or ``processes``; ``prog``
+    names the command in help and errors (``workflow-manager bench`` forwards here)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] == "compare":
         return _compare(arguments[1:], prog)
@@ -288,4 +288,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks
         return _case(arguments[1:], prog)
     if arguments and arguments[0] == "profile":
         return _profile(arguments[1:], prog)
+    if arguments and arguments[0] == "processes":
+        from ._processes import main as processes
+        return processes(arguments[1:], prog=f"{prog} processes")
     return _run(arguments, prog)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from ._state import WorkflowRun
 
 __all__ = ["NOT_STARTED", "BatchDisplay", "BatchItem", "BatchSnapshot", "BatchTracker",
-           "batch_report", "default_report_path", "expand_prompt_paths", "run_batch"]
+           "ProgressSource", "batch_report", "default_report_path", "expand_prompt_paths",
+           "register_batch", "run_batch"]
 
 NOT_STARTED = "not started"
 RESUME_ALL = "workflow-manager resume --all"
@@ -101,8 +102,10 @@ def _target(item: BatchItem, definition: DefinitionLike | None
 
 
 async def run_batch(runtime: Runtime, prompts: list[Path], *,
-                    definition: DefinitionLike | None, concurrency: int) -> list[BatchItem]:
+                    definition: DefinitionLike | None, concurrency: int,
+                    on_registered: Callable[[], None] | None = None) -> list[BatchItem]:
     """Run one workflow per prompt, at most ``concurrency`` at once; how each ended.
+    ``on_registered`` is called once every workflow is saved ``pending``, before any runs.
 
     Never raises for one workflow's failure: its item carries the error instead.
     """
@@ -111,6 +114,8 @@ async def run_batch(runtime: Runtime, prompts: list[Path], *,
         ids = await asyncio.gather(*(_register(runtime, item, definition) for item in items))
         for item, workflow_id in zip(items, ids, strict=True):
             item.workflow_id = workflow_id
+    if on_registered is not None:
+        on_registered()
     limit = asyncio.Semaphore(concurrency)
     await asyncio.gather(*(_run_one(runtime, item, definition, limit) for item in items))
     return items
@@ -120,6 +125,26 @@ async def _register(runtime: Runtime, item: BatchItem,
                     definition: DefinitionLike | None) -> str:
     target, context = _target(item, definition)
     return await runtime.register(target, context=context)
+
+
+async def register_batch(runtime: Runtime, prompts: list[Path], *,
+                         definition: DefinitionLike | None
+                         ) -> list[tuple[str, str, dict[str, Any]]]:
+    """Save one ``pending`` workflow per prompt, as ``Runtime.register`` does; for each,
+    (ID, prompt, the state saved), for other processes to run (``_processes.py``)."""
+    if not runtime.persistence:
+        raise ConfigurationError("a batch in several processes needs enable_persistence")
+    runs = []
+    for prompt in prompts:
+        target, context = _target(BatchItem(prompt), definition)
+        resolved, inputs, prompt_file = runtime.prepare_target(target, context)
+        if resolved.import_path is None:
+            raise ConfigurationError(f"definition {resolved.name!r} must be bound to a "
+                                     "module-level name to run in other processes")
+        runs.append(runtime.new_run(resolved, inputs, prompt_file))
+    await asyncio.gather(*(runtime.store.save(run.workflow_id, run.to_state) for run in runs))
+    return [(run.workflow_id, str(prompt), run.to_state())
+            for run, prompt in zip(runs, prompts, strict=True)]
 
 
 async def _run_one(runtime: Runtime, item: BatchItem, definition: DefinitionLike | None,
@@ -148,17 +173,23 @@ def default_report_path(project_root: Path, wall_time: float) -> Path:
     return project_root / ".github" / "workflow-reports" / f"batch-{stamp}.json"
 
 
-def batch_report(items: list[BatchItem], *, project_root: Path, definition: str,
+def batch_report(rows: list[dict[str, Any]], *, project_root: Path, definition: str,
                  concurrency: int, started_at: float, finished_at: float,
-                 interrupted: bool) -> dict[str, Any]:
-    """The JSON report of a batch: one row per prompt, counts, and how to finish it."""
-    rows = [item.to_dict() for item in items]
+                 interrupted: bool, processes: int = 1, run_seconds: float | None = None,
+                 run_cpu_seconds: float | None = None) -> dict[str, Any]:
+    """The JSON report of a batch: one row per prompt (``BatchItem.to_dict``), counts, and
+    how to finish it. ``run_seconds``: from the first workflow's start to the last one's
+    end (registration, start-up and the report excluded); ``run_cpu_seconds``: the CPU
+    time the processes running workflows spent meanwhile (their writers' excluded)."""
     counts = Counter(row["status"] for row in rows)
     unfinished = counts["interrupted"] + counts[NOT_STARTED] + counts["pending"]
     return {"project_root": str(project_root), "definition": definition,
-            "concurrency": concurrency, "started_at": _iso(started_at),
-            "finished_at": _iso(finished_at), "interrupted": interrupted,
-            "counts": dict(counts), "workflows": rows,
+            "concurrency": concurrency, "processes": processes,
+            "started_at": _iso(started_at), "finished_at": _iso(finished_at),
+            "run_seconds": round(run_seconds, 3) if run_seconds is not None else None,
+            "run_cpu_seconds": (round(run_cpu_seconds, 3) if run_cpu_seconds is not None
+                                else None),
+            "interrupted": interrupted, "counts": dict(counts), "workflows": rows,
             "resume_command": RESUME_ALL if unfinished else None}
 
 
@@ -201,6 +232,9 @@ class BatchTracker:
             self.held.discard(run.workflow_id)
             self.finished[run.status] += 1
 
+    async def pause(self, seconds: float) -> None:
+        await self.runtime.clock.sleep(seconds)
+
     def snapshot(self) -> BatchSnapshot:
         """Called on the loop; the result is immutable, safe to render in another thread."""
         lives = self.runtime.live_workflows()
@@ -232,6 +266,17 @@ def describe_snapshot(snapshot: BatchSnapshot) -> Text:
     return line
 
 
+class ProgressSource(Protocol):
+    """What a ``BatchDisplay`` shows: a ``BatchTracker`` in one process, the merged
+    progress of a batch's processes in several (``_processes.BatchProgress``)."""
+
+    total: int
+
+    def snapshot(self) -> BatchSnapshot: ...
+
+    async def pause(self, seconds: float) -> None: ...
+
+
 class BatchDisplay:
     """Live progress on a terminal: the overall bar, counts, workflows per current stage.
 
@@ -239,7 +284,7 @@ class BatchDisplay:
     rich renders it from its own refresh thread, so a slow terminal never stalls the loop.
     """
 
-    def __init__(self, console: Console, tracker: BatchTracker) -> None:
+    def __init__(self, console: Console, tracker: ProgressSource) -> None:
         self._tracker = tracker
         self._progress = Progress(TextColumn("[bold]workflows"), BarColumn(),
                                   MofNCompleteColumn(), TimeElapsedColumn(), console=console)
@@ -259,7 +304,7 @@ class BatchDisplay:
     async def follow(self) -> None:
         while True:
             self._show(self._tracker.snapshot())
-            await self._tracker.runtime.clock.sleep(0.25)
+            await self._tracker.pause(0.25)
 
     def _show(self, snapshot: BatchSnapshot) -> None:
         self._progress.update(self._task, completed=snapshot.finished)

@@ -39,6 +39,7 @@ from ._batch import (
     batch_report,
     default_report_path,
     expand_prompt_paths,
+    register_batch,
     run_batch,
 )
 from ._cluster import migrate_store, submit_many
@@ -208,14 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", metavar="PROMPT", help="the prompt file (Markdown)")
     _definition_option(run)
 
-    batch = add("batch", "run many prompts concurrently in one process, with live progress",
+    batch = add("batch", "run many prompts concurrently, with live progress",
                 _examples("batch prompts/", "batch a.md b.md prompts/ --concurrency 4",
+                          "batch prompts/ --processes 2   # two event loops, two cores",
                           "batch prompts/ --report report.json --json",
                           "batch prompts/ --metrics-port 9464"), [common, runner, metrics])
     batch.add_argument("paths", metavar="PATH", nargs="+",
                        help="prompt files, or directories whose *.md files are prompts")
     batch.add_argument("--concurrency", type=int, metavar="N",
                        help="workflows running at once (default: configuration's concurrency)")
+    batch.add_argument("--processes", type=int, metavar="N", default=1,
+                       help="run the batch in N processes, one event loop (one core) each, "
+                            "sharing its workflows and --concurrency; with --metrics-port "
+                            "PORT, process i serves on PORT+i (default: 1)")
     batch.add_argument("--report", metavar="FILE",
                        help="where to write the JSON report (default: "
                             ".github/workflow-reports/batch-YYYYMMDD-HHMMSS.json)")
@@ -325,11 +331,15 @@ def _cluster_commands(add: Callable[..., argparse.ArgumentParser],
     worker = add("worker", "claim queued workflows (and those of dead workers) and run them "
                            "until stopped; Ctrl-C or SIGTERM gives their claims back",
                  _examples("worker --store postgresql://db/wf --concurrency 16",
-                           "worker --queue nightly --exit-when-idle"), [common, runner])
+                           "worker --queue nightly --exit-when-idle",
+                           "worker --processes 4"), [common, runner])
     worker.add_argument("--concurrency", type=int, metavar="N",
                         help="workflows running at once (default: configuration's concurrency)")
     worker.add_argument("--queue", default="default", metavar="NAME",
                         help="the queue to take workflows from (default: default)")
+    worker.add_argument("--processes", type=int, metavar="N",
+                        help="run N worker processes, one event loop (one core) each, with "
+                             "--concurrency workflows each (default: one per CPU)")
     worker.add_argument("--exit-when-idle", action="store_true",
                         help="exit 0 once nothing of the queue is queued or running on any "
                              "worker")
@@ -694,17 +704,34 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
     # Many workflows' INFO lines would bury the summary: the console shows warnings and
     # worse (all of it at DEBUG); the daily log file always gets everything.
     console_level = "DEBUG" if config.log_level == "DEBUG" else "WARNING"
-    async with _runtime(config, root, handle_signals=True, console=err,
-                        console_level=console_level) as runtime, observed(runtime, args, err):
-        tracker = BatchTracker(runtime, len(prompts))
-        runtime.add_listener(tracker)
-        items = await _batch_with_display(runtime, prompts, definition, config, tracker,
-                                          err if live else None)
-        interrupted = runtime.shutting_down
+    if args.processes < 1:
+        raise ConfigurationError(f"--processes must be >= 1, got {args.processes}")
+    if args.processes > 1:
+        rows, label, interrupted, run_seconds, run_cpu = await _batch_in_processes(
+            args, config, root, prompts, definition, err if live else None, console_level)
+    else:
+        async with _runtime(config, root, handle_signals=True, console=err,
+                            console_level=console_level) as runtime, observed(runtime, args,
+                                                                              err):
+            tracker = BatchTracker(runtime, len(prompts))
+            runtime.add_listener(tracker)
+            clock = runtime.clock
+            began = [(clock.monotonic(), time.process_time())]
+
+            def registered() -> None:
+                began.append((clock.monotonic(), time.process_time()))
+
+            items = await _batch_with_display(runtime, prompts, definition, config, tracker,
+                                              err if live else None, registered)
+            run_seconds = clock.monotonic() - began[-1][0]
+            run_cpu = time.process_time() - began[-1][1]
+            interrupted = runtime.shutting_down
+        rows = [item.to_dict() for item in items]
+        label = args.definition or _default_label(runtime, prompts)
     report = batch_report(
-        items, project_root=root, definition=args.definition or _default_label(runtime, prompts),
-        concurrency=config.concurrency,
-        started_at=started_at, finished_at=time.time(), interrupted=interrupted)
+        rows, project_root=root, definition=label, concurrency=config.concurrency,
+        started_at=started_at, finished_at=time.time(), interrupted=interrupted,
+        processes=args.processes, run_seconds=run_seconds, run_cpu_seconds=run_cpu)
     report_path = report_path or default_report_path(root, started_at)
     report_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_private_json(report_path, redact(report, config.secret_values()))
@@ -715,18 +742,57 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
 async def _batch_with_display(runtime: Runtime, prompts: list[Path],
                               definition: DefinitionLike | None,
                               config: WorkflowConfiguration, tracker: BatchTracker,
-                              console: Console | None) -> list[Any]:
+                              console: Console | None,
+                              on_registered: Callable[[], None]) -> list[Any]:
     if console is None:
         return await run_batch(runtime, prompts, definition=definition,
-                               concurrency=config.concurrency)
+                               concurrency=config.concurrency, on_registered=on_registered)
     with BatchDisplay(console, tracker) as display:
         follower = asyncio.create_task(display.follow())
         try:
             return await run_batch(runtime, prompts, definition=definition,
-                                   concurrency=config.concurrency)
+                                   concurrency=config.concurrency,
+                                   on_registered=on_registered)
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
+
+
+async def _batch_in_processes(args: argparse.Namespace, config: WorkflowConfiguration,
+                              root: Path, prompts: list[Path],
+                              definition: DefinitionLike | None, console: Console | None,
+                              console_level: str
+                              ) -> tuple[list[dict[str, Any]], str, bool, float | None,
+                                         float | None]:
+    """``batch --processes N`` (``_processes.py``): every workflow registered here, run in
+    N children; the report's rows, its definition label, whether it was interrupted, and
+    the run's seconds and CPU seconds."""
+    from ._processes import ChildSpec, Family, run_batch_processes, split_concurrency
+    per_process = split_concurrency(config.concurrency, args.processes)
+    specs = [ChildSpec("run", index, str(root), config, per_process, console_level,
+                       progress=console is not None, metrics_host=args.metrics_host,
+                       metrics_port=_nth_port(args.metrics_port, index))
+             for index in range(args.processes)]
+    family = Family(specs)
+    family.install_signals()  # from here on, for the registration too
+    err = Console(stderr=True)
+    async with _runtime(config, root, console=err, console_level=console_level) as runtime:
+        family.on_stop.append(runtime.request_shutdown)
+        work = await register_batch(runtime, prompts, definition=definition)
+        label = args.definition or _default_label(runtime, prompts)
+        family.on_stop.clear()
+    # Closed: every state file is written, before any child writes a newer one.
+    run_seconds = run_cpu = None
+    if not family.stopping:
+        _, run_seconds, run_cpu = await run_batch_processes(family, work, console)
+    rows = [family.rows.get(workflow_id) or family.missing_row(workflow_id, prompt)
+            for workflow_id, prompt, _ in work]
+    return rows, label, family.stopping, run_seconds, run_cpu
+
+
+def _nth_port(port: int | None, index: int) -> int | None:
+    """Process ``index``'s metrics port: PORT, PORT+1, ... (0: each picks a free one)."""
+    return None if port is None else port + index if port else 0
 
 
 def _default_label(runtime: Runtime, prompts: list[Path]) -> str:
@@ -977,17 +1043,53 @@ async def _cmd_submit(args: argparse.Namespace, config: WorkflowConfiguration,
 
 async def _cmd_worker(args: argparse.Namespace, config: WorkflowConfiguration,
                       root: Path) -> int:
-    async with _runtime(config, root, console_level=_console_level(config, args),
-                        handle_signals=True) as runtime:
-        count = await runtime.serve(concurrency=config.concurrency, queue=args.queue,
-                                    exit_when_idle=args.exit_when_idle)
-        interrupted = runtime.shutting_down
+    from ._processes import default_worker_processes
+    processes = default_worker_processes() if args.processes is None else args.processes
+    if processes < 1:
+        raise ConfigurationError(f"--processes must be >= 1, got {processes}")
+    if processes > 1:
+        count, interrupted = await _workers_in_processes(args, config, root, processes)
+    else:
+        async with _runtime(config, root, console_level=_console_level(config, args),
+                            handle_signals=True) as runtime:
+            count = await runtime.serve(concurrency=config.concurrency, queue=args.queue,
+                                        exit_when_idle=args.exit_when_idle)
+            interrupted = runtime.shutting_down
     if args.json:
         _print_json({"workflows_run": count, "interrupted": interrupted})
     elif interrupted:
         print(f"Stopped by a signal after running {count} workflow(s); their claims are "
               "given back, so other workers continue them", file=sys.stderr)
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+async def _workers_in_processes(args: argparse.Namespace, config: WorkflowConfiguration,
+                                root: Path, processes: int) -> tuple[int, bool]:
+    """``worker --processes N`` (``_processes.py``): N workers, each --concurrency; the
+    workflows they ran, and whether they were stopped by a signal."""
+    from ._processes import ChildSpec, Family, serve_processes
+    mode = "serve" if config.store_url else "run"
+    specs = [ChildSpec(mode, index, str(root), config, config.concurrency,
+                       _console_level(config, args), queue=args.queue,
+                       exit_when_idle=args.exit_when_idle)
+             for index in range(processes)]
+    family = Family(specs, keep_rows=False)
+    family.install_signals()
+    state_directory = checkpoint_directory = None
+    if mode == "run":  # the file store: this process deals its pending workflows
+        state_directory = _under_root(root, config.state_directory)
+        checkpoint_directory = _under_root(root, config.checkpoint_directory)
+    await serve_processes(family, state_directory=state_directory,
+                          checkpoint_directory=checkpoint_directory,
+                          exit_when_idle=args.exit_when_idle)
+    count = sum(int((child.summary or {}).get("workflows_run", 0))
+                for child in family.children)
+    return count, family.stopping
+
+
+def _under_root(root: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else root / path
 
 
 async def _cmd_migrate(args: argparse.Namespace, config: WorkflowConfiguration,

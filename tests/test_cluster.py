@@ -286,8 +286,9 @@ def _worker(url: str, root: Path, effects: Path, *args: str, log: Path | None = 
     with contextlib.ExitStack() as files:
         stderr = files.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
         return subprocess.Popen(
-            [sys.executable, "-m", "reliability", "worker", "--store", url, "--project-root",
-             str(root), "--log-level", "WARNING", *args], cwd=ROOT,
+            # One process each: these tests signal and kill the worker that runs stages.
+            [sys.executable, "-m", "reliability", "worker", "--processes", "1", "--store", url,
+             "--project-root", str(root), "--log-level", "WARNING", *args], cwd=ROOT,
             env=_env(effects, **{"WORKFLOW_LEASE_SECONDS": "1.5", **extra}),
             stdout=subprocess.PIPE, stderr=stderr)
 
