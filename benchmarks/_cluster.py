@@ -35,7 +35,7 @@ from typing import Any
 
 from machines import StageContext, StageSpec, WorkflowDefinition
 
-from ._pgstore import _fresh_database, _percentile, dbos_run
+from ._pgstore import _fresh_database, _percentile, dbos_line, dbos_run, on_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,13 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(asyncio.run(_worker(args.worker, args.root))))
         return 0
-    url = os.environ.get("WORKFLOW_TEST_POSTGRES_URL")
-    server = None
-    if not url:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from postgres_server import PostgresServer
-        server = PostgresServer().start()
-        url = server.url
 
     async def run(url: str) -> dict[str, list[dict[str, Any]]]:
         results: dict[str, list[dict[str, Any]]] = {"cluster": [], "dbos": []}
@@ -158,19 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                                                   args.dbos_mode))
         return results
 
-    try:
-        results = asyncio.run(run(url))
-    finally:
-        if server is not None:
-            server.destroy()
+    results = on_server(run)
     for row in results["cluster"]:
         print(f"{row['workers']} worker(s), {row['workflows']} workflows: "
               f"{row['transitions_per_s']:8.0f} transitions/s ({row['wall_seconds']:.1f} s "
               f"wall with start-up); commit p50 {row['commit_p50_ms']:.1f} ms, p99 "
               f"{row['commit_p99_ms']:.1f} ms over {row['batches']} batches")
     for row in results["dbos"]:
-        print(f"DBOS {row['dbos_version']} ({row['mode']}) {row['workflows']} workflows: "
-              f"{row['transitions_per_s']:8.0f} transitions/s")
+        print(dbos_line(row))
         for mine in results["cluster"]:
             print(f"  {mine['workers']} worker(s): "
                   f"{mine['transitions_per_s'] / row['transitions_per_s']:.1f}x DBOS")
