@@ -387,6 +387,7 @@ class PostgresStore:
         self._beat: asyncpg.Connection | None = None
         self._beating = asyncio.Lock()  # one statement at a time on the heartbeat's
         self._listener: asyncpg.Connection | None = None
+        self._connecting: asyncio.Task[None] | None = None  # opening the listener
         self._work = asyncio.Event()
         self._ends_wanted = False  # listen for workflows' ends too (see wait_for_work)
         self._listening_to_ends = False
@@ -450,12 +451,12 @@ class PostgresStore:
         pool = self._pool
         if pool is None:
             return
-        for task in (self._heartbeat, self._reaper):
+        for task in (self._heartbeat, self._reaper, self._connecting):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._heartbeat = self._reaper = None
+        self._heartbeat = self._reaper = self._connecting = None
         # Claims still held are given back, so other workers take them at once.
         for workflow_id, epoch in list(self._epochs.items()):
             self._release(workflow_id, epoch)
@@ -828,6 +829,15 @@ class PostgresStore:
                 return
             self._listening_to_ends = True
             return
+        # The connection is opened by a task of the store's, not by the waiter: a waiter
+        # is cancelled whenever a worker's slot frees, and a connect cancelled half-way
+        # leaves asyncpg's handshake future failing with nobody to read it.
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.create_task(self._open_listener(),
+                                                   name="postgres-listener")
+        await asyncio.shield(self._connecting)
+
+    async def _open_listener(self) -> None:
         import asyncpg
         connection = None
         try:
@@ -836,7 +846,7 @@ class PostgresStore:
             if self._ends_wanted:
                 await connection.add_listener(RESULT_CHANNEL, self._ended)
         except BaseException as error:
-            # Connected but not listening (an error, or the waiter cancelled meanwhile):
+            # Connected but not listening (an error, or the store closing meanwhile):
             # this connection is nobody's, so it is closed here, never left to the GC.
             if connection is not None:
                 connection.terminate()
