@@ -625,3 +625,5 @@ def test_cluster_benchmark_runs_workers_and_reports_every_figure(
         assert sum(row["per_worker"]) == 40 and len(row["per_worker"]) == row["workers"]
         assert row["transitions"] == 40 * 19 and row["transitions_per_s"] > 0
         assert 0 < row["commit_p50_ms"] <= row["commit_p99_ms"] and row["batches"] >= 1
+        # The test server's user is a superuser: the server's side is timed too.
+        assert row["server_commit_mean_ms"] > 0 and row["wal_syncs"] >= 1
