@@ -134,3 +134,16 @@ BEGIN
     RETURN v_refused;
 END
 $$;
+
+-- States (2-4 KB of JSON for a 19-stage workflow) are compressed twice a write (the row
+-- and its checkpoint). lz4 instead of the default pglz cut the server's CPU time per
+-- 34-row group commit by a third (7.1 -> 4.7 and 7.9 -> 5.3 ms, the backend's own CPU
+-- time, interleaved rounds). A server built without lz4 keeps pglz.
+DO $$
+BEGIN
+    ALTER TABLE workflows ALTER COLUMN state SET COMPRESSION lz4;
+    ALTER TABLE workflow_checkpoints ALTER COLUMN state SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;
+END
+$$;
