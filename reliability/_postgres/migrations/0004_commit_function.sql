@@ -73,9 +73,6 @@ BEGIN
             RETURNING workflow_id, applied)
         SELECT v_refused || coalesce(array_agg(workflow_id) FILTER (WHERE NOT applied), '{}')
         INTO v_refused FROM audit;
-        PERFORM pg_notify(p_result_channel, i.workflow_id)
-        FROM unnest(p_ids, p_statuses) AS i(workflow_id, status)
-        WHERE i.status = ANY(p_ended) AND NOT (i.workflow_id = ANY(v_refused));
     END IF;
 
     IF cardinality(p_new_ids) > 0 THEN
@@ -102,10 +99,11 @@ BEGIN
             RETURNING workflow_id, applied)
         SELECT v_refused || coalesce(array_agg(workflow_id) FILTER (WHERE NOT applied), '{}')
         INTO v_refused FROM audit;
-        PERFORM pg_notify(p_result_channel, i.workflow_id)
-        FROM unnest(p_new_ids, p_new_statuses) AS i(workflow_id, status)
-        WHERE i.status = ANY(p_ended) AND NOT (i.workflow_id = ANY(v_refused));
     END IF;
+
+    PERFORM pg_notify(p_result_channel, i.workflow_id)
+    FROM unnest(p_ids || p_new_ids, p_statuses || p_new_statuses) AS i(workflow_id, status)
+    WHERE i.status = ANY(p_ended) AND NOT (i.workflow_id = ANY(v_refused));
 
     IF cardinality(v_refused) > 0 THEN
         UPDATE workflow_commits SET refused = v_refused
