@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -254,18 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--singles", type=int, default=200, help="round trips per figure")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    url = os.environ.get("WORKFLOW_TEST_POSTGRES_URL")
-    server = None
-    if not url:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from postgres_server import PostgresServer
-        server = PostgresServer().start()
-        url = server.url
-    try:
-        result = asyncio.run(_run(url, args.rounds, args.batch, args.singles))
-    finally:
-        if server is not None:
-            server.destroy()
+    from ._pgstore import on_server
+    result = on_server(lambda url: _run(url, args.rounds, args.batch, args.singles))
     keys = list(result["asyncpg"])
     print(f"{'figure (median of ' + str(args.rounds) + ')':34} {'asyncpg':>12} {'psycopg':>12}")
     for key in keys:

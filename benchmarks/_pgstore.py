@@ -29,11 +29,30 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = tuple(f"stage_{i:02d}" for i in range(19))
+
+
+def on_server(run: Callable[[str], Coroutine[Any, Any, T]]) -> T:
+    """``asyncio.run(run(url))`` on the server at ``WORKFLOW_TEST_POSTGRES_URL``, or on a
+    throwaway one (``tests/postgres_server.py``) started for it and destroyed after."""
+    url = os.environ.get("WORKFLOW_TEST_POSTGRES_URL")
+    server = None
+    if not url:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from postgres_server import PostgresServer
+        server = PostgresServer().start()
+        url = server.url
+    try:
+        return asyncio.run(run(url))
+    finally:
+        if server is not None:
+            server.destroy()
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -177,6 +196,12 @@ async def dbos_run(url: str, workflows: int, mode: str) -> dict[str, float]:
     return figures
 
 
+def dbos_line(row: dict[str, Any]) -> str:
+    """One DBOS run's figures, as both benchmarks print them."""
+    return (f"DBOS {row['dbos_version']} ({row['mode']}) {row['workflows']:>6} workflows: "
+            f"{row['transitions_per_s']:9.0f} transitions/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pgstore",
                                      description=__doc__.split("\n\n")[0] if __doc__ else "")
@@ -197,14 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         figures = _dbos_child(sys.stdin.read().strip(), args.dbos_child, args.dbos_mode)
         print(json.dumps(figures))
         return 0
-    url = os.environ.get("WORKFLOW_TEST_POSTGRES_URL")
-    server = None
-    if not url:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from postgres_server import PostgresServer
-        server = PostgresServer().start()
-        url = server.url
-
     settings = {name: value for name, value in (("batch_rows", args.batch_rows),
                                                 ("commit_lanes", args.commit_lanes))
                 if value is not None}
@@ -217,19 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             results["dbos"].append(await dbos_run(url, n, args.dbos_mode))
         return results
 
-    try:
-        results = asyncio.run(run(url))
-    finally:
-        if server is not None:
-            server.destroy()
+    results = on_server(run)
     for row in results["postgres_store"]:
         print(f"PostgresStore {row['workflows']:>6} workflows: {row['transitions_per_s']:9.0f} "
               f"transitions/s; save wait p50 {row['save_wait_p50_ms']:.1f} ms, p99 "
               f"{row['save_wait_p99_ms']:.1f} ms; commit p50 {row['commit_p50_ms']:.1f} ms, "
               f"p99 {row['commit_p99_ms']:.1f} ms, {row['rows_per_batch_mean']:.0f} rows/batch")
     for row in results["dbos"]:
-        print(f"DBOS {row['dbos_version']} ({row['mode']}) {row['workflows']:>6} workflows: "
-              f"{row['transitions_per_s']:9.0f} transitions/s")
+        print(dbos_line(row))
     if results["postgres_store"] and results["dbos"]:
         best = {r["workflows"]: r["transitions_per_s"] for r in results["postgres_store"]}
         for row in results["dbos"]:

@@ -40,7 +40,6 @@ __all__ = ["make_store", "migrate_store", "postgres", "result", "serve", "submit
 
 _FILE_POLL = 0.2  # seconds between looks at the file store (it has no notifications)
 _RESULT_POLL = 2.0  # fallback poll while waiting for a NOTIFY of a result
-_SHUTDOWN_TICK = 0.25  # how soon an idle worker notices a shutdown request
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0  # backoff of a worker's claims while the server is down
 
 
@@ -320,7 +319,6 @@ class _Worker:
                 await rt.store.save(workflow_id, run.to_state)
             finally:
                 claim.release()
-            await self._notify(workflow_id)
             return
         if isinstance(prepared, WorkflowResult):  # ended already: nothing to run
             claim.release()
@@ -328,17 +326,12 @@ class _Worker:
         definition, run, at = prepared
         wrapped = _CancellableClaim(claim, run, rt.store)
         self.claims[workflow_id] = wrapped
+        # A waiter for its result (rt.result, any host) hears of its end from the commit
+        # of its final state (the store's NOTIFY), and polls too.
         try:
             await rt.execute_prepared(definition, run, at, claim=wrapped)
         finally:
             self.claims.pop(workflow_id, None)
-        await self._notify(workflow_id)
-
-    async def _notify(self, workflow_id: str) -> None:
-        store = postgres(self.rt.store)
-        if store is not None:
-            with contextlib.suppress(Exception):  # waiters poll too
-                await store.notify_result(workflow_id)
 
     async def watch_cancels(self, store: PostgresStore) -> None:
         """Cancels asked for from any host, read every third of the lease."""
@@ -358,17 +351,20 @@ class _Worker:
                 claim.cancelled = True
                 live.stop("cancel")
 
-    async def wait(self, waiter: asyncio.Future[Any] | None, limit: float) -> None:
-        """Until new work is signalled, a slot frees, or ``limit`` seconds pass."""
+    async def wait(self, waiter: asyncio.Future[Any] | None, limit: float | None) -> None:
+        """Until new work is signalled (``waiter``), a slot frees, a shutdown is asked for,
+        or ``limit`` seconds pass."""
         self.freed.clear()
         freed = asyncio.ensure_future(self.freed.wait())
-        waiting: set[asyncio.Future[Any]] = {freed}
+        stopping = asyncio.ensure_future(self.rt.shutdown_requested.wait())
+        waiting: set[asyncio.Future[Any]] = {freed, stopping}
         if waiter is not None:
             waiting.add(waiter)
         try:
             await asyncio.wait(waiting, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
         finally:
             freed.cancel()
+            stopping.cancel()
 
 
 async def serve(rt: Runtime, *, concurrency: int = 8, queue: str = "default",
@@ -428,10 +424,14 @@ async def _serve_postgres(rt: Runtime, worker: _Worker, store: PostgresStore,
         if not announced:
             logger.info("Worker %s waiting for work on queue %r", store.worker_id, worker.queue)
             announced = True
-        waiter = (asyncio.ensure_future(store.wait_for_work(_SHUTDOWN_TICK))
+        # Idle: woken by a NOTIFY of new work (or, exiting when idle, of an end anywhere),
+        # the lease becoming valid again, a freed slot or a shutdown; the store's jittered
+        # poll (seconds) is only the fallback for a lost NOTIFY. Full: by a freed slot or
+        # a shutdown only, with the same poll as a bound.
+        waiter = (asyncio.ensure_future(store.wait_for_work(ends=exit_when_idle))
                   if free > 0 else None)
         try:
-            await worker.wait(waiter, _SHUTDOWN_TICK)
+            await worker.wait(waiter, store.poll_interval)
         finally:
             if waiter is not None and not waiter.done():
                 waiter.cancel()

@@ -200,6 +200,7 @@ class Runtime:
                                    budget_seconds=self.config.retry_budget_seconds)
         self._warned_unbound: set[int] = set()
         self.shutting_down = False
+        self.shutdown_requested = asyncio.Event()  # set with shutting_down: wakes idle waits
         self.loop_lag_ms: float | None = None
         self._monitor = RuntimeMonitor(self)  # loop lag, periodic health, admission
         self.turns = Turns()  # at most so many stage starts per loop iteration
@@ -277,6 +278,7 @@ class Runtime:
             logger.warning("Received %s: stopping workflows; they stay resumable",
                            signal.Signals(signum).name)
         self.shutting_down = True
+        self.shutdown_requested.set()
         self._monitor.release()  # workflows held for health start, and stop at once
         for live in list(self._live.values()):
             live.stop("shutdown")

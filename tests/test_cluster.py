@@ -150,6 +150,34 @@ async def test_submit_serve_result_on_postgres(tmp_path: Path, postgres_url: str
     assert results[0].outputs["three_by"] == os.getpid()
 
 
+async def test_an_idle_worker_is_woken_by_notifies_and_a_shutdown_not_by_polls(
+        tmp_path: Path, postgres_url: str) -> None:
+    """With an hour between fallback polls, an idle worker still runs a workflow submitted
+    elsewhere at once (NOTIFY), and a shutdown ends its wait at once."""
+    async with Runtime(_config(postgres_url), tmp_path) as worker, \
+            Runtime(_config(postgres_url), tmp_path / "other") as client:
+        store = worker.store
+        assert isinstance(store, PostgresStore)
+        store.poll_interval = 3600.0
+        looks: list[int] = []
+        claim_next = store.claim_next
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            claimed = await claim_next(*args, **kwargs)
+            looks.append(len(claimed))
+            return claimed
+
+        store.claim_next = counted  # type: ignore[method-assign]
+        serving = asyncio.ensure_future(worker.serve(concurrency=2))
+        await _until(lambda: bool(looks) and store._listener is not None)
+        workflow_id = await client.submit(TINY)
+        result = await asyncio.wait_for(client.result(workflow_id), 60)  # bounds a hang
+        assert result.status == "completed"
+        assert 1 in looks  # claimed when the NOTIFY came, not at a poll an hour away
+        worker.request_shutdown()
+        assert await asyncio.wait_for(serving, 60) == 1  # the limit only bounds a hang
+
+
 async def test_result_times_out(tmp_path: Path, postgres_url: str) -> None:
     """result() of a workflow nobody runs raises TimeoutError after its timeout."""
     async with Runtime(_config(postgres_url), tmp_path) as runtime:
@@ -598,3 +626,5 @@ def test_cluster_benchmark_runs_workers_and_reports_every_figure(
         assert sum(row["per_worker"]) == 40 and len(row["per_worker"]) == row["workers"]
         assert row["transitions"] == 40 * 19 and row["transitions_per_s"] > 0
         assert 0 < row["commit_p50_ms"] <= row["commit_p99_ms"] and row["batches"] >= 1
+        # The test server's user is a superuser: the server's side is timed too.
+        assert row["server_commit_mean_ms"] > 0 and row["wal_syncs"] >= 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -49,8 +50,42 @@ async def _until(condition: Callable[[], bool], what: str, limit: float = 60.0) 
         await asyncio.sleep(0.005)
 
 
+class _RoundTrips:
+    """Counts one client connection's round trips: each message that asks the server to
+    answer and be ready again (Sync of the extended protocol, or a simple Query)."""
+
+    _PRE_STARTUP = (80877103, 80877104)  # SSLRequest, GSSENCRequest: no type byte either
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._started = False
+        self.count = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            if not self._started:  # untyped: length, then a protocol code
+                if len(self._buffer) < 8:
+                    return
+                length, code = struct.unpack("!II", self._buffer[:8])
+                if len(self._buffer) < length:
+                    return
+                self._buffer = self._buffer[length:]
+                self._started = code not in self._PRE_STARTUP
+                continue
+            if len(self._buffer) < 5:
+                return
+            kind, length = self._buffer[:1], struct.unpack("!I", self._buffer[1:5])[0]
+            if len(self._buffer) < 1 + length:
+                return
+            self._buffer = self._buffer[1 + length:]
+            if kind in (b"S", b"Q"):
+                self.count += 1
+
+
 class _Proxy:
-    """A TCP proxy in front of the server that can lose a COMMIT's reply or go down."""
+    """A TCP proxy in front of the server that can lose a reply or go down, and counts
+    its clients' round trips."""
 
     def __init__(self, url: str) -> None:
         self._target = urlsplit(url)
@@ -58,8 +93,15 @@ class _Proxy:
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._drop_commit: asyncio.Event | None = None
+        self._drop_marker = b"COMMIT;\x00"
+        self._counters: list[_RoundTrips] = []
         self.refusing = False
         self.port = 0
+
+    @property
+    def round_trips(self) -> int:
+        """Round trips of every client connection so far."""
+        return sum(c.count for c in self._counters)
 
     async def start(self) -> _Proxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -71,9 +113,11 @@ class _Proxy:
         netloc = self._target.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{self.port}"
         return urlunsplit(self._target._replace(netloc=netloc))
 
-    def lose_reply_of_next_commit(self) -> asyncio.Event:
-        """The next COMMIT reaches the server; then both sides are cut before its reply."""
+    def lose_reply_of_next_commit(self, marker: bytes = b"COMMIT;\x00") -> asyncio.Event:
+        """The next message with ``marker`` in it (a COMMIT, or a statement's parameter)
+        reaches the server; then both sides are cut before its reply."""
         self._drop_commit = asyncio.Event()
+        self._drop_marker = marker
         return self._drop_commit
 
     def down(self) -> None:
@@ -101,15 +145,20 @@ class _Proxy:
             return
         pair = (writer, upstream)
         self._pairs.add(pair)
+        counter = _RoundTrips()
+        self._counters.append(counter)
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter,
                        from_client: bool) -> None:
             try:
                 while data := await source.read(65536):
+                    if from_client:
+                        counter.feed(data)
                     sink.write(data)
                     await sink.drain()
                     # asyncpg sends a transaction's COMMIT as a simple query of its own.
-                    if from_client and self._drop_commit is not None and b"COMMIT;\x00" in data:
+                    if (from_client and self._drop_commit is not None
+                            and self._drop_marker in data):
                         dropped, self._drop_commit = self._drop_commit, None
                         self._cut(pair)
                         dropped.set()
@@ -143,6 +192,33 @@ def _outage_lines(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
             sum("reachable again" in m for m in messages))
 
 
+async def test_a_group_commit_is_one_round_trip(proxy: _Proxy, postgres_url: str) -> None:
+    """A batch of many workflows' saves, checkpoints and a release costs one round trip to
+    the server (idempotency mark, fenced writes, audit and release in one statement)."""
+    store = PostgresStore(proxy.url, lease_seconds=600)  # no heartbeat during the test
+    await store.open()
+    try:
+        ids = [_id(n) for n in range(1, 11)]
+        claims, _ = await store.claim_many(ids)
+        # Once, so the statement is prepared on the lane's connection.
+        await asyncio.gather(*(store.save_nowait(w, functools.partial(_state, w, 2))
+                               for w in ids))
+        before, batches = proxy.round_trips, store.batches_committed
+        saves = [store.save_nowait(w, functools.partial(_state, w, 3), checkpoint_stage="s")
+                 for w in ids]
+        claims[0].release()
+        await asyncio.gather(*saves)
+        await store._flush()
+        assert store.batches_committed - batches == 1
+        assert proxy.round_trips - before == 1
+    finally:
+        await store.close()
+    writes = await _fetch(postgres_url, "SELECT kind, count(*) AS n FROM workflow_writes "
+                                        "GROUP BY kind ORDER BY kind")
+    assert [(w["kind"], w["n"]) for w in writes] == [
+        ("claim", 10), ("release", 10), ("save", 20)]
+
+
 async def test_a_commit_whose_reply_was_lost_is_not_sent_again(
         proxy: _Proxy, postgres_url: str) -> None:
     """A batch (a save and its claim's release) that committed but lost its reply is
@@ -152,7 +228,8 @@ async def test_a_commit_whose_reply_was_lost_is_not_sent_again(
     try:
         workflow_id = _id(1)
         claim = await store.claim(workflow_id)
-        lost = proxy.lose_reply_of_next_commit()
+        # The batch is one statement (no COMMIT of its own): cut when its state is sent.
+        lost = proxy.lose_reply_of_next_commit(b'"status":"completed"')
         state = _state(workflow_id, 2, status="completed")
         saved = store.save_nowait(workflow_id, lambda: state, checkpoint_stage="plan")
         claim.release()  # the same batch: after it, a second send of the save is refused
@@ -183,7 +260,7 @@ async def test_a_lost_reply_keeps_the_refusals_of_its_batch(
         # Another worker took one over (as after this one was found dead).
         await _fetch(postgres_url, "UPDATE workflows SET owner = 'another', epoch = epoch + 1 "
                                    "WHERE workflow_id = $1", taken)
-        lost = proxy.lose_reply_of_next_commit()
+        lost = proxy.lose_reply_of_next_commit(b'"revision":2,"status"')  # the batch's
         first = store.save_nowait(kept, lambda: _state(kept, 2))
         second = store.save_nowait(taken, lambda: _state(taken, 2))
         await first

@@ -386,3 +386,69 @@ def test_the_server_script_prints_a_url(tmp_path: Path) -> None:
             process.wait(timeout=60)
     assert process.returncode == 0
     assert not Path(directory).exists()
+
+
+async def test_the_lease_is_renewed_while_commits_and_the_pool_are_stuck(
+        postgres_url: str) -> None:
+    """With every commit lane waiting on a row lock held on the server and every pool
+    connection taken, the heartbeat still renews the lease (its own connection), and the
+    stuck commits complete once the lock goes."""
+    store = PostgresStore(postgres_url, lease_seconds=6, batch_rows=1, commit_lanes=3)
+    await store.open()
+    blocker = await asyncpg.connect(postgres_url)
+    observer = await asyncpg.connect(postgres_url)
+    held: list[Any] = []
+    try:
+        ids = [_id(n) for n in range(4)]
+        await store.claim_many(ids)
+        await blocker.execute("BEGIN")
+        await blocker.execute("SELECT 1 FROM workflows WHERE workflow_id = ANY($1::text[]) "
+                              "FOR UPDATE", ids)
+        saves = [store.save_nowait(w, lambda w=w: _state(w, 2)) for w in ids]
+        await _until(lambda: len(store._sending) == 3)  # every lane has a batch out
+        pool = store._require_pool()
+        held = [await pool.acquire() for _ in range(store.pool_size)]
+        query = "SELECT heartbeat_at FROM workflow_workers WHERE worker_id = $1"
+        beats = {await observer.fetchval(query, store.worker_id)}
+        for _ in range(3000):  # two renewals (every 2 s); the limit only bounds a hang
+            if len(beats) == 3:
+                break
+            await asyncio.sleep(0.01)
+            beats.add(await observer.fetchval(query, store.worker_id))
+        assert len(beats) == 3, "the lease was not renewed"
+        assert not any(s.done() for s in saves)  # the commits were stuck all along
+        assert store.lease_valid
+        await blocker.execute("ROLLBACK")
+        await asyncio.gather(*saves)
+    finally:
+        for connection in held:
+            await store._require_pool().release(connection)
+        await blocker.close()
+        await observer.close()
+        await store.close()
+
+
+async def test_a_committed_end_notifies_result_waiters(store: PostgresStore,
+                                                      postgres_url: str) -> None:
+    """The commit of a workflow's final state sends its ID on the result channel; a running
+    state, and a final state refused by the fence, send nothing."""
+    from reliability._postgres import RESULT_CHANNEL
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(postgres_url)
+    await listener.add_listener(RESULT_CHANNEL, lambda *args: heard.put_nowait(args[3]))
+    try:
+        ended, running, taken = _id(1), _id(2), _id(3)
+        await store.claim_many([ended, running, taken])
+        await _fetch(postgres_url, "UPDATE workflows SET epoch = epoch + 1 "
+                                   "WHERE workflow_id = $1", taken)
+        writes = [store.save_nowait(ended, lambda: _state(ended, 2, status="completed")),
+                  store.save_nowait(running, lambda: _state(running, 2)),
+                  store.save_nowait(taken, lambda: _state(taken, 2, status="failed"))]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert isinstance(results[2], FencedError)
+        await store.save(running, lambda: _state(running, 3, status="cancelled"))
+        got = [await asyncio.wait_for(heard.get(), 60) for _ in range(2)]  # bounds a hang
+        assert got == [ended, running]
+        assert heard.empty()
+    finally:
+        await listener.close()

@@ -4,31 +4,36 @@ The same ``Store`` interface as the file store, plus what workers need (``enqueu
 ``claim_next``, ``wait_for_work``). How it keeps its promises:
 
 - Group commit (docs/architecture.md, invariant 4): saves are queued; one committer task
-  sends what is queued as batches of at most ``batch_rows`` rows (arrays through
-  ``unnest``, one statement per kind), oldest first, up to ``commit_lanes`` batches at once
-  on connections of their own, never two with writes of one workflow at once (a later
-  write would overtake an earlier). A save's future completes when its batch committed
-  (synchronous_commit on: durable).
+  sends what is queued as batches of at most ``batch_rows`` rows, oldest first, up to
+  ``commit_lanes`` batches at once, each lane on a connection of its own outside the pool,
+  never two with writes of one workflow at once (a later write would overtake an
+  earlier). A batch is one statement, so one round trip: the ``workflow_commit`` function
+  (migration 0004) takes every row as arrays and does the idempotency mark, the fenced
+  writes, checkpoints, audit rows, releases and NOTIFYs in the statement's own
+  transaction. A save's future completes when its batch committed (synchronous_commit
+  on: durable).
 - Claims (invariant 9): ``UPDATE ... FOR UPDATE SKIP LOCKED``; each raises the
   workflow's epoch. Every write is conditional on (owner, epoch): a write by a worker
   that lost the workflow changes nothing, is recorded as refused in ``workflow_writes``
   and fails its future with FencedError; nothing more is sent for that workflow.
 - Liveness: one ``workflow_workers`` row per store, its lease renewed every third of
-  ``lease_seconds`` from the database's clock. Any store deletes rows whose lease ran out
-  and re-queues their workflows with a new epoch.
-- Wake-up: LISTEN on a dedicated connection (channel ``workflow_work``), with a jittered
-  poll as fallback, reconnected when lost.
+  ``lease_seconds`` from the database's clock, on a connection of its own: a renewal
+  never waits behind commits, claims or reads. Any store deletes rows whose lease ran out
+  and re-queues their workflows with a new epoch (from the pool, beside the renewals).
+- Wake-up: LISTEN on a dedicated connection (channel ``workflow_work``, and for a worker
+  that exits when idle ``workflow_result``), with a jittered poll of seconds as fallback,
+  reconnected when lost.
 - Idempotent retries: a batch whose connection broke is sent again once the server is
   reachable (backoff through the Clock, docs/architecture.md invariant 6). Each batch
   records its random ID in its lane's ``workflow_commits`` row (a lane sends one batch at a
-  time) in its own transaction, first thing: a
-  retry that finds its ID there knows the earlier COMMIT went through (only its reply was
-  lost) and takes that outcome instead of writing again, which a release in the same batch
-  would now have refused. If the earlier transaction is still open on a dying backend, the
-  retry waits on that row's lock until it ended either way.
+  time), first thing in its transaction: a retry that finds its ID there knows the
+  earlier commit went through (only its reply was lost) and takes that outcome instead of
+  writing again, which a release in the same batch would now have refused. If the
+  earlier transaction is still open on a dying backend, the retry waits on that row's
+  lock until it ended either way.
 - Outages: the committer, the heartbeat and the listener share one up/down state; a
   change is logged once each way. While down, writes wait (nothing acknowledged is lost:
-  a future completes only after its COMMIT), ``lease_valid`` turns False after half the
+  a future completes only after its commit), ``lease_valid`` turns False after half the
   lease, so callers start no stage, and everything reconnects with backoff.
 - States are JSONB rows with the document format's ``schema_version`` (as the file store
   writes in each file), checked on every read, and the row's workflow ID checked against
@@ -73,6 +78,7 @@ from .._errors import (
 )
 from .._ids import validate_workflow_id
 from .._logging import logger
+from .._state import TERMINAL
 from .._store import SCHEMA_VERSION, Claim, LoadedState
 from ._schema import migrate
 from ._signals import PostgresSignals
@@ -89,40 +95,13 @@ RESULT_CHANNEL = "workflow_result"  # payload: the ID of a workflow that ended
 CLAIMABLE = ("pending", "running", "interrupted")
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0  # reconnect backoff of the committer, seconds
 # Rows (writes and releases) per group commit, at most, and group commits in flight at once
-# (each on a pool connection of its own). A commit's time grows with its rows: uncapped, one
+# (each on a connection of its own). A commit's time grows with its rows: uncapped, one
 # batch at a time, 1,000 workflows in lockstep made ~950-row commits of ~100 ms (p99
 # 110-220 ms); 64 rows in 3 lanes, paired on the same server, commits in ~15 ms (p99
 # 32-74 ms on a loaded 2-core machine) at the same transitions/s (benchmarks.pgstore,
 # --batch-rows/--commit-lanes; benchmarks/README.md).
 BATCH_ROWS = 64
 COMMIT_LANES = 3
-
-_SAVE = """
-WITH input AS (
-    SELECT * FROM unnest($2::text[], $3::bigint[], $4::jsonb[], $5::text[], $6::bigint[])
-        AS i(workflow_id, epoch, state, status, revision)),
-applied AS (
-    UPDATE workflows w SET state = i.state, status = i.status, revision = i.revision,
-                           schema_version = $9, updated_at = now()
-    FROM input i
-    WHERE w.workflow_id = i.workflow_id AND w.owner = $1 AND w.epoch = i.epoch
-    RETURNING w.workflow_id),
-checkpoints AS (
-    INSERT INTO workflow_checkpoints AS c (workflow_id, stage, epoch, revision, state,
-                                           schema_version)
-    SELECT i.workflow_id, s.stage, i.epoch, i.revision, i.state, $9
-    FROM unnest($7::text[], $8::text[]) AS s(workflow_id, stage)
-    JOIN applied a ON a.workflow_id = s.workflow_id
-    JOIN input i ON i.workflow_id = s.workflow_id
-    ON CONFLICT (workflow_id, stage) DO UPDATE
-        SET epoch = EXCLUDED.epoch, revision = EXCLUDED.revision, state = EXCLUDED.state,
-            schema_version = EXCLUDED.schema_version, created_at = now()),
-audit AS (
-    INSERT INTO workflow_writes (workflow_id, owner, epoch, revision, kind, applied)
-    SELECT i.workflow_id, $1, i.epoch, i.revision, 'save', a.workflow_id IS NOT NULL
-    FROM input i LEFT JOIN applied a ON a.workflow_id = i.workflow_id)
-SELECT workflow_id FROM applied
-"""
 
 # A save by a store that holds no claim: allowed only while nobody ever claimed the
 # workflow (owner NULL, epoch 0): registering it, or queueing it for workers.
@@ -146,19 +125,6 @@ audit AS (
     SELECT i.workflow_id, NULL, 0, i.revision, 'register', a.workflow_id IS NOT NULL
     FROM input i LEFT JOIN applied a ON a.workflow_id = i.workflow_id)
 SELECT workflow_id, queue FROM applied
-"""
-
-_RELEASE = """
-WITH input AS (SELECT * FROM unnest($2::text[], $3::bigint[]) AS i(workflow_id, epoch)),
-released AS (
-    UPDATE workflows w SET owner = NULL, claimed_at = NULL
-    FROM input i
-    WHERE w.workflow_id = i.workflow_id AND w.owner = $1 AND w.epoch = i.epoch
-    RETURNING w.workflow_id, w.epoch, w.queue, w.status),
-audit AS (
-    INSERT INTO workflow_writes (workflow_id, owner, epoch, kind, applied)
-    SELECT workflow_id, $1, epoch, 'release', true FROM released)
-SELECT DISTINCT queue FROM released WHERE queue IS NOT NULL AND status = ANY($4::text[])
 """
 
 # A workflow is free if nobody owns it or its owner's lease ran out (dead, not yet reaped).
@@ -249,14 +215,17 @@ audit AS (
 SELECT workflow_id, queue FROM orphans
 """
 
-# First statement of every batch: claims this worker's commit row for the batch. No row
-# back means the row holds this batch's ID already: it committed before (see above).
-_MARK = """
-INSERT INTO workflow_commits AS c (worker_id, lane, batch) VALUES ($1, $3, $2)
-ON CONFLICT (worker_id, lane) DO UPDATE
-    SET batch = EXCLUDED.batch, refused = '{}', committed_at = now()
-    WHERE c.batch <> EXCLUDED.batch
-RETURNING batch
+# A whole group commit in one statement, so one round trip: the idempotency mark, the
+# fenced writes with their checkpoints, registrations, the audit rows, the releases and
+# their NOTIFYs (migration 0004, workflow_commit). Sent outside any explicit transaction:
+# the statement is its own, committed (synchronous_commit on) before its reply.
+_COMMIT = """
+SELECT workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
+                       $5::text[], $6::bigint[], $7::jsonb[], $8::text[], $9::bigint[],
+                       $10::text[], $11::text[],
+                       $12::text[], $13::jsonb[], $14::text[], $15::bigint[], $16::text[],
+                       $17::text[], $18::bigint[], $19::text[], $20::text, $21::text[],
+                       $22::text)
 """
 
 
@@ -381,7 +350,7 @@ class PostgresStore(PostgresSignals):
     through it (docs/architecture.md, invariant 6); the event loop's clock by default.
     """
 
-    def __init__(self, url: str, *, lease_seconds: float = 30.0, pool_size: int = 4,
+    def __init__(self, url: str, *, lease_seconds: float = 30.0, pool_size: int = 2,
                  worker_id: str | None = None, apply_migrations: bool = True,
                  poll_interval: float = 5.0, batch_rows: int = BATCH_ROWS,
                  commit_lanes: int = COMMIT_LANES,
@@ -396,8 +365,7 @@ class PostgresStore(PostgresSignals):
         self.apply_migrations = apply_migrations
         self.poll_interval = poll_interval
         self.batch_rows = max(1, batch_rows)
-        # At least one pool connection stays for claims, reads and the heartbeat.
-        self.commit_lanes = max(1, min(commit_lanes, pool_size - 1))
+        self.commit_lanes = max(1, commit_lanes)
         self.on_fenced = on_fenced
         self.clock: Clock = clock or SystemClock()
         self._down_since: float | None = None  # when the server became unreachable
@@ -413,8 +381,20 @@ class PostgresStore(PostgresSignals):
         self._claiming = asyncio.Lock()  # one claim statement at a time (see _claims)
         self._claims_unsure = False  # a claim's reply was lost: see _ORPHANS
         self._heartbeat: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        # Connections of their own, outside the pool: each commit lane's (opened when the
+        # lane first sends: a commit is then one statement, with no acquire or reset
+        # around it) and the heartbeat's (a renewal never waits for a connection behind
+        # commits, claims or reads: a lease must not run out because the worker is busy).
+        self._lanes: dict[int, asyncpg.Connection] = {}
+        self._beat: asyncpg.Connection | None = None
+        self._beating = asyncio.Lock()  # one statement at a time on the heartbeat's
         self._listener: asyncpg.Connection | None = None
+        self._connecting: asyncio.Task[None] | None = None  # opening the listener
         self._work = asyncio.Event()
+        self._ends_wanted = False  # listen for workflows' ends too (see wait_for_work)
+        self._listening_to_ends = False
+        self._waiting_for_ends = 0
         self._renewed_at = 0.0
         self._closing = False
         self.batches_committed = 0
@@ -448,21 +428,22 @@ class PostgresStore(PostgresSignals):
                                              max_size=self.pool_size)
         except Exception as error:
             raise await self.connect_error(error) from None
+        beat = None
         try:
-            async with pool.acquire() as connection:
-                if self.apply_migrations:
-                    await migrate(connection)
-                await connection.execute(_REGISTER_WORKER, self.worker_id,
-                                         socket.gethostname(), os.getpid(), self.lease_seconds)
-        except (ConfigurationError, DatabaseUnavailableError):
+            beat = await asyncpg.connect(self.url.secret)
+            if self.apply_migrations:
+                await migrate(beat)
+            await beat.execute(_REGISTER_WORKER, self.worker_id, socket.gethostname(),
+                               os.getpid(), self.lease_seconds)
+        except BaseException as error:
+            if beat is not None:
+                beat.terminate()
             await pool.close()
-            raise
-        except Exception as error:
-            await pool.close()
-            if _connection_lost(error):
+            if isinstance(error, Exception) and _connection_lost(error):
                 raise await self.connect_error(error) from None
             raise
         self._pool = pool
+        self._beat = beat
         self._closing = False
         self._renewed_at = self.clock.monotonic()
         self._committer = asyncio.create_task(self._commit_loop(), name="postgres-committer")
@@ -473,10 +454,12 @@ class PostgresStore(PostgresSignals):
         pool = self._pool
         if pool is None:
             return
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._reaper, self._connecting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._heartbeat = self._reaper = self._connecting = None
         # Claims still held are given back, so other workers take them at once.
         for workflow_id, epoch in list(self._epochs.items()):
             self._release(workflow_id, epoch)
@@ -485,6 +468,7 @@ class PostgresStore(PostgresSignals):
         self._wake.set()
         if self._committer is not None:
             await self._committer
+        lanes, self._lanes = list(self._lanes.values()), {}
         with contextlib.suppress(Exception):
             if self._claims_unsure:  # before the row goes: none would re-queue them then
                 await self._release_orphans()
@@ -492,10 +476,11 @@ class PostgresStore(PostgresSignals):
                                self.worker_id)
             await pool.execute("DELETE FROM workflow_commits WHERE worker_id = $1",
                                self.worker_id)
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
-            self._listener = None
+        for connection in (*lanes, self._listener, self._beat):
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+        self._listener = self._beat = None
         self._pool = None
         await pool.close()
 
@@ -503,6 +488,23 @@ class PostgresStore(PostgresSignals):
         if self._pool is None:
             raise RuntimeError("the PostgreSQL store is not open")
         return self._pool
+
+    async def _lane_connection(self, lane: int) -> asyncpg.Connection:
+        """Commit lane ``lane``'s own connection, opened on its first use or after a loss."""
+        connection = self._lanes.get(lane)
+        if connection is not None and not connection.is_closed():
+            return connection
+        import asyncpg
+        self._require_pool()
+        connection = await asyncpg.connect(self.url.secret)
+        self._lanes[lane] = connection
+        return connection
+
+    def _drop_lane(self, lane: int) -> None:
+        """Forget lane ``lane``'s lost connection: its next batch opens another."""
+        connection = self._lanes.pop(lane, None)
+        if connection is not None:
+            connection.terminate()
 
     # --- writes
 
@@ -670,6 +672,7 @@ class PostgresStore(PostgresSignals):
         down_for, self._down_since = self.clock.monotonic() - self._down_since, None
         logger.warning("PostgreSQL at %s reachable again after %.1f s; writes go on",
                        self.url.server, down_for)
+        self._work.set()  # an idle worker claims again now, not at its next poll
 
     def unreachable(self, error: BaseException) -> bool:
         """True if ``error`` means the server cannot be reached now (then recorded, and the
@@ -719,41 +722,20 @@ class PostgresStore(PostgresSignals):
             for stage in stages:
                 checkpoint_ids.append(workflow_id)
                 checkpoint_stages.append(stage)
-        refused: list[str] = []
-        pool = self._require_pool()
-        async with pool.acquire() as connection, connection.transaction():
-            if await connection.fetchval(_MARK, self.worker_id, batch.id, batch.lane) is None:
-                # This batch committed before its connection broke: its outcome then.
-                refused = list(await connection.fetchval(
-                    "SELECT refused FROM workflow_commits WHERE worker_id = $1 AND lane = $2",
-                    self.worker_id, batch.lane))
-            else:
-                if fenced_ids:
-                    rows = await connection.fetch(
-                        _SAVE, self.worker_id, fenced_ids, fenced_epochs, fenced_states,
-                        fenced_status, fenced_revisions, checkpoint_ids, checkpoint_stages,
-                        SCHEMA_VERSION)
-                    applied = {row["workflow_id"] for row in rows}
-                    refused += [w for w in fenced_ids if w not in applied]
-                if register:
-                    rows = await connection.fetch(
-                        _REGISTER, [r[0] for r in register], [r[1] for r in register],
-                        [r[2] for r in register], [r[3] for r in register],
-                        [r[4] for r in register], [None] * len(register), SCHEMA_VERSION)
-                    applied = {row["workflow_id"] for row in rows}
-                    refused += [r[0] for r in register if r[0] not in applied]
-                if refused:
-                    await connection.execute(
-                        "UPDATE workflow_commits SET refused = $2 "
-                        "WHERE worker_id = $1 AND lane = $3", self.worker_id, refused,
-                        batch.lane)
-                if batch.releases:
-                    queues = await connection.fetch(
-                        _RELEASE, self.worker_id, list(batch.releases),
-                        list(batch.releases.values()), list(CLAIMABLE))
-                    for row in queues:
-                        await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL,
-                                                 row["queue"])
+        connection = await self._lane_connection(batch.lane)
+        try:
+            refused = await connection.fetchval(
+                _COMMIT, self.worker_id, batch.lane, batch.id, SCHEMA_VERSION,
+                fenced_ids, fenced_epochs, fenced_states, fenced_status, fenced_revisions,
+                checkpoint_ids, checkpoint_stages,
+                [r[0] for r in register], [r[1] for r in register], [r[2] for r in register],
+                [r[3] for r in register], [r[4] for r in register],
+                list(batch.releases), list(batch.releases.values()), list(CLAIMABLE),
+                WORK_CHANNEL, list(TERMINAL), RESULT_CHANNEL)
+        except Exception as error:
+            if _connection_lost(error):
+                self._drop_lane(batch.lane)
+            raise
         registered = {r[0] for r in register}
         for workflow_id in refused:
             if workflow_id in registered:
@@ -810,9 +792,12 @@ class PostgresStore(PostgresSignals):
                 _decode(row["state"], row["schema_version"], workflow_id, source), source)))
         return claimed
 
-    async def wait_for_work(self, poll: float | None = None) -> bool:
-        """Wait for a NOTIFY of new work (True) or a jittered poll interval (False)."""
-        await self._listen()
+    async def wait_for_work(self, poll: float | None = None, *, ends: bool = False) -> bool:
+        """Wait for a NOTIFY of new work (True), or with ``ends`` also of a workflow's end
+        anywhere (so a worker that exits when idle sees the last one end), or a jittered
+        poll interval (False). A caller that must notice something else at once (a
+        shutdown) waits for that beside this, and cancels this."""
+        await self._listen(ends=ends)
         limit = self.poll_interval if poll is None else poll
         timed_out = False
 
@@ -822,23 +807,49 @@ class PostgresStore(PostgresSignals):
             self._work.set()
 
         timer = self.clock.call_later(limit * random.uniform(0.8, 1.0), expire)
+        if ends:
+            self._waiting_for_ends += 1
         try:
             await self._work.wait()
         finally:
             timer.cancel()
+            if ends:
+                self._waiting_for_ends -= 1
         self._work.clear()
         return not timed_out
 
-    async def _listen(self) -> None:
+    async def _listen(self, *, ends: bool = False) -> None:
+        self._ends_wanted |= ends
         if self._listener is not None and not self._listener.is_closed():
+            if not self._ends_wanted or self._listening_to_ends:
+                return
+            try:
+                await self._listener.add_listener(RESULT_CHANNEL, self._ended)
+            except Exception as error:
+                if not _connection_lost(error):
+                    raise
+                self._mark_down(error)  # the listener is lost: the next wait listens again
+                return
+            self._listening_to_ends = True
             return
+        # The connection is opened by a task of the store's, not by the waiter: a waiter
+        # is cancelled whenever a worker's slot frees, and a connect cancelled half-way
+        # leaves asyncpg's handshake future failing with nobody to read it.
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.create_task(self._open_listener(),
+                                                   name="postgres-listener")
+        await asyncio.shield(self._connecting)
+
+    async def _open_listener(self) -> None:
         import asyncpg
         connection = None
         try:
             connection = await asyncpg.connect(self.url.secret)
             await connection.add_listener(WORK_CHANNEL, self._notified)
+            if self._ends_wanted:
+                await connection.add_listener(RESULT_CHANNEL, self._ended)
         except BaseException as error:
-            # Connected but not listening (an error, or the waiter cancelled meanwhile):
+            # Connected but not listening (an error, or the store closing meanwhile):
             # this connection is nobody's, so it is closed here, never left to the GC.
             if connection is not None:
                 connection.terminate()
@@ -849,13 +860,19 @@ class PostgresStore(PostgresSignals):
         self._mark_up()
         connection.add_termination_listener(self._listener_lost)
         self._listener = connection
+        self._listening_to_ends = self._ends_wanted
         self._work.set()  # something may have been queued while nobody listened
 
     def _notified(self, *_: object) -> None:
         self._work.set()
 
+    def _ended(self, *_: object) -> None:
+        if self._waiting_for_ends:  # else a workflow's end is no news to an idle worker
+            self._work.set()
+
     def _listener_lost(self, *_: object) -> None:
         self._listener = None
+        self._listening_to_ends = False
         self._work.set()
 
     @property
@@ -872,33 +889,63 @@ class PostgresStore(PostgresSignals):
             await self.clock.sleep(delay)
             try:
                 await self.renew()
-                await self.reap()
             except Exception as error:
                 # Never ends on an error: a worker whose heartbeat stopped would keep its
-                # claims' tasks waiting for a lease forever. Besides an outage, two workers
-                # reaping at once after one can deadlock, and the server picks a victim.
-                if _connection_lost(error):
-                    self._mark_down(error)
-                else:
-                    logger.warning("Lease renewal of %s failed (%s); trying again",
-                                   self.worker_id, scrub(f"{type(error).__name__}: {error}",
-                                                         self.url.secret).replace("\n", " "))
+                # claims' tasks waiting for a lease forever.
+                self._heartbeat_failed(error, "Lease renewal")
                 delay = min(backoff, interval) * random.uniform(0.5, 1.0)
                 backoff = min(backoff * 2, _RETRY_MAX)
                 continue
             self._mark_up()
             delay, backoff = interval, _RETRY_FIRST
+            # Reaping waits for the pool and can wait on row locks (a dead worker's
+            # workflow a commit holds): beside the renewals, never before the next one.
+            if self._reaper is None or self._reaper.done():
+                self._reaper = asyncio.create_task(self._reap_once(), name="postgres-reaper")
+
+    def _heartbeat_failed(self, error: Exception, what: str) -> None:
+        if _connection_lost(error):
+            self._mark_down(error)
+            return
+        logger.warning("%s of %s failed (%s); trying again", what, self.worker_id,
+                       scrub(f"{type(error).__name__}: {error}",
+                             self.url.secret).replace("\n", " "))
+
+    async def _reap_once(self) -> None:
+        try:
+            await self.reap()
+        except Exception as error:
+            # Tried again after the next renewal. Besides an outage, two workers reaping
+            # at once after one can deadlock, and the server picks a victim.
+            self._heartbeat_failed(error, "Reaping dead workers")
 
     async def renew(self) -> None:
-        """Extend this worker's lease; if it was found dead meanwhile, every claim is lost."""
-        pool = self._require_pool()
-        renewed = await pool.fetchval(_RENEW, self.worker_id, self.lease_seconds)
-        if renewed is None:
-            for workflow_id in list(self._epochs):
-                self._lose(workflow_id)
-            await pool.execute(_REGISTER_WORKER, self.worker_id, socket.gethostname(),
-                               os.getpid(), self.lease_seconds)
+        """Extend this worker's lease (on the heartbeat's own connection); if it was found
+        dead meanwhile, every claim is lost."""
+        self._require_pool()
+        async with self._beating:
+            connection = self._beat
+            try:
+                if connection is None or connection.is_closed():
+                    import asyncpg
+                    self._beat = None
+                    connection = self._beat = await asyncpg.connect(self.url.secret)
+                renewed = await connection.fetchval(_RENEW, self.worker_id, self.lease_seconds)
+                if renewed is None:
+                    for workflow_id in list(self._epochs):
+                        self._lose(workflow_id)
+                    await connection.execute(_REGISTER_WORKER, self.worker_id,
+                                             socket.gethostname(), os.getpid(),
+                                             self.lease_seconds)
+            except Exception as error:
+                if _connection_lost(error) and self._beat is not None:
+                    self._beat.terminate()
+                    self._beat = None
+                raise
+        lapsed = not self.lease_valid
         self._renewed_at = self.clock.monotonic()
+        if lapsed:
+            self._work.set()  # an idle worker may claim again
 
     async def reap(self) -> list[str]:
         """Re-queue the workflows of workers whose lease ran out; their IDs."""
@@ -1062,12 +1109,6 @@ class PostgresStore(PostgresSignals):
         return self._epochs.get(workflow_id)
 
     # --- for the runtime's workers (submit, result, serve, cancel from any host)
-
-    async def notify_result(self, workflow_id: str) -> None:
-        """Tell every ``rt.result`` waiting anywhere that ``workflow_id`` ended (its final
-        state is committed before this is called)."""
-        await self._require_pool().execute("SELECT pg_notify($1, $2)", RESULT_CHANNEL,
-                                           workflow_id)
 
     async def count_unfinished(self, queue: str) -> int:
         """Workflows of ``queue`` not yet ended: queued, or running on any worker."""
