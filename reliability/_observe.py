@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from ._state import WorkflowRun
 
 __all__ = ["DURATION_BUCKETS", "LAG_BUCKETS", "LIVE_LIMIT", "SAVE_BUCKETS", "WORKFLOW_EVENTS",
-           "Histogram", "RuntimeFile", "SaveSampler", "Telemetry", "health_level",
-           "runtime_directory"]
+           "Histogram", "LivePublisher", "RuntimeFile", "SaveSampler", "Telemetry",
+           "health_level", "live_publisher", "runtime_directory"]
 
 # Seconds. Stages run from milliseconds (tests, no-op stages) to hours (agents).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -418,32 +418,38 @@ class SaveSampler:
             self._timer.cancel()
 
 
-class RuntimeFile:
-    """Publishes a runtime's ``Telemetry.snapshot()`` to ``DIR/runtime-PID.json`` about once
-    a second, and at once when a breaker changes state, so a dashboard in another process
-    shows breakers, health and live stages.
+class LivePublisher:
+    """Publishes a runtime's ``Telemetry.snapshot()`` about once a second, and at once when a
+    breaker changes state, so a dashboard in another process (or on another host) shows
+    breakers, health and live stages.
 
-    Written from a thread (atomic rename, mode 0600); the loop only builds the snapshot.
-    When the runtime closes, a last snapshot marked ``stopped`` stays: the dashboard shows
-    how the process left its breakers. Files of processes gone for a day are removed when
-    the next one starts.
+    The loop only samples and builds the snapshot; where it goes is a subclass's
+    ``_put``: a file beside the states (``RuntimeFile``), or a row of the PostgreSQL store
+    (``reliability._postgres._live.DatabaseLiveView``). One write per period however many
+    stages ran meanwhile: the hot path never waits for it. When the runtime closes, a last
+    snapshot marked ``stopped`` stays: the dashboard shows how the process left its
+    breakers.
     """
 
-    def __init__(self, telemetry: Telemetry, directory: Path, *, period: float = 1.0) -> None:
+    def __init__(self, telemetry: Telemetry, *, period: float = 1.0) -> None:
         self._telemetry = telemetry
-        self.path = directory / f"runtime-{os.getpid()}.json"
         self._period = period
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._sampler: Any = None
+        self.published = 0  # snapshots put (tests count them against the stages run)
 
     def start(self, runtime: Runtime) -> None:
         from ._health import HealthSampler
 
         self._sampler = HealthSampler(runtime.project_root, runtime.clock, min_interval=0.0)
-        self._telemetry.on_change = self._wake.set
+        self._telemetry.on_change = self.wake
         self._task = asyncio.get_running_loop().create_task(self._publish(runtime),
-                                                            name="runtime-file")
+                                                            name="live-view")
+
+    def wake(self) -> None:
+        """Publish now instead of at the period's end (a breaker moved)."""
+        self._wake.set()
 
     async def stop(self) -> None:
         self._telemetry.on_change = None
@@ -456,7 +462,7 @@ class RuntimeFile:
         await self._write(stopped=True)
 
     async def _publish(self, runtime: Runtime) -> None:
-        await asyncio.to_thread(_remove_stale, self.path.parent)
+        await self._prepare()
         while True:
             sample = await asyncio.to_thread(self._sampler.sample)
             self._telemetry.sample_resources(sample.cpu, sample.memory, sample.disk,
@@ -470,16 +476,67 @@ class RuntimeFile:
     async def _write(self, *, stopped: bool = False) -> None:
         import orjson
 
-        watched = [] if stopped else await asyncio.to_thread(_watched,
-                                                             self.path.parent / "watch")
+        watched = [] if stopped else await self._watched()
         snapshot = self._telemetry.snapshot(watched=watched)
         if stopped:
             snapshot["stopped"] = True
             snapshot["workflows"] = {}
+        self._describe(snapshot)
         document = orjson.dumps(snapshot, default=str, option=orjson.OPT_NON_STR_KEYS)
+        await self._put(document, stopped=stopped)
+        self.published += 1
+
+    # What a subclass provides.
+
+    async def _prepare(self) -> None:
+        """Before the first snapshot (remove what processes long gone left)."""
+
+    async def _watched(self) -> list[str]:
+        """Workflows a dashboard asked to see whole (their records go in the snapshot)."""
+        return []
+
+    def _describe(self, snapshot: dict[str, Any]) -> None:
+        """Add what names this process where the view is read (host, worker)."""
+
+    async def _put(self, document: bytes, *, stopped: bool) -> None:
+        raise NotImplementedError
+
+
+class RuntimeFile(LivePublisher):
+    """The live view as ``DIR/runtime-PID.json``, for a dashboard on the same host.
+
+    Written from a thread (atomic rename, mode 0600). Files of processes gone for a day are
+    removed when the next one starts.
+    """
+
+    def __init__(self, telemetry: Telemetry, directory: Path, *, period: float = 1.0) -> None:
+        super().__init__(telemetry, period=period)
+        self.path = directory / f"runtime-{os.getpid()}.json"
+
+    async def _prepare(self) -> None:
+        await asyncio.to_thread(_remove_stale, self.path.parent)
+
+    async def _watched(self) -> list[str]:
+        return await asyncio.to_thread(_watched, self.path.parent / "watch")
+
+    async def _put(self, document: bytes, *, stopped: bool) -> None:
         # A failed write: the dashboard shows the runtime as gone; the workflows go on.
         with contextlib.suppress(OSError):
             await asyncio.to_thread(_write_atomically, self.path, document)
+
+
+def live_publisher(telemetry: Telemetry, runtime: Runtime, *,
+                   period: float = 1.0) -> LivePublisher:
+    """Where ``runtime`` publishes its live view: a row of its PostgreSQL store (a dashboard
+    on any host reads every worker's), else a file beside the states."""
+    from ._cluster import postgres
+
+    store = postgres(runtime.store)
+    if store is not None:
+        from ._postgres._live import DatabaseLiveView
+
+        return DatabaseLiveView(telemetry, store, period=period)
+    return RuntimeFile(telemetry, runtime_directory(runtime), period=period)
 
 
 STALE_SECONDS = 86_400.0
