@@ -232,7 +232,8 @@ async def _health_until(client: httpx.AsyncClient,
     end = time.monotonic() + 90
     while not await read():
         if time.monotonic() > end:
-            raise AssertionError(f"/api/health never passed its check: {found}")
+            summary = {pid: (v.get("alive"), _running(v)) for pid, v in found.items()}
+            raise AssertionError(f"/api/health never passed its check: {summary}")
         await asyncio.sleep(0.1)
     return found
 
