@@ -281,3 +281,24 @@ async def test_two_workers_running_workflows_show_and_a_killed_one_s_leave(
         listed = (await client.get("/api/workflows")).json()["workflows"]
     assert {(row["workflow_id"], row["status"]) for row in listed} == {
         (workflow_id, "completed") for workflow_id in ids}
+
+
+async def test_views_of_workers_gone_for_a_day_are_deleted_when_one_starts(
+        tmp_path: Path, postgres_url: str) -> None:
+    """A starting publisher deletes the rows of workers without a lease published over a
+    day ago; a recent one that ended stays (the dashboard shows how it left)."""
+    async with Runtime(_config(postgres_url), tmp_path, configure_logs=False) as runtime:
+        store = runtime.store
+        assert isinstance(store, PostgresStore)
+        pool = store._require_pool()
+        for worker_id, age in (("old-worker", 2 * 86_400), ("recent-worker", 3_600)):
+            await pool.execute(
+                "INSERT INTO workflow_live (worker_id, host, pid, view, stopped, published_at)"
+                " VALUES ($1, 'elsewhere', 1, '{}', true, now() - make_interval(secs => $2))",
+                worker_id, age)
+        publisher = live_publisher(Telemetry().attach(runtime), runtime, period=3600.0)
+        publisher.start(runtime)
+        await _until(lambda: publisher.published, "the first view")
+        left = {r["worker_id"] for r in await pool.fetch("SELECT worker_id FROM workflow_live")}
+        await publisher.stop()
+    assert left == {"recent-worker", store.worker_id}
