@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._analytics import stage_status
 from ._health import HealthStatus, parse_status
 
 if TYPE_CHECKING:
@@ -92,6 +91,21 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
+_FAST, _SLOW = 0.8, 1.2  # as _analytics.stage_status grades a stage against its baseline
+_GRADE_NAMES = ("fast", "normal", "slow")
+
+
+class _StageCounts:
+    """One stage's duration histograms by outcome and its completed attempts' grades."""
+
+    __slots__ = ("completed", "grades", "histograms")
+
+    def __init__(self) -> None:
+        self.histograms: dict[str, Histogram] = {}
+        self.completed: Histogram | None = None  # histograms["completed"], looked up once
+        self.grades = [0, 0, 0]  # fast, normal, slow
+
+
 class Telemetry:
     """Counters of one runtime's workflows, stages, breakers, checkpoints and loop.
 
@@ -114,7 +128,9 @@ class Telemetry:
         self.stage_seconds: dict[tuple[str, str, str], Histogram] = {}
         self.retries: dict[tuple[str, str, str], int] = {}
         self.watchdog: dict[tuple[str, str, str], int] = {}
-        self.grades: dict[tuple[str, str, str], int] = {}
+        # Per definition, per stage: its histograms by outcome and its grade counts (the
+        # same histograms as stage_seconds), so folding a history entry builds no key.
+        self._stages: dict[str, dict[str, _StageCounts]] = {}
         self.breaker_states: dict[str, str] = {}
         self.breaker_transitions: deque[dict[str, Any]] = deque(maxlen=_RECENT)
         self.dependency_calls: dict[tuple[str, str], int] = {}
@@ -181,27 +197,66 @@ class Telemetry:
             histogram.observe(self._monotonic() - entry[1])
 
     def _fold(self, entry: list[Any]) -> None:
-        """Count the stage history entries of ``entry``'s run not counted yet."""
+        """Count the stage history entries of ``entry``'s run not counted yet.
+
+        Every stage of every workflow passes here once, so this loop is what metrics cost
+        per stage (benchmarks.metrics_cost counts it): no key tuple, method call or
+        function call per entry but ``bisect``; a workflow's stages find their counters
+        in one dict per definition."""
         run, _, done = entry
         history = run.stage_history
         if len(history) <= done:
             return
-        definition = run.definition_name
-        stage_seconds, grades = self.stage_seconds, self.grades
+        stages = self._stages.get(run.definition_name)
+        if stages is None:
+            stages = self._stages[run.definition_name] = {}
+        bounds, bisect_left = DURATION_BUCKETS, bisect.bisect_left
         for item in history[done:]:
-            stage, status = item["stage"], item["status"]
-            duration = float(item["duration"])
-            key = (definition, stage, status)
-            histogram = stage_seconds.get(key)
-            if histogram is None:
-                histogram = stage_seconds[key] = Histogram(DURATION_BUCKETS)
-            histogram.observe(duration)
-            if status == "completed":
-                baseline = float(item.get("baseline") or 0.0)
-                grade_key = (definition, stage,
-                             stage_status(duration / baseline if baseline > 0 else 0.0))
-                grades[grade_key] = grades.get(grade_key, 0) + 1
+            stage, duration = item["stage"], item["duration"]
+            counts = stages.get(stage)
+            if counts is None:
+                counts = stages[stage] = _StageCounts()
+            if item["status"] == "completed":  # nearly every entry: no lookup by outcome
+                histogram = counts.completed
+                if histogram is None:
+                    histogram = self._stage_histogram(run.definition_name, stage,
+                                                      "completed")
+                # stage_status(): fast under 0.8 of the baseline, slow over 1.2, and fast
+                # without a baseline.
+                baseline = item.get("baseline")
+                ratio = duration / baseline if baseline and baseline > 0 else 0.0
+                counts.grades[0 if ratio < _FAST else 2 if ratio > _SLOW else 1] += 1
+            else:
+                histogram = counts.histograms.get(item["status"])
+                if histogram is None:
+                    histogram = self._stage_histogram(run.definition_name, stage,
+                                                      item["status"])
+            histogram.counts[bisect_left(bounds, duration)] += 1
+            histogram.sum += duration
         entry[2] = len(history)
+
+    def _stage_histogram(self, definition: str, stage: str, status: str) -> Histogram:
+        """The duration histogram of ``stage``'s attempts that ended ``status``."""
+        counts = self._stages.setdefault(definition, {}).setdefault(stage, _StageCounts())
+        histogram = counts.histograms.get(status)
+        if histogram is None:
+            histogram = counts.histograms[status] = Histogram(DURATION_BUCKETS)
+            self.stage_seconds[(definition, stage, status)] = histogram
+            if status == "completed":
+                counts.completed = histogram
+        return histogram
+
+    @property
+    def grades(self) -> dict[tuple[str, str, str], int]:
+        """``(definition, stage, grade) -> count`` of completed stages graded against their
+        baseline (fast, normal, slow)."""
+        found = {}
+        for definition, stages in list(self._stages.items()):
+            for stage, counts in list(stages.items()):
+                for name, count in zip(_GRADE_NAMES, counts.grades, strict=True):
+                    if count:
+                        found[(definition, stage, name)] = count
+        return found
 
     def fold_running(self) -> None:
         """Count the stages running workflows have finished so far (before reading)."""
@@ -218,11 +273,9 @@ class Telemetry:
         self.retries[key] = self.retries.get(key, 0) + 1
         began, failed = error.get("started_at"), error.get("at")
         if isinstance(began, (int, float)) and isinstance(failed, (int, float)):
-            histogram_key = (definition, stage, "retried")
-            histogram = self.stage_seconds.get(histogram_key)
-            if histogram is None:
-                histogram = self.stage_seconds[histogram_key] = Histogram(DURATION_BUCKETS)
-            histogram.observe(max(0.0, failed - began))
+            with self._fold_lock:
+                self._stage_histogram(definition, stage, "retried").observe(
+                    max(0.0, failed - began))
         now = self._now()
         delay = float(data.get("delay") or 0.0)
         self._waiting[run.workflow_id] = {
