@@ -143,10 +143,10 @@ async def observed(runtime: Runtime, args: argparse.Namespace,
     """For a command that runs workflows (``run``, ``batch``, ``resume``, ``worker``):
     count its events (``Telemetry``), publish its live view for the dashboard, and serve
     Prometheus metrics when ``--metrics-port`` was given (the server is yielded)."""
-    from ._observe import RuntimeFile, Telemetry, runtime_directory
+    from ._observe import Telemetry, live_publisher
 
     telemetry = Telemetry().attach(runtime)
-    published = RuntimeFile(telemetry, runtime_directory(runtime))
+    published = live_publisher(telemetry, runtime)
     published.start(runtime)
     server = None
     try:
@@ -332,7 +332,9 @@ def _cluster_commands(add: Callable[..., argparse.ArgumentParser],
                            "until stopped; Ctrl-C or SIGTERM gives their claims back",
                  _examples("worker --store postgresql://db/wf --concurrency 16",
                            "worker --queue nightly --exit-when-idle",
-                           "worker --processes 4"), [common, runner])
+                           "worker --processes 4",
+                           "worker --store postgresql://db/wf --metrics-port 9464"),
+                 [common, runner, metrics_options()])
     worker.add_argument("--concurrency", type=int, metavar="N",
                         help="workflows running at once (default: configuration's concurrency)")
     worker.add_argument("--queue", default="default", metavar="NAME",
@@ -1050,8 +1052,10 @@ async def _cmd_worker(args: argparse.Namespace, config: WorkflowConfiguration,
     if processes > 1:
         count, interrupted = await _workers_in_processes(args, config, root, processes)
     else:
+        # Observed: the dashboard on any host shows what it runs (its live view goes to
+        # the shared store), and --metrics-port serves its metrics.
         async with _runtime(config, root, console_level=_console_level(config, args),
-                            handle_signals=True) as runtime:
+                            handle_signals=True) as runtime, observed(runtime, args):
             count = await runtime.serve(concurrency=config.concurrency, queue=args.queue,
                                         exit_when_idle=args.exit_when_idle)
             interrupted = runtime.shutting_down
@@ -1071,7 +1075,8 @@ async def _workers_in_processes(args: argparse.Namespace, config: WorkflowConfig
     mode = "serve" if config.store_url else "run"
     specs = [ChildSpec(mode, index, str(root), config, config.concurrency,
                        _console_level(config, args), queue=args.queue,
-                       exit_when_idle=args.exit_when_idle)
+                       exit_when_idle=args.exit_when_idle, metrics_host=args.metrics_host,
+                       metrics_port=_nth_port(args.metrics_port, index))
              for index in range(processes)]
     family = Family(specs, keep_rows=False)
     family.install_signals()
@@ -1106,13 +1111,22 @@ async def _cmd_migrate(args: argparse.Namespace, config: WorkflowConfiguration,
     return EXIT_OK
 
 
+def _require_dashboard_extra(what: str, *modules: str) -> None:
+    """Refuse ``what`` in one line when the ``[dashboard]`` extra's ``modules`` are missing
+    (the dashboard's own modules import them only once used, so an import says nothing)."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigurationError(f"{what} needs the dashboard extra (missing: "
+                                 f"{', '.join(missing)}); install 'workflow-manager[dashboard]'")
+
+
 async def _cmd_dashboard(args: argparse.Namespace, config: WorkflowConfiguration,
                          root: Path) -> int:
-    try:
-        from ._dashboard import create_app, start_server
-    except ImportError as error:
-        raise ConfigurationError(f"the dashboard needs its extra ({error}); install "
-                                 "'workflow-manager[dashboard]'") from None
+    _require_dashboard_extra("the dashboard", "starlette", "uvicorn", "jinja2")
+    from ._dashboard import create_app, start_server
+
     token = os.environ.get("WORKFLOW_DASHBOARD_TOKEN") or None
     hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1", "[::1]")
     if args.host not in hosts:
@@ -1138,11 +1152,9 @@ async def _cmd_dashboard(args: argparse.Namespace, config: WorkflowConfiguration
 
 async def _cmd_report(args: argparse.Namespace, config: WorkflowConfiguration,
                       root: Path) -> int:
-    try:
-        from ._dashboard import render_report
-    except ImportError as error:
-        raise ConfigurationError(f"the HTML report needs the dashboard extra ({error}); "
-                                 "install 'workflow-manager[dashboard]'") from None
+    _require_dashboard_extra("the HTML report", "jinja2")
+    from ._dashboard import render_report
+
     path = Path(args.report_file)
     try:
         report = json.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))

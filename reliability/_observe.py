@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._analytics import stage_status
 from ._health import HealthStatus, parse_status
 
 if TYPE_CHECKING:
@@ -33,8 +32,8 @@ if TYPE_CHECKING:
     from ._state import WorkflowRun
 
 __all__ = ["DURATION_BUCKETS", "LAG_BUCKETS", "LIVE_LIMIT", "SAVE_BUCKETS", "WORKFLOW_EVENTS",
-           "Histogram", "RuntimeFile", "SaveSampler", "Telemetry", "health_level",
-           "runtime_directory"]
+           "Histogram", "LivePublisher", "RuntimeFile", "SaveSampler", "Telemetry",
+           "health_level", "live_publisher", "runtime_directory"]
 
 # Seconds. Stages run from milliseconds (tests, no-op stages) to hours (agents).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -92,6 +91,21 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
+_FAST, _SLOW = 0.8, 1.2  # as _analytics.stage_status grades a stage against its baseline
+_GRADE_NAMES = ("fast", "normal", "slow")
+
+
+class _StageCounts:
+    """One stage's duration histograms by outcome and its completed attempts' grades."""
+
+    __slots__ = ("completed", "grades", "histograms")
+
+    def __init__(self) -> None:
+        self.histograms: dict[str, Histogram] = {}
+        self.completed: Histogram | None = None  # histograms["completed"], looked up once
+        self.grades = [0, 0, 0]  # fast, normal, slow
+
+
 class Telemetry:
     """Counters of one runtime's workflows, stages, breakers, checkpoints and loop.
 
@@ -114,7 +128,9 @@ class Telemetry:
         self.stage_seconds: dict[tuple[str, str, str], Histogram] = {}
         self.retries: dict[tuple[str, str, str], int] = {}
         self.watchdog: dict[tuple[str, str, str], int] = {}
-        self.grades: dict[tuple[str, str, str], int] = {}
+        # Per definition, per stage: its histograms by outcome and its grade counts (the
+        # same histograms as stage_seconds), so folding a history entry builds no key.
+        self._stages: dict[str, dict[str, _StageCounts]] = {}
         self.breaker_states: dict[str, str] = {}
         self.breaker_transitions: deque[dict[str, Any]] = deque(maxlen=_RECENT)
         self.dependency_calls: dict[tuple[str, str], int] = {}
@@ -181,27 +197,66 @@ class Telemetry:
             histogram.observe(self._monotonic() - entry[1])
 
     def _fold(self, entry: list[Any]) -> None:
-        """Count the stage history entries of ``entry``'s run not counted yet."""
+        """Count the stage history entries of ``entry``'s run not counted yet.
+
+        Every stage of every workflow passes here once, so this loop is what metrics cost
+        per stage (benchmarks.metrics_cost counts it): no key tuple, method call or
+        function call per entry but ``bisect``; a workflow's stages find their counters
+        in one dict per definition."""
         run, _, done = entry
         history = run.stage_history
         if len(history) <= done:
             return
-        definition = run.definition_name
-        stage_seconds, grades = self.stage_seconds, self.grades
+        stages = self._stages.get(run.definition_name)
+        if stages is None:
+            stages = self._stages[run.definition_name] = {}
+        bounds, bisect_left = DURATION_BUCKETS, bisect.bisect_left
         for item in history[done:]:
-            stage, status = item["stage"], item["status"]
-            duration = float(item["duration"])
-            key = (definition, stage, status)
-            histogram = stage_seconds.get(key)
-            if histogram is None:
-                histogram = stage_seconds[key] = Histogram(DURATION_BUCKETS)
-            histogram.observe(duration)
-            if status == "completed":
-                baseline = float(item.get("baseline") or 0.0)
-                grade_key = (definition, stage,
-                             stage_status(duration / baseline if baseline > 0 else 0.0))
-                grades[grade_key] = grades.get(grade_key, 0) + 1
+            stage, duration = item["stage"], item["duration"]
+            counts = stages.get(stage)
+            if counts is None:
+                counts = stages[stage] = _StageCounts()
+            if item["status"] == "completed":  # nearly every entry: no lookup by outcome
+                histogram = counts.completed
+                if histogram is None:
+                    histogram = self._stage_histogram(run.definition_name, stage,
+                                                      "completed")
+                # stage_status(): fast under 0.8 of the baseline, slow over 1.2, and fast
+                # without a baseline.
+                baseline = item.get("baseline")
+                ratio = duration / baseline if baseline and baseline > 0 else 0.0
+                counts.grades[0 if ratio < _FAST else 2 if ratio > _SLOW else 1] += 1
+            else:
+                histogram = counts.histograms.get(item["status"])
+                if histogram is None:
+                    histogram = self._stage_histogram(run.definition_name, stage,
+                                                      item["status"])
+            histogram.counts[bisect_left(bounds, duration)] += 1
+            histogram.sum += duration
         entry[2] = len(history)
+
+    def _stage_histogram(self, definition: str, stage: str, status: str) -> Histogram:
+        """The duration histogram of ``stage``'s attempts that ended ``status``."""
+        counts = self._stages.setdefault(definition, {}).setdefault(stage, _StageCounts())
+        histogram = counts.histograms.get(status)
+        if histogram is None:
+            histogram = counts.histograms[status] = Histogram(DURATION_BUCKETS)
+            self.stage_seconds[(definition, stage, status)] = histogram
+            if status == "completed":
+                counts.completed = histogram
+        return histogram
+
+    @property
+    def grades(self) -> dict[tuple[str, str, str], int]:
+        """``(definition, stage, grade) -> count`` of completed stages graded against their
+        baseline (fast, normal, slow)."""
+        found = {}
+        for definition, stages in list(self._stages.items()):
+            for stage, counts in list(stages.items()):
+                for name, count in zip(_GRADE_NAMES, counts.grades, strict=True):
+                    if count:
+                        found[(definition, stage, name)] = count
+        return found
 
     def fold_running(self) -> None:
         """Count the stages running workflows have finished so far (before reading)."""
@@ -218,11 +273,9 @@ class Telemetry:
         self.retries[key] = self.retries.get(key, 0) + 1
         began, failed = error.get("started_at"), error.get("at")
         if isinstance(began, (int, float)) and isinstance(failed, (int, float)):
-            histogram_key = (definition, stage, "retried")
-            histogram = self.stage_seconds.get(histogram_key)
-            if histogram is None:
-                histogram = self.stage_seconds[histogram_key] = Histogram(DURATION_BUCKETS)
-            histogram.observe(max(0.0, failed - began))
+            with self._fold_lock:
+                self._stage_histogram(definition, stage, "retried").observe(
+                    max(0.0, failed - began))
         now = self._now()
         delay = float(data.get("delay") or 0.0)
         self._waiting[run.workflow_id] = {
@@ -418,32 +471,38 @@ class SaveSampler:
             self._timer.cancel()
 
 
-class RuntimeFile:
-    """Publishes a runtime's ``Telemetry.snapshot()`` to ``DIR/runtime-PID.json`` about once
-    a second, and at once when a breaker changes state, so a dashboard in another process
-    shows breakers, health and live stages.
+class LivePublisher:
+    """Publishes a runtime's ``Telemetry.snapshot()`` about once a second, and at once when a
+    breaker changes state, so a dashboard in another process (or on another host) shows
+    breakers, health and live stages.
 
-    Written from a thread (atomic rename, mode 0600); the loop only builds the snapshot.
-    When the runtime closes, a last snapshot marked ``stopped`` stays: the dashboard shows
-    how the process left its breakers. Files of processes gone for a day are removed when
-    the next one starts.
+    The loop only samples and builds the snapshot; where it goes is a subclass's
+    ``_put``: a file beside the states (``RuntimeFile``), or a row of the PostgreSQL store
+    (``reliability._postgres._live.DatabaseLiveView``). One write per period however many
+    stages ran meanwhile: the hot path never waits for it. When the runtime closes, a last
+    snapshot marked ``stopped`` stays: the dashboard shows how the process left its
+    breakers.
     """
 
-    def __init__(self, telemetry: Telemetry, directory: Path, *, period: float = 1.0) -> None:
+    def __init__(self, telemetry: Telemetry, *, period: float = 1.0) -> None:
         self._telemetry = telemetry
-        self.path = directory / f"runtime-{os.getpid()}.json"
         self._period = period
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._sampler: Any = None
+        self.published = 0  # snapshots put (tests count them against the stages run)
 
     def start(self, runtime: Runtime) -> None:
         from ._health import HealthSampler
 
         self._sampler = HealthSampler(runtime.project_root, runtime.clock, min_interval=0.0)
-        self._telemetry.on_change = self._wake.set
+        self._telemetry.on_change = self.wake
         self._task = asyncio.get_running_loop().create_task(self._publish(runtime),
-                                                            name="runtime-file")
+                                                            name="live-view")
+
+    def wake(self) -> None:
+        """Publish now instead of at the period's end (a breaker moved)."""
+        self._wake.set()
 
     async def stop(self) -> None:
         self._telemetry.on_change = None
@@ -456,7 +515,7 @@ class RuntimeFile:
         await self._write(stopped=True)
 
     async def _publish(self, runtime: Runtime) -> None:
-        await asyncio.to_thread(_remove_stale, self.path.parent)
+        await self._prepare()
         while True:
             sample = await asyncio.to_thread(self._sampler.sample)
             self._telemetry.sample_resources(sample.cpu, sample.memory, sample.disk,
@@ -470,16 +529,67 @@ class RuntimeFile:
     async def _write(self, *, stopped: bool = False) -> None:
         import orjson
 
-        watched = [] if stopped else await asyncio.to_thread(_watched,
-                                                             self.path.parent / "watch")
+        watched = [] if stopped else await self._watched()
         snapshot = self._telemetry.snapshot(watched=watched)
         if stopped:
             snapshot["stopped"] = True
             snapshot["workflows"] = {}
+        self._describe(snapshot)
         document = orjson.dumps(snapshot, default=str, option=orjson.OPT_NON_STR_KEYS)
+        await self._put(document, stopped=stopped)
+        self.published += 1
+
+    # What a subclass provides.
+
+    async def _prepare(self) -> None:
+        """Before the first snapshot (remove what processes long gone left)."""
+
+    async def _watched(self) -> list[str]:
+        """Workflows a dashboard asked to see whole (their records go in the snapshot)."""
+        return []
+
+    def _describe(self, snapshot: dict[str, Any]) -> None:
+        """Add what names this process where the view is read (host, worker)."""
+
+    async def _put(self, document: bytes, *, stopped: bool) -> None:
+        raise NotImplementedError
+
+
+class RuntimeFile(LivePublisher):
+    """The live view as ``DIR/runtime-PID.json``, for a dashboard on the same host.
+
+    Written from a thread (atomic rename, mode 0600). Files of processes gone for a day are
+    removed when the next one starts.
+    """
+
+    def __init__(self, telemetry: Telemetry, directory: Path, *, period: float = 1.0) -> None:
+        super().__init__(telemetry, period=period)
+        self.path = directory / f"runtime-{os.getpid()}.json"
+
+    async def _prepare(self) -> None:
+        await asyncio.to_thread(_remove_stale, self.path.parent)
+
+    async def _watched(self) -> list[str]:
+        return await asyncio.to_thread(_watched, self.path.parent / "watch")
+
+    async def _put(self, document: bytes, *, stopped: bool) -> None:
         # A failed write: the dashboard shows the runtime as gone; the workflows go on.
         with contextlib.suppress(OSError):
             await asyncio.to_thread(_write_atomically, self.path, document)
+
+
+def live_publisher(telemetry: Telemetry, runtime: Runtime, *,
+                   period: float = 1.0) -> LivePublisher:
+    """Where ``runtime`` publishes its live view: a row of its PostgreSQL store (a dashboard
+    on any host reads every worker's), else a file beside the states."""
+    from ._cluster import postgres
+
+    store = postgres(runtime.store)
+    if store is not None:
+        from ._postgres._live import DatabaseLiveView
+
+        return DatabaseLiveView(telemetry, store, period=period)
+    return RuntimeFile(telemetry, runtime_directory(runtime), period=period)
 
 
 STALE_SECONDS = 86_400.0

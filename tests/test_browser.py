@@ -10,6 +10,7 @@ page state (Playwright's ``expect``) or a process; none depends on timing margin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -320,3 +321,97 @@ def test_actions_are_refused_without_the_token(
     shot(page, "action-refused")
     page.goto(f"{guarded.url}api/workflows/{workflow_id}")
     assert json.loads(page.locator("body").inner_text())["status"] == "interrupted"
+
+
+@pytest.fixture
+def shared_store(postgres_server: Any) -> Iterator[str]:
+    """A fresh database on the session's PostgreSQL server, made and dropped from a thread:
+    Playwright's event loop runs on this one (``postgres_url`` cannot run here)."""
+    import secrets
+    from concurrent.futures import ThreadPoolExecutor
+
+    asyncpg = pytest.importorskip("asyncpg")
+    base = postgres_server if isinstance(postgres_server, str) else postgres_server.url
+    name = f"test_{secrets.token_hex(6)}"  # made here: safe in a statement
+
+    async def admin(statement: str) -> None:
+        connection = await asyncpg.connect(base)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    def run(statement: str) -> None:
+        with ThreadPoolExecutor(1) as thread:
+            thread.submit(asyncio.run, admin(statement)).result()
+
+    run(f"CREATE DATABASE {name}")
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def start_worker(root: Path, url: str) -> subprocess.Popen[str]:
+    """A worker of the shared store running two workflows at once (lease 1.5 s)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "reliability", "worker", "--processes", "1", "--store", url,
+         "--project-root",
+         str(root), "--config", str(root / "config.json"), "--concurrency", "2",
+         "--exit-when-idle", "--log-level", "WARNING"],
+        env=environment(WORKFLOW_LEASE_SECONDS="1.5"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, cwd=root)
+
+
+def test_workers_on_the_shared_store_show_their_running_workflows(
+        page: Page, project: Path, shared_store: str, dashboards: list[Dashboard]) -> None:
+    """Two worker processes on PostgreSQL, two workflows each in their middle stage: the
+    dashboard (reading only the database) lists all four running in that stage, each
+    row naming its worker, and /health shows both processes with their host; the one
+    SIGKILLed is shown gone and its rows no longer name it."""
+    import socket
+
+    postgres_url = shared_store
+    subprocess.run(
+        [sys.executable, "-m", "reliability", "submit", "--definition",
+         "dashboard_workflows:LIVE", "--count", "4", "--store", postgres_url,
+         "--project-root", str(project), "--json"],
+        env=environment(), cwd=project, check=True, capture_output=True)
+    workers = [start_worker(project, postgres_url) for _ in range(2)]
+    try:
+        dashboard = Dashboard(project, "--store", postgres_url)
+        dashboards.append(dashboard)
+        page.goto(dashboard.url)
+        rows = page.locator("#workflows tbody tr")
+        expect(rows).to_have_count(4, timeout=WAIT_MS)
+        host = socket.gethostname()
+        for process in workers:
+            named = page.locator(f"#workflows tbody tr .worker:text-is('{host} pid "
+                                 f"{process.pid}')")
+            expect(named).to_have_count(2, timeout=WAIT_MS)
+        for index in range(4):
+            expect(rows.nth(index).locator(".stage")).to_have_text("wait", timeout=WAIT_MS)
+            expect(rows.nth(index).locator(".status")).to_have_text("running")
+        shot(page, "workers-running")
+        page.goto(dashboard.url + "health")
+        for process in workers:
+            expect(page.locator("#health-body")).to_contain_text(
+                f"Process {process.pid} on {host}", timeout=WAIT_MS)
+        victim = workers[0]
+        victim.kill()
+        victim.communicate()
+        gone = page.locator("section.runtime.gone h2")
+        expect(gone).to_contain_text(f"Process {victim.pid}", timeout=WAIT_MS)
+        shot(page, "workers-one-killed")
+        page.goto(dashboard.url)
+        expect(page.locator(f"#workflows tbody tr .worker:text-is('{host} pid {victim.pid}')"
+                            )).to_have_count(0, timeout=WAIT_MS)
+        (project / "release").write_text("go")
+        expect(page.locator("#counts")).to_contain_text("completed 4", timeout=WAIT_MS)
+        _, err = workers[1].communicate(timeout=240)
+        assert workers[1].returncode == 0, err
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()

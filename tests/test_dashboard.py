@@ -255,3 +255,24 @@ def test_report_html_is_one_self_contained_file_with_timelines(tmp_path: Path) -
     assert "<style>" in html and ".timeline" in html
     assert "<script" not in html and 'src="' not in html and "stylesheet" not in html
     assert "a&lt;i&gt;.md" in html and "a<i>.md" not in html
+
+
+def test_dashboard_and_report_refuse_in_one_line_without_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without the [dashboard] extra's packages both commands exit 2 naming what is missing
+    and the extra to install, and start nothing."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("jinja2", "uvicorn") else real(name, *a))
+    report = tmp_path / "run.json"
+    report.write_text('{"workflows": []}')
+    assert main(["dashboard", "--project-root", str(tmp_path)]) == 2
+    assert main(["report", str(report), "--html", "--project-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the dashboard needs the dashboard extra (missing: uvicorn, jinja2)" in err
+    assert "the HTML report needs the dashboard extra (missing: jinja2)" in err
+    assert err.count("workflow-manager[dashboard]") == 2
+    assert not (tmp_path / "run.html").exists()

@@ -252,15 +252,18 @@ async def test_metrics_are_served_over_http(tmp_path: Path) -> None:
     assert re.search(r'^workflow_manager_build_info\{version="[^"]+"\} 1\.0$', body, re.M)
 
 
-def test_run_and_batch_take_the_metrics_options() -> None:
-    """--metrics-port/--metrics-host parse on run and batch; the host defaults to loopback."""
+def test_run_batch_and_worker_take_the_metrics_options() -> None:
+    """--metrics-port/--metrics-host parse on run, batch and worker; the host defaults to
+    loopback."""
     from reliability._cli import build_parser
 
     parser = build_parser()
     run = parser.parse_args(["run", "p.md", "--metrics-port", "9464"])
     batch = parser.parse_args(["batch", "d", "--metrics-port", "0", "--metrics-host", "::"])
+    worker = parser.parse_args(["worker", "--metrics-port", "9465"])
     assert (run.metrics_port, run.metrics_host) == (9464, "127.0.0.1")
     assert (batch.metrics_port, batch.metrics_host) == (0, "::")
+    assert (worker.metrics_port, worker.metrics_host) == (9465, "127.0.0.1")
     with pytest.raises(SystemExit):
         parser.parse_args(["list", "--metrics-port", "1"])
 

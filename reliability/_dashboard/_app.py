@@ -389,7 +389,10 @@ class _StoreCollector:
                                     "Stored workflows, by status.", labels=["workflow", "state"])
         counts: dict[tuple[str, str], int] = {}
         for row in list(self._source.rows.values()):
-            key = (str(row.get("definition")), str(row.get("status")))
+            # Labelled by the definition's name, as the runtimes' own metrics are: one
+            # definition is one label value wherever it is scraped.
+            key = (str(row.get("definition_name") or row.get("definition")),
+                   str(row.get("status")))
             counts[key] = counts.get(key, 0) + 1
         for (workflow, state), count in sorted(counts.items()):
             current.add_metric([workflow, state], count)

@@ -1,10 +1,11 @@
-"""What the dashboard shows, read from the store and the runtimes' live files.
+"""What the dashboard shows, read from the store and the running processes' live views.
 
-``DashboardSource`` polls the store's workflow list (``Runtime.list_workflows``) and the
-runtime files that running processes publish (``_observe.RuntimeFile``), and turns each
-change into a numbered event. Server-sent event streams replay from any number still in
-the buffer, so a browser that reconnects (``Last-Event-ID``) misses nothing; one that was
-away longer is told to reload.
+``DashboardSource`` polls the store's workflows and the live views running processes
+publish (``_observe.LivePublisher``): files beside the states with the file store, the
+rows of every worker on any host with the PostgreSQL store (``_postgres._live``), and
+turns each change into a numbered event. Server-sent event streams replay from any number
+still in the buffer, so a browser that reconnects (``Last-Event-ID``) misses nothing; one
+that was away longer is told to reload.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._cluster import postgres
 from .._diagnostics import redact
 from .._observe import runtime_directory
+from .._runtime import workflow_row
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -30,7 +33,7 @@ __all__ = ["BUFFERED_EVENTS", "DashboardSource", "Event", "runtime_directory"]
 BUFFERED_EVENTS = 20_000
 ENDED_SHOWN = 3  # processes that ended, kept on /health with how they left their breakers
 KEEP_ALIVE = 15.0  # seconds between comments on an idle stream
-_KEY_FIELDS = ("status", "current_stage", "updated_at", "error")
+_KEY_FIELDS = ("status", "current_stage", "updated_at", "error", "worker")
 
 
 class Event:
@@ -87,9 +90,14 @@ class DashboardSource:
             await asyncio.sleep(max(self.poll_interval, 2 * (time.monotonic() - began)))
 
     async def poll(self) -> None:
-        stored = {str(r["workflow_id"]): r for r in await self.runtime.list_workflows()}
-        runtimes = await asyncio.to_thread(_read_runtime_files,
-                                           runtime_directory(self.runtime))
+        stored = {}
+        for loaded in await self.runtime.store.list_states():
+            state = loaded.state
+            row = workflow_row(state)
+            # The metrics' label for the definition: its name, as the runtimes count it.
+            row["definition_name"] = state.get("definition_name") or row["definition"]
+            stored[str(row["workflow_id"])] = row
+        runtimes = await self._read_views()
         rows = {workflow_id: redact(row, self._secrets)
                 for workflow_id, row in _merge(stored, runtimes).items()}
         events: list[tuple[str, Any]] = []
@@ -112,6 +120,16 @@ class DashboardSource:
                     self.sequence += 1
                     self._events.append(Event(self.sequence, kind, data))
                 self._changed.notify_all()
+
+    async def _read_views(self) -> dict[str, dict[str, Any]]:
+        """The live views of the processes running workflows: every worker's row of a
+        PostgreSQL store (on any host), else the runtime files beside the states."""
+        store = postgres(self.runtime.store)
+        if store is not None:
+            from .._postgres._live import read_live_views
+
+            return await read_live_views(store, self.runtimes)
+        return await asyncio.to_thread(_read_runtime_files, runtime_directory(self.runtime))
 
     # ------------------------------------------------------------------ reading
 
@@ -141,9 +159,11 @@ class DashboardSource:
     def live(self, workflow_id: str) -> dict[str, Any] | None:
         """The live view of a workflow a running process publishes, if one does."""
         for view in self.runtimes.values():
+            if not view.get("alive"):
+                continue  # ended or killed: what it ran is another's, or stored, now
             found = (view.get("workflows") or {}).get(workflow_id)
             if found is not None:
-                return {**found, "pid": view.get("pid")}
+                return {**found, "pid": view.get("pid"), "worker": _worker(view)}
         return None
 
     def live_state(self, workflow_id: str) -> dict[str, Any] | None:
@@ -158,7 +178,10 @@ class DashboardSource:
 
     async def watch(self, workflow_id: str) -> None:
         """Ask the processes running ``workflow_id`` to publish its whole record (for a
-        minute): a file named by the ID, whose time they read."""
+        minute): a file named by the ID, whose time they read. Workers of a PostgreSQL
+        store need no asking: the database has each workflow's newest committed record."""
+        if postgres(self.runtime.store) is not None:
+            return
         path = runtime_directory(self.runtime) / "watch" / workflow_id
 
         def touch() -> None:
@@ -230,8 +253,17 @@ def _merge(stored: dict[str, dict[str, Any]],
                 "workflow_id": workflow_id, "status": "running",
                 "current_stage": live.get("stage"), "definition": live.get("definition"),
                 "prompt_file": live.get("prompt_file"), "created_at": live.get("created_at"),
-                "updated_at": live.get("updated_at"), "error": None}
+                "updated_at": live.get("updated_at"), "error": None,
+                "definition_name": live.get("definition_name") or live.get("definition"),
+                "worker": _worker(view)}
     return rows
+
+
+def _worker(view: Mapping[str, Any]) -> str:
+    """Which process runs a live view's workflows, as people read it: the host too when
+    the view came from a worker of the shared store (any host)."""
+    host = view.get("host")
+    return f"{host} pid {view.get('pid')}" if host else f"pid {view.get('pid')}"
 
 
 def _health_view(runtimes: Mapping[str, Mapping[str, Any]]) -> Any:

@@ -29,7 +29,7 @@
     a.textContent = row.workflow_id; id.appendChild(a); tr.appendChild(id);
     const status = document.createElement("td"); status.className = "status";
     const pill = document.createElement("span"); status.appendChild(pill); tr.appendChild(status);
-    ["stage", "definition", "prompt", "updated", "error"].forEach((c) => tr.appendChild(cell(c, "")));
+    ["stage", "worker", "definition", "prompt", "updated", "error"].forEach((c) => tr.appendChild(cell(c, "")));
     return tr;
   }
   function fill(tr, row) {
@@ -38,6 +38,7 @@
     const pill = tr.querySelector(".status span");
     pill.className = "pill st-" + row.status; pill.textContent = row.status;
     tr.querySelector(".stage").textContent = row.current_stage || "-";
+    tr.querySelector(".worker").textContent = row.worker || "";
     tr.querySelector(".definition").textContent = row.definition || "-";
     tr.querySelector(".prompt").textContent = row.prompt_file || "-";
     tr.querySelector(".updated").textContent = when(row.updated_at);
