@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ._clock import TimerHandle
 from ._context import DefinitionLike, RecoveryAction, StageContext, StageSpecLike
 from ._errors import ErrorCategory, FencedError, StageTimeoutError, classify
-from ._logging import logger, redact_secrets, workflow_id_var
+from ._logging import log_soon, logger, redact_secrets, workflow_id_var
 from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, backoff_delays, next_delay
 from ._state import COMPLETED, PENDING, TERMINAL, WAITING, WorkflowRun
@@ -427,8 +427,9 @@ class Engine:
         run.completed_stages.append(spec.name)
         duration = self._record_stage(run, spec, started, attempt, "completed")
         if self._log_info:
-            logger.info("Stage transition: %s -> %s (duration: %.1fs)", spec.name,
-                        self.definition.next_state(run.state), duration)
+            # The record is built and formatted by the logging thread, not here.
+            log_soon(logging.INFO, "Stage transition: %s -> %s (duration: %.1fs)", spec.name,
+                     self.definition.next_state(run.state), duration)
 
     def _record_stage(self, run: WorkflowRun, spec: StageSpecLike, started: float,
                       attempt: int, status: str) -> float:
@@ -654,7 +655,9 @@ class Engine:
         return live.log
 
     def _log(self, level: str, message: str, *args: Any) -> None:
-        if level == "info" and not self._log_info:
+        if level == "info":
+            if self._log_info:
+                log_soon(logging.INFO, message, *args)
             return
         getattr(logger, level)(message, *args)
 
