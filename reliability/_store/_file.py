@@ -26,6 +26,7 @@ from typing import Any
 from .._errors import WorkflowLockedError
 from .._ids import validate_workflow_id
 from .._logging import logger
+from .._state import WorkflowRun
 from . import _waits
 from ._claims import ClaimLocks, claim_locks
 from ._layout import JOURNAL_DIRECTORY, checkpoint_name, storage_error
@@ -79,6 +80,20 @@ class _FileClaim:
 
 _SYNCFS = load_syncfs()
 
+
+
+_TO_STATE = WorkflowRun.to_state
+
+
+def _encode(snapshot: Snapshot) -> bytes:
+    """``canonical(snapshot())``. A workflow's own snapshot (the engine hands over
+    ``run.to_state``) is taken with its monitoring lists already encoded, entry by entry
+    once in the workflow's life (``WorkflowRun.to_state(encoded=True)``): the same bytes,
+    without re-encoding every earlier stage at every save."""
+    run = getattr(snapshot, "__self__", None)
+    if getattr(snapshot, "__func__", None) is _TO_STATE and isinstance(run, WorkflowRun):
+        return canonical(run.to_state(encoded=True))
+    return canonical(snapshot())
 
 @dataclass(slots=True)
 class _Batch:
@@ -321,7 +336,7 @@ class FileStore:
         # Encoded now: the cost is spread over the loop's iterations instead of one burst
         # at send time, and the state cannot move on before it is written. Canonical JSON
         # only: the writer process adds the checksum (wrap_document).
-        self._queue(workflow_id, canonical(snapshot()), checkpoint_stage)
+        self._queue(workflow_id, _encode(snapshot), checkpoint_stage)
         # A future of its own: cancelling one waiter never disturbs the others in the batch.
         assert self._loop is not None
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -410,7 +425,7 @@ class FileStore:
         items = []
         for workflow_id, (document, stages) in batch.writes.items():
             if not isinstance(document, bytes):
-                document = canonical(document())
+                document = _encode(document)
             state_path, checkpoints = self._file_paths_of(workflow_id, stages)
             items.append((workflow_id, document, state_path, checkpoints))
             if "final" in stages:
