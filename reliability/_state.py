@@ -9,6 +9,7 @@ Resume re-runs the first stage not in it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,7 +96,7 @@ class WorkflowRun:
         self.signals_consumed: dict[str, int] = {}
         # The canonical JSON of each monitoring entry already encoded, by list (see
         # ``to_state(encoded=True)``); made at the first such snapshot.
-        self._encoded: dict[str, list[tuple[object, bytes]]] | None = None
+        self._encoded: dict[str, tuple[list[object], list[bytes]]] | None = None
 
     def record_health_check(self, check: dict[str, Any]) -> None:
         self.health_checks.append(check)
@@ -182,22 +183,25 @@ class WorkflowRun:
             caches = self._encoded = {}
         cached = caches.get(name)
         if cached is None:
-            cached = caches[name] = []
-        # Where the list's first entry sits in the cache (the start of a sliding window);
-        # past it, entries must follow in the same order, else everything is encoded anew.
-        first, start = entries[0], len(cached)
-        for index, (entry, _) in enumerate(cached):
-            if entry is first:
-                start = index
-                break
-        kept = cached[start:]
-        if len(kept) > len(entries) or any(
-                entry is not entries[i] for i, (entry, _) in enumerate(kept)):
-            kept = []
-        for entry in entries[len(kept):]:
-            kept.append((entry, _canonical_entry(entry)))
-        caches[name] = kept
-        return orjson.Fragment(b"[" + b",".join([data for _, data in kept]) + b"]")
+            objects: list[object] = []
+            parts: list[bytes] = []
+        else:
+            objects, parts = cached
+            # Where the list's first entry sits in the cache (the start of a sliding
+            # window: 0 or 1 as a rule); from there the cached entries must be the list's
+            # first ones, in order, else everything is encoded anew.
+            first, start = entries[0], 0
+            while start < len(objects) and objects[start] is not first:
+                start += 1
+            if start:
+                del objects[:start], parts[:start]
+            if len(objects) > len(entries) or not all(map(operator.is_, objects, entries)):
+                objects, parts = [], []
+        for entry in entries[len(objects):]:
+            objects.append(entry)
+            parts.append(_canonical_entry(entry))
+        caches[name] = (objects, parts)
+        return orjson.Fragment(b"[" + b",".join(parts) + b"]")
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> WorkflowRun:
