@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from ._clock import Clock, TimerHandle
+from ._clock import Clock, SystemClock, TimerHandle
 from ._context import DefinitionLike, RecoveryAction, StageContext, StageSpecLike
 from ._errors import ErrorCategory, FencedError, StageTimeoutError, classify
 from ._logging import log_soon, logger, redact_secrets, workflow_id_var
@@ -152,7 +152,8 @@ class Engine:
             if config.enable_health_checks and getattr(s, "health_check", False))
         self._actions: dict[str, RecoveryAction] = {**BUILTIN_ACTIONS,
                                                     **definition.recovery_actions}
-        self._watchdogs = _Watchdogs(self._clock, self._on_timer)
+        self._watchdogs = _Watchdogs(self._clock, self._on_timer,
+                                     keep_idle_timer=isinstance(self._clock, SystemClock))
         # A store with leases (PostgreSQL): no stage starts while the lease may be lost.
         self._leased = isinstance(getattr(type(self._store), "lease_valid", None), property)
 
@@ -670,11 +671,14 @@ class _Watchdogs:
     its exact due time, as its own timer would have: timeouts keep their precision.
     """
 
-    __slots__ = ("_callback", "_clock", "_heap", "_sequence", "_stale", "_timer", "_timer_due")
+    __slots__ = ("_callback", "_clock", "_heap", "_keep_idle_timer", "_sequence", "_stale",
+                 "_timer", "_timer_due")
 
-    def __init__(self, clock: Clock, callback: Callable[[LiveWorkflow], None]) -> None:
+    def __init__(self, clock: Clock, callback: Callable[[LiveWorkflow], None], *,
+                 keep_idle_timer: bool) -> None:
         self._clock = clock
         self._callback = callback
+        self._keep_idle_timer = keep_idle_timer
         self._heap: list[list[Any]] = []  # [due, sequence, live or None once disarmed]
         self._sequence = 0
         self._stale = 0
@@ -698,11 +702,13 @@ class _Watchdogs:
         entry[2] = None
         self._stale += 1
         if self._stale == len(self._heap):
-            # None armed: no timer left to wake the loop (or a fake clock's autojump) for
-            # nothing. One workflow at a time thus costs a timer per stage, as before.
             self._heap.clear()
             self._stale = 0
-            if self._timer is not None:
+            # None armed. On the system clock the timer stays: handlers that return at
+            # once arm and disarm one at a time, and cancelling it each time would cost a
+            # timer per stage again; it wakes once, finds nothing and is not set again. A
+            # fake clock's autojump would jump to it, moving virtual time for nothing.
+            if not self._keep_idle_timer and self._timer is not None:
                 self._timer.cancel()
                 self._timer, self._timer_due = None, float("inf")
         elif self._stale > 64 and self._stale > len(self._heap) // 2:

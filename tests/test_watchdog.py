@@ -242,7 +242,8 @@ class TestHeartbeat:
 # ------------------------------------------------------------ one timer for every watchdog
 
 
-def _watchdogs(clock: FakeClock) -> tuple[Any, list[tuple[float, str]], dict[str, Any]]:
+def _watchdogs(clock: FakeClock, *, keep_idle_timer: bool = False,
+               ) -> tuple[Any, list[tuple[float, str]], dict[str, Any]]:
     from reliability._engine import LiveWorkflow, _Watchdogs
     from reliability._state import WorkflowRun
 
@@ -254,7 +255,8 @@ def _watchdogs(clock: FakeClock) -> tuple[Any, list[tuple[float, str]], dict[str
         lives[name] = LiveWorkflow(run)
     names = {id(live): name for name, live in lives.items()}
     watchdogs = _Watchdogs(clock, lambda live: fired.append((clock.monotonic(),
-                                                             names[id(live)])))
+                                                             names[id(live)])),
+                           keep_idle_timer=keep_idle_timer)
     return watchdogs, fired, lives
 
 
@@ -278,8 +280,8 @@ def test_one_clock_timer_calls_every_watchdog_back_at_its_exact_time() -> None:
 
 
 def test_a_watchdog_armed_again_replaces_its_entry_and_none_left_leaves_no_timer() -> None:
-    """Re-arming a workflow moves its call back (once, not twice); disarming the last
-    one leaves no clock timer (nothing for a fake clock's autojump to jump to)."""
+    """Re-arming a workflow moves its call back (once, not twice); on a fake clock,
+    disarming the last one leaves no clock timer (nothing for autojump to jump to)."""
     clock = FakeClock()
     watchdogs, fired, lives = _watchdogs(clock)
     watchdogs.arm(lives["a"], 2.0, 0.0)
@@ -305,3 +307,19 @@ def test_disarmed_entries_are_dropped_once_they_outnumber_armed_ones() -> None:
     assert len(watchdogs._heap) <= 2 * 64 + 2
     clock.advance(2_000.0)
     assert fired == [(1_000.0, "a")]
+
+
+def test_on_the_system_clock_one_timer_serves_stages_armed_one_at_a_time() -> None:
+    """Handlers that return at once arm and disarm their watchdogs one at a time: the
+    clock timer stays set across them (not one timer per stage), wakes once finding
+    nothing due, and a later watchdog still fires at its own time."""
+    clock = FakeClock()
+    watchdogs, fired, lives = _watchdogs(clock, keep_idle_timer=True)
+    for stage in range(100):
+        watchdogs.arm(lives["a"], 300.0 + stage * 0.001, 0.0)
+        watchdogs.disarm(lives["a"])
+    assert len(clock._timers) == 1 and _live_timers(clock) == 1
+    watchdogs.arm(lives["b"], 500.0, 0.0)
+    clock.advance(1_000.0)
+    assert fired == [(500.0, "b")]
+    assert clock.next_deadline() is None
