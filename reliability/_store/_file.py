@@ -298,8 +298,18 @@ class FileStore:
         self._deferred[workflow_id] = (due, snapshot)
         self._deferred_order.append((due, workflow_id))
         if self._deferred_timer is None:
+            # Its timer is set when this iteration's writes go (_send_pending), if it is
+            # still held then: a stage that ends in the iteration it started (a handler
+            # that returns at once) costs no timer at all, where one per stage was set
+            # and cancelled.
+            self._schedule()
+
+    def _time_deferred(self) -> None:
+        """Set the timer that promotes informational writes, if any is held and none is set."""
+        if self._deferred_timer is None and self._deferred and self._link is not None:
+            delay = self._deferred_order[0][0] - time.monotonic()
             self._deferred_timer = asyncio.get_running_loop().call_later(
-                INFORMATIONAL_DELAY, self._promote_deferred)
+                max(0.0, delay), self._promote_deferred)
 
     def _promote_deferred(self, *, everything: bool = False) -> None:
         """Move informational writes that waited long enough into the pending batch."""
@@ -412,11 +422,14 @@ class FileStore:
             self._loop.call_soon(self._send_pending)
 
     def _send_pending(self) -> None:
+        self._time_deferred()
         if self._restarting is not None:
             return  # still pending and scheduled: sent once the writer is back
         batch, self._pending = self._pending, _Batch()
         if not batch.scheduled:
             return  # close() sent it already
+        if not (batch.writes or batch.appends or batch.waiters):
+            return  # scheduled by save_soon alone: nothing to send
         if self._broken is not None or self._link is None:
             error = self._broken or RuntimeError("the store was closed before this write")
             _resolve(batch.waiters, {w: error for w in batch.writes})
