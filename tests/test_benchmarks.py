@@ -215,7 +215,7 @@ def test_stagecost_prints_the_loop_s_cpu_per_stage_per_run(tmp_path: Path) -> No
         lines = result.stdout.strip().splitlines()
         assert len(lines) == 2
         assert all(line.startswith(f"{label}, 5 workflows: ") and " us of loop CPU per "
-                   "stage, " in line for line in lines)
+                   "stage (" in line and " us for the process), " in line for line in lines)
     refused = _run("stagecost", "--workflows", "0", cwd=ROOT)
     assert refused.returncode == 2 and "--workflows and --runs must be >= 1" in refused.stderr
 
