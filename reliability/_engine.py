@@ -671,14 +671,15 @@ class _Watchdogs:
     its exact due time, as its own timer would have: timeouts keep their precision.
     """
 
-    __slots__ = ("_callback", "_clock", "_heap", "_keep_idle_timer", "_sequence", "_stale",
-                 "_timer", "_timer_due")
+    __slots__ = ("_callback", "_clock", "_heap", "_keep_idle_timer", "_loop", "_sequence",
+                 "_stale", "_timer", "_timer_due")
 
     def __init__(self, clock: Clock, callback: Callable[[LiveWorkflow], None], *,
                  keep_idle_timer: bool) -> None:
         self._clock = clock
         self._callback = callback
         self._keep_idle_timer = keep_idle_timer
+        self._loop: asyncio.AbstractEventLoop | None = None  # whose timer is kept
         self._heap: list[list[Any]] = []  # [due, sequence, live or None once disarmed]
         self._sequence = 0
         self._stale = 0
@@ -687,6 +688,14 @@ class _Watchdogs:
 
     def arm(self, live: LiveWorkflow, due: float, now: float) -> None:
         """Call back for ``live`` at ``due`` (replacing its earlier entry, if any)."""
+        if self._keep_idle_timer:
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                # A runtime used again by a later asyncio.run(): the timer kept was the
+                # ended loop's, and would never fire (nor would any entry behind it).
+                self._loop = loop
+                self._heap, self._stale = [], 0
+                self._timer, self._timer_due = None, float("inf")
         if live.timer is not None:
             self.disarm(live)
         self._sequence += 1

@@ -323,3 +323,32 @@ def test_on_the_system_clock_one_timer_serves_stages_armed_one_at_a_time() -> No
     clock.advance(1_000.0)
     assert fired == [(500.0, "b")]
     assert clock.next_deadline() is None
+
+
+def test_a_runtime_used_by_a_second_event_loop_still_times_stages_out(tmp_path: Path) -> None:
+    """The watchdogs' timer kept on the system clock belongs to the loop that set it: a
+    runtime run again by a later asyncio.run still cancels a stage at its timeout."""
+    import asyncio
+    import time
+
+    hang = asyncio.Event  # the second run's stage waits on one nobody sets
+    behaviour: list[str] = ["return"]
+
+    async def stage(ctx: StageContext) -> None:
+        if behaviour[0] == "hang":
+            await hang().wait()
+
+    flow = WorkflowDefinition("rerun", [StageSpec("only", stage, timeout_seconds=0.2)])
+    runtime = Runtime(WorkflowConfiguration(enable_persistence=False, max_retries=0),
+                      project_root=tmp_path, configure_logs=False, handle_signals=False)
+
+    async def once() -> str:
+        # The bound only ends a failure sooner than pytest's timeout would.
+        result = await asyncio.wait_for(runtime.run(flow), 30.0)
+        return result.status
+
+    # The first run leaves its loop's timer set 0.2 s after its stage began...
+    assert asyncio.run(once()) == "completed"
+    time.sleep(0.3)  # ...and the second stage's due time comes after it
+    behaviour[0] = "hang"
+    assert asyncio.run(once()) == "timed_out"
