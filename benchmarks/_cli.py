@@ -299,7 +299,8 @@ def _stagecost(argv: Sequence[str], prog: str) -> int:
     label = "engine alone" if args.engine else "every feature (strict)"
     with tempfile.TemporaryDirectory(prefix="wm-stagecost-", dir=args.scratch) as scratch:
         # A few workflows first: imports and first-call caches stay out of the runs.
-        measure_stage_cost(Path(scratch) / "warm-up", 5, every_feature=not args.engine)
+        measure_stage_cost(Path(scratch) / "warm-up", 5, every_feature=not args.engine,
+                           counted=False)
         for index in range(args.runs):
             cost = measure_stage_cost(Path(scratch) / str(index), args.workflows,
                                       every_feature=not args.engine)

@@ -83,10 +83,13 @@ async def _run(root: Path, count: int, *, every_feature: bool) -> StageCost:
     return StageCost(count * STAGES, seconds, cpu, process)
 
 
-def measure_stage_cost(root: Path, count: int, *, every_feature: bool = True) -> StageCost:
+def measure_stage_cost(root: Path, count: int, *, every_feature: bool = True,
+                       counted: bool = True) -> StageCost:
     """Run ``count`` workflows once; the loop's CPU per stage and the rate.
 
-    The run is called through ``operator.call``, which nothing else in it calls: under
-    ``valgrind --tool=callgrind --collect-atstart=no --toggle-collect='_operator_call*'``
-    only the run is counted, not the interpreter's start and imports."""
-    return operator.call(asyncio.run, _run(root, count, every_feature=every_feature))
+    A ``counted`` run is called through ``operator.call``, which nothing else in it
+    calls: under ``valgrind --tool=callgrind --collect-atstart=no
+    --toggle-collect='_operator_call*'`` only such runs are counted, not the
+    interpreter's start, the imports or a warm-up."""
+    run = _run(root, count, every_feature=every_feature)
+    return operator.call(asyncio.run, run) if counted else asyncio.run(run)
