@@ -213,6 +213,7 @@ class Engine:
             raise
         finally:
             await self._final_save(live)
+            run.forget_encoding()
             definition.detach(run)
             workflow_id_var.reset(token)
 

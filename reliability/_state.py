@@ -172,6 +172,11 @@ class WorkflowRun:
             "signals_consumed": dict(self.signals_consumed),
         }
 
+    def forget_encoding(self) -> None:
+        """Drop what ``to_state(encoded=True)`` kept (a finished workflow saves no more:
+        the runtime remembers recent ones, and need not remember their encoding)."""
+        self._encoded = None
+
     def _fragment(self, name: str, entries: list[dict[str, Any]]) -> Any:
         """``entries`` as one ``orjson.Fragment`` of canonical JSON, reusing the encoding
         of every entry encoded before (matched by identity: a list only grows at its end

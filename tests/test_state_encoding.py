@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,3 +99,21 @@ def test_another_snapshot_is_encoded_as_it_is() -> None:
     """A snapshot that is not a workflow's own to_state goes through canonical as is."""
     state = {"workflow_id": WID, "b": [1, 2], "a": {"y": 1, "x": 2}}
     assert _encode(lambda: state) == canonical(state)
+
+
+async def test_a_finished_workflow_keeps_no_encoding(tmp_path: Path) -> None:
+    """The runtime remembers recent finished runs; their encoding cache is dropped once
+    the final state is saved (it would only hold memory)."""
+    from machines import StageContext, StageSpec, WorkflowDefinition
+    from reliability import Runtime, WorkflowConfiguration
+
+    async def step(ctx: StageContext) -> dict[str, int]:
+        return {"n": 1}
+
+    flow = WorkflowDefinition("encoded", [StageSpec("a", step), StageSpec("b", step)])
+    async with Runtime(WorkflowConfiguration(), project_root=tmp_path, configure_logs=False,
+                       handle_signals=False) as runtime:
+        result = await runtime.run(flow)
+        run = runtime._finished[result.workflow_id]
+    assert result.status == "completed" and len(run.stage_history) == 2
+    assert run._encoded is None
