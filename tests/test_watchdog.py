@@ -309,7 +309,7 @@ def test_disarmed_entries_are_dropped_once_they_outnumber_armed_ones() -> None:
     assert fired == [(1_000.0, "a")]
 
 
-def test_on_the_system_clock_one_timer_serves_stages_armed_one_at_a_time() -> None:
+async def test_on_the_system_clock_one_timer_serves_stages_armed_one_at_a_time() -> None:
     """Handlers that return at once arm and disarm their watchdogs one at a time: the
     clock timer stays set across them (not one timer per stage), wakes once finding
     nothing due, and a later watchdog still fires at its own time."""
