@@ -1,4 +1,5 @@
-"""Command line: ``python -m benchmarks [run options] | compare OLD NEW | profile``."""
+"""Command line: ``python -m benchmarks [run options] | compare OLD NEW | profile | case |
+stagecost``."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from ._profile import print_profile, profile_throughput
 from ._report import compare_files, print_figures, to_document, write_json
 from ._results import Figure
 from ._resume import measure_resume
+from ._stagecost import measure_stage_cost
 from ._throughput import measure_throughput, run_runtime_case
 from ._waits import measure_waits
 
@@ -73,7 +75,8 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
         description="Measure the runtime against its performance targets (listed in "
                     "benchmarks/README.md). Other "
                     "commands: 'compare OLD.json NEW.json', 'profile [--store file|memory]', "
-                    "'case [--store file|memory] [--workflows N] [--runs N]'.",
+                    "'case [--store file|memory] [--workflows N] [--runs N]', "
+                    "'stagecost [--engine] [--workflows N] [--runs N]'.",
         epilog="examples:\n" + "\n".join(f"  {prog} {example}" for example in examples))
     parser.add_argument("--quick", action="store_true",
                         help="a small version that runs in seconds (100 workflows)")
@@ -278,9 +281,39 @@ def _case(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _stagecost(argv: Sequence[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} stagecost",
+        description="The event loop thread's CPU per stage: workflows of 19 stages (one "
+                    "ctx.call each), every feature on (FileStore strict, health check before "
+                    "every stage, INFO records to the log file), or the engine alone "
+                    "(--engine: MemoryStore, no health checks or logs). One line per run; "
+                    "under valgrind --tool=callgrind the same run counts instructions.")
+    parser.add_argument("--workflows", type=int, default=1_000, metavar="N")
+    parser.add_argument("--runs", type=int, default=1, metavar="N")
+    parser.add_argument("--engine", action="store_true", help="the engine alone")
+    parser.add_argument("--scratch", type=Path, metavar="DIR")
+    args = parser.parse_args(argv)
+    if args.workflows < 1 or args.runs < 1:
+        parser.error("--workflows and --runs must be >= 1")
+    label = "engine alone" if args.engine else "every feature (strict)"
+    with tempfile.TemporaryDirectory(prefix="wm-stagecost-", dir=args.scratch) as scratch:
+        # A few workflows first: imports and first-call caches stay out of the runs.
+        measure_stage_cost(Path(scratch) / "warm-up", 5, every_feature=not args.engine,
+                           counted=False)
+        for index in range(args.runs):
+            cost = measure_stage_cost(Path(scratch) / str(index), args.workflows,
+                                      every_feature=not args.engine)
+            print(f"{label}, {args.workflows} workflows: {cost.us_per_stage:.1f} us of loop "
+                  f"CPU per stage ({cost.process_us_per_stage:.1f} us for the process), "
+                  f"{cost.rate:,.0f} stages/s (load average {os.getloadavg()[0]:.1f})",
+                  flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks") -> int:
-    """Run the suite, or ``compare``, ``case``, ``profile`` or ``processes``; ``prog``
-    names the command in help and errors (``workflow-manager bench`` forwards here)."""
+    """Run the suite, or ``compare``, ``case``, ``profile``, ``processes`` or ``stagecost``;
+    ``prog`` names the command in help and errors (``workflow-manager bench`` forwards here)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] == "compare":
         return _compare(arguments[1:], prog)
@@ -291,4 +324,6 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks
     if arguments and arguments[0] == "processes":
         from ._processes import main as processes
         return processes(arguments[1:], prog=f"{prog} processes")
+    if arguments and arguments[0] == "stagecost":
+        return _stagecost(arguments[1:], prog)
     return _run(arguments, prog)

@@ -204,9 +204,10 @@ def _add_saturated_row(plan: Plan, figure: Figure) -> None:
     if count <= plan.overhead_workflows:
         return
     timings = _measure_cases(dataclasses.replace(plan, repeats=1), (_ALL,), count)
+    # Here the loop's CPU per stage sets the pace: issue 17's "loop CPU per stage" target.
     _add_ratio_row(figure, f"all-{count}", f"all features, {count} workflows (bare "
                    f"{timings['bare'].wall:.2f} s)", timings[_ALL.key], timings["bare"],
-                   count, ())
+                   count, (Target("loop_cpu", "<=", 40.0, "loop CPU <= 40 us/stage"),))
 
 
 def _add_idle_wake_row(figure: Figure) -> None:

@@ -19,17 +19,17 @@ boundary.
 from __future__ import annotations
 
 import asyncio
-import functools
+import heapq
 import inspect
 import logging
 from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from ._clock import TimerHandle
+from ._clock import Clock, SystemClock, TimerHandle
 from ._context import DefinitionLike, RecoveryAction, StageContext, StageSpecLike
 from ._errors import ErrorCategory, FencedError, StageTimeoutError, classify
-from ._logging import logger, redact_secrets, workflow_id_var
+from ._logging import log_soon, logger, redact_secrets, workflow_id_var
 from ._recovery import BUILTIN_ACTIONS
 from ._retry import RetryPolicy, backoff_delays, next_delay
 from ._state import COMPLETED, PENDING, TERMINAL, WAITING, WorkflowRun
@@ -75,20 +75,19 @@ class LiveWorkflow:
     with ``stop()``; the engine and the watchdog fill in the rest.
     """
 
-    __slots__ = ("deadline", "fenced", "in_handler", "last_beat", "log", "on_timer", "progress",
-                 "run", "stage_spec", "stage_started", "stop_reason", "task", "timeout_reason",
-                 "timer", "unsynced", "warn_at", "warned")
+    __slots__ = ("deadline", "fenced", "in_handler", "last_beat", "log", "progress", "run",
+                 "stage_spec", "stage_started", "stop_reason", "task", "timeout_reason", "timer",
+                 "unsynced", "warn_at", "warned")
 
     def __init__(self, run: WorkflowRun) -> None:
         self.run = run
         # Made once per workflow, not per stage attempt: the hot path allocates less.
         self.log: logging.LoggerAdapter[logging.Logger] | None = None
-        self.on_timer: Callable[[], None] | None = None
         self.task: asyncio.Task[Any] | None = None
         self.in_handler = False
         self.stop_reason: str | None = None  # "cancel" or "shutdown", once asked
         self.timeout_reason: str | None = None
-        self.timer: TimerHandle | None = None
+        self.timer: list[Any] | None = None  # its entry in the engine's _Watchdogs
         self.stage_spec: StageSpecLike | None = None
         self.stage_started = 0.0
         self.deadline = 0.0
@@ -153,6 +152,8 @@ class Engine:
             if config.enable_health_checks and getattr(s, "health_check", False))
         self._actions: dict[str, RecoveryAction] = {**BUILTIN_ACTIONS,
                                                     **definition.recovery_actions}
+        self._watchdogs = _Watchdogs(self._clock, self._on_timer,
+                                     keep_idle_timer=isinstance(self._clock, SystemClock))
         # A store with leases (PostgreSQL): no stage starts while the lease may be lost.
         self._leased = isinstance(getattr(type(self._store), "lease_valid", None), property)
 
@@ -212,6 +213,7 @@ class Engine:
             raise
         finally:
             await self._final_save(live)
+            run.forget_encoding()
             definition.detach(run)
             workflow_id_var.reset(token)
 
@@ -378,8 +380,7 @@ class Engine:
         finally:
             live.in_handler = False
             if live.timer is not None:
-                live.timer.cancel()
-                live.timer = None
+                self._watchdogs.disarm(live)
         reason = self._take_cancel(live)  # the handler swallowed our cancellation
         if reason in ("timeout", "heartbeat"):
             raise self._timeout_error(spec, reason)
@@ -427,8 +428,9 @@ class Engine:
         run.completed_stages.append(spec.name)
         duration = self._record_stage(run, spec, started, attempt, "completed")
         if self._log_info:
-            logger.info("Stage transition: %s -> %s (duration: %.1fs)", spec.name,
-                        self.definition.next_state(run.state), duration)
+            # The record is built and formatted by the logging thread, not here.
+            log_soon(logging.INFO, "Stage transition: %s -> %s (duration: %.1fs)", spec.name,
+                     self.definition.next_state(run.state), duration)
 
     def _record_stage(self, run: WorkflowRun, spec: StageSpecLike, started: float,
                       attempt: int, status: str) -> float:
@@ -583,12 +585,9 @@ class Engine:
         due = min(live.deadline, live.warn_at if not live.warned else float("inf"))
         if spec.heartbeat_timeout_seconds:
             due = min(due, live.last_beat + spec.heartbeat_timeout_seconds)
-        if live.on_timer is None:
-            live.on_timer = functools.partial(self._on_timer, live)
-        live.timer = self._clock.call_later(due - now, live.on_timer)
+        self._watchdogs.arm(live, due, now)
 
     def _on_timer(self, live: LiveWorkflow) -> None:
-        live.timer = None
         if not live.in_handler:
             return
         spec = live.stage_spec
@@ -654,9 +653,110 @@ class Engine:
         return live.log
 
     def _log(self, level: str, message: str, *args: Any) -> None:
-        if level == "info" and not self._log_info:
+        if level == "info":
+            if self._log_info:
+                log_soon(logging.INFO, message, *args)
             return
         getattr(logger, level)(message, *args)
+
+
+class _Watchdogs:
+    """Every workflow's watchdog due time, on one clock timer per engine.
+
+    A stage used to cost a ``call_later`` (a TimerHandle into the loop's heap, compared in
+    Python) and its ``cancel``. Here it costs a list pushed onto a heap compared in C, and
+    a flag: the clock's one timer is set for the earliest entry, and moved only when an
+    entry comes due before it. An entry disarmed (its stage ended) stays in the heap until
+    its time, or until stale entries outnumber live ones, when the heap is rebuilt; one
+    such entry at the top costs one wake-up that finds nothing due. Each callback runs at
+    its exact due time, as its own timer would have: timeouts keep their precision.
+    """
+
+    __slots__ = ("_callback", "_clock", "_heap", "_keep_idle_timer", "_loop", "_sequence",
+                 "_stale", "_timer", "_timer_due")
+
+    def __init__(self, clock: Clock, callback: Callable[[LiveWorkflow], None], *,
+                 keep_idle_timer: bool) -> None:
+        self._clock = clock
+        self._callback = callback
+        self._keep_idle_timer = keep_idle_timer
+        self._loop: asyncio.AbstractEventLoop | None = None  # whose timer is kept
+        self._heap: list[list[Any]] = []  # [due, sequence, live or None once disarmed]
+        self._sequence = 0
+        self._stale = 0
+        self._timer: TimerHandle | None = None
+        self._timer_due = float("inf")
+
+    def arm(self, live: LiveWorkflow, due: float, now: float) -> None:
+        """Call back for ``live`` at ``due`` (replacing its earlier entry, if any)."""
+        if self._keep_idle_timer:
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                # A runtime used again by a later asyncio.run(): the timer kept was the
+                # ended loop's, and would never fire (nor would any entry behind it).
+                self._loop = loop
+                self._heap, self._stale = [], 0
+                self._timer, self._timer_due = None, float("inf")
+        if live.timer is not None:
+            self.disarm(live)
+        self._sequence += 1
+        live.timer = entry = [due, self._sequence, live]
+        heapq.heappush(self._heap, entry)
+        if due < self._timer_due:
+            self._set_timer(due, now)
+
+    def disarm(self, live: LiveWorkflow) -> None:
+        entry, live.timer = live.timer, None
+        if entry is None:
+            return
+        entry[2] = None
+        self._stale += 1
+        if self._stale == len(self._heap):
+            self._heap.clear()
+            self._stale = 0
+            # None armed. On the system clock the timer stays: handlers that return at
+            # once arm and disarm one at a time, and cancelling it each time would cost a
+            # timer per stage again; it wakes once, finds nothing and is not set again. A
+            # fake clock's autojump would jump to it, moving virtual time for nothing.
+            if not self._keep_idle_timer and self._timer is not None:
+                self._timer.cancel()
+                self._timer, self._timer_due = None, float("inf")
+        elif self._stale > 64 and self._stale > len(self._heap) // 2:
+            # Bounded: stages far shorter than their timeout leave many stale entries.
+            self._heap = [e for e in self._heap if e[2] is not None]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def _set_timer(self, due: float, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self._clock.call_later(due - now, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._timer_due = None, float("inf")
+        heap = self._heap
+        now = self._clock.monotonic()
+        due: list[LiveWorkflow] = []
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            live = entry[2]
+            if live is None:
+                self._stale -= 1
+                continue
+            live.timer = None
+            due.append(live)
+        # Called after the heap is settled: a callback re-arms its workflow.
+        for live in due:
+            try:
+                self._callback(live)
+            except Exception:
+                logger.exception("Watchdog of %s failed", live.run.workflow_id)
+        while heap and heap[0][2] is None:  # aim the timer at a live entry
+            heapq.heappop(heap)
+            self._stale -= 1
+        if heap and heap[0][0] < self._timer_due:
+            self._set_timer(heap[0][0], self._clock.monotonic())
 
 
 class _as_workflow:

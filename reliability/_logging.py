@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["LOGGER_NAME", "DailyFileHandler", "configure_logging", "current_workflow_id",
-           "hand_over_held_records", "logger", "redact_secrets", "register_secret",
+           "hand_over_held_records", "log_soon", "logger", "redact_secrets", "register_secret",
            "shutdown_logging", "workflow_id_var"]
 
 LOGGER_NAME = "workflow_manager"
@@ -39,7 +39,10 @@ def current_workflow_id() -> str | None:
     return workflow_id_var.get()
 
 
-_secrets: set[str] = set()  # values no log line and no stored error may contain
+# Values no log line and no stored error may contain. Replaced, never changed in place:
+# the logging thread redacts deferred records (``log_soon``) while the loop may register
+# one, and iterating a set that another thread grows raises.
+_secrets: frozenset[str] = frozenset()
 
 
 def register_secret(value: str) -> None:
@@ -48,8 +51,9 @@ def register_secret(value: str) -> None:
     Commands the workflows run inherit the environment, and their output (a git URL with
     credentials, an agent printing its environment) reaches logs and error messages.
     """
-    if value and value.strip():
-        _secrets.add(value)
+    global _secrets
+    if value and value.strip() and value not in _secrets:
+        _secrets = _secrets | {value}
 
 
 def redact_secrets(text: str) -> str:
@@ -139,7 +143,7 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
         # wait for timers) is handed over by the next loop of this thread.
         if batch is None or held.loop is not loop:
             if batch is None:
-                batch = held.records = []
+                batch = held.records = _Held()
             held.loop = loop
             wait = getattr(held, "handed_at", -math.inf) + HAND_OVER_INTERVAL - time.monotonic()
             if wait <= 0:
@@ -149,6 +153,12 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
         batch.append(record)
         if len(batch) >= _BATCH_LIMIT:
             self.hand_over()
+
+    def defer(self, level: int, msg: str, args: tuple[Any, ...]) -> None:
+        """Hold back a record to be built by the logging thread (see ``log_soon``): on the
+        loop, only its time, workflow ID, message and arguments are taken."""
+        self.enqueue((time.time(), level, msg, args,  # type: ignore[arg-type]
+                      workflow_id_var.get() or "-"))
 
     def hand_over(self) -> None:
         """Queue the records this thread holds back (also called before shutting down)."""
@@ -174,15 +184,55 @@ _BATCH_LIMIT = 512  # records held back at most, however long an iteration runs
 HAND_OVER_INTERVAL = 0.005  # seconds: how late a busy loop's records may reach the file
 
 
+class _Held(list[Any]):
+    """The records one thread holds back, with that thread's name and ID for the records
+    the logging thread builds (``log_soon``)."""
+
+    __slots__ = ("thread", "thread_name")
+
+    def __init__(self) -> None:
+        super().__init__()
+        current = threading.current_thread()
+        self.thread, self.thread_name = current.ident, current.name
+
+
 class _BatchListener(logging.handlers.QueueListener):
-    """QueueListener that also takes the lists ``_InPlaceQueueHandler`` hands over."""
+    """QueueListener that also takes the lists ``_InPlaceQueueHandler`` hands over, and
+    builds the records ``log_soon`` deferred (here, off the event loop)."""
+
+    def __init__(self, records: queue.SimpleQueue[Any], front: _InPlaceQueueHandler,
+                 *handlers: logging.Handler) -> None:
+        super().__init__(records, *handlers, respect_handler_level=True)
+        self._front = front
 
     def handle(self, record: Any) -> None:
         if isinstance(record, list):
             for each in record:
+                if isinstance(each, tuple):
+                    each = self._build(each, record)
+                    if each is None:
+                        continue
                 super().handle(each)
         else:
             super().handle(record)
+
+    def _build(self, deferred: tuple[Any, ...], held: Any) -> logging.LogRecord | None:
+        created, level, msg, args, workflow_id = deferred
+        record = logger.makeRecord(LOGGER_NAME, level, "(unknown file)", 0, msg, args, None,
+                                   "(unknown function)")
+        # As LogRecord.__init__ would have set them on the loop's thread, at log time.
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        record.relativeCreated = (created - logging._startTime) * 1000  # type: ignore[attr-defined]
+        record.thread = getattr(held, "thread", None)
+        record.threadName = getattr(held, "thread_name", None)
+        record.workflow_id = workflow_id
+        front = self._front
+        # What the front handler does to a record on the loop: its filters (secrets),
+        # then the message rendered.
+        if not front.filter(record):
+            return None
+        return front.prepare(record)
 
 
 class DailyFileHandler(logging.Handler):
@@ -263,9 +313,31 @@ def configure_logging(*, level: str, log_format: str, directory: Path | None,
     front.addFilter(_WorkflowIdFilter())  # here, in the logging task, where the ID is set
     logger.addHandler(front)
     _installed.append(front)
-    listener = _BatchListener(records, *handlers, respect_handler_level=True)
+    listener = _BatchListener(records, front, *handlers)
     listener.start()
     _listener.append(listener)
+
+
+def log_soon(level: int, msg: str, *args: Any) -> None:
+    """``logger.log(level, msg, *args)``, with the record built and formatted by the
+    logging thread when ``configure_logging``'s handler is the logger's only one.
+
+    For the runtime's own records on the event loop (a stage transition, a health check:
+    one or two per stage). Building a ``LogRecord`` and rendering it cost the loop ~10 us
+    each; here the loop takes the time, the workflow ID and the arguments and hands them
+    over with the other records of its iteration. ``args`` must not change afterwards
+    (strings and numbers). Anywhere else (no running loop, other handlers or filters on
+    the logger, the handler above the level), it is ``logger.log``.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    handlers = logger.handlers
+    if (len(handlers) == 1 and type(front := handlers[0]) is _InPlaceQueueHandler
+            and level >= front.level and not logger.filters
+            and asyncio_running_loop() is not None):
+        front.defer(level, msg, args)
+        return
+    logger.log(level, msg, *args)
 
 
 def hand_over_held_records() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import os
 import signal
 from collections import OrderedDict
@@ -45,7 +46,13 @@ from ._health import (
 )
 from ._host import ErrorHandler, Listener
 from ._ids import new_workflow_id, validate_workflow_id
-from ._logging import configure_logging, hand_over_held_records, logger, register_secret
+from ._logging import (
+    configure_logging,
+    hand_over_held_records,
+    log_soon,
+    logger,
+    register_secret,
+)
 from ._monitor import RuntimeMonitor
 from ._plugins import ResolvedTarget, TargetResolver, default_target_resolver
 from ._retry import RetryPolicy, retry_call
@@ -754,10 +761,11 @@ class Runtime:
             run.record_health_check(check.to_dict())
         # A busy CPU alone (WARNING) is normal while handlers' subprocesses run; log it
         # quietly.
-        level = "info" if check.status in (HealthStatus.HEALTHY, HealthStatus.WARNING) else (
-            "warning")
-        getattr(logger, level)("Health check completed (%s): %s (CPU: %.0f%%, Memory: %.0f%%)",
-                               reason, check.status.value, check.cpu_usage, check.memory_usage)
+        level = logging.INFO if check.status in (HealthStatus.HEALTHY, HealthStatus.WARNING) else (
+            logging.WARNING)
+        # One per stage: the record is built and formatted by the logging thread.
+        log_soon(level, "Health check completed (%s): %s (CPU: %.0f%%, Memory: %.0f%%)",
+                 reason, check.status.value, check.cpu_usage, check.memory_usage)
 
     # ------------------------------------------------------------------ diagnostics
 

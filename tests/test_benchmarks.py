@@ -205,6 +205,21 @@ def test_case_prints_one_line_per_run(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "--runs must be >= 1" in refused.stderr
 
 
+def test_stagecost_prints_the_loop_s_cpu_per_stage_per_run(tmp_path: Path) -> None:
+    """``stagecost`` prints one line per run with the loop's CPU per stage, with every
+    feature on or the engine alone."""
+    for extra, label in (((), "every feature (strict)"), (("--engine",), "engine alone")):
+        result = _run("stagecost", *extra, "--workflows", "5", "--runs", "2", "--scratch",
+                      str(tmp_path), cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 2
+        assert all(line.startswith(f"{label}, 5 workflows: ") and " us of loop CPU per "
+                   "stage (" in line and " us for the process), " in line for line in lines)
+    refused = _run("stagecost", "--workflows", "0", cwd=ROOT)
+    assert refused.returncode == 2 and "--workflows and --runs must be >= 1" in refused.stderr
+
+
 async def test_the_overhead_figure_s_peer_answers_each_request_and_ends_with_its_input(
 ) -> None:
     """Each byte sent to the loopback peer is answered with one byte (the stages' I/O);

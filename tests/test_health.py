@@ -206,3 +206,18 @@ class TestLoopLag:
         assert check.loop_lag_ms == runtime.loop_lag_ms
         assert check.status is not HealthStatus.HEALTHY
         assert any("Event loop lag" in advice for advice in check.recommendations)
+
+
+def test_worst_is_the_most_severe_status_in_any_order() -> None:
+    """worst() ranks HEALTHY < WARNING < DEGRADED < CRITICAL < FAILED, for two statuses
+    (the per-stage merge) and for any other count."""
+    from reliability._health import HealthStatus, worst
+
+    order = list(HealthStatus)
+    for low_rank, low in enumerate(order):
+        for high in order[low_rank:]:
+            assert worst(low, high) is high and worst(high, low) is high
+    assert worst() is HealthStatus.HEALTHY
+    assert worst(HealthStatus.WARNING) is HealthStatus.WARNING
+    assert worst(HealthStatus.HEALTHY, HealthStatus.FAILED, HealthStatus.DEGRADED) is (
+        HealthStatus.FAILED)

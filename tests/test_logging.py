@@ -7,6 +7,7 @@ import json
 import logging
 import logging.handlers
 import math
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from reliability._logging import (
     HAND_OVER_INTERVAL,
     LOGGER_NAME,
     configure_logging,
+    log_soon,
     logger,
     register_secret,
     shutdown_logging,
@@ -267,3 +269,90 @@ async def test_records_held_back_are_written_by_a_shutdown_in_the_same_iteration
         logger.info("record %d", index)
     shutdown_logging()
     assert [int(line.rsplit(" ", 1)[1]) for line in log_lines(tmp_path)] == [0, 1, 2]
+
+
+def _only_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our handler alone on the logger, as in a service: pytest attaches its capture
+    handlers to a logger an earlier test left not propagating."""
+    monkeypatch.setattr(logger, "handlers", [
+        h for h in logger.handlers if isinstance(h, logging.handlers.QueueHandler)])
+
+
+def _record_builders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The thread IDs that build records of our logger, from now on."""
+    builders: list[int] = []
+    real = logging.Logger.makeRecord
+
+    def counting(self: logging.Logger, *args: object, **kwargs: object) -> logging.LogRecord:
+        if self.name == LOGGER_NAME:
+            builders.append(threading.get_ident())
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", counting)
+    return builders
+
+
+@pytest.mark.usefixtures("quiet_logger")
+async def test_log_soon_builds_records_off_the_loop_with_the_same_fields(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record logged with log_soon on the loop is built by the logging thread, yet its
+    line is the one logger.info writes (time, level, workflow ID, message), in order
+    with the records around it."""
+    configure_logging(level="INFO", log_format="json", directory=tmp_path, console=False)
+    _only_ours(monkeypatch)
+    builders = _record_builders(monkeypatch)
+    token = workflow_id_var.set(WID)
+    try:
+        logger.info("record %d", 0)
+        # The record's time is taken when log_soon is called, not when it is built.
+        everything_else = {name: getattr(time, name) for name in dir(time)
+                           if not name.startswith("_")}
+        monkeypatch.setattr(reliability._logging, "time", types.SimpleNamespace(
+            **{**everything_else, "time": lambda: 1_700_000_000.5}))
+        log_soon(logging.INFO, "Stage transition: %s -> %s (duration: %.1fs)", "s0", "s1", 0.25)
+        logger.warning("record %d", 2)
+    finally:
+        workflow_id_var.reset(token)
+    await asyncio.sleep(0)
+    shutdown_logging()
+    entries = [json.loads(line) for line in log_lines(tmp_path)]
+    assert [e["message"] for e in entries] == [
+        "record 0", "Stage transition: s0 -> s1 (duration: 0.2s)", "record 2"]
+    assert [e["workflow_id"] for e in entries] == [WID] * 3
+    assert [e["level"] for e in entries] == ["INFO", "INFO", "WARNING"]
+    assert entries[1]["time"] == "2023-11-14T22:13:20.500Z"
+    loop_thread = threading.get_ident()
+    assert builders.count(loop_thread) == 2  # the two logger calls; log_soon's was not
+    assert len(builders) == 3
+
+
+@pytest.mark.usefixtures("quiet_logger")
+async def test_log_soon_redacts_secrets_and_respects_the_level(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deferred record is redacted like any other, and one below the logger's level is
+    dropped on the loop."""
+    secret = "ghp_" + "d3f3rr3d" * 5
+    register_secret(secret)
+    configure_logging(level="WARNING", log_format="detailed", directory=tmp_path,
+                      console=False)
+    _only_ours(monkeypatch)
+    log_soon(logging.INFO, "not written %s", "at all")
+    log_soon(logging.WARNING, "pushing with %s", secret)
+    await asyncio.sleep(0)
+    shutdown_logging()
+    (line,) = log_lines(tmp_path)
+    assert secret not in line and "pushing with ***" in line
+
+
+async def test_log_soon_without_our_handler_is_an_ordinary_record(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With logging not configured (a library user's own handlers), log_soon logs at once
+    through the logger, where those handlers see it."""
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    token = workflow_id_var.set(WID)
+    try:
+        log_soon(logging.INFO, "Health check completed (%s): %s", "before s0", "HEALTHY")
+    finally:
+        workflow_id_var.reset(token)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Health check completed (before s0): HEALTHY"]

@@ -260,6 +260,38 @@ class TestRoundTrip:
         assert state_of(tmp_path / "states" / held / "state.json")["status"] == "started"
         assert state_of(tmp_path / "states" / superseded / "state.json")["status"] == "completed"
 
+    async def test_a_held_back_write_sets_its_timer_only_if_still_held_when_writes_go(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A stage's start superseded in the same loop iteration (a handler that returns
+        at once) leaves no timer and sends no frame of its own; one still held when the
+        iteration's writes go is timed then, and written once its delay is over with no
+        other write to carry it."""
+        monkeypatch.setattr("reliability._store._file.INFORMATIONAL_DELAY", 0.01)
+        quick, held = WID, OTHER
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            store.save_soon(quick, lambda: {"workflow_id": quick, "revision": 1,
+                                            "status": "running"})
+            done = store.save_nowait(quick, lambda: {"workflow_id": quick, "revision": 2,
+                                                     "status": "completed"})
+            await done
+            assert store._deferred_timer is None and store._sequence == 1
+            store.save_soon(held, lambda: {"workflow_id": held, "revision": 1,
+                                           "status": "running"})
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert store._deferred_timer is not None
+            assert store._sequence == 1  # nothing sent for the held-back write alone
+            (journal,) = (tmp_path / "states" / "_journal").glob("journal-*.log")
+            for _ in range(4_000):  # the timer's 10 ms, however loaded the machine
+                if held in journal_documents(journal):
+                    break
+                await asyncio.sleep(0.005)
+            assert journal_documents(journal)[held]["status"] == "running"
+        finally:
+            await store.close()
+
     async def test_a_prompt_write_carries_a_pending_durable_one_forward(
             self, tmp_path: Path) -> None:
         """An output recorded mid-stage (prompt) while the previous stage's record is

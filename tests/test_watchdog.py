@@ -237,3 +237,118 @@ class TestHeartbeat:
             result = await runtime.run(HEARTBEAT_FLOW, context={"beats": 1000})
         assert result.status == "timed_out" and clock.monotonic() == 100.0
         assert result.error == "StageTimeoutError: stage 'poll' ran past its timeout of 100s"
+
+
+# ------------------------------------------------------------ one timer for every watchdog
+
+
+def _watchdogs(clock: FakeClock, *, keep_idle_timer: bool = False,
+               ) -> tuple[Any, list[tuple[float, str]], dict[str, Any]]:
+    from reliability._engine import LiveWorkflow, _Watchdogs
+    from reliability._state import WorkflowRun
+
+    fired: list[tuple[float, str]] = []
+    lives = {}
+    for name in ("a", "b", "c"):
+        run = WorkflowRun(f"workflow-20240115-142315-a7b{name}", definition_name="flow",
+                          definition_path=None, context={}, prompt_file=None, created_at=0.0)
+        lives[name] = LiveWorkflow(run)
+    names = {id(live): name for name, live in lives.items()}
+    watchdogs = _Watchdogs(clock, lambda live: fired.append((clock.monotonic(),
+                                                             names[id(live)])),
+                           keep_idle_timer=keep_idle_timer)
+    return watchdogs, fired, lives
+
+
+def _live_timers(clock: FakeClock) -> int:
+    return sum(not timer.cancelled for _, _, timer in clock._timers)
+
+
+def test_one_clock_timer_calls_every_watchdog_back_at_its_exact_time() -> None:
+    """Watchdogs armed at different times share one clock timer, and each is called
+    back at its own due time; one disarmed before is never called."""
+    clock = FakeClock()
+    watchdogs, fired, lives = _watchdogs(clock)
+    watchdogs.arm(lives["a"], 5.0, 0.0)
+    watchdogs.arm(lives["b"], 3.0, 0.0)  # earlier: the timer moves to it
+    watchdogs.arm(lives["c"], 4.0, 0.0)
+    assert _live_timers(clock) == 1
+    watchdogs.disarm(lives["c"])
+    clock.advance(10.0)
+    assert fired == [(3.0, "b"), (5.0, "a")]
+    assert lives["a"].timer is None and lives["b"].timer is None
+
+
+def test_a_watchdog_armed_again_replaces_its_entry_and_none_left_leaves_no_timer() -> None:
+    """Re-arming a workflow moves its call back (once, not twice); on a fake clock,
+    disarming the last one leaves no clock timer (nothing for autojump to jump to)."""
+    clock = FakeClock()
+    watchdogs, fired, lives = _watchdogs(clock)
+    watchdogs.arm(lives["a"], 2.0, 0.0)
+    watchdogs.arm(lives["a"], 7.0, 0.0)
+    clock.advance(5.0)
+    assert fired == []
+    clock.advance(5.0)
+    assert fired == [(7.0, "a")]
+    watchdogs.arm(lives["b"], 20.0, clock.monotonic())
+    watchdogs.disarm(lives["b"])
+    assert clock.next_deadline() is None
+
+
+def test_disarmed_entries_are_dropped_once_they_outnumber_armed_ones() -> None:
+    """Stages far shorter than their timeout leave disarmed entries: the heap is rebuilt
+    before they pile up, while the armed one still fires on time."""
+    clock = FakeClock()
+    watchdogs, fired, lives = _watchdogs(clock)
+    watchdogs.arm(lives["a"], 1_000.0, 0.0)
+    for index in range(1_000):
+        watchdogs.arm(lives["b"], 500.0 + index, 0.0)
+        watchdogs.disarm(lives["b"])
+    assert len(watchdogs._heap) <= 2 * 64 + 2
+    clock.advance(2_000.0)
+    assert fired == [(1_000.0, "a")]
+
+
+async def test_on_the_system_clock_one_timer_serves_stages_armed_one_at_a_time() -> None:
+    """Handlers that return at once arm and disarm their watchdogs one at a time: the
+    clock timer stays set across them (not one timer per stage), wakes once finding
+    nothing due, and a later watchdog still fires at its own time."""
+    clock = FakeClock()
+    watchdogs, fired, lives = _watchdogs(clock, keep_idle_timer=True)
+    for stage in range(100):
+        watchdogs.arm(lives["a"], 300.0 + stage * 0.001, 0.0)
+        watchdogs.disarm(lives["a"])
+    assert len(clock._timers) == 1 and _live_timers(clock) == 1
+    watchdogs.arm(lives["b"], 500.0, 0.0)
+    clock.advance(1_000.0)
+    assert fired == [(500.0, "b")]
+    assert clock.next_deadline() is None
+
+
+def test_a_runtime_used_by_a_second_event_loop_still_times_stages_out(tmp_path: Path) -> None:
+    """The watchdogs' timer kept on the system clock belongs to the loop that set it: a
+    runtime run again by a later asyncio.run still cancels a stage at its timeout."""
+    import asyncio
+    import time
+
+    hang = asyncio.Event  # the second run's stage waits on one nobody sets
+    behaviour: list[str] = ["return"]
+
+    async def stage(ctx: StageContext) -> None:
+        if behaviour[0] == "hang":
+            await hang().wait()
+
+    flow = WorkflowDefinition("rerun", [StageSpec("only", stage, timeout_seconds=0.2)])
+    runtime = Runtime(WorkflowConfiguration(enable_persistence=False, max_retries=0),
+                      project_root=tmp_path, configure_logs=False, handle_signals=False)
+
+    async def once() -> str:
+        # The bound only ends a failure sooner than pytest's timeout would.
+        result = await asyncio.wait_for(runtime.run(flow), 30.0)
+        return result.status
+
+    # The first run leaves its loop's timer set 0.2 s after its stage began...
+    assert asyncio.run(once()) == "completed"
+    time.sleep(0.3)  # ...and the second stage's due time comes after it
+    behaviour[0] = "hang"
+    assert asyncio.run(once()) == "timed_out"

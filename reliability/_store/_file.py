@@ -26,6 +26,7 @@ from typing import Any
 from .._errors import WorkflowError, WorkflowLockedError
 from .._ids import validate_workflow_id
 from .._logging import logger
+from .._state import WorkflowRun
 from . import _waits
 from ._claims import ClaimLocks, claim_locks
 from ._layout import JOURNAL_DIRECTORY, checkpoint_name, storage_error
@@ -79,6 +80,20 @@ class _FileClaim:
 
 _SYNCFS = load_syncfs()
 
+
+
+_TO_STATE = WorkflowRun.to_state
+
+
+def _encode(snapshot: Snapshot) -> bytes:
+    """``canonical(snapshot())``. A workflow's own snapshot (the engine hands over
+    ``run.to_state``) is taken with its monitoring lists already encoded, entry by entry
+    once in the workflow's life (``WorkflowRun.to_state(encoded=True)``): the same bytes,
+    without re-encoding every earlier stage at every save."""
+    run = getattr(snapshot, "__self__", None)
+    if getattr(snapshot, "__func__", None) is _TO_STATE and isinstance(run, WorkflowRun):
+        return canonical(run.to_state(encoded=True))
+    return canonical(snapshot())
 
 @dataclass(slots=True)
 class _Batch:
@@ -283,8 +298,18 @@ class FileStore:
         self._deferred[workflow_id] = (due, snapshot)
         self._deferred_order.append((due, workflow_id))
         if self._deferred_timer is None:
+            # Its timer is set when this iteration's writes go (_send_pending), if it is
+            # still held then: a stage that ends in the iteration it started (a handler
+            # that returns at once) costs no timer at all, where one per stage was set
+            # and cancelled.
+            self._schedule()
+
+    def _time_deferred(self) -> None:
+        """Set the timer that promotes informational writes, if any is held and none is set."""
+        if self._deferred_timer is None and self._deferred and self._link is not None:
+            delay = self._deferred_order[0][0] - time.monotonic()
             self._deferred_timer = asyncio.get_running_loop().call_later(
-                INFORMATIONAL_DELAY, self._promote_deferred)
+                max(0.0, delay), self._promote_deferred)
 
     def _promote_deferred(self, *, everything: bool = False) -> None:
         """Move informational writes that waited long enough into the pending batch."""
@@ -321,7 +346,7 @@ class FileStore:
         # Encoded now: the cost is spread over the loop's iterations instead of one burst
         # at send time, and the state cannot move on before it is written. Canonical JSON
         # only: the writer process adds the checksum (wrap_document).
-        self._queue(workflow_id, canonical(snapshot()), checkpoint_stage)
+        self._queue(workflow_id, _encode(snapshot), checkpoint_stage)
         # A future of its own: cancelling one waiter never disturbs the others in the batch.
         assert self._loop is not None
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -397,11 +422,14 @@ class FileStore:
             self._loop.call_soon(self._send_pending)
 
     def _send_pending(self) -> None:
+        self._time_deferred()
         if self._restarting is not None:
             return  # still pending and scheduled: sent once the writer is back
         batch, self._pending = self._pending, _Batch()
         if not batch.scheduled:
             return  # close() sent it already
+        if not (batch.writes or batch.appends or batch.waiters):
+            return  # scheduled by save_soon alone: nothing to send
         if self._broken is not None or self._link is None:
             error = self._broken or RuntimeError("the store was closed before this write")
             _resolve(batch.waiters, {w: error for w in batch.writes})
@@ -410,7 +438,7 @@ class FileStore:
         items = []
         for workflow_id, (document, stages) in batch.writes.items():
             if not isinstance(document, bytes):
-                document = canonical(document())
+                document = _encode(document)
             state_path, checkpoints = self._file_paths_of(workflow_id, stages)
             items.append((workflow_id, document, state_path, checkpoints))
             if "final" in stages:
