@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from machines import StageContext, StageSpec, WorkflowDefinition
-from reliability import TransientError
+from reliability import RateLimitedError, TransientError
 
 RELEASE = "release"  # the LIVE workflows' middle stage ends once this file exists
 OUTAGE_OVER = "outage-over"  # the forge answers once this file exists
@@ -40,7 +40,9 @@ LIVE = WorkflowDefinition("live", [
 async def flaky_build(ctx: StageContext) -> Mapping[str, Any]:
     if ctx.attempt == 1:
         await ctx.sleep(0.4)  # past the 0.2 s warning threshold, then a transient failure
-        raise TransientError("the build server answered 503")
+        # A server-given wait is honoured exactly: the retry gap is 0.3 s on every run
+        # (a computed backoff is fully jittered, and could draw a gap too thin to see).
+        raise RateLimitedError("the build server answered 503", retry_after=0.3)
     return {"title": HOSTILE_TITLE}
 
 

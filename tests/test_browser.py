@@ -73,6 +73,10 @@ def page(browser: Browser, dashboards: list[Dashboard]) -> Iterator[Page]:
     """A fresh page, closed before the test's dashboards stop (their end is no error)."""
     context = browser.new_context(viewport={"width": 1280, "height": 860})
     opened = context.new_page()
+    # Every wait (a locator's action, an expect) ends on the page's state, not a clock: the
+    # defaults' 5 s is only an upper bound, too tight for a machine busy with other tests.
+    opened.set_default_timeout(WAIT_MS)
+    expect.set_options(timeout=WAIT_MS)
     errors: list[str] = []
     opened.on("pageerror", lambda error: errors.append(str(error)))
     # Console errors include what the content security policy refused.
