@@ -522,9 +522,9 @@ class _SignalGuard:
 
 
 @contextlib.asynccontextmanager
-async def _runtime(config: WorkflowConfiguration, root: Path, *, console_level: str,
-                   handle_signals: bool = False,
-                   console: Console | None = None) -> AsyncIterator[Runtime]:
+async def open_runtime(config: WorkflowConfiguration, root: Path, *, console_level: str,
+                       handle_signals: bool = False,
+                       console: Console | None = None) -> AsyncIterator[Runtime]:
     """A started runtime with the command's logging; with ``handle_signals``, Ctrl-C stops
     its workflows at a safe point (``runtime.shutting_down`` then stays true)."""
     guard = _SignalGuard()
@@ -658,7 +658,7 @@ def _console_level(config: WorkflowConfiguration, args: argparse.Namespace) -> s
 async def _cmd_run(args: argparse.Namespace, config: WorkflowConfiguration, root: Path) -> int:
     prompt = _prompt_path(args.prompt, root)
     definition = _definition(args)
-    async with _runtime(config, root, console_level=_console_level(config, args),
+    async with open_runtime(config, root, console_level=_console_level(config, args),
                         handle_signals=True) as runtime, observed(runtime, args):
         if definition is None:
             result = await runtime.run(str(prompt))
@@ -674,7 +674,7 @@ async def _cmd_resume(args: argparse.Namespace, config: WorkflowConfiguration,
                       root: Path) -> int:
     if not args.all:
         validate_workflow_id(args.workflow_id)
-    async with _runtime(config, root, console_level=_console_level(config, args),
+    async with open_runtime(config, root, console_level=_console_level(config, args),
                         handle_signals=True) as runtime, observed(runtime, args):
         if args.all:
             results = await runtime.resume_all()
@@ -712,7 +712,7 @@ async def _cmd_batch(args: argparse.Namespace, config: WorkflowConfiguration,
         rows, label, interrupted, run_seconds, run_cpu = await _batch_in_processes(
             args, config, root, prompts, definition, err if live else None, console_level)
     else:
-        async with _runtime(config, root, handle_signals=True, console=err,
+        async with open_runtime(config, root, handle_signals=True, console=err,
                             console_level=console_level) as runtime, observed(runtime, args,
                                                                               err):
             tracker = BatchTracker(runtime, len(prompts))
@@ -778,7 +778,7 @@ async def _batch_in_processes(args: argparse.Namespace, config: WorkflowConfigur
     family = Family(specs)
     family.install_signals()  # from here on, for the registration too
     err = Console(stderr=True)
-    async with _runtime(config, root, console=err, console_level=console_level) as runtime:
+    async with open_runtime(config, root, console=err, console_level=console_level) as runtime:
         family.on_stop.append(runtime.request_shutdown)
         work = await register_batch(runtime, prompts, definition=definition)
         label = args.definition or _default_label(runtime, prompts)
@@ -835,7 +835,7 @@ def _show_batch(report: dict[str, Any], report_path: Path, args: argparse.Namesp
 async def _cmd_diagnostics(args: argparse.Namespace, config: WorkflowConfiguration,
                            root: Path) -> int:
     validate_workflow_id(args.workflow_id)
-    async with _runtime(config, root, console_level="WARNING") as runtime:
+    async with open_runtime(config, root, console_level="WARNING") as runtime:
         diagnostics = await stored_diagnostics(runtime, args.workflow_id)
     if args.json:
         _print_json(diagnostics)
@@ -880,7 +880,7 @@ def _show_diagnostics(diagnostics: dict[str, Any]) -> None:
 
 async def _cmd_list(args: argparse.Namespace, config: WorkflowConfiguration, root: Path) -> int:
     statistics = None
-    async with _runtime(config, root, console_level="WARNING") as runtime:
+    async with open_runtime(config, root, console_level="WARNING") as runtime:
         rows = await runtime.list_workflows(args.status)
         if args.stats:
             states = await runtime.store.list_states({args.status} if args.status else None)
@@ -926,7 +926,7 @@ def _show_list(rows: list[dict[str, Any]], statistics: dict[str, Any] | None) ->
 async def _cmd_cancel(args: argparse.Namespace, config: WorkflowConfiguration,
                       root: Path) -> int:
     workflow_id = validate_workflow_id(args.workflow_id)
-    async with _runtime(config, root, console_level="WARNING") as runtime:
+    async with open_runtime(config, root, console_level="WARNING") as runtime:
         before = WorkflowRun.from_state((await runtime.store.load(workflow_id)).state)
         try:
             cancelled = await runtime.cancel(workflow_id, abandon=True)
@@ -954,7 +954,7 @@ async def _cmd_signal(args: argparse.Namespace, config: WorkflowConfiguration,
         print(f"{PROG} signal: error: --data is not JSON: {error}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        async with _runtime(config, root, console_level="WARNING") as runtime:
+        async with open_runtime(config, root, console_level="WARNING") as runtime:
             await runtime.signal(args.workflow_id, args.name, payload)
     except WorkflowError as error:  # unknown, finished or invalid ID, a bad name: one line
         print(f"{PROG} signal: error: {error}", file=sys.stderr)
@@ -981,7 +981,7 @@ async def _cmd_bundle(args: argparse.Namespace, config: WorkflowConfiguration,
                       root: Path) -> int:
     workflow_id = validate_workflow_id(args.workflow_id)
     output = Path(args.output) if args.output else root / f"diagnostic-bundle-{workflow_id}.json"
-    async with _runtime(config, root, console_level="WARNING") as runtime:
+    async with open_runtime(config, root, console_level="WARNING") as runtime:
         bundle = await build_bundle(runtime, workflow_id)
     await asyncio.to_thread(write_private_json, output, bundle)
     if args.json:
@@ -1026,7 +1026,7 @@ async def _cmd_submit(args: argparse.Namespace, config: WorkflowConfiguration,
     context = _context_option(args.context)
     definition = _definition(args)
     prompts = [_prompt_path(p, root) for p in args.prompts]
-    async with _runtime(config, root, console_level="WARNING") as runtime:
+    async with open_runtime(config, root, console_level="WARNING") as runtime:
         targets: list[tuple[Any, dict[str, Any]]] = []
         if not prompts:
             targets = [(definition, context)] * args.count
@@ -1054,7 +1054,7 @@ async def _cmd_worker(args: argparse.Namespace, config: WorkflowConfiguration,
     else:
         # Observed: the dashboard on any host shows what it runs (its live view goes to
         # the shared store), and --metrics-port serves its metrics.
-        async with _runtime(config, root, console_level=_console_level(config, args),
+        async with open_runtime(config, root, console_level=_console_level(config, args),
                             handle_signals=True) as runtime, observed(runtime, args):
             count = await runtime.serve(concurrency=config.concurrency, queue=args.queue,
                                         exit_when_idle=args.exit_when_idle)
@@ -1135,7 +1135,7 @@ async def _cmd_dashboard(args: argparse.Namespace, config: WorkflowConfiguration
             *hosts, args.host)
     config_path = args.config  # the resume subprocess starts in this directory too
 
-    async with _runtime(config, root, console_level="WARNING") as runtime:
+    async with open_runtime(config, root, console_level="WARNING") as runtime:
         app = create_app(runtime, allow_actions=args.allow_actions, token=token,
                          poll_interval=args.poll_interval, allowed_hosts=hosts,
                          config_path=config_path)
@@ -1163,7 +1163,7 @@ async def _cmd_report(args: argparse.Namespace, config: WorkflowConfiguration,
     if not isinstance(report, dict) or not isinstance(report.get("workflows"), list):
         raise ConfigurationError(f"{path} is not a batch report (no 'workflows' list)")
     output = Path(args.output) if args.output else path.with_suffix(".html")
-    async with _runtime(config, root, console_level="WARNING") as runtime:
+    async with open_runtime(config, root, console_level="WARNING") as runtime:
         states: dict[str, Any] = {}
         for row in report["workflows"]:
             workflow_id = row.get("workflow_id") if isinstance(row, dict) else None

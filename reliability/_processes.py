@@ -527,12 +527,12 @@ class _Channel:
 
 
 async def _child(spec: ChildSpec, channel: _Channel) -> int:
-    from ._cli import _runtime, metrics_options, observed
+    from ._cli import metrics_options, observed, open_runtime
     arguments = metrics_options().parse_args([])
     arguments.metrics_host = spec.metrics_host
     arguments.metrics_port = spec.metrics_port
     root = Path(spec.project_root)
-    async with _runtime(spec.config, root, console_level=spec.console_level,
+    async with open_runtime(spec.config, root, console_level=spec.console_level,
                         handle_signals=True) as runtime, observed(runtime, arguments):
         channel.send({"kind": "ready", "pid": os.getpid()})
         channel.flush()

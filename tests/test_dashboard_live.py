@@ -291,7 +291,7 @@ async def test_views_of_workers_gone_for_a_day_are_deleted_when_one_starts(
     async with Runtime(_config(postgres_url), tmp_path, configure_logs=False) as runtime:
         store = runtime.store
         assert isinstance(store, PostgresStore)
-        pool = store._require_pool()
+        pool = store.require_pool()
         for worker_id, age in (("old-worker", 2 * 86_400), ("recent-worker", 3_600)):
             await pool.execute(
                 "INSERT INTO workflow_live (worker_id, host, pid, view, stopped, published_at)"

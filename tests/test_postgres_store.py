@@ -406,7 +406,7 @@ async def test_the_lease_is_renewed_while_commits_and_the_pool_are_stuck(
                               "FOR UPDATE", ids)
         saves = [store.save_nowait(w, lambda w=w: _state(w, 2)) for w in ids]
         await _until(lambda: len(store._sending) == 3)  # every lane has a batch out
-        pool = store._require_pool()
+        pool = store.require_pool()
         held = [await pool.acquire() for _ in range(store.pool_size)]
         query = "SELECT heartbeat_at FROM workflow_workers WHERE worker_id = $1"
         beats = {await observer.fetchval(query, store.worker_id)}
@@ -422,7 +422,7 @@ async def test_the_lease_is_renewed_while_commits_and_the_pool_are_stuck(
         await asyncio.gather(*saves)
     finally:
         for connection in held:
-            await store._require_pool().release(connection)
+            await store.require_pool().release(connection)
         await blocker.close()
         await observer.close()
         await store.close()

@@ -95,7 +95,7 @@ class DatabaseLiveView(LivePublisher):
         store = self._store
         try:
             # Package-private: the store's pool, which its claims and reads share.
-            await store._require_pool().execute(statement, *args)
+            await store.require_pool().execute(statement, *args)
         except Exception as error:
             # Unreachable: logged once by the store, written again next period. Anything
             # else (the store closed meanwhile) is as harmless to the workflows.
@@ -114,7 +114,7 @@ async def read_live_views(store: PostgresStore,
     workflows: those are another worker's, or queued, once the lease ran out."""
     wanted = [(k, int(v["version"])) for k, v in known.items()
               if isinstance(v.get("version"), int)]
-    rows = await store._require_pool().fetch(
+    rows = await store.require_pool().fetch(
         _READ, [k for k, _ in wanted], [v for _, v in wanted], ENDED_READ)
     found: dict[str, dict[str, Any]] = {}
     for row in rows:

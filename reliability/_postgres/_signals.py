@@ -171,7 +171,7 @@ class PostgresSignals:
         _epochs: dict[str, int]
         _lost: set[str]
 
-        def _require_pool(self) -> asyncpg.Pool: ...
+        def require_pool(self) -> asyncpg.Pool: ...
 
         def _release(self, workflow_id: str, epoch: int) -> None: ...
 
@@ -188,7 +188,7 @@ class PostgresSignals:
     async def send_signal(self, workflow_id: str, name: str, payload: bytes) -> None:
         import asyncpg
         validate_workflow_id(workflow_id)
-        pool = self._require_pool()
+        pool = self.require_pool()
         try:
             async with pool.acquire() as connection, connection.transaction():
                 # Senders to one workflow one at a time: its signals commit in id order.
@@ -201,7 +201,7 @@ class PostgresSignals:
                                         ) from None
 
     async def read_signal(self, workflow_id: str, name: str, index: int) -> bytes | None:
-        text = await self._require_pool().fetchval(
+        text = await self.require_pool().fetchval(
             "SELECT payload::text FROM workflow_wait_signals WHERE workflow_id = $1 AND "
             "name = $2 ORDER BY id OFFSET $3 LIMIT 1", workflow_id, name, index)
         return None if text is None else str(text).encode()
@@ -209,7 +209,7 @@ class PostgresSignals:
     async def signals_ready(self, wanted: list[tuple[str, str, int]]) -> list[str]:
         if not wanted:
             return []
-        rows = await self._require_pool().fetch(
+        rows = await self.require_pool().fetch(
             _READY, [w for w, _, _ in wanted], [n for _, n, _ in wanted],
             [i for _, _, i in wanted])
         return [row[0] for row in rows]
@@ -218,12 +218,12 @@ class PostgresSignals:
         return []  # NOTIFY wakes ``wait_for_due`` instead
 
     async def signalled(self) -> list[str]:
-        rows = await self._require_pool().fetch(
+        rows = await self.require_pool().fetch(
             "SELECT DISTINCT workflow_id FROM workflow_wait_signals")
         return [row[0] for row in rows]
 
     async def drop_signals(self, workflow_id: str, *, scan: bool = False) -> None:
-        pool = self._require_pool()
+        pool = self.require_pool()
         await pool.execute("DELETE FROM workflow_wait_signals WHERE workflow_id = $1",
                            workflow_id)
         if scan:
@@ -238,7 +238,7 @@ class PostgresSignals:
         if epoch is None or workflow_id in self._lost:
             raise self._fenced(workflow_id, "holds no claim on it")
         left = max(0.0, deadline - self.clock.time())
-        written = await self._require_pool().fetchval(
+        written = await self.require_pool().fetchval(
             _PARK, workflow_id, self.worker_id, epoch, deadline, name, index, left)
         if not written:
             self._lose(workflow_id)
@@ -249,18 +249,18 @@ class PostgresSignals:
 
     async def unpark_many(self, entries: list[ParkedEntry]) -> None:
         if entries:
-            await self._require_pool().execute(
+            await self.require_pool().execute(
                 _UNPARK, [e[0] for e in entries], [e[1] for e in entries],
                 [e[2] for e in entries], [e[3] for e in entries])
 
     async def parked(self) -> list[ParkedEntry]:
-        rows = await self._require_pool().fetch(
+        rows = await self.require_pool().fetch(
             "SELECT workflow_id, deadline, signal, signal_index FROM workflow_parked")
         return [(r[0], float(r[1]), r[2], int(r[3])) for r in rows]
 
     async def load_many(self, workflow_ids: list[str]) -> dict[str, LoadedState | WorkflowError]:
         await self._flush()
-        rows = await self._require_pool().fetch(
+        rows = await self.require_pool().fetch(
             "SELECT workflow_id, state, schema_version FROM workflows "
             "WHERE workflow_id = ANY($1::text[]) AND state IS NOT NULL", workflow_ids)
         found: dict[str, LoadedState | WorkflowError] = {}
@@ -284,7 +284,7 @@ class PostgresSignals:
     async def claim_due(self, limit: int) -> list[tuple[_WokenClaim, LoadedState | WorkflowError]]:
         """Claim up to ``limit`` parked workflows that are due (on the database's clock, or
         signalled) and that nobody holds, skipping rows other workers are claiming."""
-        rows = await self._require_pool().fetch(_CLAIM_DUE, self.worker_id, limit)
+        rows = await self.require_pool().fetch(_CLAIM_DUE, self.worker_id, limit)
         claimed = []
         for row in rows:
             workflow_id, epoch = row["workflow_id"], row["epoch"]
@@ -298,7 +298,7 @@ class PostgresSignals:
         """Until a signal is sent (NOTIFY from any host), the next parked workflow is due,
         or ``limit`` seconds (jittered) pass."""
         event = await self._wake_listen()
-        seconds = await self._require_pool().fetchval(_NEXT_DUE, _HELD_AGAIN)
+        seconds = await self.require_pool().fetchval(_NEXT_DUE, _HELD_AGAIN)
         wait = limit * random.uniform(0.8, 1.0)
         if seconds is not None:
             wait = min(wait, max(0.0, float(seconds)))

@@ -484,7 +484,8 @@ class PostgresStore(PostgresSignals):
         self._pool = None
         await pool.close()
 
-    def _require_pool(self) -> asyncpg.Pool:
+    def require_pool(self) -> asyncpg.Pool:
+        """The store's connection pool, for the modules that extend it (signals, live view)."""
         if self._pool is None:
             raise RuntimeError("the PostgreSQL store is not open")
         return self._pool
@@ -495,7 +496,7 @@ class PostgresStore(PostgresSignals):
         if connection is not None and not connection.is_closed():
             return connection
         import asyncpg
-        self._require_pool()
+        self.require_pool()
         connection = await asyncpg.connect(self.url.secret)
         self._lanes[lane] = connection
         return connection
@@ -541,7 +542,7 @@ class PostgresStore(PostgresSignals):
         if workflow_id in self._lost:
             waiter.set_exception(self._fenced(workflow_id, "lost its claim earlier"))
             return waiter
-        self._require_pool()
+        self.require_pool()
         stages = frozenset((checkpoint_stage,)) if checkpoint_stage else frozenset()
         state = snapshot()
         self._queue(workflow_id, _encode(state), stages, str(state.get("status") or "pending"),
@@ -760,7 +761,7 @@ class PostgresStore(PostgresSignals):
                  s.get("definition") or s.get("definition_name")) for s in states]
         if not rows:
             return
-        pool = self._require_pool()
+        pool = self.require_pool()
         async with pool.acquire() as connection, connection.transaction():
             applied = await connection.fetch(
                 _REGISTER, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
@@ -778,7 +779,7 @@ class PostgresStore(PostgresSignals):
         """Claim up to ``limit`` queued workflows (oldest first), with their states; none
         of ``exclude`` (those still ending here after their claim was lost: a workflow
         re-queued meanwhile must not run twice in one process)."""
-        pool = self._require_pool()
+        pool = self.require_pool()
         async with self._claims():
             rows = await pool.fetch(_CLAIM_NEXT, self.worker_id, queue, limit,
                                     list(CLAIMABLE), list(exclude))
@@ -922,7 +923,7 @@ class PostgresStore(PostgresSignals):
     async def renew(self) -> None:
         """Extend this worker's lease (on the heartbeat's own connection); if it was found
         dead meanwhile, every claim is lost."""
-        self._require_pool()
+        self.require_pool()
         async with self._beating:
             connection = self._beat
             try:
@@ -949,7 +950,7 @@ class PostgresStore(PostgresSignals):
 
     async def reap(self) -> list[str]:
         """Re-queue the workflows of workers whose lease ran out; their IDs."""
-        pool = self._require_pool()
+        pool = self.require_pool()
         async with pool.acquire() as connection:
             rows = await connection.fetch(_REAP)
             for queue in {r["queue"] for r in rows if r["queue"] is not None}:
@@ -966,7 +967,7 @@ class PostgresStore(PostgresSignals):
     async def load(self, workflow_id: str) -> LoadedState:
         validate_workflow_id(workflow_id)
         await self._flush()
-        row = await self._require_pool().fetchrow(
+        row = await self.require_pool().fetchrow(
             "SELECT state, schema_version FROM workflows WHERE workflow_id = $1", workflow_id)
         if row is None or row["state"] is None:
             raise WorkflowNotFoundError(f"no workflow {workflow_id} in {self.url.masked}")
@@ -976,7 +977,7 @@ class PostgresStore(PostgresSignals):
 
     async def list_states(self, statuses: Iterable[str] | None = None) -> list[LoadedState]:
         await self._flush()
-        pool = self._require_pool()
+        pool = self.require_pool()
         if statuses is None:
             rows = await pool.fetch("SELECT workflow_id, state, schema_version FROM workflows "
                                     "WHERE state IS NOT NULL ORDER BY created_at")
@@ -998,7 +999,7 @@ class PostgresStore(PostgresSignals):
 
     async def checkpoint(self, workflow_id: str, stage: str) -> LoadedState:
         """The state saved as ``stage``'s checkpoint."""
-        row = await self._require_pool().fetchrow(
+        row = await self.require_pool().fetchrow(
             "SELECT state, schema_version FROM workflow_checkpoints "
             "WHERE workflow_id = $1 AND stage = $2", workflow_id, stage)
         if row is None:
@@ -1010,7 +1011,7 @@ class PostgresStore(PostgresSignals):
     async def checkpoints(self, workflow_id: str) -> dict[str, Any]:
         """Every stage checkpoint of ``workflow_id``, oldest first: source -> state (or
         ``{"error": ...}`` for a row this code cannot read), for diagnostic bundles."""
-        rows = await self._require_pool().fetch(
+        rows = await self.require_pool().fetch(
             "SELECT stage, state, schema_version FROM workflow_checkpoints "
             "WHERE workflow_id = $1 ORDER BY created_at, stage", validate_workflow_id(workflow_id))
         found: dict[str, Any] = {}
@@ -1043,7 +1044,7 @@ class PostgresStore(PostgresSignals):
         granted: dict[str, int] = {}
         if wanted:
             await self._flush()  # a registration still queued must exist before its claim
-            async with self._claims(), self._require_pool().acquire() as connection, \
+            async with self._claims(), self.require_pool().acquire() as connection, \
                     connection.transaction():
                 for row in await connection.fetch(_CLAIM, self.worker_id, wanted):
                     granted[row["workflow_id"]] = row["epoch"]
@@ -1083,7 +1084,7 @@ class PostgresStore(PostgresSignals):
         known = set(self._epochs) | set(self._pending.releases)
         for batch in self._sending:
             known.update(batch.releases)
-        async with self._require_pool().acquire() as connection:
+        async with self.require_pool().acquire() as connection:
             rows = await connection.fetch(_ORPHANS, self.worker_id, sorted(known))
             for queue in {r["queue"] for r in rows if r["queue"] is not None}:
                 await connection.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL, queue)
@@ -1112,7 +1113,7 @@ class PostgresStore(PostgresSignals):
 
     async def count_unfinished(self, queue: str) -> int:
         """Workflows of ``queue`` not yet ended: queued, or running on any worker."""
-        count = await self._require_pool().fetchval(
+        count = await self.require_pool().fetchval(
             "SELECT count(*) FROM workflows WHERE queue = $1 AND status = ANY($2::text[])",
             queue, list(CLAIMABLE))
         return int(count or 0)
@@ -1120,7 +1121,7 @@ class PostgresStore(PostgresSignals):
     async def request_cancel(self, workflow_id: str) -> None:
         """Ask the worker running ``workflow_id`` (on any host) to stop it and mark it
         cancelled; it sees the request at its next lease renewal."""
-        await self._require_pool().execute(
+        await self.require_pool().execute(
             "INSERT INTO workflow_signals (workflow_id, kind) VALUES ($1, 'cancel')",
             validate_workflow_id(workflow_id))
 
@@ -1129,7 +1130,7 @@ class PostgresStore(PostgresSignals):
         ids = list(workflow_ids)
         if not ids:
             return []
-        rows = await self._require_pool().fetch(
+        rows = await self.require_pool().fetch(
             "UPDATE workflow_signals SET handled_at = now() WHERE handled_at IS NULL AND "
             "kind = 'cancel' AND workflow_id = ANY($1::text[]) RETURNING workflow_id", ids)
         return sorted({r["workflow_id"] for r in rows})
