@@ -51,8 +51,8 @@ class WorkflowRun:
         "current_stage", "definition_name", "definition_path", "error", "error_category",
         "error_count", "errors", "health_checks", "outputs", "prompt_file",
         "recovery_attempts", "recovery_successes", "resumed_from", "retry_count", "revision",
-        "signals_consumed", "stage_history", "stage_start_time", "stage_waits", "state",
-        "status", "updated_at", "wait", "watchdog_events", "workflow_id",
+        "signals_absent", "signals_consumed", "stage_history", "stage_start_time",
+        "stage_waits", "state", "status", "updated_at", "wait", "watchdog_events", "workflow_id",
     )
 
     def __init__(self, workflow_id: str, *, definition_name: str,
@@ -94,6 +94,10 @@ class WorkflowRun:
         self.wait: dict[str, Any] | None = None
         self.stage_waits: list[float] = []
         self.signals_consumed: dict[str, int] = {}
+        # Not saved: the (signal, index) a wake found not stored after its wait's deadline
+        # had passed, so the stage run again times out without reading it once more; used
+        # once (``_waits.durable_wait``).
+        self.signals_absent: set[tuple[str, int]] | None = None
         # The canonical JSON of each monitoring entry already encoded, by list (see
         # ``to_state(encoded=True)``); made at the first such snapshot.
         self._encoded: dict[str, tuple[list[object], list[bytes]]] | None = None

@@ -118,6 +118,13 @@ async def durable_wait(store: SignalStore, now: float, run: WorkflowRun,
     index = 0
     if name:
         index = run.signals_consumed.get(name, 0) + waits.taken.get(name, 0)
+        absent = run.signals_absent
+        if absent and (name, index) in absent and now >= deadline:
+            # The wake looked it up after this deadline had passed and found none: one
+            # lookup for the whole batch instead of a read per workflow. Used once: a
+            # later wait in the same run reads the store again.
+            absent.discard((name, index))
+            raise SignalTimeout(run.workflow_id, name, deadline)
         payload = await store.read_signal(run.workflow_id, name, index)
         if payload is not None:
             waits.taken[name] = waits.taken.get(name, 0) + 1
@@ -448,6 +455,7 @@ class Waker:
                 else:
                     self._let_go(claim)
                     self.push(entry[0], entry[1], entry[2])
+        absent = await self._signals_absent(due, now) if not due_by_store else set()
         for position, (claim, found, entry) in enumerate(due):
             if position and not position % _PREPARE_CHUNK:
                 await asyncio.sleep(0)  # thousands prepared at once would hold the loop
@@ -465,6 +473,8 @@ class Waker:
             if not isinstance(prepared, tuple):
                 self._let_go(claim)
                 continue
+            if entry[0] in absent:
+                prepared[1].signals_absent = {(entry[2], entry[3])}
             self._waking.discard(entry[0])
             self._running.add(entry[0])
             self._spawn(self._run_woken(prepared, claim, entry))
@@ -473,6 +483,24 @@ class Waker:
             with contextlib.suppress(OSError):  # the next start tries again
                 await store.drop_signals(workflow_id, scan=True)
         return started
+
+    async def _signals_absent(self, due: list[tuple[Claim, LoadedState, ParkedEntry]],
+                              now: float) -> set[str]:
+        """Those of the due signal waits whose deadline had passed at ``now`` and whose
+        signal is not stored: one lookup for all (a file store's is one thread hop, where
+        each woken stage reading its own would be one each). A failed lookup tells
+        nothing: each stage then reads its own."""
+        store = self._store
+        assert store is not None
+        late = [(e[0], e[2], e[3]) for _, _, e in due if e[2] and e[1] <= now]
+        if not late:
+            return set()
+        try:
+            ready = set(await store.signals_ready(late))
+        except Exception as error:  # an optimisation only: never a reason to fail
+            logger.debug("Signal lookup for %d woken workflows failed: %s", len(late), error)
+            return set()
+        return {workflow_id for workflow_id, _, _ in late if workflow_id not in ready}
 
     async def _claim_due_round(self) -> int:
         """Claim the workflows the store says are due, and run them; how many started."""

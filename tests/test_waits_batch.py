@@ -39,6 +39,10 @@ class CountingStore(MemoryStore):
         self.calls["signals_ready"] += 1
         return await super().signals_ready(wanted)
 
+    async def read_signal(self, workflow_id: str, name: str, index: int) -> bytes | None:
+        self.calls["read_signal"] += 1
+        return await super().read_signal(workflow_id, name, index)
+
     async def unpark(self, entry: ParkedEntry) -> None:
         self.calls["unpark"] += 1
         await super().unpark(entry)
@@ -91,6 +95,30 @@ async def test_signalled_ones_not_yet_due_are_looked_up_together() -> None:
     assert sorted(r.workflow_id for r in woken) == sorted(ids[:20])
     assert calls.get("signals_ready") == 1, calls
     assert sorted(store.parked_entries) == sorted(ids[20:])
+
+
+async def test_signal_waits_past_their_deadline_time_out_with_one_lookup() -> None:
+    """40 signal waits woken by their deadline: one signal lookup for all of them, no read
+    per woken stage; the 10 whose signal came before the wake still get its payload, the
+    others time out (the handler sees SignalTimeout)."""
+    store = CountingStore()
+    clock = FakeClock()
+    async with Runtime(quiet_config(), store=store, clock=clock) as rt:
+        parked = await asyncio.gather(*(rt.run(WAIT_FLOW, context={"timeout": 10.0})
+                                        for _ in range(40)))
+        ids = [r.workflow_id for r in parked]
+        for workflow_id in ids[:10]:  # stored without waking: as another process would
+            await store.send_signal(workflow_id, "go", b"7")
+        store.calls.clear()
+        clock.advance(10.0)
+        woken = await rt.settle_woken()
+        calls = dict(store.calls)
+    payloads = {r.workflow_id: r.outputs["payload"] for r in woken}
+    assert {r.status for r in woken} == {"completed"} and len(woken) == 40
+    assert [payloads[i] for i in ids[:10]] == [7] * 10
+    assert [payloads[i] for i in ids[10:]] == ["timed out"] * 30
+    assert calls.get("signals_ready") == 1, calls
+    assert calls.get("read_signal", 0) == 10, calls  # only those whose signal is there
 
 
 _GATE: dict[str, asyncio.Event] = {}
