@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import datetime
 import importlib.metadata
-import itertools
 import os
 import platform
 import shutil
@@ -259,14 +258,19 @@ def _case(argv: Sequence[str], prog: str) -> int:
     _add_no_wait_idle(parser)
     parser.add_argument("--metrics", choices=("off", "on", "paired"), default="off",
                         help="Prometheus metrics attached: off, on, or paired (each run "
-                             "twice, off then on, so both see the same machine)")
+                             "twice, so both see the same machine; off-on, then on-off, "
+                             "so a drift over the runs of one process cancels out)")
     args = parser.parse_args(argv)
     if args.workflows < 1 or args.runs < 1:
         parser.error("--workflows and --runs must be >= 1")
     with tempfile.TemporaryDirectory(prefix="wm-case-", dir=args.scratch) as scratch:
         plan = Plan(workflows=args.workflows, scratch=Path(scratch), wait_idle=args.wait_idle)
         modes = {"off": (False,), "on": (True,), "paired": (False, True)}[args.metrics]
-        for _, metrics in itertools.product(range(args.runs), modes):
+        # ABBA: later runs in one process can be slower (a larger heap, the scratch
+        # directory's files): alternating the order keeps that out of the difference.
+        order = [metrics for run in range(args.runs)
+                 for metrics in (modes if run % 2 == 0 else modes[::-1])]
+        for metrics in order:
             settle(wait_idle=plan.wait_idle)
             result = asyncio.run(run_runtime_case(plan, args.store, args.workflows,
                                                   metrics=metrics))
