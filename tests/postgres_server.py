@@ -120,6 +120,21 @@ def free_port() -> int:
         return port
 
 
+# Runs beside the server: when the process that started it dies without stopping it (a
+# SIGKILLed pytest), the end of its stdin says so, and this stops the server and removes
+# its directory, so no server outlives its owner.
+_REAPER = """
+import os, shutil, subprocess, sys
+pg_ctl, data, directory, uid, gid = sys.argv[1:6]
+sys.stdin.buffer.read()
+if os.path.exists(os.path.join(data, "postmaster.pid")):
+    owner = {} if uid == "-" else {"user": int(uid), "group": int(gid), "extra_groups": []}
+    subprocess.run([pg_ctl, "stop", "-w", "-t", "60", "-m", "immediate", "-D", data],
+                   capture_output=True, check=False, cwd=directory, **owner)
+shutil.rmtree(directory, ignore_errors=True)
+"""
+
+
 @dataclass
 class PostgresServer:
     """One throwaway server; ``url`` while it runs. Usable as a context manager."""
@@ -131,6 +146,7 @@ class PostgresServer:
     password: str = field(init=False, default_factory=lambda: secrets.token_urlsafe(18))
     _account: pwd.struct_passwd | None = field(init=False, default=None)
     _initialized: bool = field(init=False, default=False)
+    _reaper: subprocess.Popen[bytes] | None = field(init=False, default=None)
 
     @property
     def data_directory(self) -> Path:
@@ -192,6 +208,7 @@ class PostgresServer:
                 pwfile.unlink()
             self.port = free_port()
             self._initialized = True
+            self._start_reaper()
         options = " ".join([
             "-c listen_addresses=127.0.0.1", f"-p {self.port}",
             f"-k {self.socket_directory}", "-c fsync=on", "-c synchronous_commit=on",
@@ -201,6 +218,16 @@ class PostgresServer:
         self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data_directory),
                   "-l", str(self.directory / "server.log"), "-o", options)
         return self
+
+    def _start_reaper(self) -> None:
+        assert self.bindir is not None
+        account = self._account
+        ids = ("-", "-") if account is None else (str(account.pw_uid), str(account.pw_gid))
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-c", _REAPER, str(self.bindir / "pg_ctl"),
+             str(self.data_directory), str(self.directory), *ids],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # a Ctrl-C to the owner's group is the owner's
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``immediate``: as a crash would); the data stays for start()."""
@@ -217,6 +244,11 @@ class PostgresServer:
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
             self._initialized = False
+            if self._reaper is not None:  # nothing left for it to do: let it end
+                assert self._reaper.stdin is not None
+                self._reaper.stdin.close()
+                self._reaper.wait(timeout=60)
+                self._reaper = None
 
     def __enter__(self) -> PostgresServer:
         return self.start()

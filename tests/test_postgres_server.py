@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -29,3 +34,31 @@ async def test_server_refuses_a_wrong_password(postgres_url: str) -> None:
     """Password authentication is on, so the tests' password handling is exercised."""
     with pytest.raises(asyncpg.InvalidPasswordError):
         await asyncpg.connect(postgres_url, password="not-the-password")
+
+
+_OWNER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from postgres_server import PostgresServer
+server = PostgresServer().start()
+print(server.directory, flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_server_outlives_no_killed_owner(postgres_url: str) -> None:
+    """SIGKILL the process that started a server: the server stops and its directory is
+    removed (a killed test run leaves no server behind)."""
+    tests = Path(__file__).parent
+    with subprocess.Popen([sys.executable, "-c", _OWNER, str(tests)],
+                          stdout=subprocess.PIPE, text=True) as owner:
+        assert owner.stdout is not None
+        directory = Path(owner.stdout.readline().strip())
+        server_pid = int((directory / "data" / "postmaster.pid").read_text().split()[0])
+        owner.send_signal(signal.SIGKILL)
+    for _ in range(1200):  # an upper bound, reached only on a failure
+        if not directory.exists() and not Path(f"/proc/{server_pid}").exists():
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{server_pid}").exists(), "the server outlived its owner"
+    assert not directory.exists()
