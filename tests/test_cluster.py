@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -480,7 +481,11 @@ def test_a_server_crash_under_two_workers_loses_nothing_acknowledged(
     assert len(per_workflow) == len(set(per_workflow)) and len(during) <= 20, during
     for log in logs:
         text = log.read_text()
-        assert text.count("unreachable") == 1 and text.count("reachable again") == 1, text
+        # Once per state change: a commit that raced the crash may succeed between two
+        # failures, so the log can flap, but never repeats a state.
+        states = re.findall(r"unreachable|reachable again", text)
+        assert states[0] == "unreachable" and states[-1] == "reachable again", text
+        assert all(a != b for a, b in itertools.pairwise(states)), text
         assert own_server.password not in text
 
 
