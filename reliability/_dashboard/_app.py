@@ -303,13 +303,23 @@ def create_app(runtime: Runtime, *, allow_actions: bool = False, token: str | No
                                  401)
         return None
 
-    async def cancel(request: Request) -> Response:
+    def action_target(request: Request) -> str | Response:
+        """The workflow an action names, or the response refusing the action."""
         refused = authorized(request)
         if refused is not None:
             return refused
-        workflow_id = request.path_params["workflow_id"]
+        workflow_id: str = request.path_params["workflow_id"]
         try:
             validate_workflow_id(workflow_id)
+        except ValueError as error:
+            return json_response({"error": str(error)}, 404)
+        return workflow_id
+
+    async def cancel(request: Request) -> Response:
+        workflow_id = action_target(request)
+        if not isinstance(workflow_id, str):
+            return workflow_id
+        try:
             done = await runtime.cancel(workflow_id, abandon=True)
         except WorkflowLockedError:
             return json_response({"error": f"{workflow_id} is running in another process; "
@@ -320,14 +330,9 @@ def create_app(runtime: Runtime, *, allow_actions: bool = False, token: str | No
                              200 if done else 409)
 
     async def resume(request: Request) -> Response:
-        refused = authorized(request)
-        if refused is not None:
-            return refused
-        workflow_id = request.path_params["workflow_id"]
-        try:
-            validate_workflow_id(workflow_id)
-        except ValueError as error:
-            return json_response({"error": str(error)}, 404)
+        workflow_id = action_target(request)
+        if not isinstance(workflow_id, str):
+            return workflow_id
         row = source.rows.get(workflow_id)
         if row is None or row.get("status") not in RESUMABLE_STATUSES:
             return json_response({"error": f"{workflow_id} is not resumable"}, 409)
