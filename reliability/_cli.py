@@ -100,8 +100,10 @@ def _common_options() -> argparse.ArgumentParser:
                        help="print one JSON document on stdout instead of tables")
     group.add_argument("--store", metavar="URL",
                        help="where workflows live: postgresql://user@host/database shares "
-                            "them with workers on many hosts (the password may come from "
-                            "PGPASSWORD; it is never shown); default: WORKFLOW_STORE_URL, "
+                            "them with workers on many hosts (the password belongs in "
+                            "PGPASSWORD, not here: a command line is visible to every user "
+                            "of the host in ps; no output shows it); default: "
+                            "WORKFLOW_STORE_URL, "
                             "else the file store under the project root")
     return common
 
