@@ -11,8 +11,10 @@ a failure: they must always run there.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -84,3 +86,16 @@ def postgres_url(postgres_server: PostgresServer | str) -> Iterator[str]:
         yield base.rsplit("/", 1)[0] + "/" + name
     finally:
         asyncio.run(_admin(base, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def cpython_defaults() -> Iterator[None]:
+    """The interpreter as a fresh CPython has it (GC thresholds, switch interval) for the
+    test, and the suite's own settings back afterwards: tuning tests start from the defaults
+    whatever ran before them."""
+    saved = gc.get_threshold(), sys.getswitchinterval()
+    gc.set_threshold(700, 10, 10)
+    sys.setswitchinterval(0.005)
+    yield
+    gc.set_threshold(*saved[0])
+    sys.setswitchinterval(saved[1])

@@ -54,14 +54,6 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture
-def cpython_defaults() -> Iterator[None]:
-    saved = gc.get_threshold(), sys.getswitchinterval()
-    gc.set_threshold(700, 10, 10)
-    sys.setswitchinterval(0.005)
-    yield
-    gc.set_threshold(*saved[0])
-    sys.setswitchinterval(saved[1])
 
 
 @pytest.mark.usefixtures("cpython_defaults")

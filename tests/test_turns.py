@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -114,17 +113,9 @@ async def _yield_once(ctx: object) -> None:
     await asyncio.sleep(0)
 
 
-@pytest.fixture
-def default_thresholds() -> Iterator[None]:
-    saved = gc.get_threshold(), sys.getswitchinterval()
-    gc.set_threshold(700, 10, 10)
-    sys.setswitchinterval(0.005)
-    yield
-    gc.set_threshold(*saved[0])
-    sys.setswitchinterval(saved[1])
 
 
-@pytest.mark.usefixtures("default_thresholds")
+@pytest.mark.usefixtures("cpython_defaults")
 def test_tuning_replaces_cpython_defaults_while_held_and_restores_them() -> None:
     hold_tuning()
     hold_tuning()  # a second runtime in the same process
@@ -137,7 +128,7 @@ def test_tuning_replaces_cpython_defaults_while_held_and_restores_them() -> None
     assert sys.getswitchinterval() == pytest.approx(0.005)
 
 
-@pytest.mark.usefixtures("default_thresholds")
+@pytest.mark.usefixtures("cpython_defaults")
 def test_tuning_leaves_thresholds_the_process_chose_itself() -> None:
     gc.set_threshold(5_000, 5, 5)
     sys.setswitchinterval(0.002)
@@ -151,7 +142,7 @@ def test_tuning_leaves_thresholds_the_process_chose_itself() -> None:
     assert sys.getswitchinterval() == pytest.approx(0.002)
 
 
-@pytest.mark.usefixtures("default_thresholds")
+@pytest.mark.usefixtures("cpython_defaults")
 async def test_runtime_holds_the_tuning_only_while_open_and_only_if_configured(
         tmp_path: Path) -> None:
     async with Runtime(quick_config(tune_interpreter=True), project_root=tmp_path,
