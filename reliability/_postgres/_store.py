@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import os
 import random
@@ -227,6 +226,18 @@ SELECT workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
                        $17::text[], $18::bigint[], $19::text[], $20::text, $21::text[],
                        $22::text)
 """
+# The same, for a batch the commit probe samples: also when the server read the statement
+# and when the function returned (before the COMMIT's WAL sync), on the server's clock.
+_COMMIT_TIMED = """
+SELECT statement_timestamp() AS started,
+       workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
+                       $5::text[], $6::bigint[], $7::jsonb[], $8::text[], $9::bigint[],
+                       $10::text[], $11::text[],
+                       $12::text[], $13::jsonb[], $14::text[], $15::bigint[], $16::text[],
+                       $17::text[], $18::bigint[], $19::text[], $20::text, $21::text[],
+                       $22::text) AS refused,
+       clock_timestamp() AS ended
+"""
 
 
 def _encode(state: dict[str, Any]) -> str:
@@ -298,6 +309,7 @@ class _Batch:
     # Recorded in workflow_commits with the batch: how a retry knows it committed already.
     id: int = field(default_factory=lambda: secrets.randbits(63))
     lane: int = 0  # which of the store's commit lanes sends it (its workflow_commits row)
+    trace: Any = None  # the commit probe's record of this batch, when it samples it
 
     def empty(self) -> bool:
         return not (self.writes or self.releases)
@@ -338,6 +350,44 @@ class _Batch:
         return taken
 
 
+class _IdleLanes:
+    """Commit lanes waiting for rows. ``set`` wakes one, the one idle last (its
+    connection is open and its statement prepared; a lane's first batch costs a connect
+    and a prepare), and only if none is woken already: saves queued in one turn of the
+    loop go in one batch, not one each. A lane that took a batch and left rows behind
+    wakes the next."""
+
+    def __init__(self) -> None:
+        self._idle: list[asyncio.Future[None]] = []
+        self._woken = False
+
+    def set(self) -> None:
+        if self._woken:
+            return
+        while self._idle:
+            waiter = self._idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._woken = True
+                return
+
+    def set_all(self) -> None:
+        idle, self._idle = self._idle, []
+        for waiter in idle:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._woken = False
+            if not waiter.done():
+                self._idle.remove(waiter)
+
+
 class PostgresStore(PostgresSignals):
     """Workflow states in a PostgreSQL database shared by many worker processes.
 
@@ -375,9 +425,10 @@ class PostgresStore(PostgresSignals):
         self._pending = _Batch()
         self._seq = 0  # of the last write or release queued
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []  # (sequence, waiter)
-        self._wake = asyncio.Event()
+        self._wake = _IdleLanes()
         self._committer: asyncio.Task[None] | None = None
         self._sending: list[_Batch] = []  # batches sent, not yet committed
+        self._busy: set[str] = set()  # workflows with a write or release in those
         self._claiming = asyncio.Lock()  # one claim statement at a time (see _claims)
         self._claims_unsure = False  # a claim's reply was lost: see _ORPHANS
         self._heartbeat: asyncio.Task[None] | None = None
@@ -401,6 +452,11 @@ class PostgresStore(PostgresSignals):
         # How long each of the recent batches took to commit (its successful attempt), for
         # benchmarks and metrics.
         self.commit_seconds: deque[float] = deque(maxlen=100_000)
+        # A benchmark's probe of where a commit's time goes (benchmarks/_cluster.py,
+        # CommitProbe): told of each save queued, each lane connection opened and each
+        # batch taken; it samples some batches, which it times on the real clock. None
+        # (nothing to tell) but in that benchmark.
+        self.commit_probe: Any = None
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url.masked!r}, worker_id={self.worker_id!r})"
@@ -465,7 +521,7 @@ class PostgresStore(PostgresSignals):
             self._release(workflow_id, epoch)
         await self._flush()
         self._closing = True
-        self._wake.set()
+        self._wake.set_all()
         if self._committer is not None:
             await self._committer
         lanes, self._lanes = list(self._lanes.values()), {}
@@ -499,6 +555,8 @@ class PostgresStore(PostgresSignals):
         self.require_pool()
         connection = await asyncpg.connect(self.url.secret)
         self._lanes[lane] = connection
+        if self.commit_probe is not None:
+            self.commit_probe.connected(connection)
         return connection
 
     def _drop_lane(self, lane: int) -> None:
@@ -548,6 +606,8 @@ class PostgresStore(PostgresSignals):
         self._queue(workflow_id, _encode(state), stages, str(state.get("status") or "pending"),
                     int(state.get("revision") or 0))
         self._pending.waiters.append((workflow_id, waiter))
+        if self.commit_probe is not None:
+            self.commit_probe.queued(workflow_id)
         return waiter
 
     def expedite(self) -> None:
@@ -594,40 +654,44 @@ class PostgresStore(PostgresSignals):
         self._flushes = waiting
 
     async def _commit_loop(self) -> None:
-        lanes = list(range(self.commit_lanes))
-        busy: set[str] = set()  # workflows with a write or release in flight
-        sends: set[asyncio.Task[None]] = set()
+        await asyncio.gather(*(self._lane_loop(lane) for lane in range(self.commit_lanes)))
 
-        def sent(task: asyncio.Task[None], batch: _Batch) -> None:
-            sends.discard(task)
-            self._sending.remove(batch)
-            busy.difference_update(batch.writes)
-            busy.difference_update(batch.releases)
-            lanes.append(batch.lane)
-            self._settle_flushes()
-            self._wake.set()
-
+    async def _lane_loop(self, lane: int) -> None:
+        """One commit lane: sends the oldest rows queued, at most ``batch_rows`` a batch,
+        and when its batch committed takes the next one in the same task, so a free lane
+        starts its next batch without a hop through another task (each hop waits for a
+        turn of a busy loop: several milliseconds of a commit's latency)."""
+        busy = self._busy
         while True:
-            await self._wake.wait()
-            self._wake.clear()
             # The oldest rows first, so everything queued is sent within a bounded number
-            # of batches however fast new writes arrive; several batches at once, none
-            # with a workflow another in flight has.
-            while lanes and not self._pending.empty():
-                batch = self._pending.take(self.batch_rows, busy)
-                if batch.empty():
-                    break  # what is left waits for a batch in flight
-                batch.lane = lanes.pop()
-                busy.update(batch.writes)
-                busy.update(batch.releases)
-                self._sending.append(batch)
-                task = asyncio.create_task(self._commit_with_retries(batch))
-                sends.add(task)
-                task.add_done_callback(functools.partial(sent, batch=batch))
-            if not sends and self._pending.empty():
+            # of batches however fast new writes arrive; none of a workflow another lane
+            # has in flight (a later write must not overtake an earlier one).
+            batch = self._pending.take(self.batch_rows, busy)
+            if batch.empty():
+                if not self._sending and self._pending.empty():
+                    self._settle_flushes()
+                    if self._closing:
+                        self._wake.set_all()  # the other lanes end too
+                        return
+                await self._wake.wait()
+                continue
+            if not self._pending.empty():
+                self._wake.set()  # more than a batch queued: another lane takes the rest
+            batch.lane = lane
+            if self.commit_probe is not None:
+                batch.trace = self.commit_probe.taken(batch)
+            busy.update(batch.writes)
+            busy.update(batch.releases)
+            self._sending.append(batch)
+            try:
+                await self._commit_with_retries(batch)
+            finally:
+                self._sending.remove(batch)
+                busy.difference_update(batch.writes)
+                busy.difference_update(batch.releases)
                 self._settle_flushes()
                 if self._closing:
-                    return
+                    self._wake.set_all()
 
     async def _commit_with_retries(self, batch: _Batch) -> None:
         delay = _RETRY_FIRST
@@ -656,6 +720,8 @@ class PostgresStore(PostgresSignals):
                 waiter.set_result(None)
             else:
                 waiter.set_exception(outcome)
+        if batch.trace is not None:
+            batch.trace.resolved(batch.waiters)
 
     def _mark_down(self, error: BaseException) -> None:
         """The server is unreachable: logged once, until ``_mark_up``."""
@@ -724,15 +790,21 @@ class PostgresStore(PostgresSignals):
                 checkpoint_ids.append(workflow_id)
                 checkpoint_stages.append(stage)
         connection = await self._lane_connection(batch.lane)
+        arguments = (self.worker_id, batch.lane, batch.id, SCHEMA_VERSION,
+                     fenced_ids, fenced_epochs, fenced_states, fenced_status, fenced_revisions,
+                     checkpoint_ids, checkpoint_stages,
+                     [r[0] for r in register], [r[1] for r in register],
+                     [r[2] for r in register], [r[3] for r in register],
+                     [r[4] for r in register], list(batch.releases),
+                     list(batch.releases.values()), list(CLAIMABLE), WORK_CHANNEL,
+                     list(TERMINAL), RESULT_CHANNEL)
         try:
-            refused = await connection.fetchval(
-                _COMMIT, self.worker_id, batch.lane, batch.id, SCHEMA_VERSION,
-                fenced_ids, fenced_epochs, fenced_states, fenced_status, fenced_revisions,
-                checkpoint_ids, checkpoint_stages,
-                [r[0] for r in register], [r[1] for r in register], [r[2] for r in register],
-                [r[3] for r in register], [r[4] for r in register],
-                list(batch.releases), list(batch.releases.values()), list(CLAIMABLE),
-                WORK_CHANNEL, list(TERMINAL), RESULT_CHANNEL)
+            if batch.trace is None:
+                refused = await connection.fetchval(_COMMIT, *arguments)
+            else:
+                row = await connection.fetchrow(_COMMIT_TIMED, *arguments)
+                batch.trace.replied(connection, row["started"], row["ended"])
+                refused = row["refused"]
         except Exception as error:
             if _connection_lost(error):
                 self._drop_lane(batch.lane)
