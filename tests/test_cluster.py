@@ -434,7 +434,7 @@ def test_a_server_crash_under_two_workers_loses_nothing_acknowledged(
     completion is lost (no stage starts again once the next one started: in strict mode a
     start is the proof its predecessor committed); while the server is down each worker
     starts at most the stages whose predecessors committed just before, and logs the
-    outage once each way."""
+    outage once each way (one outage: one change to unreachable, one back)."""
     url = own_server.url
     effects = tmp_path / "effects"
     effects.mkdir()
@@ -481,11 +481,11 @@ def test_a_server_crash_under_two_workers_loses_nothing_acknowledged(
     assert len(per_workflow) == len(set(per_workflow)) and len(during) <= 20, during
     for log in logs:
         text = log.read_text()
-        # Once per state change: a commit that raced the crash may succeed between two
-        # failures, so the log can flap, but never repeats a state.
+        # One outage, one state change each way: round trips that straddle its start
+        # or end (a commit that raced the crash, a retry failing after the recovery)
+        # do not flip the state again.
         states = re.findall(r"unreachable|reachable again", text)
-        assert states[0] == "unreachable" and states[-1] == "reachable again", text
-        assert all(a != b for a, b in itertools.pairwise(states)), text
+        assert states == ["unreachable", "reachable again"], text
         assert own_server.password not in text
 
 

@@ -3,15 +3,15 @@
 The same ``Store`` interface as the file store, plus what workers need (``enqueue``,
 ``claim_next``, ``wait_for_work``). How it keeps its promises:
 
-- Group commit (docs/architecture.md, invariant 4): saves are queued; one committer task
-  sends what is queued as batches of at most ``batch_rows`` rows, oldest first, up to
-  ``commit_lanes`` batches at once, each lane on a connection of its own outside the pool,
-  never two with writes of one workflow at once (a later write would overtake an
-  earlier). A batch is one statement, so one round trip: the ``workflow_commit`` function
-  (migration 0004) takes every row as arrays and does the idempotency mark, the fenced
-  writes, checkpoints, audit rows, releases and NOTIFYs in the statement's own
-  transaction. A save's future completes when its batch committed (synchronous_commit
-  on: durable).
+- Group commit (docs/architecture.md, invariant 4): saves are queued; ``commit_lanes``
+  lane tasks send what is queued as batches of at most ``batch_rows`` rows, oldest first,
+  a lane taking its next batch as soon as its last committed, each lane on a connection of
+  its own outside the pool, never two with writes of one workflow at once (a later write
+  would overtake an earlier). A batch is one statement, so one round trip: the
+  ``workflow_commit`` function (migration 0004) takes every row as arrays and does the
+  idempotency mark, the fenced writes, checkpoints, audit rows, releases and NOTIFYs in
+  the statement's own transaction. A save's future completes when its batch committed
+  (synchronous_commit on: durable).
 - Claims (invariant 9): ``UPDATE ... FOR UPDATE SKIP LOCKED``; each raises the
   workflow's epoch. Every write is conditional on (owner, epoch): a write by a worker
   that lost the workflow changes nothing, is recorded as refused in ``workflow_writes``
@@ -31,10 +31,13 @@ The same ``Store`` interface as the file store, plus what workers need (``enqueu
   writing again, which a release in the same batch would now have refused. If the
   earlier transaction is still open on a dying backend, the retry waits on that row's
   lock until it ended either way.
-- Outages: the committer, the heartbeat and the listener share one up/down state; a
-  change is logged once each way. While down, writes wait (nothing acknowledged is lost:
-  a future completes only after its commit), ``lease_valid`` turns False after half the
-  lease, so callers start no stage, and everything reconnects with backoff.
+- Outages: the committer, the heartbeat and the listener share one up/down state; a change
+  is logged once each way, and one outage is one change each way: a round trip's outcome
+  counts only if it started after the last change (one that straddles the crash or the
+  recovery tells of the state before), and a caller's connection error (``unreachable``)
+  is judged by a lease renewal sent then. While down, writes wait (nothing acknowledged is
+  lost: a future completes only after its commit), ``lease_valid`` turns False after half
+  the lease, so callers start no stage, and everything reconnects with backoff.
 - States are JSONB rows with the document format's ``schema_version`` (as the file store
   writes in each file), checked on every read, and the row's workflow ID checked against
   the state's. Not a checksum, unlike the file store's documents: what that checksum
@@ -419,6 +422,11 @@ class PostgresStore(PostgresSignals):
         self.on_fenced = on_fenced
         self.clock: Clock = clock or SystemClock()
         self._down_since: float | None = None  # when the server became unreachable
+        # Raised at each change between reachable and unreachable. A round trip notes it
+        # when it starts; its outcome changes the state only if no change came since
+        # (see _mark_down).
+        self._outage_changes = 0
+        self._prober: asyncio.Task[None] | None = None  # a renewal asked for by unreachable()
         self._pool: asyncpg.Pool | None = None
         self._epochs: dict[str, int] = {}  # claims held: workflow ID -> epoch
         self._lost: set[str] = set()  # fenced off: nothing more is sent for these
@@ -510,12 +518,12 @@ class PostgresStore(PostgresSignals):
         pool = self._pool
         if pool is None:
             return
-        for task in (self._heartbeat, self._reaper, self._connecting):
+        for task in (self._heartbeat, self._reaper, self._connecting, self._prober):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._heartbeat = self._reaper = self._connecting = None
+        self._heartbeat = self._reaper = self._connecting = self._prober = None
         # Claims still held are given back, so other workers take them at once.
         for workflow_id, epoch in list(self._epochs.items()):
             self._release(workflow_id, epoch)
@@ -696,11 +704,12 @@ class PostgresStore(PostgresSignals):
     async def _commit_with_retries(self, batch: _Batch) -> None:
         delay = _RETRY_FIRST
         while True:
+            since = self._outage_changes
             try:
                 started = self.clock.monotonic()
                 failures = await self._commit(batch)
                 self.commit_seconds.append(self.clock.monotonic() - started)
-                self._mark_up()
+                self._mark_up(since)
                 break
             except Exception as error:
                 if not _connection_lost(error) or self._closing:
@@ -708,7 +717,7 @@ class PostgresStore(PostgresSignals):
                         await self.connect_error(error))
                     failures = dict.fromkeys((w for w, _ in batch.waiters), failure)
                     break
-                self._mark_down(error)
+                self._mark_down(error, since)
                 await self.clock.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, _RETRY_MAX)
         self.batches_committed += 1
@@ -723,31 +732,54 @@ class PostgresStore(PostgresSignals):
         if batch.trace is not None:
             batch.trace.resolved(batch.waiters)
 
-    def _mark_down(self, error: BaseException) -> None:
-        """The server is unreachable: logged once, until ``_mark_up``."""
-        if self._down_since is not None:
+    def _mark_down(self, error: BaseException, since: int) -> None:
+        """The server is unreachable: logged once, until ``_mark_up``.
+
+        ``since``: ``_outage_changes`` when the failed round trip started. One decision
+        per outage: a round trip that started before the last change is evidence of the
+        state before it, and changes nothing. (During a crash, a commit sent just before
+        it can succeed after another lane failed, and a retry sent during the outage can
+        fail after the heartbeat found the server back; each used to flip the state, so
+        one outage was logged as several.)"""
+        if self._down_since is not None or since != self._outage_changes:
             return
+        self._outage_changes += 1
         self._down_since = self.clock.monotonic()
         logger.warning("PostgreSQL at %s unreachable (%s); writes wait and reconnect with "
                        "backoff, no new stage starts once the lease is half gone",
                        self.url.server, scrub(f"{type(error).__name__}: {error}",
                                               self.url.secret).replace("\n", " "))
 
-    def _mark_up(self) -> None:
-        if self._down_since is None:
+    def _mark_up(self, since: int) -> None:
+        """The server answered a round trip that started at ``since`` (see _mark_down)."""
+        if self._down_since is None or since != self._outage_changes:
             return
+        self._outage_changes += 1
         down_for, self._down_since = self.clock.monotonic() - self._down_since, None
         logger.warning("PostgreSQL at %s reachable again after %.1f s; writes go on",
                        self.url.server, down_for)
         self._work.set()  # an idle worker claims again now, not at its next poll
 
     def unreachable(self, error: BaseException) -> bool:
-        """True if ``error`` means the server cannot be reached now (then recorded, and the
-        outage logged once): the caller backs off and tries again."""
+        """True if ``error`` means the server cannot be reached now: the caller backs off
+        and tries again. Whether that is an outage (logged once) is decided by a lease
+        renewal sent now, not by ``error``: a round trip of the caller's that started
+        before the server came back must not open a second outage."""
         if not _connection_lost(error):
             return False
-        self._mark_down(error)
+        if self._pool is not None and not self._closing and (
+                self._prober is None or self._prober.done()):
+            self._prober = asyncio.create_task(self._probe(), name="postgres-probe")
         return True
+
+    async def _probe(self) -> None:
+        since = self._outage_changes
+        try:
+            await self.renew()
+        except Exception as error:
+            self._heartbeat_failed(error, "Lease renewal", since)
+            return
+        self._mark_up(since)
 
     @property
     def reachable(self) -> bool:
@@ -803,6 +835,7 @@ class PostgresStore(PostgresSignals):
                 refused = await connection.fetchval(_COMMIT, *arguments)
             else:
                 row = await connection.fetchrow(_COMMIT_TIMED, *arguments)
+                assert row is not None  # a SELECT without FROM: one row
                 batch.trace.replied(connection, row["started"], row["ended"])
                 refused = row["refused"]
         except Exception as error:
@@ -896,12 +929,14 @@ class PostgresStore(PostgresSignals):
         if self._listener is not None and not self._listener.is_closed():
             if not self._ends_wanted or self._listening_to_ends:
                 return
+            since = self._outage_changes
             try:
                 await self._listener.add_listener(RESULT_CHANNEL, self._ended)
             except Exception as error:
                 if not _connection_lost(error):
                     raise
-                self._mark_down(error)  # the listener is lost: the next wait listens again
+                # The listener is lost: the next wait listens again.
+                self._mark_down(error, since)
                 return
             self._listening_to_ends = True
             return
@@ -916,6 +951,7 @@ class PostgresStore(PostgresSignals):
     async def _open_listener(self) -> None:
         import asyncpg
         connection = None
+        since = self._outage_changes
         try:
             connection = await asyncpg.connect(self.url.secret)
             await connection.add_listener(WORK_CHANNEL, self._notified)
@@ -927,10 +963,10 @@ class PostgresStore(PostgresSignals):
             if connection is not None:
                 connection.terminate()
             if isinstance(error, Exception) and _connection_lost(error):
-                self._mark_down(error)
+                self._mark_down(error, since)
                 return  # the poll still finds work; the next wait tries again
             raise
-        self._mark_up()
+        self._mark_up(since)
         connection.add_termination_listener(self._listener_lost)
         self._listener = connection
         self._listening_to_ends = self._ends_wanted
@@ -960,37 +996,39 @@ class PostgresStore(PostgresSignals):
         delay, backoff = interval, _RETRY_FIRST
         while True:
             await self.clock.sleep(delay)
+            since = self._outage_changes
             try:
                 await self.renew()
             except Exception as error:
                 # Never ends on an error: a worker whose heartbeat stopped would keep its
                 # claims' tasks waiting for a lease forever.
-                self._heartbeat_failed(error, "Lease renewal")
+                self._heartbeat_failed(error, "Lease renewal", since)
                 delay = min(backoff, interval) * random.uniform(0.5, 1.0)
                 backoff = min(backoff * 2, _RETRY_MAX)
                 continue
-            self._mark_up()
+            self._mark_up(since)
             delay, backoff = interval, _RETRY_FIRST
             # Reaping waits for the pool and can wait on row locks (a dead worker's
             # workflow a commit holds): beside the renewals, never before the next one.
             if self._reaper is None or self._reaper.done():
                 self._reaper = asyncio.create_task(self._reap_once(), name="postgres-reaper")
 
-    def _heartbeat_failed(self, error: Exception, what: str) -> None:
+    def _heartbeat_failed(self, error: Exception, what: str, since: int) -> None:
         if _connection_lost(error):
-            self._mark_down(error)
+            self._mark_down(error, since)
             return
         logger.warning("%s of %s failed (%s); trying again", what, self.worker_id,
                        scrub(f"{type(error).__name__}: {error}",
                              self.url.secret).replace("\n", " "))
 
     async def _reap_once(self) -> None:
+        since = self._outage_changes
         try:
             await self.reap()
         except Exception as error:
             # Tried again after the next renewal. Besides an outage, two workers reaping
             # at once after one can deadlock, and the server picks a victim.
-            self._heartbeat_failed(error, "Reaping dead workers")
+            self._heartbeat_failed(error, "Reaping dead workers", since)
 
     async def renew(self) -> None:
         """Extend this worker's lease (on the heartbeat's own connection); if it was found
