@@ -92,6 +92,31 @@ async def test_many_saves_are_few_commits(store: PostgresStore, postgres_url: st
     assert rows[0]["n"] == 300
 
 
+async def test_lanes_send_batch_after_batch_in_their_own_tasks(store: PostgresStore) -> None:
+    """Committing batch after batch creates no task: a lane sends its next batch from its
+    own task (a new task per batch costs a turn of a busy loop before it is sent)."""
+    ids = [_id(n) for n in range(5)]
+    await store.claim_many(ids)
+    await asyncio.gather(*(store.save_nowait(w, lambda w=w: _state(w, 2)) for w in ids))
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> asyncio.Task[Any]:
+        created.append(getattr(coro, "__qualname__", repr(coro)))
+        return asyncio.Task(coro, loop=loop, **options)
+
+    before = store.batches_committed
+    loop.set_task_factory(factory)
+    try:
+        for revision in range(3, 13):
+            await asyncio.gather(*(store.save_nowait(w, lambda w=w, r=revision: _state(w, r))
+                                   for w in ids))
+    finally:
+        loop.set_task_factory(None)
+    assert store.batches_committed - before >= 10
+    assert created == []
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     """Until ``condition`` holds (a task of this loop makes it so)."""
     while not condition():  # noqa: ASYNC110 (the committer's state has no event)
