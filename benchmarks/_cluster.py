@@ -1,7 +1,8 @@
 """Worker processes sharing one PostgreSQL server vs DBOS, same workload, same run.
 
 ``python -m benchmarks.cluster [--workers 1,2,4] [--workflows 2000] [--concurrency 250]
-[--dbos-workflows 1000] [--dbos-mode async|sync] [--json FILE]`` starts a throwaway server
+[--dbos-workflows 1000] [--dbos-mode async|sync] [--latency-at 0.5,0.75]
+[--saturated-rate N] [--probe] [--json FILE]`` starts a throwaway server
 (``tests/postgres_server.py``: fsync and synchronous_commit on; or uses
 ``WORKFLOW_TEST_POSTGRES_URL``) and, for each worker count, on a fresh database:
 
@@ -17,6 +18,14 @@
   with a superuser's URL also the server's side of a commit: the mean time in the
   ``workflow_commit`` statement and of a WAL sync (``track_functions``,
   ``track_wal_io_timing`` set on the run's database).
+
+A commit's latency means something only where the worker is not saturated: at
+saturation every workflow waits for a CPU and a lane, so its commits' latency is the
+concurrency over the rate (Little's law), whatever the commit costs. ``--latency-at``
+then runs one worker at each given fraction of the 1-worker saturated rate (this run's,
+or ``--saturated-rate``), workflows queued at that rate while it runs (an open loop),
+and reports the same figures with the share of the run its loop was on a CPU.
+``--probe`` splits a sampled quarter of the commits in each worker (``CommitProbe``).
 
 Then DBOS (``pip install 'dbos==3.4.*'``), through ``benchmarks._pgstore``'s DBOS run: N
 workflows of 19 no-op steps on a database of its own on the same server. The URL reaches
