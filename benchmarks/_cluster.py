@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -279,19 +280,36 @@ async def _submit_paced(url: str, workflows: int, per_second: float, root: str) 
         del os.environ["WORKFLOW_STORE_URL"]
 
 
-async def _window(url: str) -> tuple[float, int]:
-    """Seconds from the first claim to the last final write (database clock), and how
-    many workflows completed."""
+async def _workers_ready(url: str, workers: int) -> None:
+    """Until ``workers`` workers registered (their stores opened): queueing at a rate
+    starts then, not during their start-up (a backlog would be a burst)."""
+    import asyncpg
+    connection = await asyncpg.connect(url)
+    try:
+        while True:  # the registrations are rows of another process: polled
+            with contextlib.suppress(asyncpg.UndefinedTableError):  # not migrated yet
+                if await connection.fetchval(
+                        "SELECT count(*) FROM workflow_workers") >= workers:
+                    return
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+
+
+async def _window(url: str) -> tuple[float, int, float]:
+    """Seconds from the first claim to the last final write (database clock), how many
+    workflows completed, and the seconds from the first queued to the last."""
     import asyncpg
     connection = await asyncpg.connect(url)
     try:
         row = await connection.fetchrow(
             "SELECT extract(epoch FROM (SELECT max(updated_at) FROM workflows) - "
             "(SELECT min(at) FROM workflow_writes WHERE kind = 'claim')) AS seconds, "
-            "(SELECT count(*) FROM workflows WHERE status = 'completed') AS completed")
+            "(SELECT count(*) FROM workflows WHERE status = 'completed') AS completed, "
+            "extract(epoch FROM max(created_at) - min(created_at)) AS queued FROM workflows")
     finally:
         await connection.close()
-    return float(row["seconds"]), int(row["completed"])
+    return float(row["seconds"]), int(row["completed"]), float(row["queued"])
 
 
 async def _server_times(url: str, database: str) -> dict[str, float] | None:
@@ -350,6 +368,7 @@ async def cluster_run(url: str, workers: int, workflows: int,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             for _ in range(workers)]
         if offered is not None:
+            await _workers_ready(database, workers)
             await _submit_paced(database, workflows, offered / len(NOOP19.stages), root)
         outputs = [await p.communicate() for p in processes]
         wall = time.perf_counter() - start
@@ -357,7 +376,7 @@ async def cluster_run(url: str, workers: int, workflows: int,
         if process.returncode != 0:
             raise RuntimeError(f"a worker failed: {err.decode(errors='replace')[-2000:]}")
     runs = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
-    seconds, completed = await _window(database)
+    seconds, completed, queued = await _window(database)
     if completed != workflows:
         raise RuntimeError(f"{completed} of {workflows} workflows completed")
     commits = [c for run in runs for c in run["commit_seconds"]]
@@ -365,6 +384,7 @@ async def cluster_run(url: str, workers: int, workflows: int,
     loop_cpu = sum(r["loop_cpu_seconds"] for r in runs)
     figures = {"workers": workers, "workflows": workflows, "concurrency": concurrency,
                "offered_per_s": offered, "loop_busy": loop_cpu / workers / seconds,
+               "queued_seconds": queued,
                "transitions": transitions, "seconds": seconds,
                "transitions_per_s": transitions / seconds, "wall_seconds": wall,
                "per_worker": [r["workflows_run"] for r in runs], "batches": len(commits),
