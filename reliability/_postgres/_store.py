@@ -532,6 +532,11 @@ class PostgresStore(PostgresSignals):
         self._wake.set_all()
         if self._committer is not None:
             await self._committer
+        if self._prober is not None:  # one asked for while the last writes went out
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
         lanes, self._lanes = list(self._lanes.values()), {}
         with contextlib.suppress(Exception):
             if self._claims_unsure:  # before the row goes: none would re-queue them then
