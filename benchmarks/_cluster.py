@@ -1,7 +1,8 @@
 """Worker processes sharing one PostgreSQL server vs DBOS, same workload, same run.
 
 ``python -m benchmarks.cluster [--workers 1,2,4] [--workflows 2000] [--concurrency 250]
-[--dbos-workflows 1000] [--dbos-mode async|sync] [--json FILE]`` starts a throwaway server
+[--dbos-workflows 1000] [--dbos-mode async|sync] [--latency-at 0.5,0.75]
+[--saturated-rate N] [--probe] [--json FILE]`` starts a throwaway server
 (``tests/postgres_server.py``: fsync and synchronous_commit on; or uses
 ``WORKFLOW_TEST_POSTGRES_URL``) and, for each worker count, on a fresh database:
 
@@ -18,6 +19,14 @@
   ``workflow_commit`` statement and of a WAL sync (``track_functions``,
   ``track_wal_io_timing`` set on the run's database).
 
+A commit's latency means something only where the worker is not saturated: at
+saturation every workflow waits for a CPU and a lane, so its commits' latency is the
+concurrency over the rate (Little's law), whatever the commit costs. ``--latency-at``
+then runs one worker at each given fraction of the 1-worker saturated rate (this run's,
+or ``--saturated-rate``), workflows queued at that rate while it runs (an open loop),
+and reports the same figures with the share of the run its loop was on a CPU.
+``--probe`` splits a sampled quarter of the commits in each worker (``CommitProbe``).
+
 Then DBOS (``pip install 'dbos==3.4.*'``), through ``benchmarks._pgstore``'s DBOS run: N
 workflows of 19 no-op steps on a database of its own on the same server. The URL reaches
 every child on its environment or stdin, never on a command line.
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -57,16 +67,182 @@ def _config() -> Any:
                               tune_interpreter=True)
 
 
-async def _worker(concurrency: int, root: str) -> dict[str, Any]:
-    """One worker process's run (the store URL from WORKFLOW_STORE_URL)."""
+class _Wire:
+    """One lane connection's last write and last read, on the real clock: its transport's
+    ``write`` and its protocol's ``data_received`` wrapped (asyncio's selector transport
+    calls ``self._protocol.data_received``)."""
+
+    def __init__(self, transport: Any) -> None:
+        self.written = self.written_cpu = self.read = 0.0
+        write, protocol = transport.write, transport._protocol
+        wire = self
+
+        def timed_write(data: Any) -> None:
+            wire.written, wire.written_cpu = time.perf_counter(), time.thread_time()
+            write(data)
+
+        class Reader:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(protocol, name)
+
+            def data_received(self, data: bytes) -> None:
+                wire.read = time.perf_counter()
+                protocol.data_received(data)
+
+        transport.write = timed_write
+        transport._protocol = Reader()
+
+
+class _Sample:
+    """One sampled batch's times (perf_counter seconds) from its rows' saves to their
+    waiters woken."""
+
+    __slots__ = ("cpu", "ended", "probe", "read", "resolved_at", "resumed", "started", "taken",
+                 "waits", "woken", "written")
+
+    def __init__(self, probe: CommitProbe, waits: list[float]) -> None:
+        self.probe = probe
+        self.waits = waits
+        self.taken, self.cpu = time.perf_counter(), time.thread_time()
+        self.written = self.read = self.resumed = self.resolved_at = self.woken = 0.0
+        self.started = self.ended = 0.0
+
+    def replied(self, connection: Any, started: Any, ended: Any) -> None:
+        self.resumed = time.perf_counter()
+        wire = self.probe.wires.get(id(connection))
+        if wire is not None:
+            self.written, self.read = wire.written, wire.read
+            self.cpu = wire.written_cpu - self.cpu
+        # The server's clock is this host's wall clock: to perf_counter's.
+        self.started = started.timestamp() - self.probe.offset
+        self.ended = ended.timestamp() - self.probe.offset
+
+    def resolved(self, waiters: list[tuple[str, asyncio.Future[None]]]) -> None:
+        self.resolved_at = time.perf_counter()
+        if waiters:
+            # Runs in the loop's turn that also resumes the last waiter's task.
+            waiters[-1][1].add_done_callback(self._woken)
+        if self.written:
+            self.probe.samples.append(self)
+
+    def _woken(self, _: object) -> None:
+        self.woken = time.perf_counter()
+
+
+class CommitProbe:
+    """Where a group commit's time goes, in a worker (``--probe``): every ``every``-th
+    batch is timed from its rows' saves to their waiters woken, and the loop's turns are
+    timed throughout (``select`` of the loop's selector wrapped). Parts (ms, p50/p99):
+
+    a. a row's wait from its save to its batch being taken (a free lane, the batch before);
+    b. the batch's encoding on the loop, taken to written (and its CPU time);
+    c. the round trip, written to the reply read by the loop: to the server reading it,
+       the server's function, then the COMMIT's WAL sync, the reply and its wait in the
+       socket until the loop's next look;
+    d. read to the commit's task resumed, to its waiters resolved, to the last waiter's
+       task woken.
+    """
+
+    def __init__(self, every: int = 4) -> None:
+        self.every = every
+        self.batches = 0
+        self.queued_at: dict[str, float] = {}
+        self.wires: dict[int, _Wire] = {}
+        self.samples: list[_Sample] = []
+        self.turns: list[float] = []
+        self.offset = time.time() - time.perf_counter()
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        selector = loop._selector  # type: ignore[attr-defined]
+        select, turns = selector.select, self.turns
+        last = [time.perf_counter()]
+
+        def timed_select(timeout: float | None = None) -> Any:
+            # A turn: from one select's return to the next one's call (the loop's work).
+            now = time.perf_counter()
+            turns.append(now - last[0])
+            events = select(timeout)
+            last[0] = time.perf_counter()
+            return events
+
+        selector.select = timed_select
+
+    def connected(self, connection: Any) -> None:
+        self.wires[id(connection)] = _Wire(connection._transport)
+
+    def queued(self, workflow_id: str) -> None:
+        self.queued_at[workflow_id] = time.perf_counter()
+
+    def taken(self, batch: Any) -> _Sample | None:
+        self.batches += 1
+        if self.batches % self.every:
+            return None
+        now = time.perf_counter()
+        return _Sample(self, [now - self.queued_at[w] for w, _ in batch.waiters
+                              if w in self.queued_at])
+
+    def summary(self) -> dict[str, Any]:
+        done = [s for s in self.samples if s.woken]
+
+        def parts(values: list[float]) -> list[float]:
+            if not values:
+                return [0.0, 0.0]
+            return [round(statistics.median(values) * 1000, 2),
+                    round(_percentile(values, 0.99) * 1000, 2)]
+
+        return {
+            "sampled_batches": len(done),
+            "a_wait_for_batch": parts([w for s in done for w in s.waits]),
+            "b_encode": parts([s.written - s.taken for s in done]),
+            "b_encode_cpu": parts([s.cpu for s in done]),
+            "c_round_trip": parts([s.read - s.written for s in done]),
+            "c1_to_server": parts([s.started - s.written for s in done]),
+            "c2_server_function": parts([s.ended - s.started for s in done]),
+            "c3_sync_reply_and_socket": parts([s.read - s.ended for s in done]),
+            "d_loop_after_reply": parts([s.woken - s.read for s in done]),
+            "d1_task_resumed": parts([s.resumed - s.read for s in done]),
+            "d2_waiters_resolved": parts([s.resolved_at - s.resumed for s in done]),
+            "d3_waiters_woken": parts([s.woken - s.resolved_at for s in done]),
+            "commit_taken_to_woken": parts([s.woken - s.taken for s in done]),
+            "save_to_woken": parts([w + s.woken - s.taken for s in done for w in s.waits]),
+            "loop_turn": parts(self.turns),
+            "rows_per_batch": statistics.fmean([len(s.waits) for s in done]) if done else 0,
+        }
+
+
+async def _worker(concurrency: int, root: str, probe: bool = False,
+                  until: int | None = None) -> dict[str, Any]:
+    """One worker process's run (the store URL from WORKFLOW_STORE_URL): until nothing is
+    queued or running, or with ``until`` (workflows submitted while it runs, so the queue
+    may be empty for a moment) until that many completed."""
     from reliability import Runtime
     from reliability._postgres import PostgresStore
     async with Runtime(_config(), root) as runtime:
-        count = await runtime.serve(concurrency=concurrency, exit_when_idle=True)
         store = runtime.store
         assert isinstance(store, PostgresStore)
+        probing = CommitProbe() if probe else None
+        if probing is not None:
+            probing.install(asyncio.get_running_loop())
+            store.commit_probe = probing
+        started = time.thread_time()
+        if until is None:
+            count = await runtime.serve(concurrency=concurrency, exit_when_idle=True)
+        else:
+            serving = asyncio.ensure_future(runtime.serve(concurrency=concurrency))
+            while True:  # the database knows when all completed, in any worker
+                completed = await store.require_pool().fetchval(
+                    "SELECT count(*) FROM workflows WHERE status = 'completed'")
+                if completed >= until:
+                    break
+                await asyncio.sleep(0.2)
+            runtime.request_shutdown()
+            count = await serving
+        cpu = time.thread_time() - started
         commits = list(store.commit_seconds)
-    return {"workflows_run": count, "commit_seconds": commits}
+    result = {"workflows_run": count, "commit_seconds": commits, "loop_cpu_seconds": cpu}
+    if probing is not None:
+        result["probe"] = probing.summary()
+    return result
 
 
 async def _submit(url: str, workflows: int, root: str) -> None:
@@ -80,19 +256,60 @@ async def _submit(url: str, workflows: int, root: str) -> None:
         del os.environ["WORKFLOW_STORE_URL"]
 
 
-async def _window(url: str) -> tuple[float, int]:
-    """Seconds from the first claim to the last final write (database clock), and how
-    many workflows completed."""
+async def _submit_paced(url: str, workflows: int, per_second: float, root: str) -> None:
+    """Queue ``workflows`` at ``per_second`` (an open loop: on schedule whatever the
+    workers do), in a chunk every 20 ms; their states built before the clock starts."""
+    from reliability import Runtime
+    from reliability._postgres import PostgresStore
+    os.environ["WORKFLOW_STORE_URL"] = url
+    try:
+        async with Runtime(_config(), root) as runtime:
+            store = runtime.store
+            assert isinstance(store, PostgresStore)
+            definition, inputs, prompt_file = runtime.prepare_target(NOOP19, {})
+            states = [runtime.new_run(definition, inputs, prompt_file).to_state()
+                      for _ in range(workflows)]
+            start, sent = time.perf_counter(), 0
+            while sent < workflows:
+                due = min(workflows, int((time.perf_counter() - start) * per_second) + 1)
+                if due > sent:
+                    await store.enqueue(states[sent:due])
+                    sent = due
+                await asyncio.sleep(0.02)
+    finally:
+        del os.environ["WORKFLOW_STORE_URL"]
+
+
+async def _workers_ready(url: str, workers: int) -> None:
+    """Until ``workers`` workers registered (their stores opened): queueing at a rate
+    starts then, not during their start-up (a backlog would be a burst)."""
+    import asyncpg
+    connection = await asyncpg.connect(url)
+    try:
+        while True:  # the registrations are rows of another process: polled
+            with contextlib.suppress(asyncpg.UndefinedTableError):  # not migrated yet
+                if await connection.fetchval(
+                        "SELECT count(*) FROM workflow_workers") >= workers:
+                    return
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+
+
+async def _window(url: str) -> tuple[float, int, float]:
+    """Seconds from the first claim to the last final write (database clock), how many
+    workflows completed, and the seconds from the first queued to the last."""
     import asyncpg
     connection = await asyncpg.connect(url)
     try:
         row = await connection.fetchrow(
             "SELECT extract(epoch FROM (SELECT max(updated_at) FROM workflows) - "
             "(SELECT min(at) FROM workflow_writes WHERE kind = 'claim')) AS seconds, "
-            "(SELECT count(*) FROM workflows WHERE status = 'completed') AS completed")
+            "(SELECT count(*) FROM workflows WHERE status = 'completed') AS completed, "
+            "extract(epoch FROM max(created_at) - min(created_at)) AS queued FROM workflows")
     finally:
         await connection.close()
-    return float(row["seconds"]), int(row["completed"])
+    return float(row["seconds"]), int(row["completed"]), float(row["queued"])
 
 
 async def _server_times(url: str, database: str) -> dict[str, float] | None:
@@ -109,10 +326,12 @@ async def _server_times(url: str, database: str) -> dict[str, float] | None:
         wal = await connection.fetchrow("SELECT wal_sync, wal_sync_time FROM pg_stat_wal")
     finally:
         await connection.close()
-    if function is None or wal is None or not function["calls"]:
+    if wal is None:
         return None
-    return {"server_commits": function["calls"],
-            "server_commit_mean_ms": function["total_time"] / function["calls"],
+    # No row for the function before its first call (a fresh database): none yet, and the
+    # WAL counters as they stand, so the run's are the difference.
+    return {"server_commits": function["calls"] if function else 0,
+            "server_commit_ms": function["total_time"] if function else 0.0,
             "wal_syncs": wal["wal_sync"], "wal_sync_time_ms": wal["wal_sync_time"]}
 
 
@@ -129,44 +348,64 @@ async def _timed(url: str, database: str) -> bool:
 
 
 async def cluster_run(url: str, workers: int, workflows: int,
-                      concurrency: int) -> dict[str, Any]:
-    """N workflows served by ``workers`` processes on a fresh database of the server."""
+                      concurrency: int, probe: bool = False,
+                      offered: float | None = None) -> dict[str, Any]:
+    """N workflows served by ``workers`` processes on a fresh database of the server: all
+    queued before the workers start (saturated), or with ``offered`` (transitions/s)
+    queued at that rate while they run (a latency run below saturation)."""
     database = await _fresh_database(url, "bench_cluster")
     timed = await _timed(url, database)
+    until = [] if offered is None else ["--until", str(workflows)]
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as root:
-        await _submit(database, workflows, root)
+        if offered is None:
+            await _submit(database, workflows, root)
         before = await _server_times(url, database) if timed else None
         env = {**os.environ, "WORKFLOW_STORE_URL": database, "PYTHONPATH": str(ROOT)}
         start = time.perf_counter()
         processes = [await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks._cluster", "--worker", str(concurrency),
-            "--root", root, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE) for _ in range(workers)]
+            "--root", root, *(["--probe"] if probe else []), *until, cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            for _ in range(workers)]
+        if offered is not None:
+            await _workers_ready(database, workers)
+            await _submit_paced(database, workflows, offered / len(NOOP19.stages), root)
         outputs = [await p.communicate() for p in processes]
         wall = time.perf_counter() - start
     for process, (_, err) in zip(processes, outputs, strict=True):
         if process.returncode != 0:
             raise RuntimeError(f"a worker failed: {err.decode(errors='replace')[-2000:]}")
     runs = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
-    seconds, completed = await _window(database)
+    seconds, completed, queued = await _window(database)
     if completed != workflows:
         raise RuntimeError(f"{completed} of {workflows} workflows completed")
     commits = [c for run in runs for c in run["commit_seconds"]]
     transitions = workflows * len(NOOP19.stages)
+    loop_cpu = sum(r["loop_cpu_seconds"] for r in runs)
     figures = {"workers": workers, "workflows": workflows, "concurrency": concurrency,
+               "offered_per_s": offered, "loop_busy": loop_cpu / workers / seconds,
+               "queued_seconds": queued,
                "transitions": transitions, "seconds": seconds,
                "transitions_per_s": transitions / seconds, "wall_seconds": wall,
                "per_worker": [r["workflows_run"] for r in runs], "batches": len(commits),
                "commit_p50_ms": statistics.median(commits) * 1000,
-               "commit_p99_ms": _percentile(commits, 0.99) * 1000}
+               "commit_p99_ms": _percentile(commits, 0.99) * 1000,
+               "loop_cpu_ms_per_batch": 1000 * sum(r["loop_cpu_seconds"] for r in runs)
+               / max(1, len(commits)),
+               "loop_cpu_us_per_transition": 1e6 * sum(r["loop_cpu_seconds"] for r in runs)
+               / transitions}
+    if probe:
+        figures["probe"] = [r["probe"] for r in runs]
     after = await _server_times(url, database) if timed else None
-    if after is not None:
+    if after is not None and before is not None and after["server_commits"]:
         # Where a commit's time goes: the server's work in the statement, then the WAL
         # sync of its COMMIT; the rest of what the worker measured is the way there and
-        # back, waiting for a CPU and the worker's event loop.
-        syncs = after["wal_syncs"] - (before["wal_syncs"] if before else 0)
-        sync_ms = after["wal_sync_time_ms"] - (before["wal_sync_time_ms"] if before else 0)
-        figures.update(server_commit_mean_ms=after["server_commit_mean_ms"],
+        # back, waiting for a CPU and the worker's event loop. (WAL syncs are the whole
+        # server's: claims and heartbeats commit too.)
+        syncs = after["wal_syncs"] - before["wal_syncs"]
+        sync_ms = after["wal_sync_time_ms"] - before["wal_sync_time_ms"]
+        figures.update(server_commit_mean_ms=after["server_commit_ms"]
+                       / after["server_commits"],
                        commit_mean_ms=statistics.fmean(commits) * 1000,
                        wal_syncs=syncs, wal_sync_mean_ms=sync_ms / syncs if syncs else 0.0)
     return figures
@@ -183,29 +422,58 @@ def main(argv: list[str] | None = None) -> int:
                         help="workflows for DBOS ('' skips DBOS)")
     parser.add_argument("--dbos-mode", choices=("async", "sync"), default="async")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--until", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--latency-at", default="",
+                        help="comma-separated fractions (e.g. 0.5,0.75) of the 1-worker "
+                             "saturated rate: then a 1-worker run at each, workflows "
+                             "queued at that rate while it runs (commit latency below "
+                             "saturation)")
+    parser.add_argument("--saturated-rate", type=float,
+                        help="the 1-worker saturated transitions/s for --latency-at (default: "
+                             "this run's, which then needs 1 in --workers)")
+    parser.add_argument("--probe", action="store_true",
+                        help="time where each worker's commits spend their time (sampled)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(asyncio.run(_worker(args.worker, args.root))))
+        print(json.dumps(asyncio.run(_worker(args.worker, args.root, args.probe, args.until))))
         return 0
 
     async def run(url: str) -> dict[str, list[dict[str, Any]]]:
-        results: dict[str, list[dict[str, Any]]] = {"cluster": [], "dbos": []}
+        results: dict[str, list[dict[str, Any]]] = {"cluster": [], "latency": [], "dbos": []}
         for n in (int(x) for x in args.workers.split(",") if x):
             results["cluster"].append(await cluster_run(url, n, args.workflows,
-                                                        args.concurrency))
+                                                        args.concurrency, args.probe))
+        saturated = args.saturated_rate or next(
+            (r["transitions_per_s"] for r in results["cluster"] if r["workers"] == 1), None)
+        for fraction in (float(x) for x in args.latency_at.split(",") if x):
+            if saturated is None:
+                raise SystemExit("--latency-at needs --saturated-rate or 1 in --workers")
+            results["latency"].append(await cluster_run(
+                url, 1, args.workflows, args.concurrency, args.probe,
+                offered=fraction * saturated))
         if args.dbos_workflows:
             results["dbos"].append(await dbos_run(url, int(args.dbos_workflows),
                                                   args.dbos_mode))
         return results
 
     results = on_server(run)
-    for row in results["cluster"]:
+    for row in results["cluster"] + results["latency"]:
+        if row["offered_per_s"] is not None:
+            print(f"Below saturation, {row['offered_per_s']:.0f} transitions/s offered "
+                  f"(workflows queued at that rate), worker loop on a CPU "
+                  f"{100 * row['loop_busy']:.0f} % of the run:")
         print(f"{row['workers']} worker(s), {row['workflows']} workflows: "
               f"{row['transitions_per_s']:8.0f} transitions/s ({row['wall_seconds']:.1f} s "
               f"wall with start-up); commit p50 {row['commit_p50_ms']:.1f} ms, p99 "
-              f"{row['commit_p99_ms']:.1f} ms over {row['batches']} batches")
+              f"{row['commit_p99_ms']:.1f} ms over {row['batches']} batches; loop CPU "
+              f"{row['loop_cpu_us_per_transition']:.0f} us a transition, "
+              f"{row['loop_cpu_ms_per_batch']:.2f} ms a batch")
+        for n, parts in enumerate(row.get("probe", ())):
+            print(f"  worker {n} (ms, p50/p99): " + ", ".join(
+                f"{k} {v[0]}/{v[1]}" if isinstance(v, list) else f"{k} {v:.1f}"
+                for k, v in parts.items()))
         if "server_commit_mean_ms" in row:
             print(f"  commit mean {row['commit_mean_ms']:.1f} ms in the workers; on the "
                   f"server {row['server_commit_mean_ms']:.1f} ms in workflow_commit, then "

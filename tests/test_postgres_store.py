@@ -92,6 +92,31 @@ async def test_many_saves_are_few_commits(store: PostgresStore, postgres_url: st
     assert rows[0]["n"] == 300
 
 
+async def test_lanes_send_batch_after_batch_in_their_own_tasks(store: PostgresStore) -> None:
+    """Committing batch after batch creates no task: a lane sends its next batch from its
+    own task (a new task per batch costs a turn of a busy loop before it is sent)."""
+    ids = [_id(n) for n in range(5)]
+    await store.claim_many(ids)
+    await asyncio.gather(*(store.save_nowait(w, lambda w=w: _state(w, 2)) for w in ids))
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> asyncio.Task[Any]:
+        created.append(getattr(coro, "__qualname__", repr(coro)))
+        return asyncio.Task(coro, loop=loop, **options)
+
+    before = store.batches_committed
+    loop.set_task_factory(factory)
+    try:
+        for revision in range(3, 13):
+            await asyncio.gather(*(store.save_nowait(w, lambda w=w, r=revision: _state(w, r))
+                                   for w in ids))
+    finally:
+        loop.set_task_factory(None)
+    assert store.batches_committed - before >= 10
+    assert created == []
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     """Until ``condition`` holds (a task of this loop makes it so)."""
     while not condition():  # noqa: ASYNC110 (the committer's state has no event)
@@ -452,3 +477,47 @@ async def test_a_committed_end_notifies_result_waiters(store: PostgresStore,
         assert heard.empty()
     finally:
         await listener.close()
+
+
+def _outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in (r.getMessage() for r in caplog.records)
+            if "unreachable" in m or "reachable again" in m]
+
+
+def test_one_outage_is_one_state_change_each_way(caplog: pytest.LogCaptureFixture) -> None:
+    """Round trips that straddle an outage's start or end do not flip the state again: a
+    commit sent before the crash that succeeds after another lane failed, and a retry
+    sent during the outage that fails after the heartbeat found the server back, change
+    nothing; a failure of a round trip started after the recovery is a new outage."""
+    store = PostgresStore("postgresql://wf:secret@127.0.0.1:1/db")  # never opened
+    caplog.set_level(logging.WARNING, logger="reliability")
+    lost = ConnectionResetError("connection lost")
+    before_crash = store._outage_changes  # two lanes' commits in flight
+    store._mark_down(lost, before_crash)  # one lane's fails
+    store._mark_up(before_crash)  # the other's reply came just before the crash
+    assert not store.reachable
+    during = store._outage_changes  # a retry sent while the server is down
+    heartbeat = store._outage_changes
+    store._mark_up(heartbeat)  # the server is back
+    store._mark_down(lost, during)  # the retry's failure arrives late
+    assert store.reachable
+    assert len(_outage_lines(caplog)) == 2
+    store._mark_down(lost, store._outage_changes)  # a round trip after the recovery
+    assert not store.reachable
+    lines = _outage_lines(caplog)
+    assert ["reachable again" in line for line in lines] == [False, True, False]
+    assert "secret" not in " ".join(lines)
+
+
+async def test_a_caller_s_connection_error_is_judged_by_a_renewal(
+        store: PostgresStore, caplog: pytest.LogCaptureFixture) -> None:
+    """A connection error a caller reports (unreachable()) is not an outage by itself: a
+    lease renewal sent then decides; with the server up, nothing is logged and the store
+    stays reachable."""
+    caplog.set_level(logging.WARNING, logger="reliability")
+    assert store.unreachable(ConnectionResetError("a pool connection of before"))
+    assert store._prober is not None
+    await store._prober
+    assert store.reachable
+    assert _outage_lines(caplog) == []
+    assert not store.unreachable(ValueError("not a connection error"))

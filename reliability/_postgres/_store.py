@@ -3,15 +3,15 @@
 The same ``Store`` interface as the file store, plus what workers need (``enqueue``,
 ``claim_next``, ``wait_for_work``). How it keeps its promises:
 
-- Group commit (docs/architecture.md, invariant 4): saves are queued; one committer task
-  sends what is queued as batches of at most ``batch_rows`` rows, oldest first, up to
-  ``commit_lanes`` batches at once, each lane on a connection of its own outside the pool,
-  never two with writes of one workflow at once (a later write would overtake an
-  earlier). A batch is one statement, so one round trip: the ``workflow_commit`` function
-  (migration 0004) takes every row as arrays and does the idempotency mark, the fenced
-  writes, checkpoints, audit rows, releases and NOTIFYs in the statement's own
-  transaction. A save's future completes when its batch committed (synchronous_commit
-  on: durable).
+- Group commit (docs/architecture.md, invariant 4): saves are queued; ``commit_lanes``
+  lane tasks send what is queued as batches of at most ``batch_rows`` rows, oldest first,
+  a lane taking its next batch as soon as its last committed, each lane on a connection of
+  its own outside the pool, never two with writes of one workflow at once (a later write
+  would overtake an earlier). A batch is one statement, so one round trip: the
+  ``workflow_commit`` function (migration 0004) takes every row as arrays and does the
+  idempotency mark, the fenced writes, checkpoints, audit rows, releases and NOTIFYs in
+  the statement's own transaction. A save's future completes when its batch committed
+  (synchronous_commit on: durable).
 - Claims (invariant 9): ``UPDATE ... FOR UPDATE SKIP LOCKED``; each raises the
   workflow's epoch. Every write is conditional on (owner, epoch): a write by a worker
   that lost the workflow changes nothing, is recorded as refused in ``workflow_writes``
@@ -31,10 +31,13 @@ The same ``Store`` interface as the file store, plus what workers need (``enqueu
   writing again, which a release in the same batch would now have refused. If the
   earlier transaction is still open on a dying backend, the retry waits on that row's
   lock until it ended either way.
-- Outages: the committer, the heartbeat and the listener share one up/down state; a
-  change is logged once each way. While down, writes wait (nothing acknowledged is lost:
-  a future completes only after its commit), ``lease_valid`` turns False after half the
-  lease, so callers start no stage, and everything reconnects with backoff.
+- Outages: the committer, the heartbeat and the listener share one up/down state; a change
+  is logged once each way, and one outage is one change each way: a round trip's outcome
+  counts only if it started after the last change (one that straddles the crash or the
+  recovery tells of the state before), and a caller's connection error (``unreachable``)
+  is judged by a lease renewal sent then. While down, writes wait (nothing acknowledged is
+  lost: a future completes only after its commit), ``lease_valid`` turns False after half
+  the lease, so callers start no stage, and everything reconnects with backoff.
 - States are JSONB rows with the document format's ``schema_version`` (as the file store
   writes in each file), checked on every read, and the row's workflow ID checked against
   the state's. Not a checksum, unlike the file store's documents: what that checksum
@@ -54,7 +57,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import os
 import random
@@ -227,6 +229,18 @@ SELECT workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
                        $17::text[], $18::bigint[], $19::text[], $20::text, $21::text[],
                        $22::text)
 """
+# The same, for a batch the commit probe samples: also when the server read the statement
+# and when the function returned (before the COMMIT's WAL sync), on the server's clock.
+_COMMIT_TIMED = """
+SELECT statement_timestamp() AS started,
+       workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
+                       $5::text[], $6::bigint[], $7::jsonb[], $8::text[], $9::bigint[],
+                       $10::text[], $11::text[],
+                       $12::text[], $13::jsonb[], $14::text[], $15::bigint[], $16::text[],
+                       $17::text[], $18::bigint[], $19::text[], $20::text, $21::text[],
+                       $22::text) AS refused,
+       clock_timestamp() AS ended
+"""
 
 
 def _encode(state: dict[str, Any]) -> str:
@@ -298,6 +312,7 @@ class _Batch:
     # Recorded in workflow_commits with the batch: how a retry knows it committed already.
     id: int = field(default_factory=lambda: secrets.randbits(63))
     lane: int = 0  # which of the store's commit lanes sends it (its workflow_commits row)
+    trace: Any = None  # the commit probe's record of this batch, when it samples it
 
     def empty(self) -> bool:
         return not (self.writes or self.releases)
@@ -338,6 +353,44 @@ class _Batch:
         return taken
 
 
+class _IdleLanes:
+    """Commit lanes waiting for rows. ``set`` wakes one, the one idle last (its
+    connection is open and its statement prepared; a lane's first batch costs a connect
+    and a prepare), and only if none is woken already: saves queued in one turn of the
+    loop go in one batch, not one each. A lane that took a batch and left rows behind
+    wakes the next."""
+
+    def __init__(self) -> None:
+        self._idle: list[asyncio.Future[None]] = []
+        self._woken = False
+
+    def set(self) -> None:
+        if self._woken:
+            return
+        while self._idle:
+            waiter = self._idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._woken = True
+                return
+
+    def set_all(self) -> None:
+        idle, self._idle = self._idle, []
+        for waiter in idle:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._woken = False
+            if not waiter.done():
+                self._idle.remove(waiter)
+
+
 class PostgresStore(PostgresSignals):
     """Workflow states in a PostgreSQL database shared by many worker processes.
 
@@ -369,15 +422,21 @@ class PostgresStore(PostgresSignals):
         self.on_fenced = on_fenced
         self.clock: Clock = clock or SystemClock()
         self._down_since: float | None = None  # when the server became unreachable
+        # Raised at each change between reachable and unreachable. A round trip notes it
+        # when it starts; its outcome changes the state only if no change came since
+        # (see _mark_down).
+        self._outage_changes = 0
+        self._prober: asyncio.Task[None] | None = None  # a renewal asked for by unreachable()
         self._pool: asyncpg.Pool | None = None
         self._epochs: dict[str, int] = {}  # claims held: workflow ID -> epoch
         self._lost: set[str] = set()  # fenced off: nothing more is sent for these
         self._pending = _Batch()
         self._seq = 0  # of the last write or release queued
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []  # (sequence, waiter)
-        self._wake = asyncio.Event()
+        self._wake = _IdleLanes()
         self._committer: asyncio.Task[None] | None = None
         self._sending: list[_Batch] = []  # batches sent, not yet committed
+        self._busy: set[str] = set()  # workflows with a write or release in those
         self._claiming = asyncio.Lock()  # one claim statement at a time (see _claims)
         self._claims_unsure = False  # a claim's reply was lost: see _ORPHANS
         self._heartbeat: asyncio.Task[None] | None = None
@@ -401,6 +460,11 @@ class PostgresStore(PostgresSignals):
         # How long each of the recent batches took to commit (its successful attempt), for
         # benchmarks and metrics.
         self.commit_seconds: deque[float] = deque(maxlen=100_000)
+        # A benchmark's probe of where a commit's time goes (benchmarks/_cluster.py,
+        # CommitProbe): told of each save queued, each lane connection opened and each
+        # batch taken; it samples some batches, which it times on the real clock. None
+        # (nothing to tell) but in that benchmark.
+        self.commit_probe: Any = None
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url.masked!r}, worker_id={self.worker_id!r})"
@@ -454,20 +518,25 @@ class PostgresStore(PostgresSignals):
         pool = self._pool
         if pool is None:
             return
-        for task in (self._heartbeat, self._reaper, self._connecting):
+        for task in (self._heartbeat, self._reaper, self._connecting, self._prober):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._heartbeat = self._reaper = self._connecting = None
+        self._heartbeat = self._reaper = self._connecting = self._prober = None
         # Claims still held are given back, so other workers take them at once.
         for workflow_id, epoch in list(self._epochs.items()):
             self._release(workflow_id, epoch)
         await self._flush()
         self._closing = True
-        self._wake.set()
+        self._wake.set_all()
         if self._committer is not None:
             await self._committer
+        if self._prober is not None:  # one asked for while the last writes went out
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
         lanes, self._lanes = list(self._lanes.values()), {}
         with contextlib.suppress(Exception):
             if self._claims_unsure:  # before the row goes: none would re-queue them then
@@ -499,6 +568,8 @@ class PostgresStore(PostgresSignals):
         self.require_pool()
         connection = await asyncpg.connect(self.url.secret)
         self._lanes[lane] = connection
+        if self.commit_probe is not None:
+            self.commit_probe.connected(connection)
         return connection
 
     def _drop_lane(self, lane: int) -> None:
@@ -548,6 +619,8 @@ class PostgresStore(PostgresSignals):
         self._queue(workflow_id, _encode(state), stages, str(state.get("status") or "pending"),
                     int(state.get("revision") or 0))
         self._pending.waiters.append((workflow_id, waiter))
+        if self.commit_probe is not None:
+            self.commit_probe.queued(workflow_id)
         return waiter
 
     def expedite(self) -> None:
@@ -594,49 +667,54 @@ class PostgresStore(PostgresSignals):
         self._flushes = waiting
 
     async def _commit_loop(self) -> None:
-        lanes = list(range(self.commit_lanes))
-        busy: set[str] = set()  # workflows with a write or release in flight
-        sends: set[asyncio.Task[None]] = set()
+        await asyncio.gather(*(self._lane_loop(lane) for lane in range(self.commit_lanes)))
 
-        def sent(task: asyncio.Task[None], batch: _Batch) -> None:
-            sends.discard(task)
-            self._sending.remove(batch)
-            busy.difference_update(batch.writes)
-            busy.difference_update(batch.releases)
-            lanes.append(batch.lane)
-            self._settle_flushes()
-            self._wake.set()
-
+    async def _lane_loop(self, lane: int) -> None:
+        """One commit lane: sends the oldest rows queued, at most ``batch_rows`` a batch,
+        and when its batch committed takes the next one in the same task, so a free lane
+        starts its next batch without a hop through another task (each hop waits for a
+        turn of a busy loop: several milliseconds of a commit's latency)."""
+        busy = self._busy
         while True:
-            await self._wake.wait()
-            self._wake.clear()
             # The oldest rows first, so everything queued is sent within a bounded number
-            # of batches however fast new writes arrive; several batches at once, none
-            # with a workflow another in flight has.
-            while lanes and not self._pending.empty():
-                batch = self._pending.take(self.batch_rows, busy)
-                if batch.empty():
-                    break  # what is left waits for a batch in flight
-                batch.lane = lanes.pop()
-                busy.update(batch.writes)
-                busy.update(batch.releases)
-                self._sending.append(batch)
-                task = asyncio.create_task(self._commit_with_retries(batch))
-                sends.add(task)
-                task.add_done_callback(functools.partial(sent, batch=batch))
-            if not sends and self._pending.empty():
+            # of batches however fast new writes arrive; none of a workflow another lane
+            # has in flight (a later write must not overtake an earlier one).
+            batch = self._pending.take(self.batch_rows, busy)
+            if batch.empty():
+                if not self._sending and self._pending.empty():
+                    self._settle_flushes()
+                    if self._closing:
+                        self._wake.set_all()  # the other lanes end too
+                        return
+                await self._wake.wait()
+                continue
+            if not self._pending.empty():
+                self._wake.set()  # more than a batch queued: another lane takes the rest
+            batch.lane = lane
+            if self.commit_probe is not None:
+                batch.trace = self.commit_probe.taken(batch)
+            busy.update(batch.writes)
+            busy.update(batch.releases)
+            self._sending.append(batch)
+            try:
+                await self._commit_with_retries(batch)
+            finally:
+                self._sending.remove(batch)
+                busy.difference_update(batch.writes)
+                busy.difference_update(batch.releases)
                 self._settle_flushes()
                 if self._closing:
-                    return
+                    self._wake.set_all()
 
     async def _commit_with_retries(self, batch: _Batch) -> None:
         delay = _RETRY_FIRST
         while True:
+            since = self._outage_changes
             try:
                 started = self.clock.monotonic()
                 failures = await self._commit(batch)
                 self.commit_seconds.append(self.clock.monotonic() - started)
-                self._mark_up()
+                self._mark_up(since)
                 break
             except Exception as error:
                 if not _connection_lost(error) or self._closing:
@@ -644,7 +722,7 @@ class PostgresStore(PostgresSignals):
                         await self.connect_error(error))
                     failures = dict.fromkeys((w for w, _ in batch.waiters), failure)
                     break
-                self._mark_down(error)
+                self._mark_down(error, since)
                 await self.clock.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, _RETRY_MAX)
         self.batches_committed += 1
@@ -656,32 +734,57 @@ class PostgresStore(PostgresSignals):
                 waiter.set_result(None)
             else:
                 waiter.set_exception(outcome)
+        if batch.trace is not None:
+            batch.trace.resolved(batch.waiters)
 
-    def _mark_down(self, error: BaseException) -> None:
-        """The server is unreachable: logged once, until ``_mark_up``."""
-        if self._down_since is not None:
+    def _mark_down(self, error: BaseException, since: int) -> None:
+        """The server is unreachable: logged once, until ``_mark_up``.
+
+        ``since``: ``_outage_changes`` when the failed round trip started. One decision
+        per outage: a round trip that started before the last change is evidence of the
+        state before it, and changes nothing. (During a crash, a commit sent just before
+        it can succeed after another lane failed, and a retry sent during the outage can
+        fail after the heartbeat found the server back; each used to flip the state, so
+        one outage was logged as several.)"""
+        if self._down_since is not None or since != self._outage_changes:
             return
+        self._outage_changes += 1
         self._down_since = self.clock.monotonic()
         logger.warning("PostgreSQL at %s unreachable (%s); writes wait and reconnect with "
                        "backoff, no new stage starts once the lease is half gone",
                        self.url.server, scrub(f"{type(error).__name__}: {error}",
                                               self.url.secret).replace("\n", " "))
 
-    def _mark_up(self) -> None:
-        if self._down_since is None:
+    def _mark_up(self, since: int) -> None:
+        """The server answered a round trip that started at ``since`` (see _mark_down)."""
+        if self._down_since is None or since != self._outage_changes:
             return
+        self._outage_changes += 1
         down_for, self._down_since = self.clock.monotonic() - self._down_since, None
         logger.warning("PostgreSQL at %s reachable again after %.1f s; writes go on",
                        self.url.server, down_for)
         self._work.set()  # an idle worker claims again now, not at its next poll
 
     def unreachable(self, error: BaseException) -> bool:
-        """True if ``error`` means the server cannot be reached now (then recorded, and the
-        outage logged once): the caller backs off and tries again."""
+        """True if ``error`` means the server cannot be reached now: the caller backs off
+        and tries again. Whether that is an outage (logged once) is decided by a lease
+        renewal sent now, not by ``error``: a round trip of the caller's that started
+        before the server came back must not open a second outage."""
         if not _connection_lost(error):
             return False
-        self._mark_down(error)
+        if self._pool is not None and not self._closing and (
+                self._prober is None or self._prober.done()):
+            self._prober = asyncio.create_task(self._probe(), name="postgres-probe")
         return True
+
+    async def _probe(self) -> None:
+        since = self._outage_changes
+        try:
+            await self.renew()
+        except Exception as error:
+            self._heartbeat_failed(error, "Lease renewal", since)
+            return
+        self._mark_up(since)
 
     @property
     def reachable(self) -> bool:
@@ -724,15 +827,22 @@ class PostgresStore(PostgresSignals):
                 checkpoint_ids.append(workflow_id)
                 checkpoint_stages.append(stage)
         connection = await self._lane_connection(batch.lane)
+        arguments = (self.worker_id, batch.lane, batch.id, SCHEMA_VERSION,
+                     fenced_ids, fenced_epochs, fenced_states, fenced_status, fenced_revisions,
+                     checkpoint_ids, checkpoint_stages,
+                     [r[0] for r in register], [r[1] for r in register],
+                     [r[2] for r in register], [r[3] for r in register],
+                     [r[4] for r in register], list(batch.releases),
+                     list(batch.releases.values()), list(CLAIMABLE), WORK_CHANNEL,
+                     list(TERMINAL), RESULT_CHANNEL)
         try:
-            refused = await connection.fetchval(
-                _COMMIT, self.worker_id, batch.lane, batch.id, SCHEMA_VERSION,
-                fenced_ids, fenced_epochs, fenced_states, fenced_status, fenced_revisions,
-                checkpoint_ids, checkpoint_stages,
-                [r[0] for r in register], [r[1] for r in register], [r[2] for r in register],
-                [r[3] for r in register], [r[4] for r in register],
-                list(batch.releases), list(batch.releases.values()), list(CLAIMABLE),
-                WORK_CHANNEL, list(TERMINAL), RESULT_CHANNEL)
+            if batch.trace is None:
+                refused = await connection.fetchval(_COMMIT, *arguments)
+            else:
+                row = await connection.fetchrow(_COMMIT_TIMED, *arguments)
+                assert row is not None  # a SELECT without FROM: one row
+                batch.trace.replied(connection, row["started"], row["ended"])
+                refused = row["refused"]
         except Exception as error:
             if _connection_lost(error):
                 self._drop_lane(batch.lane)
@@ -824,12 +934,14 @@ class PostgresStore(PostgresSignals):
         if self._listener is not None and not self._listener.is_closed():
             if not self._ends_wanted or self._listening_to_ends:
                 return
+            since = self._outage_changes
             try:
                 await self._listener.add_listener(RESULT_CHANNEL, self._ended)
             except Exception as error:
                 if not _connection_lost(error):
                     raise
-                self._mark_down(error)  # the listener is lost: the next wait listens again
+                # The listener is lost: the next wait listens again.
+                self._mark_down(error, since)
                 return
             self._listening_to_ends = True
             return
@@ -844,6 +956,7 @@ class PostgresStore(PostgresSignals):
     async def _open_listener(self) -> None:
         import asyncpg
         connection = None
+        since = self._outage_changes
         try:
             connection = await asyncpg.connect(self.url.secret)
             await connection.add_listener(WORK_CHANNEL, self._notified)
@@ -855,10 +968,10 @@ class PostgresStore(PostgresSignals):
             if connection is not None:
                 connection.terminate()
             if isinstance(error, Exception) and _connection_lost(error):
-                self._mark_down(error)
+                self._mark_down(error, since)
                 return  # the poll still finds work; the next wait tries again
             raise
-        self._mark_up()
+        self._mark_up(since)
         connection.add_termination_listener(self._listener_lost)
         self._listener = connection
         self._listening_to_ends = self._ends_wanted
@@ -888,37 +1001,39 @@ class PostgresStore(PostgresSignals):
         delay, backoff = interval, _RETRY_FIRST
         while True:
             await self.clock.sleep(delay)
+            since = self._outage_changes
             try:
                 await self.renew()
             except Exception as error:
                 # Never ends on an error: a worker whose heartbeat stopped would keep its
                 # claims' tasks waiting for a lease forever.
-                self._heartbeat_failed(error, "Lease renewal")
+                self._heartbeat_failed(error, "Lease renewal", since)
                 delay = min(backoff, interval) * random.uniform(0.5, 1.0)
                 backoff = min(backoff * 2, _RETRY_MAX)
                 continue
-            self._mark_up()
+            self._mark_up(since)
             delay, backoff = interval, _RETRY_FIRST
             # Reaping waits for the pool and can wait on row locks (a dead worker's
             # workflow a commit holds): beside the renewals, never before the next one.
             if self._reaper is None or self._reaper.done():
                 self._reaper = asyncio.create_task(self._reap_once(), name="postgres-reaper")
 
-    def _heartbeat_failed(self, error: Exception, what: str) -> None:
+    def _heartbeat_failed(self, error: Exception, what: str, since: int) -> None:
         if _connection_lost(error):
-            self._mark_down(error)
+            self._mark_down(error, since)
             return
         logger.warning("%s of %s failed (%s); trying again", what, self.worker_id,
                        scrub(f"{type(error).__name__}: {error}",
                              self.url.secret).replace("\n", " "))
 
     async def _reap_once(self) -> None:
+        since = self._outage_changes
         try:
             await self.reap()
         except Exception as error:
             # Tried again after the next renewal. Besides an outage, two workers reaping
             # at once after one can deadlock, and the server picks a victim.
-            self._heartbeat_failed(error, "Reaping dead workers")
+            self._heartbeat_failed(error, "Reaping dead workers", since)
 
     async def renew(self) -> None:
         """Extend this worker's lease (on the heartbeat's own connection); if it was found
