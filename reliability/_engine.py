@@ -170,6 +170,7 @@ class Engine:
             live.task = asyncio.current_task()
         definition = self.definition
         advance = definition.advance
+        advance_now = definition.advance_now
         specs = self._specs
         definition.attach(run, at)  # raises for a state a run cannot be resumed at
         token = workflow_id_var.set(run.workflow_id)
@@ -179,7 +180,7 @@ class Engine:
             self._log("info", "Starting workflow %s (%d stages)%s", definition.name,
                       len(specs), f", resumed at {run.resumed_from}"
                       if run.resumed_from is not None else "")
-            if run.state == PENDING:
+            if run.state == PENDING and not advance_now(run):
                 await advance(run)  # pending -> the first stage
             turns = self._turns
             # The machine says where the workflow is; past the last stage it is COMPLETED,
@@ -191,7 +192,8 @@ class Engine:
                 if live.stop_reason is not None:
                     raise Interrupted(live.stop_reason)
                 await self._run_stage(live, spec)
-                await advance(run)  # this stage -> the next one (or COMPLETED)
+                if not advance_now(run):  # this stage -> the next one (or COMPLETED)
+                    await advance(run)
             run.status = run.state  # COMPLETED: no other state is left by advancing
             run.current_stage = COMPLETED
         except Interrupted as stop:
