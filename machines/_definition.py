@@ -378,6 +378,12 @@ class WorkflowDefinition:
 
 
 def _build_machine(stage_names: Iterable[str]) -> _SharedMachine:
+    return _SharedMachine(**_machine_settings(stage_names))
+
+
+def _machine_settings(stage_names: Iterable[str]) -> dict[str, Any]:
+    """A definition's machine, as keyword arguments of ``AsyncMachine`` (a test builds the
+    stock machine from them to compare ours with)."""
     names = list(stage_names)
     order = [PENDING, *names, COMPLETED]
     transitions: list[dict[str, Any]] = [
@@ -387,6 +393,6 @@ def _build_machine(stage_names: Iterable[str]) -> _SharedMachine:
     live_states = [PENDING, *names]
     for outcome in _ENDINGS:
         transitions.append({"trigger": outcome, "source": live_states, "dest": outcome})
-    return _SharedMachine(model=None, states=[*order, *_ENDINGS],
-                          transitions=transitions, initial=PENDING, auto_transitions=False,
-                          queued="model", send_event=True)
+    return {"model": None, "states": [*order, *_ENDINGS], "transitions": transitions,
+            "initial": PENDING, "auto_transitions": False, "queued": "model",
+            "send_event": True}
