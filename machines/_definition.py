@@ -19,7 +19,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from enum import Enum
 from typing import Any
 
-from transitions import MachineError
+from transitions import MachineError, State
 from transitions.extensions.asyncio import AsyncMachine, AsyncTransition
 
 from reliability._context import RecoveryAction, StageHandler
@@ -216,6 +216,15 @@ class _SharedMachine(AsyncMachine):
         for func in callables:
             results.append(await func())
         return results
+
+    def set_state(self, state: Any, model: Any = None) -> None:
+        """transitions' ``set_state``, without its list handling for the one case every
+        move of a model comes with (a State and one model): the one place a model's state
+        is set, on the short path (``move_now``) and transitions' own alike."""
+        if model is None or isinstance(model, list) or not isinstance(state, State):
+            super().set_state(state, model)
+            return
+        setattr(model, self.model_attribute, state.value)
 
     def move_now(self, event: Any, model: Any) -> bool:
         """Fire ``event`` for ``model`` at once, when all it would do is change the state.
