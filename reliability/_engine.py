@@ -152,6 +152,8 @@ class Engine:
             if config.enable_health_checks and getattr(s, "health_check", False))
         self._actions: dict[str, RecoveryAction] = {**BUILTIN_ACTIONS,
                                                     **definition.recovery_actions}
+        # Each stage's (timeout, warning threshold), scaled once here, not at every attempt.
+        self._timings = {s.name: self._scaled_timing(s) for s in definition.stages}
         self._watchdogs = _Watchdogs(self._clock, self._on_timer,
                                      keep_idle_timer=isinstance(self._clock, SystemClock))
         # A store with leases (PostgreSQL): no stage starts while the lease may be lost.
@@ -170,8 +172,10 @@ class Engine:
             live.task = asyncio.current_task()
         definition = self.definition
         advance = definition.advance
+        advance_now = definition.advance_now
         specs = self._specs
         definition.attach(run, at)  # raises for a state a run cannot be resumed at
+        self._watchdogs.bind()  # once per workflow: its stages arm without this check
         token = workflow_id_var.set(run.workflow_id)
         run.wait = None  # woken, or resumed: it waits no more until a stage parks it again
         try:
@@ -179,7 +183,7 @@ class Engine:
             self._log("info", "Starting workflow %s (%d stages)%s", definition.name,
                       len(specs), f", resumed at {run.resumed_from}"
                       if run.resumed_from is not None else "")
-            if run.state == PENDING:
+            if run.state == PENDING and not advance_now(run):
                 await advance(run)  # pending -> the first stage
             turns = self._turns
             # The machine says where the workflow is; past the last stage it is COMPLETED,
@@ -191,7 +195,8 @@ class Engine:
                 if live.stop_reason is not None:
                     raise Interrupted(live.stop_reason)
                 await self._run_stage(live, spec)
-                await advance(run)  # this stage -> the next one (or COMPLETED)
+                if not advance_now(run):  # this stage -> the next one (or COMPLETED)
+                    await advance(run)
             run.status = run.state  # COMPLETED: no other state is left by advancing
             run.current_stage = COMPLETED
         except Interrupted as stop:
@@ -267,8 +272,8 @@ class Engine:
         run = live.run
         retries_allowed = spec.max_retries if spec.max_retries is not None else (
             self._policy.max_retries)
-        delays = backoff_delays(self._policy)
-        budget_end = self._clock.monotonic() + self._policy.budget_seconds
+        delays = None  # the backoff, made at the first failure (most stages have none)
+        budget_end = 0.0  # the retry budget runs from the first attempt's start
         recovered = False
         attempt = 0
         while True:
@@ -277,6 +282,8 @@ class Engine:
                 await self._await_lease(live)
             fresh = run.revision == 0  # no snapshot of this workflow was ever taken
             started = self._begin_attempt(live, spec, attempt)
+            if attempt == 1:
+                budget_end = started + self._policy.budget_seconds
             if fresh and self._persistence:
                 # Durable before the first handler's first side effect: a crash inside
                 # stage 1 must leave a resumable record, not an unknown workflow. (The
@@ -289,6 +296,8 @@ class Engine:
             except (Interrupted, FencedError):  # a refused mid-stage checkpoint: no retry
                 raise
             except Exception as error:
+                if delays is None:
+                    delays = backoff_delays(self._policy)
                 decision, delay = await self._decide(live, spec, error, attempt, retries_allowed,
                                                      delays, budget_end)
                 if decision is not _Decision.RETRY:
@@ -565,19 +574,30 @@ class Engine:
 
     # ------------------------------------------------------------------ watchdog
 
-    def _timing(self, spec: StageSpecLike) -> tuple[float, float]:
+    def _scaled_timing(self, spec: StageSpecLike) -> tuple[float, float]:
         scale = self._multiplier if getattr(spec, "timing_is_default", False) else 1.0
         return spec.timeout_seconds * scale, spec.warning_threshold_seconds * scale
 
+    def _timing(self, spec: StageSpecLike) -> tuple[float, float]:
+        timing = self._timings.get(spec.name)
+        return timing if timing is not None else self._scaled_timing(spec)
+
     def _arm_watchdog(self, live: LiveWorkflow, spec: StageSpecLike) -> None:
+        # _rearm's due time, worked out inline: this runs at every attempt of every stage.
         timeout, warning = self._timing(spec)
         now = self._clock.monotonic()
-        live.deadline = now + timeout
-        live.warn_at = now + warning if 0 < warning < timeout else float("inf")
+        live.deadline = due = now + timeout
+        if 0 < warning < timeout:
+            live.warn_at = due = now + warning
+        else:
+            live.warn_at = float("inf")
         live.warned = False
         live.last_beat = now
         live.timeout_reason = None
-        self._rearm(live, now)
+        heartbeat = spec.heartbeat_timeout_seconds
+        if heartbeat and now + heartbeat < due:
+            due = now + heartbeat
+        self._watchdogs.arm(live, due, now)
 
     def _rearm(self, live: LiveWorkflow, now: float) -> None:
         spec = live.stage_spec
@@ -687,16 +707,19 @@ class _Watchdogs:
         self._timer: TimerHandle | None = None
         self._timer_due = float("inf")
 
-    def arm(self, live: LiveWorkflow, due: float, now: float) -> None:
-        """Call back for ``live`` at ``due`` (replacing its earlier entry, if any)."""
+    def bind(self) -> None:
+        """Called as each workflow starts, on its loop: a runtime used again by a later
+        asyncio.run() kept the ended loop's timer, which would never fire (nor would any
+        entry behind it). Once per workflow, not at every arm."""
         if self._keep_idle_timer:
             loop = asyncio.get_running_loop()
             if loop is not self._loop:
-                # A runtime used again by a later asyncio.run(): the timer kept was the
-                # ended loop's, and would never fire (nor would any entry behind it).
                 self._loop = loop
                 self._heap, self._stale = [], 0
                 self._timer, self._timer_due = None, float("inf")
+
+    def arm(self, live: LiveWorkflow, due: float, now: float) -> None:
+        """Call back for ``live`` at ``due`` (replacing its earlier entry, if any)."""
         if live.timer is not None:
             self.disarm(live)
         self._sequence += 1

@@ -89,7 +89,19 @@ class HealthSampler:
         self._clock = clock
         self._min_interval = min_interval
         self._last: _Sample | None = None
+        self._assessment: tuple[_Sample, HealthStatus, tuple[str, ...]] | None = None
         psutil.cpu_percent(interval=None)  # prime: the next call measures since now
+
+    def assessed(self) -> tuple[_Sample, HealthStatus, list[str]]:
+        """``sample()`` and what ``assess`` makes of it, worked out once per sample (every
+        stage's health check within ``min_interval`` shares one); the advice is a new
+        list each call, for the caller to extend."""
+        sample = self.sample()
+        cached = self._assessment
+        if cached is None or cached[0] is not sample:
+            status, advice = assess(sample)
+            cached = self._assessment = (sample, status, tuple(advice))
+        return sample, cached[1], list(cached[2])
 
     def sample(self) -> _Sample:
         now = self._clock.monotonic()

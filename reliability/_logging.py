@@ -8,6 +8,7 @@ console and to a daily file ``{log_directory}/workflow-YYYYMMDD.log``, in the sp
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -137,6 +138,10 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
         if loop is None:
             self.queue.put_nowait(record)
             return
+        self._hold(record, loop)
+
+    def _hold(self, record: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """Hold back ``record`` for ``loop``'s next hand-over (``enqueue``)."""
         held = self._batches
         batch: list[logging.LogRecord] | None = getattr(held, "records", None)
         # A batch left by a loop that ended before handing it over (asyncio.run does not
@@ -154,11 +159,12 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
         if len(batch) >= _BATCH_LIMIT:
             self.hand_over()
 
-    def defer(self, level: int, msg: str, args: tuple[Any, ...]) -> None:
-        """Hold back a record to be built by the logging thread (see ``log_soon``): on the
-        loop, only its time, workflow ID, message and arguments are taken."""
-        self.enqueue((time.time(), level, msg, args,  # type: ignore[arg-type]
-                      workflow_id_var.get() or "-"))
+    def defer(self, level: int, msg: str, args: tuple[Any, ...],
+              loop: asyncio.AbstractEventLoop) -> None:
+        """Hold back a record to be built by the logging thread (see ``log_soon``): on
+        ``loop`` (the running one), only its time, workflow ID, message and arguments are
+        taken."""
+        self._hold((time.time(), level, msg, args, workflow_id_var.get() or "-"), loop)
 
     def hand_over(self) -> None:
         """Queue the records this thread holds back (also called before shutting down)."""
@@ -334,8 +340,8 @@ def log_soon(level: int, msg: str, *args: Any) -> None:
     handlers = logger.handlers
     if (len(handlers) == 1 and type(front := handlers[0]) is _InPlaceQueueHandler
             and level >= front.level and not logger.filters
-            and asyncio_running_loop() is not None):
-        front.defer(level, msg, args)
+            and (loop := asyncio_running_loop()) is not None):
+        front.defer(level, msg, args, loop)
         return
     logger.log(level, msg, *args)
 

@@ -38,7 +38,6 @@ from ._health import (
     HealthSampler,
     HealthStatus,
     SystemHealthCheck,
-    assess,
     assess_loop_lag,
     parse_status,
     run_custom_check,
@@ -727,9 +726,13 @@ class Runtime:
         """Resources, registered checks and loop lag, merged into one status (worst wins)."""
         if workflow_id is not None:
             validate_workflow_id(workflow_id)
+        return await self._health_check(workflow_id)
+
+    async def _health_check(self, workflow_id: str | None) -> SystemHealthCheck:
+        # A running workflow's ID was validated when it was admitted: a stage's check
+        # (stage_health_check) comes here directly, without the regex per stage.
         sampler = self._sampler or HealthSampler(self.project_root, self.clock)
-        sample = sampler.sample()
-        status, advice = assess(sample)
+        sample, status, advice = sampler.assessed()
         lag_status, lag_advice = assess_loop_lag(self.loop_lag_ms)
         status = worst(status, lag_status)
         advice.extend(lag_advice)
@@ -756,7 +759,7 @@ class Runtime:
     async def stage_health_check(self, run: WorkflowRun, reason: str) -> None:
         if not self.config.enable_health_checks:
             return
-        check = await self.perform_health_check(run.workflow_id)
+        check = await self._health_check(run.workflow_id)
         if self._live.get(run.workflow_id) is None:
             run.record_health_check(check.to_dict())
         # A busy CPU alone (WARNING) is normal while handlers' subprocesses run; log it

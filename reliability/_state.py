@@ -136,10 +136,14 @@ class WorkflowRun:
                 "retry_count": self.retry_count,
                 "recovery_attempts": self.recovery_attempts,
                 "recovery_successes": self.recovery_successes,
-                "health_checks": self._fragment("health_checks", self.health_checks),
-                "stage_history": self._fragment("stage_history", self.stage_history),
-                "errors": self._fragment("errors", self.errors),
-                "watchdog_events": self._fragment("watchdog_events", self.watchdog_events),
+                # An empty list is itself (no call): errors and watchdog events, as a rule.
+                "health_checks": self._fragment("health_checks", self.health_checks)
+                if self.health_checks else [],
+                "stage_history": self._fragment("stage_history", self.stage_history)
+                if self.stage_history else [],
+                "errors": self._fragment("errors", self.errors) if self.errors else [],
+                "watchdog_events": self._fragment("watchdog_events", self.watchdog_events)
+                if self.watchdog_events else [],
             }
         else:
             monitoring = {

@@ -58,10 +58,15 @@ class Turns:
 
     def take(self) -> asyncio.Future[None] | None:
         """None if the turn is granted now; otherwise a future to await for it."""
-        loop = self._running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._running_loop()
         if self._granted < self._per_iteration and not self._waiting:
+            # Every stage of every workflow comes here: _schedule_pump, inlined.
             self._granted += 1
-            self._schedule_pump(loop)
+            if not self._pump_scheduled:
+                self._pump_scheduled = True
+                loop.call_soon(self._pump)
             return None
         waiter = loop.create_future()
         self._waiting.append(waiter)

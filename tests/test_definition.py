@@ -12,9 +12,11 @@ from typing import Any
 import parking
 import pytest
 from crash_workflows import CRASH_FLOW
-from transitions.extensions.asyncio import AsyncCondition
+from transitions import MachineError
+from transitions.extensions.asyncio import AsyncCondition, AsyncMachine
 
 from machines import DEFAULT_TIMEOUTS, StageContext, StageSpec, WorkflowDefinition, WorkflowStage
+from machines._definition import _machine_settings
 from reliability import (
     ConfigurationError,
     FakeClock,
@@ -398,3 +400,138 @@ class TestSharedMachine:
 
 async def _noop(ctx: object) -> None:
     return None
+
+
+def _pair(stages: tuple[str, ...] = ("a", "b")) -> tuple[Any, AsyncMachine]:
+    """A definition's machine and the stock AsyncMachine built from the same settings."""
+    definition = WorkflowDefinition("paired", [StageSpec(stage=s, handler=_noop)
+                                               for s in stages])
+    return definition, AsyncMachine(**_machine_settings(stages))
+
+
+class _StockModel:
+    """A model for the stock machine, which wires its helpers onto it (a WorkflowRun has
+    slots)."""
+
+    state: str
+
+
+def _model(workflow_id: str = "workflow-20240101-000000-abcdef012345") -> WorkflowRun:
+    return WorkflowRun(workflow_id, definition_name="paired", definition_path=None,
+                       context={}, prompt_file=None, created_at=0.0)
+
+
+class TestShortPathMatchesStockMachine:
+    """The runtime's machine sets states without transitions' event processing; these
+    pin that it moves a model exactly as the stock AsyncMachine does."""
+
+    async def test_every_advance_and_outcome_lands_where_the_stock_machine_does(self) -> None:
+        """advance through every stage, and each outcome from pending and from each stage:
+        the short path takes every move, and each ends in the stock machine's state."""
+        definition, stock = _pair(("a", "b", "c"))
+        machine = definition._machine
+        moves = [["advance"] * 4]
+        moves += [["advance"] * steps + [outcome] for steps in range(4)
+                  for outcome in ("failed", "timed_out", "cancelled", "interrupted")]
+        for sequence in moves:
+            run, other = _model(), _StockModel()
+            definition.attach(run, "pending")
+            stock.add_model(other, initial="pending")
+            for trigger in sequence:
+                assert machine.move_now(machine.events[trigger], run), (sequence, trigger)
+                assert await stock.events[trigger].trigger(other)
+                assert run.state == other.state, (sequence, trigger)
+            definition.detach(run)
+            stock.remove_model(other)
+        assert machine.models == []
+
+    async def test_a_move_from_a_wrong_state_still_raises(self) -> None:
+        """No short path for a move the machine lacks: transitions raises MachineError, as
+        the stock machine does, and the definition reports it; the state is unchanged."""
+        definition, stock = _pair()
+        machine = definition._machine
+        for state, trigger in [("completed", "advance"), ("failed", "advance"),
+                               ("completed", "cancelled"), ("interrupted", "failed")]:
+            run, other = _model(), _StockModel()
+            machine.add_model(run, initial=state)
+            stock.add_model(other, initial=state)
+            assert not machine.move_now(machine.events[trigger], run)
+            with pytest.raises(MachineError):
+                await machine.events[trigger].trigger(run)
+            with pytest.raises(MachineError):
+                await stock.events[trigger].trigger(other)
+            with pytest.raises(InvalidTransitionError):
+                if trigger == "advance":
+                    await definition.advance(run)
+                else:
+                    await definition.finish(run, trigger)
+            assert run.state == other.state == state
+            machine.remove_model(run)
+            stock.remove_model(other)
+
+    async def test_a_trigger_fired_inside_another_is_queued_as_the_stock_machine_does(
+            self) -> None:
+        """queued="model": a trigger fired from inside another trigger of the same model
+        takes no short path; it is queued and runs once the first is done, as on the
+        stock machine (both end at completed, the inner move after the outer)."""
+        definition, stock = _pair()
+        machine = definition._machine
+        for subject, model in ((machine, _model()), (stock, _StockModel())):
+            seen: list[tuple[str, object]] = []
+
+            async def inner(event: Any, subject: Any = subject, seen: Any = seen) -> None:
+                if isinstance(subject, type(machine)):
+                    seen.append(("short path", subject.move_now(subject.events["advance"],
+                                                                event.model)))
+                seen.append(("queued", await subject.events["advance"].trigger(event.model)))
+                seen.append(("state after queueing", event.model.state))
+
+            (into_b,) = subject.events["advance"].transitions["a"]
+            into_b.add_callback("after", inner)
+            subject.add_model(model, initial="a")
+            assert await subject.events["advance"].trigger(model)
+            assert model.state == "completed"
+            expected = [("queued", True), ("state after queueing", "b")]
+            if subject is machine:
+                expected.insert(0, ("short path", False))
+            assert seen == expected
+            subject.remove_model(model)
+
+    @pytest.mark.parametrize("hook", ["prepare_event", "before_state_change",
+                                      "after_state_change", "finalize_event", "on_exception"])
+    async def test_a_callback_on_the_machine_takes_the_full_path(self, hook: str) -> None:
+        """A callback list set on the machine sends every trigger down transitions' path,
+        which runs it (the short path reads each list's attribute)."""
+        definition, _ = _pair()
+        machine = definition._machine
+        called: list[str] = []
+        setattr(machine, hook, lambda event: called.append(hook))
+        run = _model()
+        definition.attach(run, "pending")
+        assert not machine.move_now(machine.events["advance"], run)
+        await definition.advance(run)
+        assert run.state == "a"
+        if hook != "on_exception":  # runs only when a callback raises
+            assert called == [hook]
+        definition.detach(run)
+
+    @pytest.mark.parametrize("where", ["exit", "enter", "final"])
+    async def test_a_callback_on_a_state_takes_the_full_path(self, where: str) -> None:
+        """on_exit of the source, on_enter of the destination, on_final of a final one:
+        each takes the full path, which calls it."""
+        definition, _ = _pair()
+        machine = definition._machine
+        called: list[str] = []
+        if where == "exit":
+            machine.get_state("a").add_callback("exit", lambda event: called.append(where))
+        elif where == "enter":
+            machine.get_state("b").add_callback("enter", lambda event: called.append(where))
+        else:
+            machine.get_state("b").final = True
+            machine.on_final = lambda event: called.append(where)
+        run = _model()
+        machine.add_model(run, initial="a")
+        assert not machine.move_now(machine.events["advance"], run)
+        await definition.advance(run)
+        assert run.state == "b" and called == [where]
+        definition.detach(run)

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from reliability import (
     Runtime,
     WorkflowConfiguration,
 )
+from reliability._health import HealthSampler
 from reliability._logging import LOGGER_NAME
 from reliability._monitor import LAG_WARNING_SECONDS
 
@@ -221,3 +223,26 @@ def test_worst_is_the_most_severe_status_in_any_order() -> None:
     assert worst(HealthStatus.WARNING) is HealthStatus.WARNING
     assert worst(HealthStatus.HEALTHY, HealthStatus.FAILED, HealthStatus.DEGRADED) is (
         HealthStatus.FAILED)
+
+
+class TestAssessedOncePerSample:
+    def test_a_sample_is_assessed_once_and_a_new_one_afresh(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Within min_interval the checks share one sample and its assessment (the advice a
+        fresh list each time); the next sample is assessed anew (memory full: CRITICAL)."""
+        memory = [50.0]
+        monkeypatch.setattr(psutil, "virtual_memory",
+                            lambda: types.SimpleNamespace(percent=memory[0]))
+        clock = FakeClock()
+        sampler = HealthSampler(tmp_path, clock, min_interval=1.0)
+        first, status, advice = sampler.assessed()
+        advice.append("the caller's own")
+        memory[0] = 99.0
+        again, status_again, advice_again = sampler.assessed()
+        assert again is first and status_again is status
+        assert "the caller's own" not in advice_again
+        clock.advance(1.0)
+        later, status_later, advice_later = sampler.assessed()
+        assert later is not first and later.memory == 99.0
+        assert status_later is HealthStatus.CRITICAL
+        assert "Free up memory or restart services" in advice_later

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 import reliability._state
+from reliability import MemoryStore
 from reliability._state import WorkflowRun
 from reliability._store._file import _encode
-from reliability._store._protocol import canonical
+from reliability._store._protocol import canonical, decode_document, encode_document
 
 WID = "workflow-20240115-142315-a7b3"
 
@@ -117,3 +119,24 @@ async def test_a_finished_workflow_keeps_no_encoding(tmp_path: Path) -> None:
         run = runtime._finished[result.workflow_id]
     assert result.status == "completed" and len(run.stage_history) == 2
     assert run._encoded is None
+
+
+async def test_the_memory_store_keeps_the_documents_encode_document_makes() -> None:
+    """MemoryStore takes a workflow's snapshot with its lists pre-encoded and wraps it
+    (checksum) only when read: what a reader gets, at every stage and in the checkpoints,
+    is byte for byte encode_document of the plain snapshot; a document written into it
+    is kept as it is."""
+    store = MemoryStore()
+    run = _run()
+    for stage in range(1, 8):
+        _grow(run, stage)
+        await store.save(WID, run.to_state, checkpoint_stage=f"s{stage}")
+        run.revision -= 1  # the plain snapshot of the same revision
+        expected = encode_document(run.to_state())
+        assert store.documents[WID] == expected
+        assert store.checkpoints[(WID, f"s{stage}")] == expected
+        assert decode_document(store.documents[WID], "memory")["revision"] == run.revision
+    assert (await store.load(WID)).state == orjson.loads(expected)["state"]
+    store.documents[WID] = b"as written"
+    assert store.documents[WID] == b"as written" and len(store.documents) == 1
+    assert list(store.documents) == [WID]
