@@ -328,6 +328,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks
     if arguments and arguments[0] == "processes":
         from ._processes import main as processes
         return processes(arguments[1:], prog=f"{prog} processes")
+    if arguments and arguments[0] == "durable":
+        from ._durable import main as durable
+        return durable(arguments[1:], prog=f"{prog} durable")
     if arguments and arguments[0] == "stagecost":
         return _stagecost(arguments[1:], prog)
     return _run(arguments, prog)
