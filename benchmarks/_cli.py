@@ -1,5 +1,5 @@
 """Command line: ``python -m benchmarks [run options] | compare OLD NEW | profile | case |
-stagecost``."""
+stagecost | durable | processes``."""
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
                     "benchmarks/README.md). Other "
                     "commands: 'compare OLD.json NEW.json', 'profile [--store file|memory]', "
                     "'case [--store file|memory] [--workflows N] [--runs N]', "
-                    "'stagecost [--engine] [--workflows N] [--runs N]'.",
+                    "'stagecost [--engine] [--workflows N] [--runs N]', "
+                    "'durable [--workflows N] [--runs N]', 'processes'.",
         epilog="examples:\n" + "\n".join(f"  {prog} {example}" for example in examples))
     parser.add_argument("--quick", action="store_true",
                         help="a small version that runs in seconds (100 workflows)")
@@ -316,8 +317,9 @@ def _stagecost(argv: Sequence[str], prog: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks") -> int:
-    """Run the suite, or ``compare``, ``case``, ``profile``, ``processes`` or ``stagecost``;
-    ``prog`` names the command in help and errors (``workflow-manager bench`` forwards here)."""
+    """Run the suite, or ``compare``, ``case``, ``profile``, ``processes``, ``stagecost``
+    or ``durable``; ``prog`` names the command in help and errors (``workflow-manager
+    bench`` forwards here)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] == "compare":
         return _compare(arguments[1:], prog)
@@ -328,6 +330,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks
     if arguments and arguments[0] == "processes":
         from ._processes import main as processes
         return processes(arguments[1:], prog=f"{prog} processes")
+    if arguments and arguments[0] == "durable":
+        from ._durable import main as durable
+        return durable(arguments[1:], prog=f"{prog} durable")
     if arguments and arguments[0] == "stagecost":
         return _stagecost(arguments[1:], prog)
     return _run(arguments, prog)

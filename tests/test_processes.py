@@ -286,18 +286,32 @@ def test_processes_must_be_positive(tmp_path: Path) -> None:
 
 def test_processes_benchmark_reports_every_process_count(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """python -m benchmarks processes: one line per run with its rate, wall, CPU per
-    transition and load average, and the medians with the ratio to one process, also
-    written as JSON."""
+    """python -m benchmarks processes: one line per run of each workload (no-op and
+    loop-bound JSON stages) with its rate, wall, CPU per transition, CPU by role and load
+    average, and the medians with the ratio to one process, also written as JSON."""
     from benchmarks import main as benchmarks
     output = tmp_path / "processes.json"
     assert benchmarks(["processes", "--workflows", "12", "--concurrency", "4", "--rounds",
                        "1", "--json", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert "1 process(es): median" in printed and "2 process(es): median" in printed
+    for workload in ("noop", "json"):
+        assert f"{workload}, 1 process(es): median" in printed
+        assert f"{workload}, 2 process(es): median" in printed
     assert "load average" in printed
     document = json.loads(output.read_text())
-    assert [run["processes"] for run in document["runs"]] == [1, 2]
+    assert [(run["workload"], run["processes"]) for run in document["runs"]] == [
+        ("noop", 1), ("noop", 2), ("json", 1), ("json", 2)]
     for run in document["runs"]:
         assert run["transitions"] == 12 * 19 and run["transitions_per_s"] > 0
         assert run["cpu_seconds"] > 0 and run["loop_cpu_us_per_transition"] > 0
+        roles = run["cpu_by_role"]
+        assert roles["loops"] > 0 and roles["writers"] > 0
+        assert ("parent" in roles) == (run["processes"] > 1)
+
+
+def test_the_loop_bound_workload_parses_and_serialises_about_20_kb_per_stage() -> None:
+    """JSON19's stages each parse and re-serialise the ~20 KB API response, 19 of them."""
+    from benchmarks._processes import API_RESPONSE, JSON19
+    assert 18_000 <= len(API_RESPONSE) <= 22_000
+    assert len(json.loads(API_RESPONSE)) == 24
+    assert len(JSON19.stages) == 19

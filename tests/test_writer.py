@@ -31,6 +31,8 @@ from test_store import (
 
 from reliability import FileStore
 from reliability._store import UNREAD_LIMIT, WRITER_RESTARTS
+from reliability._store._protocol import canonical, decode_document
+from reliability._store._writer import Writer, _write_group
 
 __all__ = ["children", "portable"]  # the fixtures, imported for the tests below
 
@@ -260,3 +262,55 @@ class TestLazyWrites:
             await store.close()
         for workflow_id in IDS:
             assert state_of(tmp_path / "states" / workflow_id / "state.json")["revision"] == 1
+
+
+class TestHandOff:
+    """The writer's state files from durable records, fed to its ``Writer`` directly."""
+
+    @staticmethod
+    def _writer(tmp_path: Path) -> Writer:
+        (tmp_path / "journal").mkdir()
+        return Writer(os.getpid(), str(tmp_path / "journal"), str(tmp_path / "states"),
+                      str(tmp_path / "checkpoints"), False, 1 << 30)
+
+    @staticmethod
+    def _group(tmp_path: Path, writes: list[tuple[int, tuple[str, ...]]]
+               ) -> tuple[object, ...]:
+        items = [(WID, canonical(_state(WID, revision)),
+                  str(tmp_path / "states" / WID / "state.json"),
+                  [str(tmp_path / "checkpoints" / f"{name}.json") for name in checkpoints])
+                 for revision, checkpoints in writes]
+        return ("W", 1, items, [])
+
+    @staticmethod
+    def _revision(path: Path) -> int:
+        return int(decode_document(path.read_bytes(), str(path))["revision"])
+
+    def test_a_record_without_checkpoint_waits_for_one_and_the_newest_wins(
+            self, tmp_path: Path) -> None:
+        """A record that wants no checkpoint writes no file; one that does writes the
+        state and checkpoint files, from a newer record of the same group if one came;
+        the journal has every record as a checksummed line, the bytes a state file gets."""
+        writer = self._writer(tmp_path)
+        writer.start_journal()
+        sent: list[tuple[object, ...]] = []
+        channel = type("Channel", (), {"send": staticmethod(sent.append)})()
+        state = tmp_path / "states" / WID / "state.json"
+        try:
+            _write_group(writer, channel, [self._group(tmp_path, [(1, ())])])
+            writer._materializer.submit(lambda: None).result()  # whatever it queued
+            assert not state.exists() and sent == [("A", 1)]
+            _write_group(writer, channel, [self._group(tmp_path, [(2, ("s4",)), (3, ())])])
+            writer._materializer.submit(lambda: None).result()
+            assert self._revision(state) == 3
+            assert self._revision(tmp_path / "checkpoints" / "s4.json") == 3
+            _write_group(writer, channel, [self._group(tmp_path, [(4, ())])])
+            writer.flush()  # what only the journal holds
+            assert self._revision(state) == 4
+            lines = Path(writer.journal_path).read_bytes().splitlines(keepends=True)
+            assert [decode_document(line, "journal")["revision"] for line in lines] == [
+                1, 2, 3, 4]  # every record, checksummed, one line each
+            assert state.read_bytes() == lines[-1]  # a state file is its journal line
+        finally:
+            writer.finish()
+        assert not Path(writer.journal_path).exists()  # every state in a file: deleted

@@ -178,6 +178,7 @@ class FileStore:
         self._fsync_each = durable and _SYNCFS is None
         self.materialize_errors: list[str] = []
         self.batches_written = 0
+        self.bytes_sent = 0  # frames handed to the writer (for the benchmarks)
         self.files_written = 0
         self.replayed_workflows = 0
 
@@ -449,6 +450,7 @@ class FileStore:
         sent = _Sent(self._sequence, encode_frame(("W", self._sequence, items, appends)),
                      batch.waiters, tuple(batch.writes))
         self._sent.append(sent)
+        self.bytes_sent += len(sent.frame)
         self._unflushed = True
         self._link.send_frame(sent.frame)
         if batch.wanted:
