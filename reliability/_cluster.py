@@ -28,6 +28,7 @@ from ._ids import validate_workflow_id
 from ._logging import logger
 from ._state import TERMINAL, WorkflowRun
 from ._store import Claim, FileStore, LoadedState, Store
+from ._waits import signal_store
 
 if TYPE_CHECKING:
     import asyncpg
@@ -448,11 +449,22 @@ async def _serve_files(rt: Runtime, worker: _Worker, exit_when_idle: bool) -> No
             busy = set(rt.running)
             pending = [s for s in listed if s.state["workflow_id"] not in busy]
             pending.sort(key=lambda s: float(s.state.get("created_at") or 0))
-            by_id = {s.state["workflow_id"]: s for s in pending[:free]}
-            claims, _ = await rt.store.claim_many(by_id)
+            claims, _ = await rt.store.claim_many(s.state["workflow_id"] for s in pending[:free])
+            # The list was read before the claims: another process may have run one
+            # since and released it. Decide from a read made under the claim, which
+            # the releaser's state file is current for (docs/architecture.md,
+            # invariant 12); one thread hop for all of them.
+            current = (await signal_store(rt.store).load_many([c.workflow_id for c in claims])
+                       if claims else {})
+            started = False
             for claim in claims:
-                worker.start(claim, by_id[claim.workflow_id])
-            if claims:
+                loaded = current.get(claim.workflow_id)
+                if isinstance(loaded, LoadedState) and loaded.state.get("status") == "pending":
+                    worker.start(claim, loaded)
+                    started = True
+                else:
+                    claim.release()
+            if started:
                 continue
         if exit_when_idle and not worker.tasks and not pending:
             return

@@ -1,0 +1,84 @@
+"""Separate processes on one file store (not children of one parent): a workflow runs once.
+
+Each process's writer appends to its own journal and writes state files later, at idle
+priority. A claim released before its workflow's final state file was written let a
+second process take the claim, read a ``pending`` state file and run the workflow again
+(docs/architecture.md, invariant 12)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster_workflows import read_effects
+
+ROOT = Path(__file__).resolve().parent.parent
+EFFECTS_PATH = "tests.cluster_workflows:EFFECTS"
+STAGES = ("one", "two", "three")
+
+
+def _env(effects: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "CLUSTER_EFFECTS": str(effects),
+            "WORKFLOW_ENABLE_HEALTH_CHECKS": "false"}
+
+
+def _command(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "reliability", *args, "--project-root", str(root)]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def _state_files(root: Path) -> dict[str, dict[str, object]]:
+    states = {}
+    for path in (root / ".github" / "workflow-states").glob("workflow-*/state.json"):
+        state = json.loads(path.read_bytes())["state"]
+        states[state["workflow_id"]] = state
+    return states
+
+
+def test_two_worker_processes_run_each_workflow_once(
+        tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """Two `worker --exit-when-idle` processes (no common parent) serve 400 submitted
+    three-stage workflows from one file store: every stage's effect happens exactly once
+    and every workflow ends completed."""
+    effects = tmp_path / "effects"
+    effects.mkdir()
+    submitted = subprocess.run(
+        _command(tmp_path, "submit", "--definition", EFFECTS_PATH, "--count", "400", "--json"),
+        cwd=ROOT, env=_env(effects), capture_output=True, check=True)
+    ids = set(json.loads(submitted.stdout)["workflow_ids"])
+    # Many short workflows and two loops on two cores keep the writers' idle-priority
+    # state file threads behind the journals: the window a released claim opened.
+    for _ in range(2):
+        processes.append(subprocess.Popen(
+            _command(tmp_path, "worker", "--processes", "1", "--exit-when-idle",
+                     "--concurrency", "50", "--log-level", "WARNING", "--json"),
+            cwd=ROOT, env=_env(effects), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    ran = 0
+    for process in processes:
+        out, err = process.communicate(timeout=240)
+        assert process.returncode == 0, err.decode()
+        ran += json.loads(out)["workflows_run"]
+    done = collections.Counter((e[1], e[2]) for e in read_effects(effects) if e[0] == "done")
+    twice = sorted(key for key, count in done.items() if count > 1)
+    assert not twice, (f"{len(twice)} stage effects happened twice, in "
+                       f"{len({w for w, _ in twice})} of {len(ids)} workflows")
+    assert set(done) == {(w, s) for w in ids for s in STAGES}
+    states = _state_files(tmp_path)
+    assert {w: s["status"] for w, s in states.items()} == dict.fromkeys(ids, "completed")
+    assert all(s["completed_stages"] == list(STAGES) for s in states.values())
+    assert ran == len(ids)  # each started by one worker, once
