@@ -3,7 +3,8 @@
 Each process's writer appends to its own journal and writes state files later, at idle
 priority. A claim released before its workflow's final state file was written let a
 second process take the claim, read a ``pending`` state file and run the workflow again
-(docs/architecture.md, invariant 12)."""
+(docs/architecture.md, invariant 12). And a journal whose process died is replayed
+even while its writer is still dying."""
 
 from __future__ import annotations
 
@@ -12,11 +13,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cluster_workflows import read_effects
+
+from reliability._store import _replay
+from reliability._store._protocol import canonical
+from reliability._store._writer import wrap_document
 
 ROOT = Path(__file__).resolve().parent.parent
 EFFECTS_PATH = "tests.cluster_workflows:EFFECTS"
@@ -82,3 +90,55 @@ def test_two_worker_processes_run_each_workflow_once(
     assert {w: s["status"] for w, s in states.items()} == dict.fromkeys(ids, "completed")
     assert all(s["completed_stages"] == list(STAGES) for s in states.values())
     assert ran == len(ids)  # each started by one worker, once
+
+
+def test_replay_waits_for_the_journal_of_a_dead_process_s_dying_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal still locked after its owner (the PID in its name) died, as while the
+    kernel kills its writer, is waited for and replayed, not skipped as a live one's."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its PID names no process now
+    journals, states = tmp_path / "_journal", tmp_path / "states"
+    journals.mkdir()
+    journal = journals / f"journal-{gone.pid}-0000abcd.log"
+    workflow_id = "workflow-20240101-000000-00000000abcd"
+    journal.write_bytes(wrap_document(canonical(
+        {"workflow_id": workflow_id, "status": "completed", "revision": 3})))
+    holder = subprocess.Popen(  # the dying writer: holds the journal's lock until told
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         f"fd = os.open({str(journal)!r}, os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        waiting = threading.Event()
+
+        def sleep(seconds: float) -> None:
+            waiting.set()  # the replay found the lock held and waits for it
+            time.sleep(seconds)
+
+        monkeypatch.setattr(_replay, "time", types.SimpleNamespace(
+            monotonic=time.monotonic, sleep=sleep))
+
+        def write(path: Path, document: bytes) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(document)
+
+        replayed: list[int] = []
+        thread = threading.Thread(target=lambda: replayed.append(
+            _replay.replay_orphan_journals(journals, states, write, None)))
+        thread.start()
+        assert waiting.wait(60), "the replay did not wait for the locked journal"
+        holder.stdin.close()  # the writer dies: its lock goes
+        thread.join(60)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        if not holder.stdin.closed:
+            holder.stdin.close()
+    assert replayed == [1]
+    state = json.loads((states / workflow_id / "state.json").read_bytes())["state"]
+    assert state["revision"] == 3
+    assert not journal.exists()
