@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from ._postgres import PostgresStore
     from ._runtime import Runtime, WorkflowResult
 
-__all__ = ["make_store", "migrate_store", "postgres", "result", "serve", "submit",
-           "submit_many"]
+__all__ = ["load_claimed", "make_store", "migrate_store", "postgres", "result", "serve",
+           "submit", "submit_many"]
 
 _FILE_POLL = 0.2  # seconds between looks at the file store (it has no notifications)
 _RESULT_POLL = 2.0  # fallback poll while waiting for a NOTIFY of a result
@@ -440,6 +440,16 @@ async def _serve_postgres(rt: Runtime, worker: _Worker, store: PostgresStore,
                     await waiter
 
 
+async def load_claimed(store: Store, workflow_ids: list[str]
+                        ) -> dict[str, LoadedState | WorkflowError]:
+    """The current states of workflows just claimed (see ``FileStore.load_claimed``)."""
+    if not workflow_ids:
+        return {}
+    if isinstance(store, FileStore):
+        return await store.load_claimed(workflow_ids)
+    return await signal_store(store).load_many(workflow_ids)
+
+
 async def _serve_files(rt: Runtime, worker: _Worker, exit_when_idle: bool) -> None:
     while not rt.shutting_down:
         free = worker.concurrency - len(worker.tasks)
@@ -451,11 +461,9 @@ async def _serve_files(rt: Runtime, worker: _Worker, exit_when_idle: bool) -> No
             pending.sort(key=lambda s: float(s.state.get("created_at") or 0))
             claims, _ = await rt.store.claim_many(s.state["workflow_id"] for s in pending[:free])
             # The list was read before the claims: another process may have run one
-            # since and released it. Decide from a read made under the claim, which
-            # the releaser's state file is current for (docs/architecture.md,
-            # invariant 12); one thread hop for all of them.
-            current = (await signal_store(rt.store).load_many([c.workflow_id for c in claims])
-                       if claims else {})
+            # since and released it (or died). Decide from a read made under the claim
+            # (docs/architecture.md, invariant 12); one thread hop for all of them.
+            current = await load_claimed(rt.store, [c.workflow_id for c in claims])
             started = False
             for claim in claims:
                 loaded = current.get(claim.workflow_id)

@@ -647,6 +647,30 @@ class FileStore:
                 f"{self.claims_path(workflow_id)} is held); not starting it twice")
         return claims[0]
 
+    async def load_claimed(self, workflow_ids: list[str]
+                           ) -> dict[str, LoadedState | WorkflowError]:
+        """What a decision to run workflows just claimed rests on (docs/architecture.md,
+        invariant 12): their current states, read under the claims, one thread hop.
+
+        A claim another process released is current in the state files (``_release``);
+        one freed by its holder's death is current in that process's journal: so every
+        journal whose process died is replayed first, as at open (one look at the journal
+        directory; a live process's journal is left alone)."""
+        for workflow_id in workflow_ids:
+            validate_workflow_id(workflow_id)
+        await self._flush_state_files()
+        return await asyncio.to_thread(self._load_claimed, workflow_ids)
+
+    def _load_claimed(self, workflow_ids: list[str]) -> dict[str, LoadedState | WorkflowError]:
+        self._prepare_journal_directory()
+        found: dict[str, LoadedState | WorkflowError] = {}
+        for workflow_id in workflow_ids:
+            try:
+                found[workflow_id] = self.load_sync(workflow_id)
+            except WorkflowError as error:
+                found[workflow_id] = error
+        return found
+
     def claims_path(self, workflow_id: str) -> Path:
         """The lock file holding ``workflow_id``'s claim."""
         return self._claim_locks.path(validate_workflow_id(workflow_id))

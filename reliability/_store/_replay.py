@@ -53,6 +53,8 @@ def replay_orphan_journals(journal_directory: Path, state_directory: Path,
         try:
             if not _lock_orphan(fd, path, fcntl):
                 continue  # its process is alive and owns those workflows
+            if not os.path.exists(path):
+                continue  # replayed and deleted by another store while this one waited
             complete, written = _replay(path, state_directory, write)
             replayed += written
             if sync is not None:
