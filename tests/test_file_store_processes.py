@@ -8,7 +8,9 @@ even while its writer is still dying."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import functools
 import json
 import os
 import subprocess
@@ -22,7 +24,8 @@ from pathlib import Path
 import pytest
 from cluster_workflows import read_effects
 
-from reliability._store import _replay
+from reliability._errors import WorkflowLockedError
+from reliability._store import FileStore, _replay
 from reliability._store._protocol import canonical
 from reliability._store._writer import wrap_document
 
@@ -142,3 +145,69 @@ def test_replay_waits_for_the_journal_of_a_dead_process_s_dying_writer(
     state = json.loads((states / workflow_id / "state.json").read_bytes())["state"]
     assert state["revision"] == 3
     assert not journal.exists()
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def _state(workflow_id: str, status: str, revision: int) -> dict[str, object]:
+    return {"workflow_id": workflow_id, "status": status, "revision": revision}
+
+
+async def test_a_claim_is_given_back_only_once_its_state_file_is_written(
+        tmp_path: Path) -> None:
+    """Released after its final save, a claim stays locked against another store until the
+    writer has written the state file; whoever takes it next reads the final state."""
+    first = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+    second = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+    await first.open()
+    await second.open()
+    try:
+        workflow_id = "workflow-20240101-000000-0000000000aa"
+        claim = await first.claim(workflow_id)
+        await first.save(workflow_id, functools.partial(_state, workflow_id, "completed", 7),
+                         checkpoint_stage="final")
+        claim.release()
+        with pytest.raises(WorkflowLockedError):  # no answer from the writer yet
+            await second.claim(workflow_id)
+        while True:  # until the writer's answer unlocks it (an event in another process)
+            try:
+                taken = await second.claim(workflow_id)
+                break
+            except WorkflowLockedError:
+                await asyncio.sleep(0.01)
+        assert second.load_sync(workflow_id).state["revision"] == 7
+        taken.release()
+    finally:
+        await second.close()
+        await first.close()
+
+
+async def test_a_claim_being_given_back_can_be_taken_back_by_its_process(
+        tmp_path: Path) -> None:
+    """A workflow released but still locked (its state file not written yet) is claimed
+    again at once by the same store, as a parked workflow woken at once is; once given
+    back for good, another store takes it."""
+    store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+    other = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+    await store.open()
+    await other.open()
+    try:
+        workflow_id = "workflow-20240101-000000-0000000000bb"
+        claim = await store.claim(workflow_id)
+        await store.save(workflow_id, functools.partial(_state, workflow_id, "waiting", 3),
+                         checkpoint_stage="final")
+        claim.release()
+        again = await store.claim(workflow_id)  # still locked by this store: taken back
+        # A read waits for the writer's flush, answered after the release request: the
+        # answer to that request came, and must not unlock a claim taken back.
+        assert (await store.load(workflow_id)).state["revision"] == 3
+        with pytest.raises(WorkflowLockedError):
+            await other.claim(workflow_id)
+        again.release()
+    finally:
+        await store.close()  # its writer has written everything: the claim is free
+    try:
+        (await other.claim(workflow_id)).release()
+    finally:
+        await other.close()
