@@ -738,7 +738,9 @@ class FileStore:
 
     def _send_releases(self) -> None:
         """Ask the writer to write the state files of this iteration's releases."""
-        if self._restarting is not None or self._broken is not None or self._link is None:
+        link = self._link
+        if (self._restarting is not None or self._broken is not None or link is None
+                or link.finishing):
             # Sent by the restart; or never: close() unlocks them once the writer ended.
             return
         releasing = self._releasing
@@ -753,7 +755,7 @@ class FileStore:
         for workflow_id in workflow_ids:
             releasing[workflow_id] = sequence
         self._release_requests[sequence] = workflow_ids
-        self._link.send(("U", sequence, workflow_ids))
+        link.send(("U", sequence, workflow_ids))
         self._watch_answers()
 
     def _released(self, sequence: int, failed: list[str]) -> None:
