@@ -28,6 +28,7 @@ from ._ids import validate_workflow_id
 from ._logging import logger
 from ._state import TERMINAL, WorkflowRun
 from ._store import Claim, FileStore, LoadedState, Store
+from ._waits import signal_store
 
 if TYPE_CHECKING:
     import asyncpg
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
     from ._postgres import PostgresStore
     from ._runtime import Runtime, WorkflowResult
 
-__all__ = ["make_store", "migrate_store", "postgres", "result", "serve", "submit",
-           "submit_many"]
+__all__ = ["load_claimed", "make_store", "migrate_store", "postgres", "result", "serve",
+           "submit", "submit_many"]
 
 _FILE_POLL = 0.2  # seconds between looks at the file store (it has no notifications)
 _RESULT_POLL = 2.0  # fallback poll while waiting for a NOTIFY of a result
@@ -439,6 +440,16 @@ async def _serve_postgres(rt: Runtime, worker: _Worker, store: PostgresStore,
                     await waiter
 
 
+async def load_claimed(store: Store, workflow_ids: list[str]
+                        ) -> dict[str, LoadedState | WorkflowError]:
+    """The current states of workflows just claimed (see ``FileStore.load_claimed``)."""
+    if not workflow_ids:
+        return {}
+    if isinstance(store, FileStore):
+        return await store.load_claimed(workflow_ids)
+    return await signal_store(store).load_many(workflow_ids)
+
+
 async def _serve_files(rt: Runtime, worker: _Worker, exit_when_idle: bool) -> None:
     while not rt.shutting_down:
         free = worker.concurrency - len(worker.tasks)
@@ -448,11 +459,20 @@ async def _serve_files(rt: Runtime, worker: _Worker, exit_when_idle: bool) -> No
             busy = set(rt.running)
             pending = [s for s in listed if s.state["workflow_id"] not in busy]
             pending.sort(key=lambda s: float(s.state.get("created_at") or 0))
-            by_id = {s.state["workflow_id"]: s for s in pending[:free]}
-            claims, _ = await rt.store.claim_many(by_id)
+            claims, _ = await rt.store.claim_many(s.state["workflow_id"] for s in pending[:free])
+            # The list was read before the claims: another process may have run one
+            # since and released it (or died). Decide from a read made under the claim
+            # (docs/architecture.md, invariant 12); one thread hop for all of them.
+            current = await load_claimed(rt.store, [c.workflow_id for c in claims])
+            started = False
             for claim in claims:
-                worker.start(claim, by_id[claim.workflow_id])
-            if claims:
+                loaded = current.get(claim.workflow_id)
+                if isinstance(loaded, LoadedState) and loaded.state.get("status") == "pending":
+                    worker.start(claim, loaded)
+                    started = True
+                else:
+                    claim.release()
+            if started:
                 continue
         if exit_when_idle and not worker.tasks and not pending:
             return

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from ._analytics import performance_report
 from ._breaker import Breaker
 from ._clock import Clock, SystemClock
-from ._cluster import make_store
+from ._cluster import load_claimed, make_store
 from ._config import WorkflowConfiguration, load_configuration
 from ._context import DefinitionLike
 from ._engine import Engine, LiveWorkflow
@@ -385,11 +385,14 @@ class Runtime:
         """Find every stored workflow that did not finish (running when a process died,
         or interrupted) and run them all to their end, concurrently.
 
-        The states listed are the ones resumed (no second read), and all claims are taken
-        in one batch: finding and starting 10,000 workflows costs two thread hops.
+        All claims are taken in one batch, and the claimed ones read again in one batch
+        (the list was read before the claims: another process may have run one since;
+        docs/architecture.md, invariant 12): finding and starting 10,000 workflows
+        costs three thread hops.
         """
         await self.waker.start()  # a runtime that runs workflows wakes parked ones
-        listed = await self.store.list_states({"pending", "running", "interrupted"})
+        unfinished = {"pending", "running", "interrupted"}
+        listed = await self.store.list_states(unfinished)
         failed: list[WorkflowResult] = []
         ready: dict[str, tuple[DefinitionLike, WorkflowRun, str]] = {}
         for loaded in listed:
@@ -413,6 +416,25 @@ class Runtime:
                     f"workflow {workflow_id} is already running in another process")))
                 del ready[workflow_id]
             by_id = {claim.workflow_id: claim for claim in granted}
+            current = await load_claimed(self.store, list(ready))
+            for workflow_id in list(ready):
+                fresh = current[workflow_id]
+                try:
+                    if isinstance(fresh, WorkflowError):
+                        raise fresh
+                    if fresh.state.get("status") not in unfinished:
+                        # Ended, or parked (its waker's), in another process meanwhile.
+                        prepared = result_for(WorkflowRun.from_state(fresh.state))
+                    else:
+                        prepared = self.prepare_resume(fresh)
+                except WorkflowError as error:
+                    prepared = _could_not_resume(workflow_id, error)
+                if isinstance(prepared, WorkflowResult):
+                    failed.append(prepared)
+                    del ready[workflow_id]
+                    by_id.pop(workflow_id).release()
+                else:
+                    ready[workflow_id] = prepared
             claims = [by_id[w] for w in ready]
         else:
             claims = [None] * len(ready)

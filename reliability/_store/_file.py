@@ -166,6 +166,13 @@ class FileStore:
         self._restarting: asyncio.Task[None] | None = None
         self._restarts = 0
         self._claimed: set[str] = set()
+        # Claims released but still locked until the writer says their workflows' state
+        # files are written (invariant 12): workflow ID -> its "U" request (0: not sent).
+        self._releasing: dict[str, int] = {}
+        self._to_release: list[str] = []  # released in this loop iteration, not sent yet
+        self._release_requests: dict[int, list[str]] = {}  # sent, not answered
+        self._release_sequence = 0
+        self._finals: set[str] = set()  # final state sent, claim not yet released
         self._deferred: dict[str, tuple[float, Snapshot]] = {}  # informational, held back
         self._deferred_order: collections.deque[tuple[float, str]] = collections.deque()
         self._deferred_timer: asyncio.TimerHandle | None = None
@@ -227,6 +234,9 @@ class FileStore:
             status = await link.finish()
         finally:
             self._link = None
+            # The writer has written every state file now (or died: then the kernel has
+            # freed its journal's lock and the next store to open replays it).
+            self._unlock_released()
             if not self._claimed:  # else the last release closes them: claims stay held
                 self._close_claim_files()
         if self.materialize_errors:
@@ -378,7 +388,8 @@ class FileStore:
         if link is None:
             return
         unanswered = self._sequence - self._answered
-        if self._wanted > self._answered or self._flushes or unanswered > UNREAD_LIMIT:
+        if (self._wanted > self._answered or self._flushes or self._release_requests
+                or unanswered > UNREAD_LIMIT):
             link.read_answers(True)
         elif unanswered:
             link.read_answers(False)
@@ -443,8 +454,12 @@ class FileStore:
             state_path, checkpoints = self._file_paths_of(workflow_id, stages)
             items.append((workflow_id, document, state_path, checkpoints))
             if "final" in stages:
-                # It ended here (or parked): nothing of it stays in this process.
+                # It ended here (or parked): nothing of it stays in this process but a
+                # mark until its claim is released (_release).
                 del self._file_paths[workflow_id]
+                if len(self._finals) > 100_000:
+                    self._finals.clear()  # bounded: ones never released here (no claim)
+                self._finals.add(workflow_id)
         appends = [(str(path), documents) for path, documents in batch.appends.items()]
         self._sequence += 1
         sent = _Sent(self._sequence, encode_frame(("W", self._sequence, items, appends)),
@@ -486,6 +501,8 @@ class FileStore:
             if flushed is not None and not flushed.done():
                 flushed.set_result(None)
             self._watch_answers()
+        elif kind == "U":
+            self._released(message[1], message[2])
         elif kind == "S":
             self.files_written += message[1]
             self.materialize_errors.extend(message[2])
@@ -541,8 +558,11 @@ class FileStore:
             link.send_frame(sent.frame)
         for sequence in self._flushes:
             link.send(("F", sequence))
+        for sequence, workflow_ids in self._release_requests.items():
+            link.send(("U", sequence, workflow_ids))
         if self._pending.scheduled:
             self._send_pending()
+        self._send_releases()
 
     def _fail_everything_sent(self, link: WriterLink, cause: BaseException | None) -> None:
         pid = link.process.pid
@@ -629,6 +649,30 @@ class FileStore:
                 f"{self.claims_path(workflow_id)} is held); not starting it twice")
         return claims[0]
 
+    async def load_claimed(self, workflow_ids: list[str]
+                           ) -> dict[str, LoadedState | WorkflowError]:
+        """What a decision to run workflows just claimed rests on (docs/architecture.md,
+        invariant 12): their current states, read under the claims, one thread hop.
+
+        A claim another process released is current in the state files (``_release``);
+        one freed by its holder's death is current in that process's journal: so every
+        journal whose process died is replayed first, as at open (one look at the journal
+        directory; a live process's journal is left alone)."""
+        for workflow_id in workflow_ids:
+            validate_workflow_id(workflow_id)
+        await self._flush_state_files()
+        return await asyncio.to_thread(self._load_claimed, workflow_ids)
+
+    def _load_claimed(self, workflow_ids: list[str]) -> dict[str, LoadedState | WorkflowError]:
+        self._prepare_journal_directory()
+        found: dict[str, LoadedState | WorkflowError] = {}
+        for workflow_id in workflow_ids:
+            try:
+                found[workflow_id] = self.load_sync(workflow_id)
+            except WorkflowError as error:
+                found[workflow_id] = error
+        return found
+
     def claims_path(self, workflow_id: str) -> Path:
         """The lock file holding ``workflow_id``'s claim."""
         return self._claim_locks.path(validate_workflow_id(workflow_id))
@@ -640,8 +684,16 @@ class FileStore:
         claims: list[Claim] = []
         refused: list[str] = []
         locks = self._claim_locks
+        releasing = self._releasing
         for workflow_id in ids:
-            if workflow_id in self._claimed or not locks.lock(workflow_id):
+            if workflow_id in releasing:
+                # Released here, still locked until its state file is written: this
+                # process holds the lock and reads its own writes (a load flushes them),
+                # so it takes the claim back (a parked workflow woken at once).
+                del releasing[workflow_id]
+                self._claimed.add(workflow_id)
+                claims.append(_FileClaim(workflow_id, self))
+            elif workflow_id in self._claimed or not locks.lock(workflow_id):
                 refused.append(workflow_id)
             else:
                 self._claimed.add(workflow_id)
@@ -660,11 +712,75 @@ class FileStore:
             await asyncio.shield(opening)
 
     def _release(self, workflow_id: str) -> None:
+        """Give the claim back once every process can read what this one wrote.
+
+        Another process decides whether to run a workflow from its state file, but this
+        store's writer writes state files after the journal, at idle priority: unlocked at
+        once, a claim let a second process read a ``pending`` that this one had finished,
+        and run it again. So a workflow this store wrote stays locked until the writer
+        says its state file is written (one "U" request per loop iteration's releases;
+        docs/architecture.md, invariant 12). Until then this process may take it back.
+        """
         self._claimed.discard(workflow_id)
+        if not self._claim_locks.opened:
+            return
+        written = (workflow_id in self._finals or workflow_id in self._file_paths
+                   or workflow_id in self._pending.writes)
+        if written and self._link is not None:
+            self._releasing[workflow_id] = 0
+            self._to_release.append(workflow_id)
+            if len(self._to_release) == 1:
+                assert self._loop is not None
+                self._loop.call_soon(self._send_releases)
+            return
+        self._finals.discard(workflow_id)
+        self._claim_locks.unlock(workflow_id)
+        if self._link is None and not self._claimed and not self._releasing:
+            self._close_claim_files()  # the store closed before
+
+    def _send_releases(self) -> None:
+        """Ask the writer to write the state files of this iteration's releases."""
+        link = self._link
+        if (self._restarting is not None or self._broken is not None or link is None
+                or link.finishing):
+            # Sent by the restart; or never: close() unlocks them once the writer ended.
+            return
+        releasing = self._releasing
+        workflow_ids = [w for w in self._to_release if releasing.get(w) == 0]
+        self._to_release = []
+        if not workflow_ids:
+            return
+        if self._pending.scheduled:
+            self._send_pending()  # their last writes go first: the writer keeps the order
+        self._release_sequence += 1
+        sequence = self._release_sequence
+        for workflow_id in workflow_ids:
+            releasing[workflow_id] = sequence
+        self._release_requests[sequence] = workflow_ids
+        link.send(("U", sequence, workflow_ids))
+        self._watch_answers()
+
+    def _released(self, sequence: int, failed: list[str]) -> None:
+        """The writer wrote the state files of release request ``sequence``: unlock them
+        (not those taken back meanwhile, nor one it could not write: close() does)."""
+        workflow_ids = self._release_requests.pop(sequence, ())
+        releasing, unlock, finals = self._releasing, self._claim_locks.unlock, self._finals
+        skip = set(failed)
+        for workflow_id in workflow_ids:
+            if releasing.get(workflow_id) == sequence and workflow_id not in skip:
+                del releasing[workflow_id]
+                finals.discard(workflow_id)
+                unlock(workflow_id)
+        self._watch_answers()
+
+    def _unlock_released(self) -> None:
+        """Unlock every claim still waiting for its state file (the writer has ended)."""
+        releasing, self._releasing = self._releasing, {}
+        self._to_release, self._release_requests = [], {}
         if self._claim_locks.opened:
-            self._claim_locks.unlock(workflow_id)
-            if self._link is None and not self._claimed:  # the store closed before
-                self._close_claim_files()
+            for workflow_id in releasing:
+                self._claim_locks.unlock(workflow_id)
+        self._finals.difference_update(releasing)
 
     def _close_claim_files(self) -> None:
         self._opening_claims = None

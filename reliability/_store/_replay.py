@@ -5,13 +5,22 @@ A journal's writer holds an exclusive ``flock`` on it for as long as it lives, s
 journal whose lock can be taken is an orphan: every state in it that is newer than its
 ``state.json`` is written there, the file system is synced, and only then is the journal
 deleted (kept if any state could not be written: it is that state's only copy).
+
+A writer outlives its parent by a moment: the kernel kills it (parent-death signal), or it
+sees the end of its input, only after the parent died, and the parent's claims are free
+from that death on. A journal still locked whose owner (the PID in its name) is dead is
+therefore waited for, not skipped: skipped, its states stayed unread while their
+workflows' claims were free (docs/architecture.md, invariant 12).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from .._errors import StateCorruptedError
 from .._ids import validate_workflow_id
@@ -20,7 +29,12 @@ from ._platform import O_NOFOLLOW, require_file_locks
 from ._protocol import decode_document
 from ._reads import read_bounded, state_file
 
-__all__ = ["replay_orphan_journals"]
+__all__ = ["ORPHAN_WAIT", "replay_orphan_journals"]
+
+# How long a journal whose owner died may stay locked by its dying writer before it is
+# left for the next start (with a warning): the writer is killed with its parent, so
+# this is milliseconds unless the machine stalls.
+ORPHAN_WAIT = 30.0
 
 
 def replay_orphan_journals(journal_directory: Path, state_directory: Path,
@@ -37,10 +51,10 @@ def replay_orphan_journals(journal_directory: Path, state_directory: Path,
         except OSError:
             continue
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock_orphan(fd, path, fcntl):
                 continue  # its process is alive and owns those workflows
+            if not os.path.exists(path):
+                continue  # replayed and deleted by another store while this one waited
             complete, written = _replay(path, state_directory, write)
             replayed += written
             if sync is not None:
@@ -50,6 +64,54 @@ def replay_orphan_journals(journal_directory: Path, state_directory: Path,
         finally:
             os.close(fd)
     return replayed
+
+
+def _lock_orphan(fd: int, path: Path, fcntl: ModuleType) -> bool:
+    """Lock ``path``'s journal if its writer is gone, waiting for a writer whose parent
+    died already; False if its owner is alive."""
+    exclusive = fcntl.LOCK_EX | fcntl.LOCK_NB
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(fd, exclusive)
+            return True
+        except BlockingIOError:
+            pass
+        if _owner_alive(path):
+            return False
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + ORPHAN_WAIT
+        elif now > deadline:
+            logger.warning("The journal %s stays locked %gs after its process died; it is "
+                           "replayed at a later start", path, ORPHAN_WAIT)
+            return False
+        time.sleep(0.005)  # a thread of the store, never the loop: the writer's exit
+
+
+def _owner_alive(path: Path) -> bool:
+    """Whether the process named in ``journal-{pid}-*.log`` is alive (not a zombie);
+    alive if the name says nothing or another user's process has that PID."""
+    try:
+        pid = int(path.name.split("-")[1])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                # "pid (comm) state ...": comm may hold spaces and parentheses.
+                return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+        except (OSError, IndexError):
+            return True
+    return True
 
 
 def _replay(journal: Path, state_directory: Path,

@@ -20,6 +20,8 @@ parent -> writer
     state_path, checkpoint_paths)`` (wrapped here by ``wrap_document``); appends are
     ``(history_path, documents)``.
     ``("F", seq)``: write every state file that only the journal holds, then answer.
+    ``("U", seq, workflow_ids)``: those workflows' claims are being released: write the
+    state file of each whose newest state only the journal holds, then answer.
     ``("Q",)``: the store is closing. At the end of input after it: finish (state files
     written and synced, journal deleted), then exit. An end of input without it means
     the parent died: exit at once and leave the journal to be replayed.
@@ -27,7 +29,8 @@ writer -> parent
     ``("R", journal_path)`` ready; ``("X", errno, path, message)`` could not start;
     ``("A", seq)`` every write up to ``seq`` is durable; ``("E", first, last, errno,
     path, message)`` writes ``first..last`` failed; ``("J", path)`` appends continue in
-    a fresh journal; ``("F", seq)`` flushed;
+    a fresh journal; ``("F", seq)`` flushed; ``("U", seq, failed_ids)`` the state
+    files of request ``seq`` are written (all but ``failed_ids``);
     ``("S", files_written, materialize_errors)`` finished.
 
 Journal invariant (as before): every state newer than its ``state.json`` is in a journal
@@ -282,6 +285,24 @@ class Writer:
         if appends:
             self._materializer.submit(self._append_history, appends)
 
+    def write_before_release(self, sequence: int, workflow_ids: list[str],
+                             send: Callable[[tuple[Any, ...]], None]) -> None:
+        """Write these workflows' state files, then answer ``("U", sequence, failed)``;
+        their claims are released only then (docs/architecture.md, invariant 12).
+
+        Queued behind the state files already handed off, on the same idle-priority
+        thread: no wait on this thread, and most are written already (a workflow's end
+        wants its final checkpoint, so its hand-off writes the state file too)."""
+        self._materializer.submit(self._write_before_release, sequence, workflow_ids, send)
+
+    def _write_before_release(self, sequence: int, workflow_ids: list[str],
+                              send: Callable[[tuple[Any, ...]], None]) -> None:
+        with self._lock:
+            remaining = [(w, self._newest[w]) for w in workflow_ids if w in self._newest]
+        failed = [workflow_id for workflow_id, (document, state_path) in remaining
+                  if not self._materialize(workflow_id, document, state_path, ())]
+        send(("U", sequence, failed))
+
     def flush(self) -> None:
         """Write every state only the journal holds (no sync: readers share the cache)."""
         self._materializer.submit(self._materialize_all, False).result()
@@ -377,6 +398,10 @@ def _yield_the_cpu() -> None:
 class _Channel:
     """Frames in on stdin, out on stdout; reads return every complete frame available."""
 
+    # The state file thread answers release requests ("U") while the main thread answers
+    # appends: one frame at a time on the pipe.
+    _send_lock = threading.Lock()
+
     def __init__(self) -> None:
         self._buffer = bytearray()
 
@@ -394,11 +419,12 @@ class _Channel:
     def _complete_frames(self) -> list[tuple[Any, ...]]:
         return take_frames(self._buffer)
 
-    @staticmethod
-    def send(message: tuple[Any, ...]) -> None:
+    @classmethod
+    def send(cls, message: tuple[Any, ...]) -> None:
         view = memoryview(encode_frame(message))
-        while view:
-            view = view[os.write(1, view):]
+        with cls._send_lock:
+            while view:
+                view = view[os.write(1, view):]
 
 
 def _die_with_parent(parent_pid: int, portable: bool) -> None:
@@ -438,6 +464,9 @@ def _serve(writer: Writer, channel: _Channel) -> bool:
             group = []
             if frame[0] == "Q":
                 closing = True
+                continue
+            if frame[0] == "U":  # after the group above: their last writes are handed off
+                writer.write_before_release(frame[1], frame[2], channel.send)
                 continue
             writer.flush()
             channel.send(("F", frame[1]))
