@@ -299,8 +299,8 @@ class Writer:
                               send: Callable[[tuple[Any, ...]], None]) -> None:
         with self._lock:
             remaining = [(w, self._newest[w]) for w in workflow_ids if w in self._newest]
-        failed = [workflow_id for workflow_id, (document, state_path) in remaining
-                  if not self._materialize(workflow_id, document, state_path, ())]
+        failed = [workflow_id for workflow_id, record in remaining
+                  if not self._materialize(workflow_id, record, ())]
         send(("U", sequence, failed))
 
     def flush(self) -> None:
