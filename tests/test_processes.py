@@ -304,9 +304,12 @@ def test_processes_benchmark_reports_every_process_count(
     for run in document["runs"]:
         assert run["transitions"] == 12 * 19 and run["transitions_per_s"] > 0
         assert run["cpu_seconds"] > 0 and run["loop_cpu_us_per_transition"] > 0
+        # Sampled while the command runs, so a short run may miss a process (no timing is
+        # asserted): what was read names known roles and never exceeds the reaped total.
         roles = run["cpu_by_role"]
-        assert roles["loops"] > 0 and roles["writers"] > 0
-        assert ("parent" in roles) == (run["processes"] > 1)
+        allowed = {"loops", "writers", "other"} | ({"parent"} if run["processes"] > 1 else set())
+        assert set(roles) <= allowed and all(cpu >= 0 for cpu in roles.values())
+        assert sum(roles.values()) <= run["cpu_seconds"] + 0.05
 
 
 def test_the_loop_bound_workload_parses_and_serialises_about_20_kb_per_stage() -> None:
