@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from ._batch import BatchItem, BatchSnapshot, BatchTracker
 from ._clock import SystemClock
 from ._config import WorkflowConfiguration
+from ._errors import WorkflowLockedError
 from ._logging import logger
 from ._store import LoadedState
 
@@ -571,10 +572,40 @@ def _parent_gone(runtime: Any) -> None:
         runtime.request_shutdown()
 
 
+async def _run_one_dealt(runtime: Any, workflow_id: str, state: dict[str, Any]
+                         ) -> tuple[Any, bool]:
+    """Run a dealt workflow from its state as read under this process's claim: its result,
+    and whether it ran here (False: it had ended meanwhile).
+
+    The parent read ``state`` before anyone claimed it: another command on the same store
+    may have run the workflow since and given its claim back, so the decision to run rests
+    on a read made under the claim (docs/architecture.md, invariant 12). Raises
+    WorkflowLockedError while another process holds the claim."""
+    from ._cluster import load_claimed
+    from ._runtime import WorkflowResult
+    claim = await runtime.store.claim(workflow_id) if runtime.persistence else None
+    loaded: LoadedState | Exception = LoadedState(state, "dealt by the parent")
+    try:
+        if claim is not None:
+            loaded = (await load_claimed(runtime.store, [workflow_id])).get(
+                workflow_id, LookupError(f"{workflow_id} is no longer in the store"))
+        if isinstance(loaded, Exception):
+            raise loaded
+        prepared = runtime.prepare_resume(loaded)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+    if isinstance(prepared, WorkflowResult):
+        if claim is not None:
+            claim.release()
+        return prepared, False
+    return await runtime.execute_prepared(*prepared, claim=claim), True
+
+
 async def _run_dealt(runtime: Any, spec: ChildSpec, channel: _Channel) -> dict[str, Any]:
     """Run every workflow the parent deals, ``spec.concurrency`` at once, until it says
     ``end`` (or goes away) and they have all ended."""
-    from ._runtime import WorkflowResult
     limit = asyncio.Semaphore(spec.concurrency)
     tasks: set[asyncio.Task[None]] = set()
     tracker = BatchTracker(runtime, 0)
@@ -590,14 +621,14 @@ async def _run_dealt(runtime: Any, spec: ChildSpec, channel: _Channel) -> dict[s
                 return  # stays pending: resume --all starts it (no row: "not started")
             item.started = True
             channel.started_one(workflow_id)
-            ran += 1
             began = runtime.clock.monotonic()
             try:
-                prepared = runtime.prepare_resume(LoadedState(state, "dealt by the parent"))
-                if isinstance(prepared, WorkflowResult):
-                    item.result = prepared
-                else:
-                    item.result = await runtime.execute_prepared(*prepared)
+                item.result, executed = await _run_one_dealt(runtime, workflow_id, state)
+                ran += executed
+            except WorkflowLockedError:
+                # Another command on this store runs it: reported as not started here (the
+                # parent still hears of it, or it would wait for it).
+                item.started = False
             except Exception as error:  # one bad workflow must not stop the others
                 item.error = f"{type(error).__name__}: {error}"
                 logger.error("Workflow %s could not run: %s", workflow_id, item.error)

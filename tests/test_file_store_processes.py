@@ -61,11 +61,13 @@ def _state_files(root: Path) -> dict[str, dict[str, object]]:
     return states
 
 
+@pytest.mark.parametrize("children", ["1", "2"])
 def test_two_worker_processes_run_each_workflow_once(
-        tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
-    """Two `worker --exit-when-idle` processes (no common parent) serve 400 submitted
-    three-stage workflows from one file store: every stage's effect happens exactly once
-    and every workflow ends completed."""
+        tmp_path: Path, processes: list[subprocess.Popen[bytes]], children: str) -> None:
+    """Two `worker --exit-when-idle` commands (no common parent; each one process, or a
+    parent dealing to two children) serve 400 submitted three-stage workflows from one
+    file store: every stage's effect happens exactly once and every workflow ends
+    completed."""
     effects = tmp_path / "effects"
     effects.mkdir()
     submitted = subprocess.run(
@@ -76,7 +78,7 @@ def test_two_worker_processes_run_each_workflow_once(
     # state file threads behind the journals: the window a released claim opened.
     for _ in range(2):
         processes.append(subprocess.Popen(
-            _command(tmp_path, "worker", "--processes", "1", "--exit-when-idle",
+            _command(tmp_path, "worker", "--processes", children, "--exit-when-idle",
                      "--concurrency", "50", "--log-level", "WARNING", "--json"),
             cwd=ROOT, env=_env(effects), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     ran = 0
