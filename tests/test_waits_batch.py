@@ -121,6 +121,31 @@ async def test_signal_waits_past_their_deadline_time_out_with_one_lookup() -> No
     assert calls.get("read_signal", 0) == 10, calls  # only those whose signal is there
 
 
+async def test_at_the_next_start_due_signal_waits_cost_one_lookup_not_two() -> None:
+    """A runtime opened after 40 signal waits' deadline: the wake looks their signals up
+    once in all (the re-arm asks only about those not yet due); the 10 signalled get
+    their payload, the others time out."""
+    store = CountingStore()
+    clock = FakeClock()
+    async with Runtime(quiet_config(), store=store, clock=clock) as rt:
+        parked = await asyncio.gather(*(rt.run(WAIT_FLOW, context={"timeout": 10.0})
+                                        for _ in range(40)))
+    ids = [r.workflow_id for r in parked]
+    for workflow_id in ids[:10]:  # sent while no runtime ran
+        await store.send_signal(workflow_id, "go", b"3")
+    store.calls.clear()
+    async with Runtime(quiet_config(), store=store,
+                       clock=FakeClock(wall_start=clock.time() + 60)) as rt:
+        assert await rt.wake_due() == 40
+        woken = await rt.settle_woken()
+        calls = dict(store.calls)
+    payloads = {r.workflow_id: r.outputs["payload"] for r in woken}
+    assert [payloads[i] for i in ids[:10]] == [3] * 10
+    assert [payloads[i] for i in ids[10:]] == ["timed out"] * 30
+    assert calls.get("signals_ready") == 1, calls
+    assert calls.get("read_signal", 0) == 10, calls
+
+
 _GATE: dict[str, asyncio.Event] = {}
 
 
