@@ -115,6 +115,11 @@ async def durable_wait(store: SignalStore, now: float, run: WorkflowRun,
         deadline = run.stage_waits[position]  # the stage ran before: keep its deadline
     else:
         run.stage_waits.append(deadline)
+    if run.deadline_passed is not None and deadline == run.deadline_passed:
+        # The store woke it as due on its own clock (the database's, the same for every
+        # worker): a worker whose clock lags must not park it again for the lag.
+        run.deadline_passed = None
+        now = max(now, deadline)
     index = 0
     if name:
         index = run.signals_consumed.get(name, 0) + waits.taken.get(name, 0)
@@ -479,6 +484,10 @@ class Waker:
                 continue
             if entry[0] in absent:
                 prepared[1].signals_absent = {(entry[2], entry[3])}
+            if due_by_store:
+                # Due on the store's clock, or signalled (its stage then reads the signal
+                # before it looks at the deadline): never parked again for this clock's lag.
+                prepared[1].deadline_passed = entry[1]
             self._waking.discard(entry[0])
             self._running.add(entry[0])
             self._spawn(self._run_woken(prepared, claim, entry))

@@ -18,6 +18,7 @@ from wait_workflows import RUNS, SLEEP_FLOW, WAIT_FLOW
 
 from reliability import (
     Runtime,
+    SystemClock,
     SignalRefusedError,
     WorkflowConfiguration,
     WorkflowNotFoundError,
@@ -113,6 +114,39 @@ async def test_a_deadline_passed_while_no_worker_ran_fires_at_the_next_start(
         woken = await rt.settle_woken()
     assert [(r.workflow_id, r.status) for r in woken] == [(parked.workflow_id, "completed")]
     assert woken[0].outputs["payload"] == "timed out"
+
+
+class _LaggingClock(SystemClock):
+    """A worker's wall clock an hour behind the database's (timers run in real time)."""
+
+    __slots__ = ()
+
+    def time(self) -> float:
+        return super().time() - 3600.0
+
+
+async def test_a_worker_whose_clock_lags_runs_what_the_database_finds_due(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Due on the database's clock, woken by a worker whose own clock is an hour behind:
+    its stage runs on (the wait times out), not parked again for the hour."""
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        parked = await rt.execute_prepared(
+            WAIT_FLOW, rt.new_run(WAIT_FLOW, {"timeout": 1.0}, None), PENDING)
+    assert parked.status == "waiting"
+
+    async def due() -> bool:
+        return bool(await _rows(postgres_url, "SELECT 1 FROM workflow_parked "
+                                              "WHERE due_at <= now()"))
+
+    await asyncio.wait_for(_until(due), 60)
+    lagging = _LaggingClock()
+    async with Runtime(_config(postgres_url), tmp_path, clock=lagging,
+                       store=PostgresStore(postgres_url, clock=lagging)) as rt:
+        assert await rt.wake_due() == 1
+        woken = await rt.settle_woken()
+    assert [(r.workflow_id, r.status) for r in woken] == [(parked.workflow_id, "completed")]
+    assert woken[0].outputs["payload"] == "timed out"
+    assert await _rows(postgres_url, "SELECT 1 FROM workflow_parked") == []
 
 
 async def test_two_workers_wake_each_due_workflow_once(tmp_path: Path,
