@@ -48,8 +48,8 @@ class WorkflowRun:
 
     __slots__ = (
         "__weakref__", "_encoded", "attempt", "completed_stages", "context", "created_at",
-        "current_stage", "deadline_passed", "definition_name", "definition_path", "error", "error_category",
-        "error_count", "errors", "health_checks", "outputs", "prompt_file",
+        "current_stage", "deadline_passed", "definition_name", "definition_path", "error",
+        "error_category", "error_count", "errors", "health_checks", "outputs", "prompt_file",
         "recovery_attempts", "recovery_successes", "resumed_from", "retry_count", "revision",
         "signals_absent", "signals_consumed", "stage_history", "stage_start_time",
         "stage_waits", "state", "status", "updated_at", "wait", "watchdog_events", "workflow_id",

@@ -18,8 +18,8 @@ from wait_workflows import RUNS, SLEEP_FLOW, WAIT_FLOW
 
 from reliability import (
     Runtime,
-    SystemClock,
     SignalRefusedError,
+    SystemClock,
     WorkflowConfiguration,
     WorkflowNotFoundError,
 )
