@@ -614,7 +614,7 @@ class Runtime:
         at their boundary and their claims are given back) or, with ``exit_when_idle``,
         until none is queued or running anywhere. Returns how many it ran."""
         from . import _cluster
-        await self.waker.start()  # a worker wakes parked workflows too, when they are due
+        # It wakes parked workflows too, when they are due, in its slots (_cluster.serve).
         return await _cluster.serve(self, concurrency=concurrency, queue=queue,
                                     exit_when_idle=exit_when_idle)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from wait_workflows import RUNS, SLEEP_FLOW, WAIT_FLOW
+from wait_workflows import GATED, GATED_FLOW, RUNS, SLEEP_FLOW, WAIT_FLOW, run_gated
 
 from reliability import (
     Runtime,
@@ -147,6 +147,34 @@ async def test_a_worker_whose_clock_lags_runs_what_the_database_finds_due(
     assert [(r.workflow_id, r.status) for r in woken] == [(parked.workflow_id, "completed")]
     assert woken[0].outputs["payload"] == "timed out"
     assert await _rows(postgres_url, "SELECT 1 FROM workflow_parked") == []
+
+
+async def test_a_worker_wakes_due_workflows_within_its_concurrency(
+        tmp_path: Path, postgres_url: str) -> None:
+    """5 sleepers due when a worker (``serve(concurrency=2)``) starts: it claims only as
+    many as it has free slots, so at most 2 run at once; the others are claimed as slots
+    free, and all 5 complete."""
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        parked = await asyncio.gather(*(
+            rt.execute_prepared(GATED_FLOW, rt.new_run(GATED_FLOW, {"seconds": 0.5}, None),
+                                PENDING) for _ in range(5)))
+    assert {r.status for r in parked} == {"waiting"}
+
+    async def all_due() -> bool:
+        rows = await _rows(postgres_url, "SELECT 1 FROM workflow_parked WHERE due_at <= now()")
+        return len(rows) == 5
+
+    await asyncio.wait_for(_until(all_due), 60)
+    GATED.reset()
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        serving = asyncio.ensure_future(rt.serve(concurrency=2))
+        await run_gated(rt, 5, 2)
+        woken = await rt.settle_woken()
+        rt.request_shutdown()
+        await serving
+    assert sorted(r.workflow_id for r in woken) == sorted(r.workflow_id for r in parked)
+    assert {r.status for r in woken} == {"completed"}
+    assert GATED.most == 2
 
 
 async def test_two_workers_wake_each_due_workflow_once(tmp_path: Path,

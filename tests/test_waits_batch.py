@@ -8,7 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from wait_workflows import RUNS, SLEEP_FLOW, WAIT_FLOW, quiet_config
+from wait_workflows import (
+    GATED,
+    GATED_FLOW,
+    RUNS,
+    SLEEP_FLOW,
+    WAIT_FLOW,
+    quiet_config,
+    run_gated,
+)
 
 from machines import StageContext, StageSpec, WorkflowDefinition
 from reliability import FakeClock, FileStore, MemoryStore, Runtime
@@ -144,6 +152,30 @@ async def test_at_the_next_start_due_signal_waits_cost_one_lookup_not_two() -> N
     assert [payloads[i] for i in ids[10:]] == ["timed out"] * 30
     assert calls.get("signals_ready") == 1, calls
     assert calls.get("read_signal", 0) == 10, calls
+
+
+async def test_a_worker_runs_woken_workflows_within_its_concurrency(tmp_path: Path) -> None:
+    """5 sleepers due when a worker (``serve(concurrency=2)``) opens their file store: at
+    most 2 run at once, the other woken ones waiting for a slot; all 5 complete."""
+    def store() -> FileStore:
+        return FileStore(tmp_path / "states", tmp_path / "checkpoints")
+
+    clock = FakeClock()
+    async with Runtime(quiet_config(), tmp_path, store=store(), clock=clock) as rt:
+        parked = await asyncio.gather(*(rt.run(GATED_FLOW, context={"seconds": 10.0})
+                                        for _ in range(5)))
+    assert {r.status for r in parked} == {"waiting"}
+    GATED.reset()
+    async with Runtime(quiet_config(), tmp_path, store=store(),
+                       clock=FakeClock(wall_start=clock.time() + 60)) as rt:
+        serving = asyncio.ensure_future(rt.serve(concurrency=2))
+        await run_gated(rt, 5, 2)
+        woken = await rt.settle_woken()
+        rt.request_shutdown()
+        assert await serving == 0  # none of its queue: all five were woken
+    assert sorted(r.workflow_id for r in woken) == sorted(r.workflow_id for r in parked)
+    assert {r.status for r in woken} == {"completed"}
+    assert GATED.most == 2
 
 
 _GATE: dict[str, asyncio.Event] = {}
