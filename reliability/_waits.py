@@ -553,6 +553,7 @@ class Waker:
                     self._let_go(claim)
                     self.push(entry[0], entry[1], entry[2])
         absent = await self._signals_absent(due, now) if not due_by_store else set()
+        known: dict[Any, Any] = {}  # definitions and resume points, found once per batch
         for position, (claim, found, entry) in enumerate(due):
             if position and not position % _PREPARE_CHUNK:
                 await asyncio.sleep(0)  # thousands prepared at once would hold the loop
@@ -562,7 +563,7 @@ class Waker:
                     break
             self._parked.pop(entry[0], None)
             try:
-                prepared = runtime.prepare_resume(found)
+                prepared = runtime.prepare_resume(found, known)
             except WorkflowError as error:
                 self._let_go(claim)
                 logger.error("Could not wake %s: %s", entry[0], error)

@@ -178,6 +178,42 @@ async def test_a_worker_runs_woken_workflows_within_its_concurrency(tmp_path: Pa
     assert GATED.most == 2
 
 
+async def nap_first_if_asked(ctx: StageContext) -> None:
+    RUNS[ctx.workflow_id].append("one")
+    if ctx.context.get("first"):
+        await ctx.sleep_durably(10.0)
+
+
+async def nap_second(ctx: StageContext) -> None:
+    RUNS[ctx.workflow_id].append("two")
+    await ctx.sleep_durably(10.0)
+
+
+TWO_NAPS = WorkflowDefinition("two-naps", [
+    StageSpec(stage="one", handler=nap_first_if_asked),
+    StageSpec(stage="two", handler=nap_second),
+], import_path_hint="test_waits_batch:TWO_NAPS")
+
+
+async def test_one_wake_batch_resumes_each_workflow_at_its_own_stage() -> None:
+    """Workflows of one definition parked in different stages, woken in one batch: each
+    runs again from its own waiting stage (what the batch resolves once is per stage)."""
+    clock = FakeClock()
+    async with Runtime(quiet_config(), store=MemoryStore(), clock=clock) as rt:
+        parked = await asyncio.gather(*(rt.run(TWO_NAPS, context={"first": i % 2 == 0})
+                                        for i in range(6)))
+        assert {r.status for r in parked} == {"waiting"}
+        clock.advance(10.0)
+        woken = {r.workflow_id: r.status for r in await rt.settle_woken()}
+    for i, result in enumerate(parked):
+        if i % 2 == 0:  # woke in stage one, went on and parked in stage two
+            assert RUNS[result.workflow_id] == ["one", "one", "two"]
+            assert woken[result.workflow_id] == "waiting"
+        else:  # woke in stage two and finished
+            assert RUNS[result.workflow_id] == ["one", "two", "two"]
+            assert woken[result.workflow_id] == "completed"
+
+
 _GATE: dict[str, asyncio.Event] = {}
 
 
