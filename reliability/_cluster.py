@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from ._ids import validate_workflow_id
 from ._logging import logger
 from ._state import TERMINAL, WorkflowRun
 from ._store import Claim, FileStore, LoadedState, Store
-from ._waits import signal_store
+from ._waits import Slots, signal_store
 
 if TYPE_CHECKING:
     import asyncpg
@@ -286,9 +286,27 @@ class _Worker:
         self.busy: dict[asyncio.Task[None], str] = {}  # task -> its workflow's ID
         self.claims: dict[str, _CancellableClaim] = {}
         self.freed = asyncio.Event()
+        # Shared with the runtime's waker: a woken parked workflow takes a slot too.
+        self.slots = Slots(concurrency, self.freed.set)
         self.started = 0
 
+    async def claim(self, claim_some: Callable[[int], Awaitable[
+            Sequence[tuple[Claim, LoadedState]]]]) -> int:
+        """Claim as many as slots are free (``claim_some(n)``) and start them; how many."""
+        free = self.slots.take(self.concurrency)
+        if not free:
+            return 0
+        claimed: Sequence[tuple[Claim, LoadedState]] = ()
+        try:
+            claimed = await claim_some(free)
+        finally:
+            self.slots.give(free - len(claimed))
+        for claim, loaded in claimed:
+            self.start(claim, loaded)
+        return len(claimed)
+
     def start(self, claim: Claim, loaded: LoadedState) -> None:
+        """Run a claimed workflow in a slot taken for it."""
         task = asyncio.get_running_loop().create_task(self._one(claim, loaded),
                                                       name=f"serve-{claim.workflow_id}")
         self.tasks.add(task)
@@ -299,7 +317,7 @@ class _Worker:
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self.busy.pop(task, None)
-        self.freed.set()
+        self.slots.give()  # sets ``freed``
         if not task.cancelled() and task.exception() is not None:
             logger.error("Worker task %s failed: %r", task.get_name(), task.exception())
 
@@ -374,6 +392,13 @@ async def serve(rt: Runtime, *, concurrency: int = 8, queue: str = "default",
     (or, with ``exit_when_idle``, until nothing of ``queue`` is queued or running on any
     worker); the number of workflows this worker ran."""
     worker = _Worker(rt, concurrency, queue)
+    # It wakes parked workflows too, when due; in its slots, like those it claims.
+    rt.waker.use_slots(worker.slots)
+    try:
+        await rt.waker.start()
+    except BaseException:
+        rt.waker.use_slots(None)
+        raise
     store = postgres(rt.store)
     watcher = (asyncio.ensure_future(worker.watch_cancels(store))
                if store is not None else None)
@@ -389,6 +414,7 @@ async def serve(rt: Runtime, *, concurrency: int = 8, queue: str = "default",
                 await watcher
         if worker.tasks:  # a shutdown stops them at their stage boundary, then releases
             await asyncio.gather(*worker.tasks, return_exceptions=True)
+        rt.waker.use_slots(None)
     return worker.started
 
 
@@ -397,18 +423,15 @@ async def _serve_postgres(rt: Runtime, worker: _Worker, store: PostgresStore,
     announced = False
     backoff = _RETRY_FIRST
     while not rt.shutting_down:
-        free = worker.concurrency - len(worker.tasks)
+        free = worker.slots.free
         try:
-            if free > 0 and store.lease_valid:
-                # Not one still ending here after its claim was lost (fenced) and that
-                # was re-queued meanwhile: one process runs a workflow once at a time.
-                claimed = await store.claim_next(free, queue=worker.queue,
-                                                 exclude=worker.busy.values())
-                for claim, loaded in claimed:
-                    worker.start(claim, loaded)
-                if claimed:
-                    backoff = _RETRY_FIRST
-                    continue
+            # Not one still ending here after its claim was lost (fenced) and that was
+            # re-queued meanwhile: one process runs a workflow once at a time.
+            if free > 0 and store.lease_valid and await worker.claim(
+                    lambda n: store.claim_next(n, queue=worker.queue,
+                                               exclude=worker.busy.values())):
+                backoff = _RETRY_FIRST
+                continue
             idle = exit_when_idle and not worker.tasks and await store.count_unfinished(
                 worker.queue) == 0
         except Exception as error:
@@ -452,27 +475,31 @@ async def load_claimed(store: Store, workflow_ids: list[str]
 
 async def _serve_files(rt: Runtime, worker: _Worker, exit_when_idle: bool) -> None:
     while not rt.shutting_down:
-        free = worker.concurrency - len(worker.tasks)
         pending: list[LoadedState] = []
-        if free > 0:
+        if worker.slots.free > 0:
             listed = await rt.store.list_states({"pending"})
             busy = set(rt.running)
             pending = [s for s in listed if s.state["workflow_id"] not in busy]
             pending.sort(key=lambda s: float(s.state.get("created_at") or 0))
-            claims, _ = await rt.store.claim_many(s.state["workflow_id"] for s in pending[:free])
-            # The list was read before the claims: another process may have run one
-            # since and released it (or died). Decide from a read made under the claim
-            # (docs/architecture.md, invariant 12); one thread hop for all of them.
-            current = await load_claimed(rt.store, [c.workflow_id for c in claims])
-            started = False
-            for claim in claims:
-                loaded = current.get(claim.workflow_id)
-                if isinstance(loaded, LoadedState) and loaded.state.get("status") == "pending":
-                    worker.start(claim, loaded)
-                    started = True
-                else:
-                    claim.release()
-            if started:
+            async def claim_some(free: int, pending: list[LoadedState] = pending
+                                 ) -> list[tuple[Claim, LoadedState]]:
+                ids = [s.state["workflow_id"] for s in pending[:free]]
+                claims, _ = await rt.store.claim_many(ids)
+                # The list was read before the claims: another process may have run one
+                # since and released it (or died). Decide from a read made under the
+                # claim (docs/architecture.md, invariant 12); one thread hop for all.
+                current = await load_claimed(rt.store, [c.workflow_id for c in claims])
+                runnable: list[tuple[Claim, LoadedState]] = []
+                for claim in claims:
+                    loaded = current.get(claim.workflow_id)
+                    if (isinstance(loaded, LoadedState)
+                            and loaded.state.get("status") == "pending"):
+                        runnable.append((claim, loaded))
+                    else:
+                        claim.release()
+                return runnable
+
+            if await worker.claim(claim_some):
                 continue
         if exit_when_idle and not worker.tasks and not pending:
             return

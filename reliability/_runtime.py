@@ -341,10 +341,12 @@ class Runtime:
             return prepared
         return await self.execute_prepared(*prepared)
 
-    def prepare_resume(self, loaded: LoadedState) -> tuple[DefinitionLike, WorkflowRun, str] | (
-            WorkflowResult):
+    def prepare_resume(self, loaded: LoadedState, known: dict[Any, Any] | None = None
+                       ) -> tuple[DefinitionLike, WorkflowRun, str] | WorkflowResult:
         """What to run, from which machine state; or the result itself when there is nothing
-        to run."""
+        to run. ``known``: a dict kept across one batch (thousands woken at once are mostly
+        of one definition, at one stage), so each definition is resolved and each resume
+        point found once per batch."""
         workflow_id = loaded.state["workflow_id"]
         for problem in loaded.problems:
             logger.warning("State problem for %s: %s; using %s", workflow_id, problem,
@@ -355,8 +357,21 @@ class Runtime:
         if run.status not in RESUMABLE:
             raise ConfigurationError(f"workflow {workflow_id} is {run.status}; only "
                                      f"{', '.join(sorted(RESUMABLE))} workflows can be resumed")
-        definition = self._stored_definition(run)
-        at = self._resume_state(definition, run)
+        if known is None:
+            definition = self._stored_definition(run)
+            at = self._resume_state(definition, run)
+        else:
+            cached = known.get(run.definition_path)
+            definition = cached if cached is not None else self._stored_definition(run)
+            known[run.definition_path] = definition
+            # What _resume_state reads of the run: its completed and degraded stages and
+            # whether it is pending; a failure is not kept (each run raises its own).
+            key = (id(definition), tuple(run.completed_stages), run.status == PENDING,
+                   tuple(e.get("stage") for e in run.stage_history
+                         if e.get("status") == "degraded"))
+            point = known.get(key)
+            at = point if point is not None else self._resume_state(definition, run)
+            known[key] = at
         if at != PENDING:  # pending: registered, never run
             run.resumed_from = at  # COMPLETED: every stage is done, only the end was lost
         run.error = run.error_category = None
@@ -635,7 +650,7 @@ class Runtime:
         at their boundary and their claims are given back) or, with ``exit_when_idle``,
         until none is queued or running anywhere. Returns how many it ran."""
         from . import _cluster
-        await self.waker.start()  # a worker wakes parked workflows too, when they are due
+        # It wakes parked workflows too, when they are due, in its slots (_cluster.serve).
         return await _cluster.serve(self, concurrency=concurrency, queue=queue,
                                     exit_when_idle=exit_when_idle)
 

@@ -48,8 +48,8 @@ class WorkflowRun:
 
     __slots__ = (
         "__weakref__", "_encoded", "attempt", "completed_stages", "context", "created_at",
-        "current_stage", "definition_name", "definition_path", "error", "error_category",
-        "error_count", "errors", "health_checks", "outputs", "prompt_file",
+        "current_stage", "deadline_passed", "definition_name", "definition_path", "error",
+        "error_category", "error_count", "errors", "health_checks", "outputs", "prompt_file",
         "recovery_attempts", "recovery_successes", "resumed_from", "retry_count", "revision",
         "signals_absent", "signals_consumed", "stage_history", "stage_start_time",
         "stage_waits", "state", "status", "updated_at", "wait", "watchdog_events", "workflow_id",
@@ -98,6 +98,10 @@ class WorkflowRun:
         # had passed, so the stage run again times out without reading it once more; used
         # once (``_waits.durable_wait``).
         self.signals_absent: set[tuple[str, int]] | None = None
+        # Not saved: the deadline of the wait a store that keeps the clock for every
+        # worker (PostgreSQL) found passed when it woke this run. That wait is over
+        # whatever this process's clock says; used once (``_waits.durable_wait``).
+        self.deadline_passed: float | None = None
         # The canonical JSON of each monitoring entry already encoded, by list (see
         # ``to_state(encoded=True)``); made at the first such snapshot.
         self._encoded: dict[str, tuple[list[object], list[bytes]]] | None = None

@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from ._state import WorkflowRun
     from ._store import Claim, DueClaims, ParkedEntry, SignalStore
 
-__all__ = ["SignalSource", "WaitParked", "Waker", "check_signal_name", "encode_payload",
-           "register_signal_source", "signal_store"]
+__all__ = ["SignalSource", "Slots", "WaitParked", "Waker", "check_signal_name",
+           "encode_payload", "register_signal_source", "signal_store"]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _RESULTS_KEPT = 10_000  # results of woken workflows kept until ``settle`` takes them
@@ -115,6 +115,11 @@ async def durable_wait(store: SignalStore, now: float, run: WorkflowRun,
         deadline = run.stage_waits[position]  # the stage ran before: keep its deadline
     else:
         run.stage_waits.append(deadline)
+    if run.deadline_passed is not None and deadline == run.deadline_passed:
+        # The store woke it as due on its own clock (the database's, the same for every
+        # worker): a worker whose clock lags must not park it again for the lag.
+        run.deadline_passed = None
+        now = max(now, deadline)
     index = 0
     if name:
         index = run.signals_consumed.get(name, 0) + waits.taken.get(name, 0)
@@ -164,6 +169,78 @@ def register_signal_source(source: SignalSource) -> None:
     _SOURCES[source.name] = source
 
 
+# ---------------------------------------------------------------------------- slots
+
+
+class Slots:
+    """A worker's concurrency limit (``serve(concurrency=N)``), shared by the workflows it
+    claims from its queue and the parked ones its runtime wakes: a woken workflow takes a
+    slot like a claimed one, so at most N run at once whatever brought them."""
+
+    __slots__ = ("_on_free", "_waiters", "_watchers", "limit", "used")
+
+    def __init__(self, limit: int, on_free: Callable[[], None] | None = None) -> None:
+        if limit < 1:
+            raise ConfigurationError(f"concurrency must be >= 1, got {limit}")
+        self.limit = limit
+        self.used = 0
+        self._on_free = on_free
+        self._waiters: deque[asyncio.Future[None]] = deque()  # ``acquire``s, in order
+        self._watchers: list[asyncio.Future[None]] = []  # ``wait_free``s
+
+    @property
+    def free(self) -> int:
+        return self.limit - self.used
+
+    def take(self, wanted: int) -> int:
+        """Take up to ``wanted`` free slots now (none while an ``acquire`` waits: it came
+        first); how many were taken."""
+        taken = 0 if self._waiters else max(0, min(wanted, self.limit - self.used))
+        self.used += taken
+        return taken
+
+    async def acquire(self) -> None:
+        """Take one slot, waiting in line for it."""
+        if self.used < self.limit and not self._waiters:
+            self.used += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # granted as it was cancelled: the slot goes to the next
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def give(self, count: int = 1) -> None:
+        """Give back ``count`` slots: to those waiting in ``acquire`` first."""
+        self.used -= count
+        while self._waiters and self.used < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += 1
+                waiter.set_result(None)
+        if count and self.used < self.limit:
+            for watcher in self._watchers:
+                if not watcher.done():
+                    watcher.set_result(None)
+            self._watchers.clear()
+        if count and self._on_free is not None:
+            self._on_free()
+
+    async def wait_free(self) -> None:
+        """Until a slot is free."""
+        if self.used < self.limit:
+            return
+        watcher = asyncio.get_running_loop().create_future()
+        self._watchers.append(watcher)
+        await watcher
+
+
 # ---------------------------------------------------------------------------- the waker
 
 
@@ -194,6 +271,11 @@ class Waker:
         self._results: deque[WorkflowResult] = deque(maxlen=_RESULTS_KEPT)
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._notices: asyncio.Task[None] | None = None
+        # A worker's slots (``serve``): woken runs count against its concurrency. Those
+        # holding one, and which (a run outlives the worker that gave it its slot).
+        self.slots: Slots | None = None
+        self._slotted: dict[str, Slots] = {}
+        self._for_slot: set[asyncio.Task[Any]] = set()  # woken runs waiting for one
         self.poll_seconds = 1.0
         self.closed = False
         self.started = False
@@ -206,6 +288,17 @@ class Waker:
     @property
     def parked_count(self) -> int:
         return len(self._parked)
+
+    def use_slots(self, slots: Slots | None) -> None:
+        """Count the runs woken from now on against ``slots`` (a worker's; None: no limit).
+        On a store that finds due ones itself, only as many are claimed as slots are
+        free; otherwise a woken run waits for a slot before it starts."""
+        self.slots = slots
+
+    def _give_slot(self, workflow_id: str) -> None:
+        slots = self._slotted.pop(workflow_id, None)
+        if slots is not None:
+            slots.give()
 
     async def start(self) -> int:
         """Once per runtime, when it first runs a workflow (listing or signalling from a
@@ -240,9 +333,13 @@ class Waker:
         if self._by_claim is not None:
             return await self._claim_due_round()
         entries = await self._store.parked()
-        signalled = set(await self._store.signals_ready(
-            [(w, name, index) for w, _, name, index in entries if name]))
         now = self._clock.time()
+        # Only those not yet due need their signal looked up to know whether to wake: a
+        # due one wakes anyway, and the wake looks its signal up with the batch's
+        # (``_signals_absent``). 10,000 due at a start: one lookup of all, not two.
+        asking = [(w, name, index) for w, deadline, name, index in entries
+                  if name and deadline > now]
+        signalled = set(await self._store.signals_ready(asking)) if asking else set()
         woken = 0
         for workflow_id, deadline, name, _ in entries:
             if workflow_id in signalled or deadline <= now:
@@ -456,6 +553,7 @@ class Waker:
                     self._let_go(claim)
                     self.push(entry[0], entry[1], entry[2])
         absent = await self._signals_absent(due, now) if not due_by_store else set()
+        known: dict[Any, Any] = {}  # definitions and resume points, found once per batch
         for position, (claim, found, entry) in enumerate(due):
             if position and not position % _PREPARE_CHUNK:
                 await asyncio.sleep(0)  # thousands prepared at once would hold the loop
@@ -465,7 +563,7 @@ class Waker:
                     break
             self._parked.pop(entry[0], None)
             try:
-                prepared = runtime.prepare_resume(found)
+                prepared = runtime.prepare_resume(found, known)
             except WorkflowError as error:
                 self._let_go(claim)
                 logger.error("Could not wake %s: %s", entry[0], error)
@@ -475,6 +573,10 @@ class Waker:
                 continue
             if entry[0] in absent:
                 prepared[1].signals_absent = {(entry[2], entry[3])}
+            if due_by_store:
+                # Due on the store's clock, or signalled (its stage then reads the signal
+                # before it looks at the deadline): never parked again for this clock's lag.
+                prepared[1].deadline_passed = entry[1]
             self._waking.discard(entry[0])
             self._running.add(entry[0])
             self._spawn(self._run_woken(prepared, claim, entry))
@@ -505,7 +607,22 @@ class Waker:
     async def _claim_due_round(self) -> int:
         """Claim the workflows the store says are due, and run them; how many started."""
         assert self._by_claim is not None
-        claimed = await self._by_claim.claim_due(_WAKE_BATCH)
+        slots = self.slots
+        # A worker's free slots bound the claim: a claim held while waiting for a slot
+        # would keep the workflow from another worker that has one.
+        limit = slots.take(_WAKE_BATCH) if slots is not None else _WAKE_BATCH
+        if not limit:
+            return 0
+        try:
+            claimed = await self._by_claim.claim_due(limit)
+        except BaseException:
+            if slots is not None:
+                slots.give(limit)
+            raise
+        if slots is not None:
+            slots.give(limit - len(claimed))
+            for claim, _ in claimed:  # each held until its run ends or it is let go
+                self._slotted[claim.workflow_id] = slots
         return await self._start_loaded({c.workflow_id: c for c, _ in claimed},
                                          {c.workflow_id: found for c, found in claimed},
                                          due_by_store=True)
@@ -518,6 +635,13 @@ class Waker:
             try:
                 if await self._claim_due_round() >= _WAKE_BATCH:
                     continue  # more may be due already
+                slots = self.slots
+                if slots is not None and slots.free <= 0:
+                    # Every slot of the worker is taken: nothing due can run before one
+                    # frees (a woken run's or the worker's own; polled as a bound).
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(slots.wait_free(), store.poll_interval)
+                    continue
                 await store.wait_for_due(store.poll_interval)
                 backoff = _RETRY_FIRST
             except Exception as error:
@@ -529,11 +653,30 @@ class Waker:
     def _let_go(self, claim: Claim) -> None:
         claim.release()
         self._waking.discard(claim.workflow_id)
+        self._give_slot(claim.workflow_id)
 
     async def _run_woken(self, prepared: tuple[DefinitionLike, WorkflowRun, str], claim: Claim,
                          entry: ParkedEntry) -> None:
         definition, run, at = prepared
         try:
+            slots = self.slots
+            if slots is not None and entry[0] not in self._slotted:
+                # A worker's: it waits for a slot like a claimed one (a file store's
+                # claim is this host's lock, held meanwhile).
+                task = asyncio.current_task()
+                assert task is not None
+                self._for_slot.add(task)
+                try:
+                    await slots.acquire()
+                except BaseException:  # closing: it stays parked, woken again next time
+                    claim.release()
+                    raise
+                finally:
+                    self._for_slot.discard(task)
+                self._slotted[entry[0]] = slots
+                if self.closed:
+                    claim.release()
+                    return
             self._results.append(await self._runtime.execute_prepared(definition, run, at,
                                                                       claim=claim))
             # Its entry goes only now that a state which no longer waits on it is durable
@@ -552,6 +695,7 @@ class Waker:
             logger.error("Woken workflow %s failed: %s", entry[0], error)
         finally:
             self._running.discard(entry[0])
+            self._give_slot(entry[0])
             # Entries are dropped together: when no woken workflow runs any more, or a
             # batch's worth is waiting (one thread hop for many on a file store).
             if self._unparking and self._unparker is None and (
@@ -620,6 +764,8 @@ class Waker:
         for task in side:
             task.cancel()
         await asyncio.gather(*side, return_exceptions=True)
+        for task in self._for_slot:  # not started yet: they stay parked
+            task.cancel()
         for workflow_id in list(self._running):  # stopped at a safe point, resumable
             live = self._runtime.live(workflow_id)
             if live is not None:

@@ -14,11 +14,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from wait_workflows import RUNS, SLEEP_FLOW, WAIT_FLOW
+from wait_workflows import GATED, GATED_FLOW, RUNS, SLEEP_FLOW, WAIT_FLOW, run_gated
 
 from reliability import (
     Runtime,
     SignalRefusedError,
+    SystemClock,
     WorkflowConfiguration,
     WorkflowNotFoundError,
 )
@@ -113,6 +114,67 @@ async def test_a_deadline_passed_while_no_worker_ran_fires_at_the_next_start(
         woken = await rt.settle_woken()
     assert [(r.workflow_id, r.status) for r in woken] == [(parked.workflow_id, "completed")]
     assert woken[0].outputs["payload"] == "timed out"
+
+
+class _LaggingClock(SystemClock):
+    """A worker's wall clock an hour behind the database's (timers run in real time)."""
+
+    __slots__ = ()
+
+    def time(self) -> float:
+        return super().time() - 3600.0
+
+
+async def test_a_worker_whose_clock_lags_runs_what_the_database_finds_due(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Due on the database's clock, woken by a worker whose own clock is an hour behind:
+    its stage runs on (the wait times out), not parked again for the hour."""
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        parked = await rt.execute_prepared(
+            WAIT_FLOW, rt.new_run(WAIT_FLOW, {"timeout": 1.0}, None), PENDING)
+    assert parked.status == "waiting"
+
+    async def due() -> bool:
+        return bool(await _rows(postgres_url, "SELECT 1 FROM workflow_parked "
+                                              "WHERE due_at <= now()"))
+
+    await asyncio.wait_for(_until(due), 60)
+    lagging = _LaggingClock()
+    async with Runtime(_config(postgres_url), tmp_path, clock=lagging,
+                       store=PostgresStore(postgres_url, clock=lagging)) as rt:
+        assert await rt.wake_due() == 1
+        woken = await rt.settle_woken()
+    assert [(r.workflow_id, r.status) for r in woken] == [(parked.workflow_id, "completed")]
+    assert woken[0].outputs["payload"] == "timed out"
+    assert await _rows(postgres_url, "SELECT 1 FROM workflow_parked") == []
+
+
+async def test_a_worker_wakes_due_workflows_within_its_concurrency(
+        tmp_path: Path, postgres_url: str) -> None:
+    """5 sleepers due when a worker (``serve(concurrency=2)``) starts: it claims only as
+    many as it has free slots, so at most 2 run at once; the others are claimed as slots
+    free, and all 5 complete."""
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        parked = await asyncio.gather(*(
+            rt.execute_prepared(GATED_FLOW, rt.new_run(GATED_FLOW, {"seconds": 0.5}, None),
+                                PENDING) for _ in range(5)))
+    assert {r.status for r in parked} == {"waiting"}
+
+    async def all_due() -> bool:
+        rows = await _rows(postgres_url, "SELECT 1 FROM workflow_parked WHERE due_at <= now()")
+        return len(rows) == 5
+
+    await asyncio.wait_for(_until(all_due), 60)
+    GATED.reset()
+    async with Runtime(_config(postgres_url), tmp_path) as rt:
+        serving = asyncio.ensure_future(rt.serve(concurrency=2))
+        await run_gated(rt, 5, 2)
+        woken = await rt.settle_woken()
+        rt.request_shutdown()
+        await serving
+    assert sorted(r.workflow_id for r in woken) == sorted(r.workflow_id for r in parked)
+    assert {r.status for r in woken} == {"completed"}
+    assert GATED.most == 2
 
 
 async def test_two_workers_wake_each_due_workflow_once(tmp_path: Path,

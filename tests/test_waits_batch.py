@@ -8,7 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from wait_workflows import RUNS, SLEEP_FLOW, WAIT_FLOW, quiet_config
+from wait_workflows import (
+    GATED,
+    GATED_FLOW,
+    RUNS,
+    SLEEP_FLOW,
+    WAIT_FLOW,
+    quiet_config,
+    run_gated,
+)
 
 from machines import StageContext, StageSpec, WorkflowDefinition
 from reliability import FakeClock, FileStore, MemoryStore, Runtime
@@ -119,6 +127,91 @@ async def test_signal_waits_past_their_deadline_time_out_with_one_lookup() -> No
     assert [payloads[i] for i in ids[10:]] == ["timed out"] * 30
     assert calls.get("signals_ready") == 1, calls
     assert calls.get("read_signal", 0) == 10, calls  # only those whose signal is there
+
+
+async def test_at_the_next_start_due_signal_waits_cost_one_lookup_not_two() -> None:
+    """A runtime opened after 40 signal waits' deadline: the wake looks their signals up
+    once in all (the re-arm asks only about those not yet due); the 10 signalled get
+    their payload, the others time out."""
+    store = CountingStore()
+    clock = FakeClock()
+    async with Runtime(quiet_config(), store=store, clock=clock) as rt:
+        parked = await asyncio.gather(*(rt.run(WAIT_FLOW, context={"timeout": 10.0})
+                                        for _ in range(40)))
+    ids = [r.workflow_id for r in parked]
+    for workflow_id in ids[:10]:  # sent while no runtime ran
+        await store.send_signal(workflow_id, "go", b"3")
+    store.calls.clear()
+    async with Runtime(quiet_config(), store=store,
+                       clock=FakeClock(wall_start=clock.time() + 60)) as rt:
+        assert await rt.wake_due() == 40
+        woken = await rt.settle_woken()
+        calls = dict(store.calls)
+    payloads = {r.workflow_id: r.outputs["payload"] for r in woken}
+    assert [payloads[i] for i in ids[:10]] == [3] * 10
+    assert [payloads[i] for i in ids[10:]] == ["timed out"] * 30
+    assert calls.get("signals_ready") == 1, calls
+    assert calls.get("read_signal", 0) == 10, calls
+
+
+async def test_a_worker_runs_woken_workflows_within_its_concurrency(tmp_path: Path) -> None:
+    """5 sleepers due when a worker (``serve(concurrency=2)``) opens their file store: at
+    most 2 run at once, the other woken ones waiting for a slot; all 5 complete."""
+    def store() -> FileStore:
+        return FileStore(tmp_path / "states", tmp_path / "checkpoints")
+
+    clock = FakeClock()
+    async with Runtime(quiet_config(), tmp_path, store=store(), clock=clock) as rt:
+        parked = await asyncio.gather(*(rt.run(GATED_FLOW, context={"seconds": 10.0})
+                                        for _ in range(5)))
+    assert {r.status for r in parked} == {"waiting"}
+    GATED.reset()
+    async with Runtime(quiet_config(), tmp_path, store=store(),
+                       clock=FakeClock(wall_start=clock.time() + 60)) as rt:
+        serving = asyncio.ensure_future(rt.serve(concurrency=2))
+        await run_gated(rt, 5, 2)
+        woken = await rt.settle_woken()
+        rt.request_shutdown()
+        assert await serving == 0  # none of its queue: all five were woken
+    assert sorted(r.workflow_id for r in woken) == sorted(r.workflow_id for r in parked)
+    assert {r.status for r in woken} == {"completed"}
+    assert GATED.most == 2
+
+
+async def nap_first_if_asked(ctx: StageContext) -> None:
+    RUNS[ctx.workflow_id].append("one")
+    if ctx.context.get("first"):
+        await ctx.sleep_durably(10.0)
+
+
+async def nap_second(ctx: StageContext) -> None:
+    RUNS[ctx.workflow_id].append("two")
+    await ctx.sleep_durably(10.0)
+
+
+TWO_NAPS = WorkflowDefinition("two-naps", [
+    StageSpec(stage="one", handler=nap_first_if_asked),
+    StageSpec(stage="two", handler=nap_second),
+], import_path_hint="test_waits_batch:TWO_NAPS")
+
+
+async def test_one_wake_batch_resumes_each_workflow_at_its_own_stage() -> None:
+    """Workflows of one definition parked in different stages, woken in one batch: each
+    runs again from its own waiting stage (what the batch resolves once is per stage)."""
+    clock = FakeClock()
+    async with Runtime(quiet_config(), store=MemoryStore(), clock=clock) as rt:
+        parked = await asyncio.gather(*(rt.run(TWO_NAPS, context={"first": i % 2 == 0})
+                                        for i in range(6)))
+        assert {r.status for r in parked} == {"waiting"}
+        clock.advance(10.0)
+        woken = {r.workflow_id: r.status for r in await rt.settle_woken()}
+    for i, result in enumerate(parked):
+        if i % 2 == 0:  # woke in stage one, went on and parked in stage two
+            assert RUNS[result.workflow_id] == ["one", "one", "two"]
+            assert woken[result.workflow_id] == "waiting"
+        else:  # woke in stage two and finished
+            assert RUNS[result.workflow_id] == ["one", "two", "two"]
+            assert woken[result.workflow_id] == "completed"
 
 
 _GATE: dict[str, asyncio.Event] = {}

@@ -21,7 +21,8 @@ from typing import Any
 from machines import StageContext, StageSpec, WorkflowDefinition
 from reliability import FileStore, Runtime, SignalTimeout, WorkflowConfiguration
 
-__all__ = ["RUNS", "SLEEP_FLOW", "WAIT_FLOW", "effect_lines", "main", "quiet_config"]
+__all__ = ["GATED", "GATED_FLOW", "RUNS", "SLEEP_FLOW", "WAIT_FLOW", "effect_lines", "main",
+           "quiet_config", "run_gated"]
 
 RUNS: defaultdict[str, list[str]] = defaultdict(list)
 
@@ -88,6 +89,62 @@ SLEEP_FLOW = WorkflowDefinition("sleep", [
     StageSpec(stage="nap", handler=nap, timeout_seconds=60),
     StageSpec(stage="finish", handler=finish, timeout_seconds=60),
 ])
+
+
+class Gated:
+    """Stages woken from a sleep and held at a gate until the test opens it: how many were
+    inside at once, at most."""
+
+    def __init__(self) -> None:
+        self.inside: set[str] = set()
+        self.most = 0
+        self.entered: asyncio.Queue[str] | None = None
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def reset(self) -> asyncio.Queue[str]:
+        self.inside.clear()
+        self.most = 0
+        self.gates.clear()
+        self.entered = asyncio.Queue()
+        return self.entered
+
+
+GATED = Gated()
+
+
+async def nap_then_gate(ctx: StageContext) -> Mapping[str, Any]:
+    await ctx.sleep_durably(float(ctx.context.get("seconds", 60.0)))
+    GATED.inside.add(ctx.workflow_id)
+    GATED.most = max(GATED.most, len(GATED.inside))
+    gate = GATED.gates.setdefault(ctx.workflow_id, asyncio.Event())
+    assert GATED.entered is not None
+    GATED.entered.put_nowait(ctx.workflow_id)
+    try:
+        await gate.wait()
+    finally:
+        GATED.inside.discard(ctx.workflow_id)
+    return {"gated": True}
+
+
+GATED_FLOW = WorkflowDefinition("gated", [
+    StageSpec(stage="nap", handler=nap_then_gate, timeout_seconds=600),
+    StageSpec(stage="finish", handler=finish, timeout_seconds=60),
+])
+
+
+async def run_gated(rt: Runtime, count: int, limit: int) -> None:
+    """Open the gates of ``count`` woken stages one at a time, each once ``limit`` (or all
+    that are left) are inside, checking that no more than ``limit`` woken workflows run."""
+    entered = GATED.entered
+    assert entered is not None
+    held: list[str] = []
+    for opened in range(count):
+        while len(held) < min(limit, count - opened):
+            held.append(await asyncio.wait_for(entered.get(), 60))
+        assert len(rt.live_workflows()) <= limit, [w.run.workflow_id
+                                                   for w in rt.live_workflows()]
+        GATED.gates[held.pop(0)].set()
+    assert GATED.most <= limit
 
 
 async def _park(root: Path, count: int, wait_seconds: float) -> None:
