@@ -149,6 +149,46 @@ def test_replay_waits_for_the_journal_of_a_dead_process_s_dying_writer(
     assert not journal.exists()
 
 
+
+def test_a_journal_locked_past_the_wait_is_not_waited_for_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal whose named owner looks dead but whose lock stays held (a process in
+    another PID namespace) costs one wait, not one per replay; once its lock is free it
+    is replayed."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    journals, states = tmp_path / "_journal", tmp_path / "states"
+    journals.mkdir()
+    journal = journals / f"journal-{gone.pid}-0000abce.log"
+    workflow_id = "workflow-20240101-000000-00000000abce"
+    journal.write_bytes(wrap_document(canonical(
+        {"workflow_id": workflow_id, "status": "completed", "revision": 2})))
+    sleeps: list[float] = []
+    monkeypatch.setattr(_replay, "ORPHAN_WAIT", 0.0)
+    monkeypatch.setattr(_replay, "_given_up", set())
+    monkeypatch.setattr(_replay, "time", types.SimpleNamespace(
+        monotonic=time.monotonic, sleep=sleeps.append))
+
+    def write(path: Path, document: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(document)
+
+    holder = os.open(journal, os.O_RDWR)
+    try:
+        import fcntl
+        # flock locks belong to the open file description: this one holds it against the
+        # replay's own open, as another process's would.
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert _replay.replay_orphan_journals(journals, states, write, None) == 0
+        assert sleeps, "the first replay did not wait for the locked journal"
+        sleeps.clear()
+        assert _replay.replay_orphan_journals(journals, states, write, None) == 0
+        assert sleeps == []  # given up once: not waited for again
+    finally:
+        os.close(holder)
+    assert _replay.replay_orphan_journals(journals, states, write, None) == 1
+    assert not journal.exists()
+
 # --------------------------------------------------------------------------- one process
 
 

@@ -36,6 +36,11 @@ __all__ = ["ORPHAN_WAIT", "replay_orphan_journals"]
 # this is milliseconds unless the machine stalls.
 ORPHAN_WAIT = 30.0
 
+# Journals waited for ORPHAN_WAIT in vain by this process: not waited for again. Their
+# owner may only look dead (a process in another PID namespace sharing the volume), and
+# every claim round of a worker replays: one wait per journal, not one per round.
+_given_up: set[str] = set()
+
 
 def replay_orphan_journals(journal_directory: Path, state_directory: Path,
                            write: Callable[[Path, bytes], None],
@@ -77,14 +82,16 @@ def _lock_orphan(fd: int, path: Path, fcntl: ModuleType) -> bool:
             return True
         except BlockingIOError:
             pass
-        if _owner_alive(path):
+        if str(path) in _given_up or _owner_alive(path):
             return False
         now = time.monotonic()
         if deadline is None:
             deadline = now + ORPHAN_WAIT
         elif now > deadline:
-            logger.warning("The journal %s stays locked %gs after its process died; it is "
-                           "replayed at a later start", path, ORPHAN_WAIT)
+            _given_up.add(str(path))
+            logger.warning("The journal %s stays locked %gs after the process its name "
+                           "gives died (or lives in another PID namespace); it is replayed "
+                           "once its lock is free, at a later start", path, ORPHAN_WAIT)
             return False
         time.sleep(0.005)  # a thread of the store, never the loop: the writer's exit
 
