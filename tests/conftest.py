@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from postgres_server import PostgresServer, ServerUnavailable
+from postgres_server import PostgresServer, ServerUnavailable, execute
 
 _URL_VARIABLE = "WORKFLOW_TEST_POSTGRES_URL"
 
@@ -67,25 +67,16 @@ def _base_url(server: PostgresServer | str) -> str:
     return server if isinstance(server, str) else server.url
 
 
-async def _admin(url: str, statement: str) -> None:
-    import asyncpg
-    connection = await asyncpg.connect(url)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture
 def postgres_url(postgres_server: PostgresServer | str) -> Iterator[str]:
     """A fresh, empty database on the session's server, for this test only."""
     base = _base_url(postgres_server)
     name = f"test_{secrets.token_hex(6)}"  # generated here: safe to put in a statement
-    asyncio.run(_admin(base, f"CREATE DATABASE {name}"))
+    asyncio.run(execute(base, f"CREATE DATABASE {name}"))
     try:
         yield base.rsplit("/", 1)[0] + "/" + name
     finally:
-        asyncio.run(_admin(base, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        asyncio.run(execute(base, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @pytest.fixture

@@ -257,6 +257,27 @@ class PostgresServer:
         self.destroy()
 
 
+async def fetch_rows(url: str, query: str, *args: Any) -> list[Any]:
+    """The rows of one query (parameters as ``$1``...), on a connection of its own."""
+    import asyncpg
+    connection = await asyncpg.connect(url)
+    try:
+        return list(await connection.fetch(query, *args))
+    finally:
+        await connection.close()
+
+
+async def execute(url: str, statement: str) -> None:
+    """One statement on a connection of its own (CREATE/DROP DATABASE cannot run in a
+    transaction or a pool's session)."""
+    import asyncpg
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Start a throwaway PostgreSQL server, print "
                                                  "its URL, stop it on Ctrl-C.")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import asyncpg
 import pytest
 from cluster_workflows import EFFECTS, NOTED, TINY, read_effects
 from dev_helpers import (
@@ -32,7 +31,7 @@ from dev_helpers import (
     git,
     make_example_repo,
 )
-from postgres_server import PostgresServer
+from postgres_server import PostgresServer, fetch_rows
 
 from machines.development import marker_for
 from reliability import Runtime, WorkflowConfiguration
@@ -52,16 +51,8 @@ def _config(url: str = "", **settings: Any) -> WorkflowConfiguration:
                                  enable_monitoring=False, **settings)
 
 
-async def _rows(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    connection = await asyncpg.connect(url)
-    try:
-        return list(await connection.fetch(query, *args))
-    finally:
-        await connection.close()
-
-
-def _sync_rows(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    return asyncio.run(_rows(url, query, *args))
+def _sync_rows(url: str, query: str, *args: Any) -> list[Any]:
+    return asyncio.run(fetch_rows(url, query, *args))
 
 
 def _wait_until(check: Callable[[], bool], what: str, limit: float = 90.0) -> None:
@@ -201,7 +192,7 @@ async def test_run_workflow_on_postgres(tmp_path: Path, postgres_url: str) -> No
     async with Runtime(_config(postgres_url), tmp_path) as runtime:
         result = await runtime.run(EFFECTS)
     assert result.status == "completed"
-    rows = await _rows(postgres_url, "SELECT status, queue, owner FROM workflows")
+    rows = await fetch_rows(postgres_url, "SELECT status, queue, owner FROM workflows")
     assert [tuple(r) for r in rows] == [("completed", None, None)]
 
 
@@ -241,17 +232,18 @@ async def test_a_refused_write_stops_the_workflow_at_once(tmp_path: Path,
         await _until(lambda: any(r[0] == "done" and r[2] == "one"
                                  for r in read_effects(tmp_path)))
         # Another worker takes it over (as after this one's lease ran out).
-        taken = (await _rows(postgres_url, "UPDATE workflows SET owner = 'thief', "
+        taken = (await fetch_rows(postgres_url, "UPDATE workflows SET owner = 'thief', "
                              "epoch = epoch + 1 RETURNING now() AS at"))[0]["at"]
         await _until(lambda: runtime.live(workflow_id) is None)
         runtime.request_shutdown()
         await serving
     effects = read_effects(tmp_path)
     assert not [e for e in effects if e[2] == "three"]  # it went no further here
-    applied = await _rows(postgres_url, "SELECT count(*) FROM workflow_writes WHERE owner = $1 "
-                          "AND applied AND kind = 'save' AND at >= $2", store.worker_id, taken)
-    refused = await _rows(postgres_url, "SELECT count(*) FROM workflow_writes WHERE owner = $1 "
-                          "AND NOT applied", store.worker_id)
+    applied = await fetch_rows(postgres_url, "SELECT count(*) FROM workflow_writes WHERE "
+                               "owner = $1 AND applied AND kind = 'save' AND at >= $2",
+                               store.worker_id, taken)
+    refused = await fetch_rows(postgres_url, "SELECT count(*) FROM workflow_writes WHERE "
+                               "owner = $1 AND NOT applied", store.worker_id)
     assert applied[0][0] == 0 and refused[0][0] >= 1
 
 

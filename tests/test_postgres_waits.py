@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
+from postgres_server import fetch_rows
 from wait_workflows import GATED, GATED_FLOW, RUNS, SLEEP_FLOW, WAIT_FLOW, run_gated
 
 from reliability import (
@@ -34,14 +34,6 @@ def _config(url: str) -> WorkflowConfiguration:
     return WorkflowConfiguration(store_url=url, enable_health_checks=False,
                                  enable_monitoring=False, log_level="WARNING",
                                  tune_interpreter=False)
-
-
-async def _rows(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    connection = await asyncpg.connect(url)
-    try:
-        return list(await connection.fetch(query, *args))
-    finally:
-        await connection.close()
 
 
 async def _until(check: Callable[[], Awaitable[bool]]) -> None:
@@ -74,12 +66,12 @@ async def test_a_signal_from_another_process_wakes_the_parked_workflow(
         assert parked.status == "waiting"
 
         async def released() -> bool:  # its claim's release is committed soon after
-            rows = await _rows(postgres_url, "SELECT status FROM workflows WHERE "
+            rows = await fetch_rows(postgres_url, "SELECT status FROM workflows WHERE "
                                              "workflow_id = $1 AND owner IS NULL", workflow_id)
             return [row["status"] for row in rows] == ["waiting"]
 
         await asyncio.wait_for(_until(released), 60)
-        assert len(await _rows(postgres_url, "SELECT 1 FROM workflow_parked")) == 1
+        assert len(await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked")) == 1
         code, out, err = await _cli("signal", workflow_id, "go", "--data",
                                     json.dumps({"from": "cli"}), "--store", postgres_url,
                                     "--project-root", str(tmp_path))
@@ -90,8 +82,8 @@ async def test_a_signal_from_another_process_wakes_the_parked_workflow(
     assert ended.status == "completed"
     assert [r.outputs["payload"] for r in woken] == [{"from": "cli"}]
     assert RUNS[workflow_id] == ["prepare", "await", "await", "signalled", "finish"]
-    assert await _rows(postgres_url, "SELECT 1 FROM workflow_parked") == []
-    assert await _rows(postgres_url, "SELECT 1 FROM workflow_wait_signals") == []
+    assert await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked") == []
+    assert await fetch_rows(postgres_url, "SELECT 1 FROM workflow_wait_signals") == []
 
 
 async def test_a_deadline_passed_while_no_worker_ran_fires_at_the_next_start(
@@ -105,7 +97,7 @@ async def test_a_deadline_passed_while_no_worker_ran_fires_at_the_next_start(
     assert parked.status == "waiting"
 
     async def due() -> bool:
-        return bool(await _rows(postgres_url, "SELECT 1 FROM workflow_parked "
+        return bool(await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked "
                                               "WHERE due_at <= now()"))
 
     await asyncio.wait_for(_until(due), 60)
@@ -135,7 +127,7 @@ async def test_a_worker_whose_clock_lags_runs_what_the_database_finds_due(
     assert parked.status == "waiting"
 
     async def due() -> bool:
-        return bool(await _rows(postgres_url, "SELECT 1 FROM workflow_parked "
+        return bool(await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked "
                                               "WHERE due_at <= now()"))
 
     await asyncio.wait_for(_until(due), 60)
@@ -146,7 +138,7 @@ async def test_a_worker_whose_clock_lags_runs_what_the_database_finds_due(
         woken = await rt.settle_woken()
     assert [(r.workflow_id, r.status) for r in woken] == [(parked.workflow_id, "completed")]
     assert woken[0].outputs["payload"] == "timed out"
-    assert await _rows(postgres_url, "SELECT 1 FROM workflow_parked") == []
+    assert await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked") == []
 
 
 async def test_a_worker_wakes_due_workflows_within_its_concurrency(
@@ -161,7 +153,7 @@ async def test_a_worker_wakes_due_workflows_within_its_concurrency(
     assert {r.status for r in parked} == {"waiting"}
 
     async def all_due() -> bool:
-        rows = await _rows(postgres_url, "SELECT 1 FROM workflow_parked WHERE due_at <= now()")
+        rows = await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked WHERE due_at <= now()")
         return len(rows) == 5
 
     await asyncio.wait_for(_until(all_due), 60)
@@ -189,7 +181,7 @@ async def test_two_workers_wake_each_due_workflow_once(tmp_path: Path,
     assert {r.status for r in parked} == {"waiting"}
 
     async def all_due() -> bool:
-        rows = await _rows(postgres_url, "SELECT 1 FROM workflow_parked WHERE due_at <= now()")
+        rows = await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked WHERE due_at <= now()")
         return len(rows) == 20
 
     await asyncio.wait_for(_until(all_due), 60)
@@ -201,8 +193,8 @@ async def test_two_workers_wake_each_due_workflow_once(tmp_path: Path,
     assert {r.status for r in results} == {"completed"}
     for result in parked:
         assert RUNS[result.workflow_id].count("finish") == 1
-    claims = await _rows(postgres_url, "SELECT workflow_id, count(*) AS n FROM workflow_writes "
-                                       "WHERE kind = 'claim' GROUP BY workflow_id")
+    claims = await fetch_rows(postgres_url, "SELECT workflow_id, count(*) AS n FROM "
+                              "workflow_writes WHERE kind = 'claim' GROUP BY workflow_id")
     assert {row["n"] for row in claims} == {2}  # the first run's claim, one wake's
 
 
@@ -215,17 +207,17 @@ async def test_parking_is_fenced_by_owner_and_epoch(postgres_url: str) -> None:
         workflow_id = "workflow-20240101-000000-0000000000aa"
         claim = await store.claim(workflow_id)
         await store.park((workflow_id, 1e10, "go", 0))
-        assert len(await _rows(postgres_url, "SELECT 1 FROM workflow_parked")) == 1
-        await _rows(postgres_url, "UPDATE workflows SET epoch = epoch + 1, owner = 'other'")
+        assert len(await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked")) == 1
+        await fetch_rows(postgres_url, "UPDATE workflows SET epoch = epoch + 1, owner = 'other'")
         with pytest.raises(FencedError):
             await store.park((workflow_id, 2e10, "go", 0))
         claim.release()
     finally:
         await store.close()
-    rows = await _rows(postgres_url, "SELECT deadline FROM workflow_parked")
+    rows = await fetch_rows(postgres_url, "SELECT deadline FROM workflow_parked")
     assert [row["deadline"] for row in rows] == [1e10]  # the refused park changed nothing
-    audit = await _rows(postgres_url, "SELECT applied FROM workflow_writes WHERE kind = 'park' "
-                                      "ORDER BY id")
+    audit = await fetch_rows(postgres_url, "SELECT applied FROM workflow_writes "
+                             "WHERE kind = 'park' ORDER BY id")
     assert [row["applied"] for row in audit] == [True, False]
 
 
@@ -247,7 +239,7 @@ async def test_signals_to_unknown_or_finished_workflows_are_refused(
     code, _, err = await _cli("signal", done.workflow_id, "go", "--store", postgres_url,
                               "--project-root", str(tmp_path))
     assert code == 1 and len(err.strip().splitlines()) == 1, err
-    assert await _rows(postgres_url, "SELECT 1 FROM workflow_wait_signals") == []
+    assert await fetch_rows(postgres_url, "SELECT 1 FROM workflow_wait_signals") == []
 
 
 def _waiting(workflow_id: str) -> dict[str, Any]:
