@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -24,6 +23,7 @@ from .._cluster import postgres
 from .._diagnostics import redact
 from .._observe import runtime_directory
 from .._runtime import workflow_row
+from .._store._platform import process_alive
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -287,17 +287,9 @@ def _read_runtime_files(directory: Path) -> dict[str, dict[str, Any]]:
         if not isinstance(document, dict):
             continue
         pid = document.get("pid")
-        document["alive"] = isinstance(pid, int) and not document.get("stopped") and _alive(
-            pid)
+        document["alive"] = (isinstance(pid, int) and not document.get("stopped")
+                             and process_alive(pid))
         found[path.name] = document
     return found
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

@@ -23,6 +23,7 @@ from types import ModuleType
 from .._errors import ConfigurationError
 
 __all__ = ["LINUX", "O_NOFOLLOW", "PORTABLE_VARIABLE", "fcntl", "portable_requested",
+           "process_alive",
            "require_file_locks"]
 
 fcntl: ModuleType | None
@@ -55,3 +56,22 @@ def require_file_locks() -> ModuleType:
             "journal, and this Python has no fcntl. Run on Linux, macOS or a BSD (or WSL), "
             "or give the Runtime another store (MemoryStore keeps states in memory only)")
     return fcntl
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID runs (a zombie does not: it only waits to be
+    reaped); True when another user's process has it, since it might be the one meant."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                # "pid (comm) state ...": comm may hold spaces and parentheses.
+                return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+        except (OSError, IndexError):
+            return True
+    return True

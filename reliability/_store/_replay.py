@@ -16,7 +16,6 @@ workflows' claims were free (docs/architecture.md, invariant 12).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from types import ModuleType
 from .._errors import StateCorruptedError
 from .._ids import validate_workflow_id
 from .._logging import logger
-from ._platform import O_NOFOLLOW, require_file_locks
+from ._platform import O_NOFOLLOW, process_alive, require_file_locks
 from ._protocol import decode_document
 from ._reads import read_bounded, state_file
 
@@ -103,22 +102,7 @@ def _owner_alive(path: Path) -> bool:
         pid = int(path.name.split("-")[1])
     except (IndexError, ValueError):
         return True
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if sys.platform.startswith("linux"):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                # "pid (comm) state ...": comm may hold spaces and parentheses.
-                return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-        except (OSError, IndexError):
-            return True
-    return True
+    return pid == os.getpid() or process_alive(pid)
 
 
 def _replay(journal: Path, state_directory: Path,
