@@ -157,11 +157,10 @@ def test_batch_in_two_processes_runs_every_prompt_once_with_one_summary(
     assert json.loads(Path(report["report_file"]).read_text())["counts"] == report["counts"]
 
 
-def test_sigint_stops_every_process_and_resume_all_finishes_each_once(
-        tmp_path: Path, started: list[subprocess.Popen[str]]) -> None:
-    """SIGINT to the parent of batch --processes 2 mid-batch: every child exits, the parent
-    exits 130, every workflow is interrupted or pending; resume --all completes them all,
-    no completed stage running again."""
+def _held_batch_of_two(tmp_path: Path, started: list[subprocess.Popen[str]]
+                       ) -> subprocess.Popen[str]:
+    """batch --processes 2 of 12 held workflows, once both children have two stages each
+    in flight (held until the test touches ``release``)."""
     prompts = write_prompts(tmp_path, 12)
     (tmp_path / "hold").touch()
     parent = subprocess.Popen(
@@ -170,10 +169,18 @@ def test_sigint_stops_every_process_and_resume_all_finishes_each_once(
          str(tmp_path)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     started.append(parent)
-    # Both children have stages in flight (held), 2 each.
     wait_for(lambda: len({p for pids in executions(tmp_path).values() for p in pids}) == 2
              and sum(len(p) for p in executions(tmp_path).values()) == 4,
              "both children to start their stages")
+    return parent
+
+
+def test_sigint_stops_every_process_and_resume_all_finishes_each_once(
+        tmp_path: Path, started: list[subprocess.Popen[str]]) -> None:
+    """SIGINT to the parent of batch --processes 2 mid-batch: every child exits, the parent
+    exits 130, every workflow is interrupted or pending; resume --all completes them all,
+    no completed stage running again."""
+    parent = _held_batch_of_two(tmp_path, started)
     children = children_of(parent)
     worker_pids = {p for pids in executions(tmp_path).values() for p in pids}
     assert worker_pids <= {child.pid for child in children}
@@ -210,17 +217,7 @@ def test_a_killed_child_s_unstarted_workflows_run_in_the_other(
     the dead one had not started; the batch ends (exit 1) with the dead one's started
     workflows reported interrupted, and resume --all finishes those, no completed stage
     running again."""
-    prompts = write_prompts(tmp_path, 12)
-    (tmp_path / "hold").touch()
-    parent = subprocess.Popen(
-        [sys.executable, "-m", "reliability", "batch", str(prompts), "--definition",
-         DEFINITION, "--processes", "2", "--concurrency", "4", "--json", "--project-root",
-         str(tmp_path)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    started.append(parent)
-    wait_for(lambda: len({p for pids in executions(tmp_path).values() for p in pids}) == 2
-             and sum(len(p) for p in executions(tmp_path).values()) == 4,
-             "both children to start their stages")
+    parent = _held_batch_of_two(tmp_path, started)
     victim = min(p for pids in executions(tmp_path).values() for p in pids)
     killed = {w for (w, _), pids in executions(tmp_path).items() if victim in pids}
     os.kill(victim, signal.SIGKILL)
