@@ -22,6 +22,7 @@ from reliability import (
     SystemClock,
     WorkflowConfiguration,
     WorkflowNotFoundError,
+    WorkflowResult,
 )
 from reliability._errors import FencedError
 from reliability._postgres import PostgresStore
@@ -86,10 +87,9 @@ async def test_a_signal_from_another_process_wakes_the_parked_workflow(
     assert await fetch_rows(postgres_url, "SELECT 1 FROM workflow_wait_signals") == []
 
 
-async def test_a_deadline_passed_while_no_worker_ran_fires_at_the_next_start(
-        tmp_path: Path, postgres_url: str) -> None:
-    """Parked for 1 s, then no runtime open; once the database's clock passed the
-    deadline, the next runtime's start wakes it (and the stage times out its wait)."""
+async def _parked_until_due(tmp_path: Path, postgres_url: str) -> WorkflowResult:
+    """One workflow parked for 1 s by a runtime that then closed, returned once the
+    database's clock has passed its deadline."""
     async with Runtime(_config(postgres_url), tmp_path) as rt:
         # Not rt.run: its waker would wake it here if this runtime outlived the deadline.
         parked = await rt.execute_prepared(
@@ -98,9 +98,17 @@ async def test_a_deadline_passed_while_no_worker_ran_fires_at_the_next_start(
 
     async def due() -> bool:
         return bool(await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked "
-                                              "WHERE due_at <= now()"))
+                                     "WHERE due_at <= now()"))
 
     await asyncio.wait_for(_until(due), 60)
+    return parked
+
+
+async def test_a_deadline_passed_while_no_worker_ran_fires_at_the_next_start(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Parked for 1 s, then no runtime open; once the database's clock passed the
+    deadline, the next runtime's start wakes it (and the stage times out its wait)."""
+    parked = await _parked_until_due(tmp_path, postgres_url)
     async with Runtime(_config(postgres_url), tmp_path) as rt:
         assert await rt.wake_due() == 1
         woken = await rt.settle_woken()
@@ -121,16 +129,7 @@ async def test_a_worker_whose_clock_lags_runs_what_the_database_finds_due(
         tmp_path: Path, postgres_url: str) -> None:
     """Due on the database's clock, woken by a worker whose own clock is an hour behind:
     its stage runs on (the wait times out), not parked again for the hour."""
-    async with Runtime(_config(postgres_url), tmp_path) as rt:
-        parked = await rt.execute_prepared(
-            WAIT_FLOW, rt.new_run(WAIT_FLOW, {"timeout": 1.0}, None), PENDING)
-    assert parked.status == "waiting"
-
-    async def due() -> bool:
-        return bool(await fetch_rows(postgres_url, "SELECT 1 FROM workflow_parked "
-                                              "WHERE due_at <= now()"))
-
-    await asyncio.wait_for(_until(due), 60)
+    parked = await _parked_until_due(tmp_path, postgres_url)
     lagging = _LaggingClock()
     async with Runtime(_config(postgres_url), tmp_path, clock=lagging,
                        store=PostgresStore(postgres_url, clock=lagging)) as rt:
