@@ -87,7 +87,10 @@ def is_dead(pid: int) -> bool:
 def journals_unlocked(root: Path) -> bool:
     """No journal under ``root`` is still locked by a (dying) process."""
     for journal in (root / ".github/workflow-states/_journal").glob("journal-*.log"):
-        fd = os.open(journal, os.O_RDWR)
+        try:
+            fd = os.open(journal, os.O_RDWR)
+        except FileNotFoundError:  # retired and deleted by its writer meanwhile
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
