@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -196,60 +196,61 @@ def _state(workflow_id: str, status: str, revision: int) -> dict[str, object]:
     return {"workflow_id": workflow_id, "status": status, "revision": revision}
 
 
+@pytest.fixture
+async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[FileStore, FileStore]]:
+    """Two stores on one directory, as two processes' would be, their claim files open
+    (so a claim is decided without a thread hop, in the iteration it is asked)."""
+    stores = (FileStore(tmp_path / "states", tmp_path / "checkpoints"),
+              FileStore(tmp_path / "states", tmp_path / "checkpoints"))
+    try:
+        for store in stores:
+            await store.open()
+            (await store.claim("workflow-20240101-000000-00000000ffff")).release()
+        yield stores
+    finally:
+        for store in reversed(stores):
+            await store.close()
+
+
 async def test_a_claim_is_given_back_only_once_its_state_file_is_written(
-        tmp_path: Path) -> None:
+        two_stores: tuple[FileStore, FileStore]) -> None:
     """Released after its final save, a claim stays locked against another store until the
     writer has written the state file; whoever takes it next reads the final state."""
-    first = FileStore(tmp_path / "states", tmp_path / "checkpoints")
-    second = FileStore(tmp_path / "states", tmp_path / "checkpoints")
-    await first.open()
-    await second.open()
-    try:
-        workflow_id = "workflow-20240101-000000-0000000000aa"
-        claim = await first.claim(workflow_id)
-        await first.save(workflow_id, functools.partial(_state, workflow_id, "completed", 7),
-                         checkpoint_stage="final")
-        claim.release()
-        with pytest.raises(WorkflowLockedError):  # no answer from the writer yet
-            await second.claim(workflow_id)
-        while True:  # until the writer's answer unlocks it (an event in another process)
-            try:
-                taken = await second.claim(workflow_id)
-                break
-            except WorkflowLockedError:
-                await asyncio.sleep(0.01)
-        assert second.load_sync(workflow_id).state["revision"] == 7
-        taken.release()
-    finally:
-        await second.close()
-        await first.close()
+    first, second = two_stores
+    workflow_id = "workflow-20240101-000000-0000000000aa"
+    claim = await first.claim(workflow_id)
+    await first.save(workflow_id, functools.partial(_state, workflow_id, "completed", 7),
+                     checkpoint_stage="final")
+    claim.release()
+    with pytest.raises(WorkflowLockedError):  # the release request is not even sent yet
+        await second.claim(workflow_id)
+    while True:  # until the writer's answer unlocks it (an event in another process)
+        try:
+            taken = await second.claim(workflow_id)
+            break
+        except WorkflowLockedError:
+            await asyncio.sleep(0.01)
+    assert second.load_sync(workflow_id).state["revision"] == 7
+    taken.release()
 
 
 async def test_a_claim_being_given_back_can_be_taken_back_by_its_process(
-        tmp_path: Path) -> None:
+        two_stores: tuple[FileStore, FileStore]) -> None:
     """A workflow released but still locked (its state file not written yet) is claimed
     again at once by the same store, as a parked workflow woken at once is; once given
     back for good, another store takes it."""
-    store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
-    other = FileStore(tmp_path / "states", tmp_path / "checkpoints")
-    await store.open()
-    await other.open()
-    try:
-        workflow_id = "workflow-20240101-000000-0000000000bb"
-        claim = await store.claim(workflow_id)
-        await store.save(workflow_id, functools.partial(_state, workflow_id, "waiting", 3),
-                         checkpoint_stage="final")
-        claim.release()
-        again = await store.claim(workflow_id)  # still locked by this store: taken back
-        # A read waits for the writer's flush, answered after the release request: the
-        # answer to that request came, and must not unlock a claim taken back.
-        assert (await store.load(workflow_id)).state["revision"] == 3
-        with pytest.raises(WorkflowLockedError):
-            await other.claim(workflow_id)
-        again.release()
-    finally:
-        await store.close()  # its writer has written everything: the claim is free
-    try:
-        (await other.claim(workflow_id)).release()
-    finally:
-        await other.close()
+    store, other = two_stores
+    workflow_id = "workflow-20240101-000000-0000000000bb"
+    claim = await store.claim(workflow_id)
+    await store.save(workflow_id, functools.partial(_state, workflow_id, "waiting", 3),
+                     checkpoint_stage="final")
+    claim.release()
+    again = await store.claim(workflow_id)  # still locked by this store: taken back
+    # A read waits for the writer's flush, answered after the release request: the
+    # answer to that request came, and must not unlock a claim taken back.
+    assert (await store.load(workflow_id)).state["revision"] == 3
+    with pytest.raises(WorkflowLockedError):
+        await other.claim(workflow_id)
+    again.release()
+    await store.close()  # its writer has written everything: the claim is free
+    (await other.claim(workflow_id)).release()
