@@ -61,6 +61,20 @@ class CountingStore(MemoryStore):
         await super().unpark_many(entries)
 
 
+async def park_signal_waits(rt: Runtime, store: CountingStore, count: int, *,
+                            signalled: int = 0, payload: bytes = b"",
+                            **context: Any) -> list[str]:
+    """``count`` WAIT_FLOW workflows parked for "go"; the first ``signalled`` of them get
+    ``payload`` stored without a wake (as another process would send it)."""
+    parked = await asyncio.gather(*(rt.run(WAIT_FLOW, context=context)
+                                    for _ in range(count)))
+    assert {r.status for r in parked} == {"waiting"}
+    ids = [r.workflow_id for r in parked]
+    for workflow_id in ids[:signalled]:
+        await store.send_signal(workflow_id, "go", payload)
+    return ids
+
+
 async def test_many_due_wake_with_a_few_store_calls_not_one_each() -> None:
     """300 sleepers due at once: one claim call, one state read and one unpark call wake
     them all (not a claim, a load and an unpark each), and each completes once."""
@@ -90,11 +104,8 @@ async def test_signalled_ones_not_yet_due_are_looked_up_together() -> None:
     do) cost one signal lookup: those whose signal is stored run, the others stay parked."""
     store = CountingStore()
     async with Runtime(quiet_config(), store=store, clock=FakeClock()) as rt:
-        parked = await asyncio.gather(*(rt.run(WAIT_FLOW) for _ in range(50)))
+        ids = await park_signal_waits(rt, store, 50, signalled=20, payload=b"1")
         await rt.settle_woken()
-        ids = [r.workflow_id for r in parked]
-        for workflow_id in ids[:20]:  # stored without waking: as another process would
-            await store.send_signal(workflow_id, "go", b"1")
         store.calls.clear()
         assert sum(rt.waker.wake(workflow_id) for workflow_id in ids) == 50
         woken = await rt.settle_woken()
@@ -112,11 +123,8 @@ async def test_signal_waits_past_their_deadline_time_out_with_one_lookup() -> No
     store = CountingStore()
     clock = FakeClock()
     async with Runtime(quiet_config(), store=store, clock=clock) as rt:
-        parked = await asyncio.gather(*(rt.run(WAIT_FLOW, context={"timeout": 10.0})
-                                        for _ in range(40)))
-        ids = [r.workflow_id for r in parked]
-        for workflow_id in ids[:10]:  # stored without waking: as another process would
-            await store.send_signal(workflow_id, "go", b"7")
+        ids = await park_signal_waits(rt, store, 40, signalled=10, payload=b"7",
+                                      timeout=10.0)
         store.calls.clear()
         clock.advance(10.0)
         woken = await rt.settle_woken()
@@ -136,9 +144,7 @@ async def test_at_the_next_start_due_signal_waits_cost_one_lookup_not_two() -> N
     store = CountingStore()
     clock = FakeClock()
     async with Runtime(quiet_config(), store=store, clock=clock) as rt:
-        parked = await asyncio.gather(*(rt.run(WAIT_FLOW, context={"timeout": 10.0})
-                                        for _ in range(40)))
-    ids = [r.workflow_id for r in parked]
+        ids = await park_signal_waits(rt, store, 40, timeout=10.0)
     for workflow_id in ids[:10]:  # sent while no runtime ran
         await store.send_signal(workflow_id, "go", b"3")
     store.calls.clear()
