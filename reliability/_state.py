@@ -120,7 +120,8 @@ class WorkflowRun:
         del self.watchdog_events[:-_MAX_ERRORS]
 
     def to_state(self, *, encoded: bool = False) -> dict[str, Any]:
-        """A snapshot in the spec's shape; safe to hand to another thread (no shared lists).
+        """A snapshot in the spec's shape; safe to hand to another thread (no shared lists),
+        unless ``encoded``.
 
         Each snapshot gets the next ``revision``, so of two copies the newer is known
         without trusting wall clocks.
@@ -131,7 +132,9 @@ class WorkflowRun:
         save: the same bytes, but a stage's save no longer re-encodes every earlier
         stage's history and health checks (40 -> 5 us for a 19-stage workflow's last
         save, measured). Entries are never changed once appended, which is what makes
-        reusing their encoding safe.
+        reusing their encoding safe. The snapshot then shares the run's own containers
+        (no copy of the outputs, context and lists at every save): it must be encoded at
+        once, before the run changes again.
         """
         self.revision += 1
         if encoded:
@@ -160,7 +163,7 @@ class WorkflowRun:
                 "errors": list(self.errors),
                 "watchdog_events": list(self.watchdog_events),
             }
-        return {
+        state = {
             "workflow_id": self.workflow_id,
             "revision": self.revision,
             "definition": self.definition_path,
@@ -170,19 +173,26 @@ class WorkflowRun:
             "current_stage": self.current_stage,
             "stage_start_time": self.stage_start_time,
             "attempt": self.attempt,
-            "completed_stages": list(self.completed_stages),
-            "progress_data": dict(self.outputs),
+            "completed_stages": self.completed_stages,
+            "progress_data": self.outputs,
             "monitoring_state": monitoring,
-            "context": dict(self.context),
+            "context": self.context,
             "error": self.error,
             "error_category": self.error_category,
             "resumed_from": self.resumed_from,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
-            "wait": dict(self.wait) if self.wait is not None else None,
-            "stage_waits": list(self.stage_waits),
-            "signals_consumed": dict(self.signals_consumed),
+            "wait": self.wait,
+            "stage_waits": self.stage_waits,
+            "signals_consumed": self.signals_consumed,
         }
+        if not encoded:  # it may outlive this call (another thread): no shared containers
+            state.update(completed_stages=list(self.completed_stages),
+                         progress_data=dict(self.outputs), context=dict(self.context),
+                         wait=dict(self.wait) if self.wait is not None else None,
+                         stage_waits=list(self.stage_waits),
+                         signals_consumed=dict(self.signals_consumed))
+        return state
 
     def forget_encoding(self) -> None:
         """Drop what ``to_state(encoded=True)`` kept (a finished workflow saves no more:
