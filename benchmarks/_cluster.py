@@ -643,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
                              "this run's, which then needs 1 in --workers)")
     parser.add_argument("--probe", action="store_true",
                         help="time where each worker's commits spend their time (sampled)")
+    parser.add_argument("--server-setting", action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="a setting for the throwaway server, after its own and the "
+                             "diagnostics (e.g. shared_buffers=256MB); repeatable")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -667,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   args.dbos_mode))
         return results
 
-    results = on_server(run, DIAGNOSTICS)
+    results = on_server(run, (*DIAGNOSTICS, *args.server_setting))
     for row in results["cluster"] + results["latency"]:
         if row["offered_per_s"] is not None:
             print(f"Below saturation, {row['offered_per_s']:.0f} transitions/s offered "
