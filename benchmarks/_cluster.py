@@ -162,6 +162,7 @@ class CommitProbe:
         self.samples: list[_Sample] = []
         self.turns: list[tuple[float, float]] = []  # (start, seconds) of each loop turn
         self.pauses: list[tuple[float, float, int]] = []  # (start, seconds, generation)
+        self.lane_pids: list[int] = []  # the commit lanes' server processes
         self.lags: list[tuple[float, float]] = []  # (asked, seconds late) of the lag timer
         self._gc_started = 0.0
         self._lagging: asyncio.Task[None] | None = None
@@ -209,6 +210,7 @@ class CommitProbe:
 
     def connected(self, connection: Any) -> None:
         self.wires[id(connection)] = _Wire(connection._transport)
+        self.lane_pids.append(connection.get_server_pid())
 
     def queued(self, workflow_id: str) -> None:
         self.queued_at[workflow_id] = time.perf_counter()
@@ -249,6 +251,7 @@ class CommitProbe:
             "loop_lag": parts([lag for _, lag in self.lags]),
             "rows_per_batch": statistics.fmean([len(s.waits) for s in done]) if done else 0,
             "gc": self._gc_summary(),
+            "lane_pids": self.lane_pids,
             "slowest": self._slowest(done),
         }
 
@@ -598,6 +601,7 @@ async def cluster_run(url: str, workers: int, workflows: int,
         for run in figures["probe"]:
             for row in run["slowest"]:
                 row["server"] = _met(row, server["log"])
+            run["lock_waits"] = _lock_waits(server["log"], set(run["lane_pids"]))
     figures["server"] = server
     after = await _server_times(url, database) if timed else None
     if after is not None and before is not None and after["server_commits"]:
@@ -612,6 +616,25 @@ async def cluster_run(url: str, workers: int, workflows: int,
                        commit_mean_ms=statistics.fmean(commits) * 1000,
                        wal_syncs=syncs, wal_sync_mean_ms=sync_ms / syncs if syncs else 0.0)
     return figures
+
+
+_WAITED = re.compile(r"process (\d+) acquired \w+ on (\w+).* after ([\d.]+) ms")
+
+
+def _lock_waits(log: list[dict[str, Any]], lanes: set[int]) -> dict[str, list[float]]:
+    """The lock waits over 5 ms the server logged (log_lock_waits), by who waited (the
+    worker's commit lanes, or any other session) and what for (``object``: a shared
+    object's lock, such as the one every NOTIFY takes at commit; ``extension``: a table's
+    file growing): [count, total ms] each."""
+    waits: dict[str, list[float]] = {}
+    for event in log:
+        match = _WAITED.search(event["line"])
+        if match is not None:
+            who = "lanes" if int(match.group(1)) in lanes else "others"
+            total = waits.setdefault(f"{who}_{match.group(2)}", [0, 0.0])
+            total[0] += 1
+            total[1] = round(total[1] + float(match.group(3)), 1)
+    return waits
 
 
 def _met(commit: dict[str, Any], log: list[dict[str, Any]]) -> list[str]:
@@ -686,7 +709,9 @@ def main(argv: list[str] | None = None) -> int:
         for n, parts in enumerate(row.get("probe", ())):
             print(f"  worker {n} (ms, p50/p99): " + ", ".join(
                 f"{k} {v[0]}/{v[1]}" for k, v in parts.items() if isinstance(v, list)
-                and k != "slowest") + f"; {parts['rows_per_batch']:.1f} rows a batch")
+                and k not in ("slowest", "lane_pids"))
+                + f"; {parts['rows_per_batch']:.1f} rows a batch")
+            print(f"  lock waits over 5 ms [count, ms]: {parts.get('lock_waits', {})}")
             print("  collections: " + ", ".join(
                 f"{g} {c['count']} ({c['total_ms']} ms, max {c['max_ms']} ms)"
                 for g, c in parts["gc"].items()))

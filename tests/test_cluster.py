@@ -646,7 +646,8 @@ def test_cluster_benchmark_latency_run_is_paced_and_probed(
     assert 0 < row["loop_busy"] < 1
     [probe] = row["probe"]
     assert probe["sampled_batches"] >= 1
-    parts = {k: v for k, v in probe.items() if isinstance(v, list) and k != "slowest"}
+    parts = {k: v for k, v in probe.items()
+             if isinstance(v, list) and k not in ("slowest", "lane_pids")}
     assert {"a_wait_for_batch", "b_encode", "c_round_trip", "c2_server_function",
             "d_loop_after_reply", "save_to_woken"} <= set(parts)
     assert all(p50 <= p99 for p50, p99 in parts.values())
@@ -686,3 +687,24 @@ def test_cluster_benchmark_probe_lists_the_slowest_commits_and_the_server_side(
     counters = row["server"]["counters"]
     assert counters["wal"]["wal_records"] > 0 and counters["tables"]["workflows"]["n_tup_upd"] > 0
     assert isinstance(row["server"]["log"], list)
+    assert len(probe["lane_pids"]) >= 1 and isinstance(probe["lock_waits"], dict)
+
+
+def test_lock_waits_are_told_apart_by_who_waited_and_for_what() -> None:
+    """The server's logged lock waits count per commit lane or other session and per
+    lock (a shared object's, a table's extension), each with its total wait."""
+    from benchmarks._cluster import _lock_waits
+    log = [{"line": "UTC [7] LOG:  process 7 acquired AccessExclusiveLock on object 0 of "
+                    "class 1262 of database 0 after 9.5 ms"},
+           {"line": "UTC [7] LOG:  process 7 still waiting for AccessExclusiveLock on "
+                    "object 0 of class 1262 of database 0 after 5.0 ms"},
+           {"line": "UTC [8] LOG:  process 8 acquired ExclusiveLock on extension of "
+                    "relation 16434 of database 16384 after 6.5 ms"},
+           {"line": "UTC [9] LOG:  process 9 acquired AccessExclusiveLock on object 0 of "
+                    "class 1262 of database 0 after 20.0 ms"},
+           {"line": "UTC [7] LOG:  process 7 acquired AccessExclusiveLock on object 0 of "
+                    "class 1262 of database 0 after 5.5 ms"},
+           {"line": "UTC [] LOG:  checkpoint complete: wrote 3 buffers"}]
+    assert _lock_waits(log, {7, 8}) == {"lanes_object": [2, 15.0],
+                                        "lanes_extension": [1, 6.5],
+                                        "others_object": [1, 20.0]}
