@@ -25,7 +25,8 @@ concurrency over the rate (Little's law), whatever the commit costs. ``--latency
 then runs one worker at each given fraction of the 1-worker saturated rate (this run's,
 or ``--saturated-rate``), workflows queued at that rate while it runs (an open loop),
 and reports the same figures with the share of the run its loop was on a CPU.
-``--probe`` splits a sampled quarter of the commits in each worker (``CommitProbe``).
+``--probe`` splits every commit in each worker (``CommitProbe``), lists the slowest 1 %
+one by one, and reports the server's side: its counters, statements and log lines.
 
 Then DBOS (``pip install 'dbos==3.4.*'``), through ``benchmarks._pgstore``'s DBOS run: N
 workflows of 19 no-op steps on a database of its own on the same server. The URL reaches
@@ -665,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the 1-worker saturated transitions/s for --latency-at (default: "
                              "this run's, which then needs 1 in --workers)")
     parser.add_argument("--probe", action="store_true",
-                        help="time where each worker's commits spend their time (sampled)")
+                        help="time where each worker's commits spend their time, the slowest 1 %% "
+                             "one by one, with the server's counters and log")
     parser.add_argument("--server-setting", action="append", default=[],
                         metavar="NAME=VALUE",
                         help="a setting for the throwaway server, after its own and the "
