@@ -234,8 +234,8 @@ SELECT workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
 # PostgreSQL serialises every transaction that sent a NOTIFY on one lock of the whole
 # server (taken at commit, held until its WAL is flushed), so with the NOTIFY inside,
 # each commit that ended a workflow waited for every other such commit's WAL sync, and for
-# each enqueue's (benchmarks.cluster --probe at half the saturated rate: 5-65 ms lock waits
-# logged, the slowest 1 % of commits waiting 120-160 ms in their COMMIT). Here the
+# each enqueue's (benchmarks.cluster --probe at half the saturated rate: the commit lanes
+# waited over 5 ms for that lock 2-59 times a run, up to 65 ms each). Here the
 # NOTIFYs of many ends go in one statement whose commit does not wait for its WAL
 # (synchronous_commit off for it alone: it writes nothing that must survive a crash), so
 # it holds that lock for microseconds. A listener that misses one (the worker died between
