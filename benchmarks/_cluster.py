@@ -638,6 +638,55 @@ def _lock_waits(log: list[dict[str, Any]], lanes: set[int]) -> dict[str, list[fl
     return waits
 
 
+async def notify_lock_run(url: str, rounds: int = 3, seconds: float = 5.0,
+                          connections: int = 3) -> list[dict[str, Any]]:
+    """The NOTIFY lock alone (``--notify-ab``): ``connections`` sessions commit a 2 KB
+    insert each as fast as they can for ``seconds``, every transaction with a NOTIFY in
+    it or none (as a commit lane did before ends were announced after the commit, and
+    does now), the order alternating by round; commits/s and commit p50/p99 (ms)."""
+    import asyncpg
+    database = await _fresh_database(url, "bench_notify")
+    setup = await asyncpg.connect(database)
+    try:
+        await setup.execute("CREATE TABLE notify_ab (id bigserial PRIMARY KEY, v text)")
+    finally:
+        await setup.close()
+    # A listener, as each worker has one: NOTIFYs are delivered to someone.
+    listener = await asyncpg.connect(database)
+    heard: list[str] = []
+    await listener.add_listener("notify_ab", lambda *args: heard.append(args[3]))
+    rows: list[dict[str, Any]] = []
+    for round_ in range(rounds):
+        for notify in (True, False) if round_ % 2 == 0 else (False, True):
+            heard.clear()
+            sessions = [await asyncpg.connect(database) for _ in range(connections)]
+            statement = "INSERT INTO notify_ab (v) VALUES (repeat('x', 2000))" + (
+                "; NOTIFY notify_ab, 'x'" if notify else "")  # one implicit transaction
+            latencies: list[float] = []
+            stop = time.perf_counter() + seconds
+
+            async def commit(session: Any, statement: str = statement,
+                             latencies: list[float] = latencies, stop: float = stop) -> None:
+                while time.perf_counter() < stop:
+                    start = time.perf_counter()
+                    await session.execute(statement)
+                    latencies.append(time.perf_counter() - start)
+
+            try:
+                await asyncio.gather(*(commit(s) for s in sessions))
+            finally:
+                for session in sessions:
+                    await session.close()
+            await listener.execute("SELECT 1")  # a round trip: what was sent is heard
+            rows.append({"round": round_, "notify": notify, "heard": len(heard),
+                         "commits": len(latencies),
+                         "commits_per_s": len(latencies) / seconds,
+                         "p50_ms": statistics.median(latencies) * 1000,
+                         "p99_ms": _percentile(latencies, 0.99) * 1000})
+    await listener.close()
+    return rows
+
+
 def _met(commit: dict[str, Any], log: list[dict[str, Any]]) -> list[str]:
     """The server's logged events that overlapped a commit (its wall-clock span)."""
     begin, end = commit["at"], commit["at"] + commit["total"] / 1000
@@ -672,8 +721,22 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="NAME=VALUE",
                         help="a setting for the throwaway server, after its own and the "
                              "diagnostics (e.g. shared_buffers=256MB); repeatable")
+    parser.add_argument("--notify-ab", type=int, metavar="ROUNDS",
+                        help="instead: the NOTIFY lock alone, 3 sessions committing with "
+                             "and without a NOTIFY in each transaction, ROUNDS alternations")
+    parser.add_argument("--notify-seconds", type=float, default=5.0, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.notify_ab is not None:
+        ab = on_server(lambda url: notify_lock_run(url, args.notify_ab,
+                                                   args.notify_seconds))
+        for row in ab:
+            print(f"round {row['round']}, NOTIFY in each commit {'yes' if row['notify'] else 'no '}"
+                  f": {row['commits_per_s']:6.0f} commits/s, p50 {row['p50_ms']:.2f} ms, "
+                  f"p99 {row['p99_ms']:.2f} ms")
+        if args.json:
+            args.json.write_text(json.dumps({"notify_ab": ab}, indent=2) + "\n")
+        return 0
     if args.worker is not None:
         print(json.dumps(asyncio.run(_worker(args.worker, args.root, args.probe, args.until))))
         return 0

@@ -708,3 +708,19 @@ def test_lock_waits_are_told_apart_by_who_waited_and_for_what() -> None:
     assert _lock_waits(log, {7, 8}) == {"lanes_object": [2, 15.0],
                                         "lanes_extension": [1, 6.5],
                                         "others_object": [1, 20.0]}
+
+
+def test_the_notify_lock_benchmark_alternates_both_kinds_of_commit(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.cluster --notify-ab commits with a NOTIFY in each transaction (each one
+    heard by its listener) and without (none heard), the order alternating by round."""
+    from benchmarks._cluster import main as bench
+    monkeypatch.setenv("WORKFLOW_TEST_POSTGRES_URL", postgres_url)
+    out = tmp_path / "notify.json"
+    assert bench(["--notify-ab", "2", "--notify-seconds", "0.5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["notify_ab"]
+    assert [(r["round"], r["notify"]) for r in rows] == [(0, True), (0, False),
+                                                          (1, False), (1, True)]
+    for row in rows:
+        assert row["heard"] == (row["commits"] if row["notify"] else 0)
+        assert row["commits_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
