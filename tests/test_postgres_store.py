@@ -479,33 +479,6 @@ async def test_a_committed_end_notifies_result_waiters(store: PostgresStore,
         await listener.close()
 
 
-async def test_an_end_is_announced_after_its_commit_not_by_the_commit_lane(
-        postgres_url: str) -> None:
-    """A workflow's end is NOTIFYed by a statement of its own, not by the commit lane's
-    transaction (every NOTIFYing transaction holds one server-wide lock through its WAL
-    sync), and an end committed just before close() is still announced."""
-    from reliability._postgres import RESULT_CHANNEL
-    heard: asyncio.Queue[int] = asyncio.Queue()
-    listener = await asyncpg.connect(postgres_url)
-    await listener.add_listener(RESULT_CHANNEL, lambda *args: heard.put_nowait(args[1]))
-    store = PostgresStore(postgres_url, lease_seconds=30)
-    await store.open()
-    try:
-        first, last = _id(11), _id(12)
-        await store.claim_many([first, last])
-        await store.save(first, lambda: _state(first, 2, status="completed"))
-        sender = await asyncio.wait_for(heard.get(), 60)  # bounds a hang
-        lanes = {c.get_server_pid() for c in store._lanes.values()}
-        assert lanes and sender not in lanes
-        saved = store.save_nowait(last, lambda: _state(last, 2, status="completed"))
-        await store.close()  # commits it, then announces it
-        await saved
-        assert await asyncio.wait_for(heard.get(), 60) not in lanes
-    finally:
-        await store.close()
-        await listener.close()
-
-
 def _outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [m for m in (r.getMessage() for r in caplog.records)
             if "unreachable" in m or "reachable again" in m]

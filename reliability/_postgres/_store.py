@@ -9,10 +9,9 @@ The same ``Store`` interface as the file store, plus what workers need (``enqueu
   its own outside the pool, never two with writes of one workflow at once (a later write
   would overtake an earlier). A batch is one statement, so one round trip: the
   ``workflow_commit`` function (migration 0004) takes every row as arrays and does the
-  idempotency mark, the fenced writes, checkpoints, audit rows, releases and their
-  NOTIFYs in the statement's own transaction. A save's future completes when its batch
-  committed (synchronous_commit on: durable). The NOTIFY of a workflow's end goes after
-  its commit, in a statement of its own (see ``_ANNOUNCE_ENDS``).
+  idempotency mark, the fenced writes, checkpoints, audit rows, releases and NOTIFYs in
+  the statement's own transaction. A save's future completes when its batch committed
+  (synchronous_commit on: durable).
 - Claims (invariant 9): ``UPDATE ... FOR UPDATE SKIP LOCKED``; each raises the
   workflow's epoch. Every write is conditional on (owner, epoch): a write by a worker
   that lost the workflow changes nothing, is recorded as refused in ``workflow_writes``
@@ -230,20 +229,6 @@ SELECT workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
                        $17::text[], $18::bigint[], $19::text[], $20::text, $21::text[],
                        $22::text)
 """
-# A workflow's end is announced (channel workflow_result) after its commit, not in it:
-# PostgreSQL serialises every transaction that sent a NOTIFY on one lock of the whole
-# server (taken at commit, held until its WAL is flushed), so with the NOTIFY inside,
-# each commit that ended a workflow waited for every other such commit's WAL sync, and for
-# each enqueue's (benchmarks.cluster --probe at half the saturated rate: the commit lanes
-# waited over 5 ms for that lock 2-59 times a run, up to 65 ms each). Here the
-# NOTIFYs of many ends go in one statement whose commit does not wait for its WAL
-# (synchronous_commit off for it alone: it writes nothing that must survive a crash), so
-# it holds that lock for microseconds. A listener that misses one (the worker died between
-# the commit and this, or the server did) finds the end by its poll, as before.
-_ANNOUNCE_ENDS = """
-SELECT pg_notify($1, u.workflow_id)
-FROM set_config('synchronous_commit', 'off', true) AS s, unnest($2::text[]) AS u(workflow_id)
-"""
 # The same, for a batch the commit probe samples: also when the server read the statement
 # and when the function returned (before the COMMIT's WAL sync), on the server's clock.
 _COMMIT_TIMED = """
@@ -450,8 +435,6 @@ class PostgresStore(PostgresSignals):
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []  # (sequence, waiter)
         self._wake = _IdleLanes()
         self._committer: asyncio.Task[None] | None = None
-        self._ends: list[str] = []  # workflows whose end is committed, not yet announced
-        self._announcer: asyncio.Task[None] | None = None
         self._sending: list[_Batch] = []  # batches sent, not yet committed
         self._busy: set[str] = set()  # workflows with a write or release in those
         self._claiming = asyncio.Lock()  # one claim statement at a time (see _claims)
@@ -549,9 +532,6 @@ class PostgresStore(PostgresSignals):
         self._wake.set_all()
         if self._committer is not None:
             await self._committer
-        if self._announcer is not None:  # the last ends' NOTIFYs, before the pool goes
-            await self._announcer
-            self._announcer = None
         if self._prober is not None:  # one asked for while the last writes went out
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -757,29 +737,6 @@ class PostgresStore(PostgresSignals):
         if batch.trace is not None:
             batch.trace.resolved(batch.waiters)
 
-    def _announce(self, ended: list[str]) -> None:
-        """NOTIFY the ends of ``ended`` (committed) to whoever waits for their results, in
-        the announcer's next statement (see ``_ANNOUNCE_ENDS``)."""
-        if not ended:
-            return
-        self._ends.extend(ended)
-        if self._announcer is None or self._announcer.done():
-            self._announcer = asyncio.create_task(self._announce_ends(),
-                                                  name="postgres-announcer")
-
-    async def _announce_ends(self) -> None:
-        # One statement at a time, each with every end committed meanwhile.
-        while self._ends and self._pool is not None:
-            ends, self._ends = self._ends, []
-            try:
-                await self._pool.execute(_ANNOUNCE_ENDS, RESULT_CHANNEL, ends)
-            except Exception as error:
-                # Not retried: the waiters' poll finds these ends (a NOTIFY only wakes it
-                # sooner). Logged unless the server is away (that is logged once already).
-                if not _connection_lost(error):
-                    logger.warning("announcing %d workflows' ends failed: %s", len(ends),
-                                   scrub(f"{type(error).__name__}: {error}", self.url.secret))
-
     def _mark_down(self, error: BaseException, since: int) -> None:
         """The server is unreachable: logged once, until ``_mark_up``.
 
@@ -870,15 +827,14 @@ class PostgresStore(PostgresSignals):
                 checkpoint_ids.append(workflow_id)
                 checkpoint_stages.append(stage)
         connection = await self._lane_connection(batch.lane)
-        arguments: tuple[Any, ...] = (
-            self.worker_id, batch.lane, batch.id, SCHEMA_VERSION,
-            fenced_ids, fenced_epochs, fenced_states, fenced_status, fenced_revisions,
-            checkpoint_ids, checkpoint_stages,
-            [r[0] for r in register], [r[1] for r in register],
-            [r[2] for r in register], [r[3] for r in register],
-            [r[4] for r in register], list(batch.releases),
-            list(batch.releases.values()), list(CLAIMABLE), WORK_CHANNEL,
-            [], RESULT_CHANNEL)  # no end announced in the commit: _ANNOUNCE_ENDS
+        arguments = (self.worker_id, batch.lane, batch.id, SCHEMA_VERSION,
+                     fenced_ids, fenced_epochs, fenced_states, fenced_status, fenced_revisions,
+                     checkpoint_ids, checkpoint_stages,
+                     [r[0] for r in register], [r[1] for r in register],
+                     [r[2] for r in register], [r[3] for r in register],
+                     [r[4] for r in register], list(batch.releases),
+                     list(batch.releases.values()), list(CLAIMABLE), WORK_CHANNEL,
+                     list(TERMINAL), RESULT_CHANNEL)
         try:
             if batch.trace is None:
                 refused = await connection.fetchval(_COMMIT, *arguments)
@@ -891,11 +847,6 @@ class PostgresStore(PostgresSignals):
             if _connection_lost(error):
                 self._drop_lane(batch.lane)
             raise
-        refused_ids = set(refused)
-        self._announce([workflow_id for workflow_id, status in zip(
-            [*fenced_ids, *(r[0] for r in register)],
-            [*fenced_status, *(r[2] for r in register)], strict=True)
-            if status in TERMINAL and workflow_id not in refused_ids])
         registered = {r[0] for r in register}
         for workflow_id in refused:
             if workflow_id in registered:
