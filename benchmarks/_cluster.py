@@ -25,7 +25,8 @@ concurrency over the rate (Little's law), whatever the commit costs. ``--latency
 then runs one worker at each given fraction of the 1-worker saturated rate (this run's,
 or ``--saturated-rate``), workflows queued at that rate while it runs (an open loop),
 and reports the same figures with the share of the run its loop was on a CPU.
-``--probe`` splits a sampled quarter of the commits in each worker (``CommitProbe``).
+``--probe`` splits every commit in each worker (``CommitProbe``), lists the slowest 1 %
+one by one, and reports the server's side: its counters, statements and log lines.
 
 Then DBOS (``pip install 'dbos==3.4.*'``), through ``benchmarks._pgstore``'s DBOS run: N
 workflows of 19 no-op steps on a database of its own on the same server. The URL reaches
@@ -37,8 +38,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
+import gc
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -132,7 +136,9 @@ class _Sample:
 class CommitProbe:
     """Where a group commit's time goes, in a worker (``--probe``): every ``every``-th
     batch is timed from its rows' saves to their waiters woken, and the loop's turns are
-    timed throughout (``select`` of the loop's selector wrapped). Parts (ms, p50/p99):
+    timed throughout (``select`` of the loop's selector wrapped), with the collector's
+    pauses (``gc.callbacks``) and the lateness of a 5 ms timer (the loop's lag). Parts
+    (ms, p50/p99):
 
     a. a row's wait from its save to its batch being taken (a free lane, the batch before);
     b. the batch's encoding on the loop, taken to written (and its CPU time);
@@ -141,15 +147,26 @@ class CommitProbe:
        socket until the loop's next look;
     d. read to the commit's task resumed, to its waiters resolved, to the last waiter's
        task woken.
+
+    ``slowest``: the slowest 1 % of the sampled commits (taken to woken), each with its
+    parts, the collections and the longest loop turn during it, and its wall-clock time
+    (to match with the server's log).
     """
 
-    def __init__(self, every: int = 4) -> None:
+    LAG_INTERVAL = 0.005
+
+    def __init__(self, every: int = 1) -> None:
         self.every = every
         self.batches = 0
         self.queued_at: dict[str, float] = {}
         self.wires: dict[int, _Wire] = {}
         self.samples: list[_Sample] = []
-        self.turns: list[float] = []
+        self.turns: list[tuple[float, float]] = []  # (start, seconds) of each loop turn
+        self.pauses: list[tuple[float, float, int]] = []  # (start, seconds, generation)
+        self.lane_pids: list[int] = []  # the commit lanes' server processes
+        self.lags: list[tuple[float, float]] = []  # (asked, seconds late) of the lag timer
+        self._gc_started = 0.0
+        self._lagging: asyncio.Task[None] | None = None
         self.offset = time.time() - time.perf_counter()
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -160,15 +177,41 @@ class CommitProbe:
         def timed_select(timeout: float | None = None) -> Any:
             # A turn: from one select's return to the next one's call (the loop's work).
             now = time.perf_counter()
-            turns.append(now - last[0])
+            turns.append((last[0], now - last[0]))
             events = select(timeout)
             last[0] = time.perf_counter()
             return events
 
         selector.select = timed_select
+        gc.callbacks.append(self._collected)
+        self._lagging = loop.create_task(self._lag())
+
+    def uninstall(self) -> None:
+        """Stop timing collections and the loop's lag (the selector stays wrapped)."""
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._collected)
+        if self._lagging is not None:
+            self._lagging.cancel()
+
+    def _collected(self, phase: str, info: dict[str, int]) -> None:
+        # Called by the collector around each collection, on the thread that triggered it.
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.pauses.append((self._gc_started, time.perf_counter() - self._gc_started,
+                                info["generation"]))
+
+    async def _lag(self) -> None:
+        """A tiny periodic timer: how late the loop runs it is what any timer or reply
+        waits for a busy loop (a benchmark's own probe: the real clock on purpose)."""
+        while True:
+            asked = time.perf_counter()
+            await asyncio.sleep(self.LAG_INTERVAL)
+            self.lags.append((asked, time.perf_counter() - asked - self.LAG_INTERVAL))
 
     def connected(self, connection: Any) -> None:
         self.wires[id(connection)] = _Wire(connection._transport)
+        self.lane_pids.append(connection.get_server_pid())
 
     def queued(self, workflow_id: str) -> None:
         self.queued_at[workflow_id] = time.perf_counter()
@@ -205,9 +248,48 @@ class CommitProbe:
             "d3_waiters_woken": parts([s.woken - s.resolved_at for s in done]),
             "commit_taken_to_woken": parts([s.woken - s.taken for s in done]),
             "save_to_woken": parts([w + s.woken - s.taken for s in done for w in s.waits]),
-            "loop_turn": parts(self.turns),
+            "loop_turn": parts([t for _, t in self.turns]),
+            "loop_lag": parts([lag for _, lag in self.lags]),
             "rows_per_batch": statistics.fmean([len(s.waits) for s in done]) if done else 0,
+            "gc": self._gc_summary(),
+            "lane_pids": self.lane_pids,
+            "slowest": self._slowest(done),
         }
+
+    def _gc_summary(self) -> dict[str, Any]:
+        by_generation: dict[str, Any] = {}
+        for generation in (0, 1, 2):
+            pauses = [p for _, p, g in self.pauses if g == generation]
+            by_generation[f"gen{generation}"] = {
+                "count": len(pauses), "total_ms": round(sum(pauses) * 1000, 1),
+                "max_ms": round(max(pauses, default=0.0) * 1000, 2)}
+        return by_generation
+
+    def _slowest(self, done: list[_Sample]) -> list[dict[str, Any]]:
+        """The slowest 1 % of the sampled commits (at least one), slowest first."""
+        ranked = sorted(done, key=lambda s: s.woken - s.taken, reverse=True)
+        rows = []
+        for s in ranked[:max(1, len(ranked) // 100)] if ranked else []:
+            begin, end = s.taken, s.woken
+            pauses = [(p, g) for at, p, g in self.pauses if at < end and at + p > begin]
+            turns = [t for at, t in self.turns if at < end and at + t > begin]
+
+            def ms(seconds: float) -> float:
+                return round(seconds * 1000, 2)
+
+            rows.append({
+                "at": round(s.taken + self.offset, 3), "rows": len(s.waits),
+                "total": ms(end - begin), "a_wait_max": ms(max(s.waits, default=0.0)),
+                "b_encode": ms(s.written - s.taken), "c1_to_server": ms(s.started - s.written),
+                "c2_server_function": ms(s.ended - s.started),
+                "c3_sync_reply_and_socket": ms(s.read - s.ended),
+                "d1_task_resumed": ms(s.resumed - s.read),
+                "d2_waiters_resolved": ms(s.resolved_at - s.resumed),
+                "d3_waiters_woken": ms(s.woken - s.resolved_at),
+                "gc_ms": ms(sum(p for p, _ in pauses)),
+                "gc_generations": sorted({g for _, g in pauses}),
+                "longest_turn": ms(max(turns, default=0.0))})
+        return rows
 
 
 async def _worker(concurrency: int, root: str, probe: bool = False,
@@ -239,6 +321,8 @@ async def _worker(concurrency: int, root: str, probe: bool = False,
             count = await serving
         cpu = time.thread_time() - started
         commits = list(store.commit_seconds)
+        if probing is not None:
+            probing.uninstall()
     result = {"workflows_run": count, "commit_seconds": commits, "loop_cpu_seconds": cpu}
     if probing is not None:
         result["probe"] = probing.summary()
@@ -335,6 +419,122 @@ async def _server_times(url: str, database: str) -> dict[str, float] | None:
             "wal_syncs": wal["wal_sync"], "wal_sync_time_ms": wal["wal_sync_time"]}
 
 
+# The server's diagnostics for a benchmark's throwaway server (``on_server``): what a
+# slow commit may meet there, each logged with its time (checkpoints, autovacuum runs,
+# lock waits over 5 ms) or counted (pg_stat_statements per statement, nested ones too).
+DIAGNOSTICS = ("log_checkpoints=on", "log_autovacuum_min_duration=0", "log_lock_waits=on",
+               "deadlock_timeout=5ms", "shared_preload_libraries=pg_stat_statements",
+               "pg_stat_statements.track=all", "track_io_timing=on")
+
+_COUNTERS = {
+    "bgwriter": "SELECT * FROM pg_stat_bgwriter",
+    "wal": "SELECT * FROM pg_stat_wal",
+}
+_TABLES = ("SELECT relname, n_tup_upd, n_tup_hot_upd, n_dead_tup, autovacuum_count, "
+           "autoanalyze_count FROM pg_stat_user_tables")
+_STATEMENTS = ("SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 70) AS query, calls, "
+               "mean_exec_time, max_exec_time, stddev_exec_time, shared_blks_written "
+               "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
+               "WHERE datname = current_database()) ORDER BY max_exec_time DESC LIMIT 8")
+_LOG_KINDS = {"checkpoint": ("checkpoint complete",),
+              "autovacuum": ("automatic vacuum", "automatic analyze"),
+              "lock_wait": ("still waiting", "acquired")}
+_TOOK = re.compile(r"(?:total=|elapsed: )(\d+\.\d+) s")
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) ")
+
+
+async def _server_counters(database: str) -> dict[str, Any]:
+    """The server's counters of what can slow a commit, now: checkpoints and buffers
+    written by backends (pg_stat_bgwriter), WAL buffers full (pg_stat_wal), the tables'
+    updates, dead rows and autovacuum runs; and whether pg_stat_statements is on (then
+    reset, so the run's statements are counted alone)."""
+    import asyncpg
+    connection = await asyncpg.connect(database)
+    try:
+        counters = await _server_counters_only(connection)
+        try:
+            await connection.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await connection.execute("SELECT pg_stat_statements_reset()")
+            counters["statements"] = True
+        except asyncpg.PostgresError:  # not preloaded, or not a superuser
+            counters["statements"] = False
+        return counters
+    finally:
+        await connection.close()
+
+
+def _difference(after: Any, before: Any) -> Any:
+    if isinstance(after, dict):
+        return {k: _difference(v, before.get(k, 0) if isinstance(before, dict) else 0)
+                for k, v in after.items()}
+    if isinstance(after, int | float) and isinstance(before, int | float):
+        return round(after - before, 3)
+    return after
+
+
+async def _server_report(database: str, before: dict[str, Any], start: float,
+                         end: float) -> dict[str, Any]:
+    """The server's side of a run from ``start`` to ``end`` (wall clock): its counters'
+    change, its statements' mean/max/stddev and its log's lines of the run (checkpoints,
+    autovacuum, lock waits), each with its time. The log is read where
+    tests/postgres_server.py writes it (beside the data directory), when it can be."""
+    import asyncpg
+    connection = await asyncpg.connect(database)
+    try:
+        after = await _server_counters_only(connection)
+        report: dict[str, Any] = {"counters": _difference(after, before)}
+        if before.get("statements"):
+            report["statements"] = [
+                {"query": r["query"], "calls": r["calls"],
+                 "mean_ms": round(r["mean_exec_time"], 2),
+                 "max_ms": round(r["max_exec_time"], 2),
+                 "stddev_ms": round(r["stddev_exec_time"], 2),
+                 "blocks_written": r["shared_blks_written"]}
+                for r in await connection.fetch(_STATEMENTS)]
+        try:
+            text = await connection.fetchval(
+                "SELECT pg_read_file(regexp_replace(current_setting('data_directory'), "
+                "'/[^/]+$', '') || '/server.log')")
+        except asyncpg.PostgresError:
+            text = ""
+    finally:
+        await connection.close()
+    events: list[dict[str, Any]] = []
+    kept = False
+    for line in (text or "").splitlines():
+        match = _LOG_TIME.match(line)
+        if match is None:  # a continuation of the line before (autovacuum's details)
+            if kept:
+                events[-1]["line"] += " " + line.strip()
+            continue
+        at = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(
+            tzinfo=datetime.UTC).timestamp()
+        kind = next((k for k, words in _LOG_KINDS.items() if any(w in line for w in words)),
+                    None)
+        kept = kind is not None and start - 1 <= at <= end + 1
+        if kept:
+            events.append({"kind": kind, "at": round(at, 3),
+                           "line": line[len(match.group(0)):]})
+    for event in events:
+        # When it began: a checkpoint's and an autovacuum's log line comes at its end.
+        took = _TOOK.search(event["line"])
+        event["began"] = round(event["at"] - float(took.group(1)) if took else event["at"], 3)
+        event["line"] = event["line"][:400]
+    report["log"] = events
+    return report
+
+
+async def _server_counters_only(connection: Any) -> dict[str, Any]:
+    counters: dict[str, Any] = {}
+    for name, query in _COUNTERS.items():
+        row = await connection.fetchrow(query)
+        counters[name] = {k: v for k, v in dict(row or {}).items()
+                          if isinstance(v, int | float) and not isinstance(v, bool)}
+    counters["tables"] = {r["relname"]: {k: v for k, v in dict(r).items() if k != "relname"}
+                          for r in await connection.fetch(_TABLES)}
+    return counters
+
+
 async def _timed(url: str, database: str) -> bool:
     """Time the commit function and WAL syncs in ``database`` (a superuser's settings)."""
     import asyncpg
@@ -360,6 +560,8 @@ async def cluster_run(url: str, workers: int, workflows: int,
         if offered is None:
             await _submit(database, workflows, root)
         before = await _server_times(url, database) if timed else None
+        counters = await _server_counters(database)
+        wall_start = time.time()
         env = {**os.environ, "WORKFLOW_STORE_URL": database, "PYTHONPATH": str(ROOT)}
         start = time.perf_counter()
         processes = [await asyncio.create_subprocess_exec(
@@ -372,6 +574,7 @@ async def cluster_run(url: str, workers: int, workflows: int,
             await _submit_paced(database, workflows, offered / len(NOOP19.stages), root)
         outputs = [await p.communicate() for p in processes]
         wall = time.perf_counter() - start
+        server = await _server_report(database, counters, wall_start, time.time())
     for process, (_, err) in zip(processes, outputs, strict=True):
         if process.returncode != 0:
             raise RuntimeError(f"a worker failed: {err.decode(errors='replace')[-2000:]}")
@@ -396,6 +599,11 @@ async def cluster_run(url: str, workers: int, workflows: int,
                / transitions}
     if probe:
         figures["probe"] = [r["probe"] for r in runs]
+        for run in figures["probe"]:
+            for row in run["slowest"]:
+                row["server"] = _met(row, server["log"])
+            run["lock_waits"] = _lock_waits(server["log"], set(run["lane_pids"]))
+    figures["server"] = server
     after = await _server_times(url, database) if timed else None
     if after is not None and before is not None and after["server_commits"]:
         # Where a commit's time goes: the server's work in the statement, then the WAL
@@ -409,6 +617,80 @@ async def cluster_run(url: str, workers: int, workflows: int,
                        commit_mean_ms=statistics.fmean(commits) * 1000,
                        wal_syncs=syncs, wal_sync_mean_ms=sync_ms / syncs if syncs else 0.0)
     return figures
+
+
+_WAITED = re.compile(r"process (\d+) acquired \w+ on (\w+).* after ([\d.]+) ms")
+
+
+def _lock_waits(log: list[dict[str, Any]], lanes: set[int]) -> dict[str, list[float]]:
+    """The lock waits over 5 ms the server logged (log_lock_waits), by who waited (the
+    worker's commit lanes, or any other session) and what for (``object``: a shared
+    object's lock, such as the one every NOTIFY takes at commit; ``extension``: a table's
+    file growing): [count, total ms] each."""
+    waits: dict[str, list[float]] = {}
+    for event in log:
+        match = _WAITED.search(event["line"])
+        if match is not None:
+            who = "lanes" if int(match.group(1)) in lanes else "others"
+            total = waits.setdefault(f"{who}_{match.group(2)}", [0, 0.0])
+            total[0] += 1
+            total[1] = round(total[1] + float(match.group(3)), 1)
+    return waits
+
+
+async def notify_lock_run(url: str, rounds: int = 3, seconds: float = 5.0,
+                          connections: int = 3) -> list[dict[str, Any]]:
+    """The NOTIFY lock alone (``--notify-ab``): ``connections`` sessions commit a 2 KB
+    insert each as fast as they can for ``seconds``, every transaction with a NOTIFY in
+    it or none (as a commit lane did before ends were announced after the commit, and
+    does now), the order alternating by round; commits/s and commit p50/p99 (ms)."""
+    import asyncpg
+    database = await _fresh_database(url, "bench_notify")
+    setup = await asyncpg.connect(database)
+    try:
+        await setup.execute("CREATE TABLE notify_ab (id bigserial PRIMARY KEY, v text)")
+    finally:
+        await setup.close()
+    # A listener, as each worker has one: NOTIFYs are delivered to someone.
+    listener = await asyncpg.connect(database)
+    heard: list[str] = []
+    await listener.add_listener("notify_ab", lambda *args: heard.append(args[3]))
+    rows: list[dict[str, Any]] = []
+    for round_ in range(rounds):
+        for notify in (True, False) if round_ % 2 == 0 else (False, True):
+            heard.clear()
+            sessions = [await asyncpg.connect(database) for _ in range(connections)]
+            statement = "INSERT INTO notify_ab (v) VALUES (repeat('x', 2000))" + (
+                "; NOTIFY notify_ab, 'x'" if notify else "")  # one implicit transaction
+            latencies: list[float] = []
+            stop = time.perf_counter() + seconds
+
+            async def commit(session: Any, statement: str = statement,
+                             latencies: list[float] = latencies, stop: float = stop) -> None:
+                while time.perf_counter() < stop:
+                    start = time.perf_counter()
+                    await session.execute(statement)
+                    latencies.append(time.perf_counter() - start)
+
+            try:
+                await asyncio.gather(*(commit(s) for s in sessions))
+            finally:
+                for session in sessions:
+                    await session.close()
+            await listener.execute("SELECT 1")  # a round trip: what was sent is heard
+            rows.append({"round": round_, "notify": notify, "heard": len(heard),
+                         "commits": len(latencies),
+                         "commits_per_s": len(latencies) / seconds,
+                         "p50_ms": statistics.median(latencies) * 1000,
+                         "p99_ms": _percentile(latencies, 0.99) * 1000})
+    await listener.close()
+    return rows
+
+
+def _met(commit: dict[str, Any], log: list[dict[str, Any]]) -> list[str]:
+    """The server's logged events that overlapped a commit (its wall-clock span)."""
+    begin, end = commit["at"], commit["at"] + commit["total"] / 1000
+    return sorted({e["kind"] for e in log if e["began"] <= end and e["at"] >= begin})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,9 +715,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="the 1-worker saturated transitions/s for --latency-at (default: "
                              "this run's, which then needs 1 in --workers)")
     parser.add_argument("--probe", action="store_true",
-                        help="time where each worker's commits spend their time (sampled)")
+                        help="time where each worker's commits spend their time, the slowest 1 %% "
+                             "one by one, with the server's counters and log")
+    parser.add_argument("--server-setting", action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="a setting for the throwaway server, after its own and the "
+                             "diagnostics (e.g. shared_buffers=256MB); repeatable")
+    parser.add_argument("--notify-ab", type=int, metavar="ROUNDS",
+                        help="instead: the NOTIFY lock alone, 3 sessions committing with "
+                             "and without a NOTIFY in each transaction, ROUNDS alternations")
+    parser.add_argument("--notify-seconds", type=float, default=5.0, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.notify_ab is not None:
+        ab = on_server(lambda url: notify_lock_run(url, args.notify_ab,
+                                                   args.notify_seconds))
+        for row in ab:
+            print(f"round {row['round']}, NOTIFY in each commit {'yes' if row['notify'] else 'no '}"
+                  f": {row['commits_per_s']:6.0f} commits/s, p50 {row['p50_ms']:.2f} ms, "
+                  f"p99 {row['p99_ms']:.2f} ms")
+        if args.json:
+            args.json.write_text(json.dumps({"notify_ab": ab}, indent=2) + "\n")
+        return 0
     if args.worker is not None:
         print(json.dumps(asyncio.run(_worker(args.worker, args.root, args.probe, args.until))))
         return 0
@@ -458,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   args.dbos_mode))
         return results
 
-    results = on_server(run)
+    results = on_server(run, (*DIAGNOSTICS, *args.server_setting))
     for row in results["cluster"] + results["latency"]:
         if row["offered_per_s"] is not None:
             print(f"Below saturation, {row['offered_per_s']:.0f} transitions/s offered "
@@ -472,8 +773,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['loop_cpu_ms_per_batch']:.2f} ms a batch")
         for n, parts in enumerate(row.get("probe", ())):
             print(f"  worker {n} (ms, p50/p99): " + ", ".join(
-                f"{k} {v[0]}/{v[1]}" if isinstance(v, list) else f"{k} {v:.1f}"
-                for k, v in parts.items()))
+                f"{k} {v[0]}/{v[1]}" for k, v in parts.items() if isinstance(v, list)
+                and k not in ("slowest", "lane_pids"))
+                + f"; {parts['rows_per_batch']:.1f} rows a batch")
+            print(f"  lock waits over 5 ms [count, ms]: {parts.get('lock_waits', {})}")
+            print("  collections: " + ", ".join(
+                f"{g} {c['count']} ({c['total_ms']} ms, max {c['max_ms']} ms)"
+                for g, c in parts["gc"].items()))
+            print(f"  the slowest 1 % ({len(parts['slowest'])}), ms: ")
+            for slow in parts["slowest"]:
+                print("    " + ", ".join(f"{k} {v}" for k, v in slow.items() if k != "at"))
+        server = row.get("server", {})
+        counters = server.get("counters", {})
+        if counters:
+            print("  server: " + "; ".join(
+                f"{k} {v}" for k, v in {**counters["bgwriter"], **counters["wal"]}.items()
+                if v and not k.endswith("time")))
+            for table, values in counters["tables"].items():
+                if any(values.values()):
+                    print(f"    {table}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
+        for statement in server.get("statements", ()):
+            print(f"    {statement}")
+        for event in server.get("log", ()):
+            print(f"    log {event['kind']} {event['began']:.3f}-{event['at']:.3f}: "
+                  f"{event['line'][:160]}")
         if "server_commit_mean_ms" in row:
             print(f"  commit mean {row['commit_mean_ms']:.1f} ms in the workers; on the "
                   f"server {row['server_commit_mean_ms']:.1f} ms in workflow_commit, then "

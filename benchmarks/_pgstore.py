@@ -38,15 +38,25 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = tuple(f"stage_{i:02d}" for i in range(19))
 
 
-def on_server(run: Callable[[str], Coroutine[Any, Any, T]]) -> T:
+def on_server(run: Callable[[str], Coroutine[Any, Any, T]],
+              settings: tuple[str, ...] = ()) -> T:
     """``asyncio.run(run(url))`` on the server at ``WORKFLOW_TEST_POSTGRES_URL``, or on a
-    throwaway one (``tests/postgres_server.py``) started for it and destroyed after."""
+    throwaway one (``tests/postgres_server.py``, with ``settings`` added) started for it
+    and destroyed after. A setting the server refuses (pg_stat_statements not installed)
+    starts it without ``settings``."""
     url = os.environ.get("WORKFLOW_TEST_POSTGRES_URL")
     server = None
     if not url:
         sys.path.insert(0, str(ROOT / "tests"))
-        from postgres_server import PostgresServer
-        server = PostgresServer().start()
+        from postgres_server import PostgresServer, ServerUnavailable
+        server = PostgresServer(settings=settings)
+        try:
+            server.start()
+        except ServerUnavailable:
+            if not settings:
+                raise
+            server.settings = ()
+            server.start()
         url = server.url
     try:
         return asyncio.run(run(url))

@@ -141,6 +141,9 @@ class PostgresServer:
 
     bindir: Path | None = None
     max_connections: int = 100
+    # More server settings ("name=value"), after the defaults (a later one wins): a
+    # benchmark's diagnostics (log_checkpoints, pg_stat_statements...).
+    settings: tuple[str, ...] = ()
     directory: Path = field(init=False)
     port: int = field(init=False, default=0)
     password: str = field(init=False, default_factory=lambda: secrets.token_urlsafe(18))
@@ -214,6 +217,7 @@ class PostgresServer:
             f"-k {self.socket_directory}", "-c fsync=on", "-c synchronous_commit=on",
             f"-c max_connections={self.max_connections}", "-c shared_buffers=64MB",
             "-c log_min_messages=warning", "-c log_connections=off",
+            *(f"-c {setting}" for setting in self.settings),
         ])
         self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data_directory),
                   "-l", str(self.directory / "server.log"), "-o", options)

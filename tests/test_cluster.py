@@ -646,9 +646,81 @@ def test_cluster_benchmark_latency_run_is_paced_and_probed(
     assert 0 < row["loop_busy"] < 1
     [probe] = row["probe"]
     assert probe["sampled_batches"] >= 1
-    parts = {k: v for k, v in probe.items() if isinstance(v, list)}
+    parts = {k: v for k, v in probe.items()
+             if isinstance(v, list) and k not in ("slowest", "lane_pids")}
     assert {"a_wait_for_batch", "b_encode", "c_round_trip", "c2_server_function",
             "d_loop_after_reply", "save_to_woken"} <= set(parts)
     assert all(p50 <= p99 for p50, p99 in parts.values())
     assert parts["c_round_trip"][0] > 0 and parts["c2_server_function"][0] > 0
     assert parts["b_encode_cpu"][0] > 0
+
+
+def test_cluster_benchmark_probe_lists_the_slowest_commits_and_the_server_side(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.cluster --probe lists the slowest 1 % of the commits one by one with
+    their parts, the collector's pauses and the loop's lag, and the run reports the
+    server's counters (bgwriter, WAL, tables) and its log lines of the run."""
+    from benchmarks._cluster import main as bench
+    monkeypatch.setenv("WORKFLOW_TEST_POSTGRES_URL", postgres_url)
+    out = tmp_path / "latency.json"
+    assert bench(["--workers", "1", "--workflows", "40", "--concurrency", "10", "--probe",
+                  "--dbos-workflows", "", "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())["cluster"]
+    [probe] = row["probe"]
+    slowest = probe["slowest"]
+    assert len(slowest) == max(1, probe["sampled_batches"] // 100)
+    for commit in slowest:
+        parts = [commit[k] for k in ("b_encode", "c1_to_server", "c2_server_function",
+                                     "c3_sync_reply_and_socket", "d1_task_resumed",
+                                     "d2_waiters_resolved", "d3_waiters_woken")]
+        # The parts are consecutive: they add up to the commit (rounded to 0.01 ms each).
+        assert abs(sum(parts) - commit["total"]) < 0.1 and commit["total"] > 0
+        assert commit["server"] == [] or set(commit["server"]) <= {
+            "checkpoint", "autovacuum", "lock_wait"}
+    assert [commit["total"] for commit in slowest] == sorted(
+        (commit["total"] for commit in slowest), reverse=True)
+    # The slowest are the tail: none faster than the sampled commits' p99.
+    assert slowest[-1]["total"] >= probe["commit_taken_to_woken"][1] - 0.01
+    assert set(probe["gc"]) == {"gen0", "gen1", "gen2"}
+    assert sum(g["count"] for g in probe["gc"].values()) >= 1  # 40 workflows allocate
+    assert 0 <= probe["loop_lag"][0] <= probe["loop_lag"][1]
+    counters = row["server"]["counters"]
+    assert counters["wal"]["wal_records"] > 0 and counters["tables"]["workflows"]["n_tup_upd"] > 0
+    assert isinstance(row["server"]["log"], list)
+    assert len(probe["lane_pids"]) >= 1 and isinstance(probe["lock_waits"], dict)
+
+
+def test_lock_waits_are_told_apart_by_who_waited_and_for_what() -> None:
+    """The server's logged lock waits count per commit lane or other session and per
+    lock (a shared object's, a table's extension), each with its total wait."""
+    from benchmarks._cluster import _lock_waits
+    log = [{"line": "UTC [7] LOG:  process 7 acquired AccessExclusiveLock on object 0 of "
+                    "class 1262 of database 0 after 9.5 ms"},
+           {"line": "UTC [7] LOG:  process 7 still waiting for AccessExclusiveLock on "
+                    "object 0 of class 1262 of database 0 after 5.0 ms"},
+           {"line": "UTC [8] LOG:  process 8 acquired ExclusiveLock on extension of "
+                    "relation 16434 of database 16384 after 6.5 ms"},
+           {"line": "UTC [9] LOG:  process 9 acquired AccessExclusiveLock on object 0 of "
+                    "class 1262 of database 0 after 20.0 ms"},
+           {"line": "UTC [7] LOG:  process 7 acquired AccessExclusiveLock on object 0 of "
+                    "class 1262 of database 0 after 5.5 ms"},
+           {"line": "UTC [] LOG:  checkpoint complete: wrote 3 buffers"}]
+    assert _lock_waits(log, {7, 8}) == {"lanes_object": [2, 15.0],
+                                        "lanes_extension": [1, 6.5],
+                                        "others_object": [1, 20.0]}
+
+
+def test_the_notify_lock_benchmark_alternates_both_kinds_of_commit(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.cluster --notify-ab commits with a NOTIFY in each transaction (each one
+    heard by its listener) and without (none heard), the order alternating by round."""
+    from benchmarks._cluster import main as bench
+    monkeypatch.setenv("WORKFLOW_TEST_POSTGRES_URL", postgres_url)
+    out = tmp_path / "notify.json"
+    assert bench(["--notify-ab", "2", "--notify-seconds", "0.5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["notify_ab"]
+    assert [(r["round"], r["notify"]) for r in rows] == [(0, True), (0, False),
+                                                          (1, False), (1, True)]
+    for row in rows:
+        assert row["heard"] == (row["commits"] if row["notify"] else 0)
+        assert row["commits_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
