@@ -6,7 +6,10 @@ thread's CPU per transition (the file store's minus the memory store's is the du
 part on the loop: encoding, batches, pipe writes, answers, futures), the writer
 process's CPU per transition over the run (journal appends, syncs; read with psutil
 before the store closes), the close (the writer writes the state files it held back)
-with the writer's CPU spent in it, and the bytes handed to the writer per transition.
+with the writer's CPU spent in it, the bytes handed to the writer per transition, and
+the files the writer wrote per workflow (state and checkpoint files: each one created,
+~50-200 us of kernel time here, and a count the machine's load does not move while the
+writer keeps up).
 
 Under ``valgrind --tool=callgrind --collect-atstart=no --toggle-collect='_operator_call*'``
 the measured runs alone are counted (each is called through ``operator.call``): the
@@ -52,6 +55,8 @@ class DurableCost:
     close_writer_cpu: float  # the writer's CPU from the end of the run to its exit
     bytes_sent: int  # frames handed to the writer
     batches: int
+    files_written: int  # state and checkpoint files, run and close
+    workflows: int
 
     def per_transition_us(self, seconds: float) -> float:
         return seconds / self.transitions * 1e6
@@ -66,7 +71,8 @@ class DurableCost:
                      f"{us(self.writer_user):.1f}, system {us(self.writer_system):.1f}; journal "
                      f"thread {us(self.writer_journal):.1f}), "
                      f"{self.bytes_sent / self.transitions:,.0f} bytes, "
-                     f"{self.transitions / max(self.batches, 1):.1f} per batch; close "
+                     f"{self.transitions / max(self.batches, 1):.1f} per batch, "
+                     f"{self.files_written / self.workflows:.1f} files per workflow; close "
                      f"{self.close_seconds:.1f} s, writer CPU in it "
                      f"{self.close_writer_cpu:.1f} s")
         return text + f" (load average {os.getloadavg()[0]:.1f})"
@@ -108,13 +114,15 @@ async def _run(root: Path, kind: str, count: int) -> DurableCost:
         batches = file_store.batches_written if file_store is not None else 0
         closing = time.perf_counter()
     close_seconds = time.perf_counter() - closing
+    files = file_store.files_written if file_store is not None else 0
     user = system = close_cpu = 0.0
     if before is not None and after is not None:
         user, system = after.user - before.user, after.system - before.system
         # The writer is reaped as the store closes: its whole life is in RUSAGE_CHILDREN.
         close_cpu = _children_cpu() - children - (after.user + after.system)
     return DurableCost(kind, count * STAGES, seconds, loop_cpu, process_cpu, user, system,
-                       journal, close_seconds, max(close_cpu, 0.0), bytes_sent, batches)
+                       journal, close_seconds, max(close_cpu, 0.0), bytes_sent, batches,
+                       files, count)
 
 
 def measure_durable(root: Path, kind: str, count: int) -> DurableCost:

@@ -246,8 +246,9 @@ async def test_the_overhead_figure_s_peer_answers_each_request_and_ends_with_its
 
 def test_durable_prints_the_write_path_s_costs_per_run(tmp_path: Path) -> None:
     """``durable`` runs the file and the memory store alternately, one line each: the
-    loop's CPU per transition, and for the file store the writer's CPU, the bytes sent
-    and the close."""
+    loop's CPU per transition, and for the file store the writer's CPU, the bytes sent,
+    the files written per workflow (19 stages: 4 checkpoints and one state file) and the
+    close."""
     result = _run("durable", "--workflows", "5", "--runs", "2", "--no-wait-idle",
                   "--scratch", str(tmp_path), cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -258,5 +259,6 @@ def test_durable_prints_the_write_path_s_costs_per_run(tmp_path: Path) -> None:
         if line.startswith("file"):
             assert ", writer " in line and "journal thread " in line and " bytes, " in line
             assert ", 0 bytes, " not in line and "close " in line
+            assert ", 5.0 files per workflow; " in line
     refused = _run("durable", "--runs", "0", cwd=ROOT)
     assert refused.returncode == 2 and "--workflows and --runs must be >= 1" in refused.stderr
