@@ -304,16 +304,26 @@ class Family:
 
 
     def _deal(self) -> None:
-        # A child holds up to twice its concurrency: its next workflows are there when a
-        # slot frees, without a round trip to the parent.
-        for child in self.children:
-            if (not child.ready or child.ended or child.returncode is not None
-                    or child.process.returncode is not None):
-                continue  # starting, told "end" already, or gone (what it held: see rows)
-            room = 2 * child.spec.concurrency - len(child.outstanding)
-            if room > 0 and self._backlog:
-                batch = [self._backlog.popleft()
-                         for _ in range(min(room, len(self._backlog)))]
+        # Every child is first given up to its concurrency; then, once no child is still
+        # starting, up to twice that: its next workflows are there when a slot frees,
+        # without a round trip to the parent. (Twice at once let the first child ready
+        # take a whole batch of up to twice a share: with --concurrency as large as the
+        # batch, the second process ran nothing.)
+        takers = [child for child in self.children
+                  if child.ready and not child.ended and child.returncode is None
+                  and child.process.returncode is None]  # not starting, ended or gone
+        starting = any(not child.ready and child.returncode is None
+                       and child.process.returncode is None for child in self.children)
+        batches: dict[int, list[tuple[str, str | None, dict[str, Any]]]] = {}
+        for share in (1,) if starting else (1, 2):
+            for index, child in enumerate(takers):
+                batch = batches.setdefault(index, [])
+                room = share * child.spec.concurrency - len(child.outstanding) - len(batch)
+                batch += [self._backlog.popleft()
+                          for _ in range(min(max(room, 0), len(self._backlog)))]
+        for index, batch in batches.items():
+            if batch:
+                child = takers[index]
                 child.outstanding.update((work[0], work) for work in batch)
                 self._send(child, {"kind": "work", "work": batch})
         # "end" once nothing is left anywhere: a child that dies may leave workflows to

@@ -157,6 +157,19 @@ def test_batch_in_two_processes_runs_every_prompt_once_with_one_summary(
     assert json.loads(Path(report["report_file"]).read_text())["counts"] == report["counts"]
 
 
+def test_a_batch_no_larger_than_its_concurrency_is_shared_by_both_processes(
+        tmp_path: Path) -> None:
+    """batch --processes 2 --concurrency N with N prompts: each process runs some (the
+    first child ready used to be dealt up to twice its share: the whole batch)."""
+    prompts = write_prompts(tmp_path, 8)
+    done = cli(tmp_path, "batch", str(prompts), "--definition", DEFINITION,
+               "--processes", "2", "--concurrency", "8", "--json")
+    assert done.returncode == 0, done.stderr
+    ids = [row["workflow_id"] for row in json.loads(done.stdout)["workflows"]]
+    pids = assert_each_stage_once_in_one_process(tmp_path, ids)
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
 def _held_batch_of_two(tmp_path: Path, started: list[subprocess.Popen[str]]
                        ) -> subprocess.Popen[str]:
     """batch --processes 2 of 12 held workflows, once both children have two stages each
