@@ -100,6 +100,7 @@ class _CpuSampler:
     def __init__(self, root_pid: int) -> None:
         self._root = root_pid
         self._last: dict[int, tuple[str, float]] = {}
+        self.loops: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -123,6 +124,10 @@ class _CpuSampler:
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
+        # Each loop process's own share: a second process that runs nothing (the batch
+        # dealt to one child) shows here, whatever the machine's load does to the rates.
+        self.loops = sorted((round(cpu, 2) for role, cpu in self._last.values()
+                             if role == "loops"), reverse=True)
         by_role: dict[str, float] = {}
         for role, cpu in self._last.values():
             by_role[role] = by_role.get(role, 0.0) + cpu
@@ -191,7 +196,8 @@ def batch_run(processes: int, workflows: int, concurrency: int,
             "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime
                                                                 + before.ru_stime),
             # The same, by role, over the command's whole life (start-up and close too).
-            "cpu_by_role": {role: round(cpu, 2) for role, cpu in sorted(by_role.items())}}
+            "cpu_by_role": {role: round(cpu, 2) for role, cpu in sorted(by_role.items())},
+            "loop_cpu_each": sampler.loops}
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks processes") -> int:
@@ -221,6 +227,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks pro
                 runs.append(run)
                 roles = ", ".join(f"{role} {cpu:.1f} s"
                                   for role, cpu in run["cpu_by_role"].items())
+                if len(run["loop_cpu_each"]) > 1:
+                    roles += " (loops each: " + ", ".join(
+                        f"{cpu:.1f} s" for cpu in run["loop_cpu_each"]) + ")"
                 print(f"round {round_number + 1}, {workload}, {processes} process(es): "
                       f"{run['transitions_per_s']:8,.0f} transitions/s (run "
                       f"{run['run_seconds']:.2f} s, wall {run['wall_seconds']:.1f} s; loop "

@@ -297,8 +297,9 @@ def test_processes_must_be_positive(tmp_path: Path) -> None:
 def test_processes_benchmark_reports_every_process_count(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """python -m benchmarks processes: one line per run of each workload (no-op and
-    loop-bound JSON stages) with its rate, wall, CPU per transition, CPU by role and load
-    average, and the medians with the ratio to one process, also written as JSON."""
+    loop-bound JSON stages) with its rate, wall, CPU per transition, CPU by role (and each
+    loop process's) and load average, and the medians with the ratio to one process, also
+    written as JSON."""
     from benchmarks import main as benchmarks
     output = tmp_path / "processes.json"
     assert benchmarks(["processes", "--workflows", "12", "--concurrency", "4", "--rounds",
@@ -320,6 +321,11 @@ def test_processes_benchmark_reports_every_process_count(
         allowed = {"loops", "writers", "other"} | ({"parent"} if run["processes"] > 1 else set())
         assert set(roles) <= allowed and all(cpu >= 0 for cpu in roles.values())
         assert sum(roles.values()) <= run["cpu_seconds"] + 0.05
+        # Each loop process's share, largest first, summing to the loops' role.
+        each = run["loop_cpu_each"]
+        assert len(each) <= run["processes"] and each == sorted(each, reverse=True)
+        assert sum(each) == pytest.approx(roles.get("loops", 0.0) if run["processes"] > 1
+                                          else sum(each), abs=0.05)
 
 
 def test_the_loop_bound_workload_parses_and_serialises_about_20_kb_per_stage() -> None:
