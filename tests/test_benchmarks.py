@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,7 +248,7 @@ async def test_the_overhead_figure_s_peer_answers_each_request_and_ends_with_its
 def test_durable_prints_the_write_path_s_costs_per_run(tmp_path: Path) -> None:
     """``durable`` runs the file and the memory store alternately, one line each: the
     loop's CPU per transition, and for the file store the writer's CPU, the bytes sent,
-    the files written per workflow (19 stages: 4 checkpoints and one state file) and the
+    the files written per workflow (19 stages: 4 checkpoints, 1 to 4 state files) and the
     close."""
     result = _run("durable", "--workflows", "5", "--runs", "2", "--no-wait-idle",
                   "--scratch", str(tmp_path), cwd=ROOT)
@@ -259,6 +260,9 @@ def test_durable_prints_the_write_path_s_costs_per_run(tmp_path: Path) -> None:
         if line.startswith("file"):
             assert ", writer " in line and "journal thread " in line and " bytes, " in line
             assert ", 0 bytes, " not in line and "close " in line
-            assert ", 5.0 files per workflow; " in line
+            # Each workflow's 4 checkpoint files and at least its final state file; at
+            # most a state file with each checkpoint (fewer when the writer coalesces).
+            files = re.search(r", ([\d.]+) files per workflow; ", line)
+            assert files is not None and 5.0 <= float(files[1]) <= 8.0, line
     refused = _run("durable", "--runs", "0", cwd=ROOT)
     assert refused.returncode == 2 and "--workflows and --runs must be >= 1" in refused.stderr

@@ -330,9 +330,11 @@ class Writer:
         try:
             self._ensure_dir(os.path.dirname(state_path), workflow=True)
             write_file(state_path, document, self.temporary_suffix, self.fsync_each)
+            self.files_written += 1
             for path in checkpoints:
                 self._ensure_dir(os.path.dirname(path))
                 write_file(path, document, self.temporary_suffix, self.fsync_each)
+                self.files_written += 1
         except OSError as error:
             # The journal holds it durably; the files are written again later.
             self.materialize_errors.append(f"{state_path}: {error}")
@@ -340,7 +342,6 @@ class Writer:
         with self._lock:
             if self._newest.get(workflow_id) is record:  # nothing newer came meanwhile
                 del self._newest[workflow_id]
-        self.files_written += 1
         return True
 
     def _materialize_all(self, sync: bool) -> bool:
