@@ -489,9 +489,10 @@ class Waker:
                 claim.release()
             raise
         claims = list(claimed.values())
-        # One read for the whole round, not one per chunk: a file store's read first has
-        # its writer bring the state files up to date, and the chunks woken before would
-        # each make the next read wait for their writes.
+        # One read for the whole round, not one per chunk: with chunks, the stages after
+        # the wait of the chunks woken first took turns before the last chunk's waiting
+        # stages, and every stage started again later (measured: 10,000 in process
+        # 3.8-4.3 s against 2.2 s; at the next start 3.7-4.8 s against 1.7-2.6 s).
         try:
             loaded = await store.load_many(list(claimed))
         except BaseException:

@@ -107,7 +107,8 @@ from .._errors import StateCorruptedError, WorkflowError
 from ._writer import SCHEMA_VERSION, wrap_document
 
 __all__ = ["SCHEMA_VERSION", "Claim", "DueClaims", "LoadedState", "ParkedEntry", "SignalStore",
-           "Snapshot", "Store", "canonical", "check_state", "decode_document", "encode_document"]
+           "Snapshot", "Store", "canonical", "check_state", "decode_document", "decode_written",
+           "encode_document"]
 
 # A parked workflow: (workflow_id, deadline in epoch seconds, signal name or "" for a
 # durable sleep, index of the signal of that name it waits for).
@@ -333,6 +334,36 @@ def decode_document(data: bytes, path: str) -> dict[str, Any]:
     if document.get("checksum") != expected:
         raise StateCorruptedError(path, "checksum mismatch: the file was changed or damaged")
     return state
+
+
+# The bytes ``wrap_document`` puts around a canonical state and its SHA-256 (hex).
+_HEAD = b'{"schema_version":%d,"checksum":"sha256:' % SCHEMA_VERSION
+_DIGEST_END = len(_HEAD) + 64
+_MIDDLE = b'","state":'
+_BODY_START = _DIGEST_END + len(_MIDDLE)
+_TAIL = b"}\n"
+
+
+def decode_written(data: bytes) -> dict[str, Any] | None:
+    """The state inside ``data`` if it is exactly as ``wrap_document`` wrote it and its
+    checksum holds; None for anything else (``decode_document`` then says what is wrong).
+
+    The checksum is taken over the state's bytes as they are in the file, where
+    ``decode_document`` encodes the parsed state again to hash it: the same verdict for
+    every file this package wrote (their state is canonical), and the state parsed once,
+    without its envelope. Reading 10,000 parked workflows at a start, this was a third of
+    each state's decoding."""
+    if (len(data) <= _BODY_START + len(_TAIL) or not data.startswith(_HEAD)
+            or not data.endswith(_TAIL) or data[_DIGEST_END:_BODY_START] != _MIDDLE):
+        return None
+    body = memoryview(data)[_BODY_START:len(data) - len(_TAIL)]
+    if hashlib.sha256(body).hexdigest().encode() != data[len(_HEAD):_DIGEST_END]:
+        return None
+    try:
+        state = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def check_state(state: dict[str, Any], workflow_id: str, path: str) -> dict[str, Any]:
