@@ -97,18 +97,32 @@ def test_two_worker_processes_run_each_workflow_once(
     assert ran == len(ids)  # each started by one worker, once
 
 
+def _dead_process_journal(journals: Path, suffix: str, *, revision: int
+                          ) -> tuple[Path, str]:
+    """A journal named after a process that has exited (and been reaped), holding one
+    completed state at ``revision``; the journal and that workflow's ID."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its PID names no process now
+    journals.mkdir()
+    journal = journals / f"journal-{gone.pid}-0000{suffix}.log"
+    workflow_id = f"workflow-20240101-000000-00000000{suffix}"
+    journal.write_bytes(wrap_document(canonical(
+        {"workflow_id": workflow_id, "status": "completed", "revision": revision})))
+    return journal, workflow_id
+
+
+def write(path: Path, document: bytes) -> None:
+    """The replay's file writer, plainly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(document)
+
+
 def test_replay_waits_for_the_journal_of_a_dead_process_s_dying_writer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A journal still locked after its owner (the PID in its name) died, as while the
     kernel kills its writer, is waited for and replayed, not skipped as a live one's."""
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # reaped: its PID names no process now
     journals, states = tmp_path / "_journal", tmp_path / "states"
-    journals.mkdir()
-    journal = journals / f"journal-{gone.pid}-0000abcd.log"
-    workflow_id = "workflow-20240101-000000-00000000abcd"
-    journal.write_bytes(wrap_document(canonical(
-        {"workflow_id": workflow_id, "status": "completed", "revision": 3})))
+    journal, workflow_id = _dead_process_journal(journals, "abcd", revision=3)
     holder = subprocess.Popen(  # the dying writer: holds the journal's lock until told
         [sys.executable, "-c", "import fcntl, os, sys\n"
          f"fd = os.open({str(journal)!r}, os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
@@ -125,10 +139,6 @@ def test_replay_waits_for_the_journal_of_a_dead_process_s_dying_writer(
 
         monkeypatch.setattr(_replay, "time", types.SimpleNamespace(
             monotonic=time.monotonic, sleep=sleep))
-
-        def write(path: Path, document: bytes) -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(document)
 
         replayed: list[int] = []
         thread = threading.Thread(target=lambda: replayed.append(
@@ -155,23 +165,13 @@ def test_a_journal_locked_past_the_wait_is_not_waited_for_again(
     """A journal whose named owner looks dead but whose lock stays held (a process in
     another PID namespace) costs one wait, not one per replay; once its lock is free it
     is replayed."""
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
     journals, states = tmp_path / "_journal", tmp_path / "states"
-    journals.mkdir()
-    journal = journals / f"journal-{gone.pid}-0000abce.log"
-    workflow_id = "workflow-20240101-000000-00000000abce"
-    journal.write_bytes(wrap_document(canonical(
-        {"workflow_id": workflow_id, "status": "completed", "revision": 2})))
+    journal, _ = _dead_process_journal(journals, "abce", revision=2)
     sleeps: list[float] = []
     monkeypatch.setattr(_replay, "ORPHAN_WAIT", 0.0)
     monkeypatch.setattr(_replay, "_given_up", set())
     monkeypatch.setattr(_replay, "time", types.SimpleNamespace(
         monotonic=time.monotonic, sleep=sleeps.append))
-
-    def write(path: Path, document: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(document)
 
     holder = os.open(journal, os.O_RDWR)
     try:
@@ -212,16 +212,22 @@ async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[FileStore, FileStore
             await store.close()
 
 
+async def _end_and_release(store: FileStore, workflow_id: str, status: str,
+                           revision: int) -> None:
+    """Claim ``workflow_id``, save its final state, give the claim back: a run's end."""
+    claim = await store.claim(workflow_id)
+    await store.save(workflow_id, functools.partial(_state, workflow_id, status, revision),
+                     checkpoint_stage="final")
+    claim.release()
+
+
 async def test_a_claim_is_given_back_only_once_its_state_file_is_written(
         two_stores: tuple[FileStore, FileStore]) -> None:
     """Released after its final save, a claim stays locked against another store until the
     writer has written the state file; whoever takes it next reads the final state."""
     first, second = two_stores
     workflow_id = "workflow-20240101-000000-0000000000aa"
-    claim = await first.claim(workflow_id)
-    await first.save(workflow_id, functools.partial(_state, workflow_id, "completed", 7),
-                     checkpoint_stage="final")
-    claim.release()
+    await _end_and_release(first, workflow_id, "completed", 7)
     with pytest.raises(WorkflowLockedError):  # the release request is not even sent yet
         await second.claim(workflow_id)
     while True:  # until the writer's answer unlocks it (an event in another process)
@@ -241,10 +247,7 @@ async def test_a_claim_being_given_back_can_be_taken_back_by_its_process(
     back for good, another store takes it."""
     store, other = two_stores
     workflow_id = "workflow-20240101-000000-0000000000bb"
-    claim = await store.claim(workflow_id)
-    await store.save(workflow_id, functools.partial(_state, workflow_id, "waiting", 3),
-                     checkpoint_stage="final")
-    claim.release()
+    await _end_and_release(store, workflow_id, "waiting", 3)
     again = await store.claim(workflow_id)  # still locked by this store: taken back
     # A read waits for the writer's flush, answered after the release request: the
     # answer to that request came, and must not unlock a claim taken back.
