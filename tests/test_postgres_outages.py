@@ -403,7 +403,7 @@ async def test_a_state_of_another_format_is_refused(postgres_url: str) -> None:
             await store.load(workflow_id)
         [listed] = await store.list_states()
         assert listed.state["status"] == "corrupted" and "schema version 99" in listed.problems[0]
-        await _fetch(postgres_url, "UPDATE workflows SET schema_version = 1, state = $1::jsonb",
+        await _fetch(postgres_url, "UPDATE workflows SET schema_version = 1, state = $1::json",
                      '{"workflow_id": "workflow-20250101-000000-00000001"}')
         with pytest.raises(StateCorruptedError, match="belongs to"):
             await store.load(workflow_id)

@@ -23,6 +23,7 @@ from reliability._errors import (
     WorkflowLockedError,
 )
 from reliability._postgres import PostgresStore, latest_version, migrate, parse_url
+from reliability._postgres._schema import migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -349,6 +350,67 @@ async def test_a_database_newer_than_the_code_is_refused(postgres_url: str) -> N
         assert "\n" not in str(caught.value)
     finally:
         await connection.close()
+
+
+async def _migrate_up_to(connection: asyncpg.Connection, version: int) -> None:
+    """The schema as code that knew migrations 1..``version`` left it."""
+    await connection.execute("CREATE TABLE workflow_schema_migrations (version integer PRIMARY "
+                             "KEY, name text NOT NULL, applied_at timestamptz NOT NULL "
+                             "DEFAULT now())")
+    for migration in migrations()[:version]:
+        await connection.execute(migration.sql)
+        await connection.execute("INSERT INTO workflow_schema_migrations (version, name) "
+                                 "VALUES ($1, $2)", migration.version, migration.name)
+
+
+async def test_states_stored_as_jsonb_survive_the_upgrade_to_json(postgres_url: str) -> None:
+    """A database whose states and checkpoints were written as jsonb (schema 6) is migrated
+    to json: they read back as written, and the commit function writes again."""
+    workflow_id = _id(7)
+    state = _state(workflow_id, 2, answer={"text": "é ✓", "n": [1, 2.5]})
+    connection = await asyncpg.connect(postgres_url)
+    try:
+        await _migrate_up_to(connection, 6)
+        await connection.execute(
+            "INSERT INTO workflows (workflow_id, state, status, revision) "
+            "VALUES ($1, $2::jsonb, 'running', 2)", workflow_id, json.dumps(state))
+        await connection.execute(
+            "INSERT INTO workflow_checkpoints (workflow_id, stage, epoch, revision, state) "
+            "VALUES ($1, 'plan', 0, 2, $2::jsonb)", workflow_id, json.dumps(state))
+        assert await migrate(connection) == list(range(7, latest_version() + 1))
+        types = await connection.fetch(
+            "SELECT table_name, data_type FROM information_schema.columns "
+            "WHERE column_name = 'state' AND table_name LIKE 'workflow%' ORDER BY 1")
+        assert [tuple(t) for t in types] == [("workflow_checkpoints", "json"),
+                                             ("workflows", "json")]
+    finally:
+        await connection.close()
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        assert (await store.load(workflow_id)).state == state
+        assert (await store.checkpoint(workflow_id, "plan")).state == state
+        claim = await store.claim(workflow_id)
+        later = _state(workflow_id, 3, status="completed")
+        await store.save(workflow_id, lambda: later, checkpoint_stage="test")
+        assert (await store.load(workflow_id)).state == later
+        claim.release()
+    finally:
+        await store.close()
+
+
+async def test_a_state_is_stored_as_the_text_the_store_sent(store: PostgresStore,
+                                                             postgres_url: str) -> None:
+    """States are json, not jsonb: the server keeps the store's own text (no conversion to
+    and from a binary form on every write and read), sorted keys and all."""
+    workflow_id = _id(8)
+    await store.claim(workflow_id)
+    state = _state(workflow_id, 1, zebra=1, alpha={"b": 2, "a": 1})
+    await store.save(workflow_id, lambda: state, checkpoint_stage="plan")
+    expected = json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for table in ("workflows", "workflow_checkpoints"):
+        [row] = await _fetch(postgres_url, f"SELECT state::text AS text FROM {table}")
+        assert row["text"] == expected
 
 
 async def test_a_refused_connection_names_the_server_not_the_password(

@@ -38,16 +38,16 @@ The same ``Store`` interface as the file store, plus what workers need (``enqueu
   is judged by a lease renewal sent then. While down, writes wait (nothing acknowledged is
   lost: a future completes only after its commit), ``lease_valid`` turns False after half
   the lease, so callers start no stage, and everything reconnects with backoff.
-- States are JSONB rows with the document format's ``schema_version`` (as the file store
-  writes in each file), checked on every read, and the row's workflow ID checked against
-  the state's. Not a checksum, unlike the file store's documents: what that checksum
-  catches cannot happen here, or is PostgreSQL's own job. A file can be torn or
-  half-written by a crash; a committed row cannot (the WAL makes a commit all or nothing).
-  A file can be damaged or edited in place; a JSONB value is parsed by the server on the
-  way in, and damage below it is caught by the WAL's CRCs and the data pages' checksums
-  (``initdb --data-checksums``, the default from PostgreSQL 18). Nor could a checksum of
-  our bytes be verified: JSONB keeps its own normal form (key order, duplicate keys,
-  ``1e2`` read back as ``100``), not the bytes we hashed. Someone changing a row with SQL
+- States are json rows (not jsonb: the server keeps the text as sent instead of converting
+  every 2-4 KB state to and from a binary form, half the server's time per row; migration
+  0007) with the document format's ``schema_version`` (as the file store writes in each
+  file), checked on every read, and the row's workflow ID checked against the state's.
+  Not a checksum, unlike the file store's documents: what that checksum catches cannot
+  happen here, or is PostgreSQL's own job. A file can be torn or half-written by a crash;
+  a committed row cannot (the WAL makes a commit all or nothing). A file can be damaged
+  or edited in place; a json value is parsed by the server on the way in, and damage
+  below it is caught by the WAL's CRCs and the data pages' checksums (``initdb
+  --data-checksums``, the default from PostgreSQL 18). Someone changing a row with SQL
   holds the database's password and could as well recompute any checksum.
 - The URL's password is never shown: messages use the masked URL, driver errors pass
   through ``scrub``. Every statement is parameterized.
@@ -109,7 +109,7 @@ COMMIT_LANES = 3
 # workflow (owner NULL, epoch 0): registering it, or queueing it for workers.
 _REGISTER = """
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::bigint[], $5::text[],
+    SELECT * FROM unnest($1::text[], $2::json[], $3::text[], $4::bigint[], $5::text[],
                          $6::text[])
         AS i(workflow_id, state, status, revision, definition, queue)),
 applied AS (
@@ -223,9 +223,9 @@ SELECT workflow_id, queue FROM orphans
 # the statement is its own, committed (synchronous_commit on) before its reply.
 _COMMIT = """
 SELECT workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
-                       $5::text[], $6::bigint[], $7::jsonb[], $8::text[], $9::bigint[],
+                       $5::text[], $6::bigint[], $7::json[], $8::text[], $9::bigint[],
                        $10::text[], $11::text[],
-                       $12::text[], $13::jsonb[], $14::text[], $15::bigint[], $16::text[],
+                       $12::text[], $13::json[], $14::text[], $15::bigint[], $16::text[],
                        $17::text[], $18::bigint[], $19::text[], $20::text, $21::text[],
                        $22::text)
 """
@@ -234,9 +234,9 @@ SELECT workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
 _COMMIT_TIMED = """
 SELECT statement_timestamp() AS started,
        workflow_commit($1::text, $2::smallint, $3::bigint, $4::smallint,
-                       $5::text[], $6::bigint[], $7::jsonb[], $8::text[], $9::bigint[],
+                       $5::text[], $6::bigint[], $7::json[], $8::text[], $9::bigint[],
                        $10::text[], $11::text[],
-                       $12::text[], $13::jsonb[], $14::text[], $15::bigint[], $16::text[],
+                       $12::text[], $13::json[], $14::text[], $15::bigint[], $16::text[],
                        $17::text[], $18::bigint[], $19::text[], $20::text, $21::text[],
                        $22::text) AS refused,
        clock_timestamp() AS ended
