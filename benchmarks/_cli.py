@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 from rich.console import Console
 
+from ._cores import measure_cores
 from ._endtoend import measure_end_to_end
 from ._healthcheck import measure_health
 from ._measure import settle
@@ -33,6 +34,7 @@ from ._profile import print_profile, profile_throughput
 from ._report import compare_files, print_figures, to_document, write_json
 from ._results import Figure
 from ._resume import measure_resume
+from ._sidebyside import RevisionError, measure_side_by_side
 from ._stagecost import measure_stage_cost
 from ._throughput import measure_throughput, run_runtime_case
 from ._waits import measure_waits
@@ -51,15 +53,17 @@ FIGURES: dict[str, Measure] = {
     "resume": measure_resume,
     "waits": measure_waits,
     "end_to_end": measure_end_to_end,
+    "cores": measure_cores,
     "peer": measure_peer,
 }
 _RUN_ORDER = ("memory", "overhead", "throughput", "health", "resume", "waits", "end_to_end",
-              "peer")
+              "cores", "peer")
 _TITLES = {
     "overhead": "Overhead vs bare asyncio", "throughput": "Throughput",
     "memory": "Memory per in-flight workflow", "health": "Health check cost",
     "resume": "Resume interrupted workflows", "waits": "Durable waits",
     "end_to_end": "End to end: example prompts",
+    "cores": "Every core: batch --processes 2",
     "peer": "Peer: DBOS on SQLite",
 }
 _SKIPPED_WHEN_QUICK = {"end_to_end": "skipped in --quick: it runs real git, agent and test "
@@ -68,6 +72,7 @@ _SKIPPED_WHEN_QUICK = {"end_to_end": "skipped in --quick: it runs real git, agen
 
 def _run_parser(prog: str) -> argparse.ArgumentParser:
     examples = ("--quick", "--json bench-results/full.json", "compare old.json new.json",
+                "--before HEAD~1 --only overhead,throughput,cores",
                 "case --store file --workflows 10000 --runs 2")
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,6 +99,11 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--scratch", type=Path, metavar="DIR",
                         help="where workflows' files go (default: a temporary directory); "
                              "put it on the disk you want measured")
+    parser.add_argument("--before", metavar="REV",
+                        help="also measure the code of git revision REV (a commit, branch "
+                             "or tag of this checkout), each figure alternately in REV's "
+                             "and this checkout's code, and print the two side by side; "
+                             "--json FILE then also writes REV's to FILE.before.json")
     _add_no_wait_idle(parser)
     return parser
 
@@ -103,6 +113,18 @@ def _add_no_wait_idle(parser: argparse.ArgumentParser) -> None:
                         help="start each figure at once instead of waiting (up to 20 s) for "
                              "idle CPUs and a written-back disk: for tests on a busy machine; "
                              "the numbers are then not comparable")
+
+
+def _passed_on(args: argparse.Namespace) -> list[str]:
+    """The run options a side-by-side run gives each figure's own run."""
+    options = ["--quick"] if args.quick else []
+    for flag, value in (("--workflows", args.workflows),
+                        ("--overhead-workflows", args.overhead_workflows),
+                        ("--peer-workflows", args.peer_workflows), ("--repeats", args.repeats),
+                        ("--scratch", args.scratch)):
+        if value is not None:
+            options += [flag, str(value)]
+    return options if args.wait_idle else [*options, "--no-wait-idle"]
 
 
 def _plan(args: argparse.Namespace, scratch: Path) -> Plan:
@@ -188,6 +210,14 @@ def _run(argv: Sequence[str], prog: str) -> int:
     args = _run_parser(prog).parse_args(argv)
     names = _selected(args.only)
     console = _console()
+    if args.before is not None:
+        try:
+            return measure_side_by_side(console, args.before,
+                                        [n for n in _RUN_ORDER if n in names],
+                                        _passed_on(args), args.json)
+        except RevisionError as error:
+            console.print(f"[red]{error}[/red]")
+            return 2
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="wm-bench-", dir=args.scratch) as scratch:

@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import statistics
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import psutil
 
 __all__ = ["CallTimer", "FutureTimer", "LagMonitor", "idle_wake_penalty", "lag_monitor",
-           "median", "percentile", "rss_bytes", "settle"]
+           "median", "peak_rss", "percentile", "rss_bytes", "settle"]
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -78,6 +79,45 @@ async def lag_monitor(interval: float = 0.01) -> AsyncIterator[LagMonitor]:
         yield monitor
     finally:
         await monitor.stop()
+
+
+class PeakRss:
+    """The process's RSS read every ``interval`` by a thread (not the loop, whose time is
+    being measured) while the block runs; ``growth`` is the peak less the reading before."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._stop = threading.Event()
+        self.before = rss_bytes()
+        self.peak = self.before
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+
+    @property
+    def growth(self) -> int:
+        return max(self.peak - self.before, 0)
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+@contextlib.asynccontextmanager
+async def peak_rss(interval: float = 0.05) -> AsyncIterator[PeakRss]:
+    sampler = PeakRss(interval)
+    sampler.start()
+    try:
+        yield sampler
+    finally:
+        sampler.stop()
 
 
 class _Latencies:

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from ._results import SCHEMA_VERSION, Figure, Metric, Row, figure_from_json
 
-__all__ = ["compare_files", "format_value", "print_figures", "to_document", "write_json"]
+__all__ = ["compare_files", "format_value", "print_figures", "read_document", "to_document",
+           "write_json"]
 
 _SAME = 0.05  # ratios within 5 % of 1 read as "same": run-to-run noise on a small machine
 
@@ -103,12 +104,13 @@ def write_json(path: Path, document: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- compare
 
 
-def _read(path: Path) -> tuple[Mapping[str, Any], list[Figure]]:
+def read_document(path: Path) -> tuple[dict[str, Any], list[Figure]]:
+    """A results file's machine description and figures."""
     document = json.loads(path.read_text())
     if document.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema version {document.get('schema_version')!r} is not "
                          f"{SCHEMA_VERSION}")
-    return document.get("meta", {}), [figure_from_json(f) for f in document["figures"]]
+    return dict(document.get("meta", {})), [figure_from_json(f) for f in document["figures"]]
 
 
 def _verdict(old: Metric, new: Metric) -> tuple[str, str]:
@@ -123,8 +125,8 @@ def _verdict(old: Metric, new: Metric) -> tuple[str, str]:
 
 def compare_files(console: Console, old_path: Path, new_path: Path) -> None:
     """Print new/old per metric present in both files; rows only in one are listed too."""
-    old_meta, old_figures = _read(old_path)
-    new_meta, new_figures = _read(new_path)
+    old_meta, old_figures = read_document(old_path)
+    new_meta, new_figures = read_document(new_path)
     old_rows = {(f.key, r.key): r for f in old_figures for r in f.rows}
     table = Table(title=f"{old_path} -> {new_path}", title_justify="left")
     for column in ("figure", "case", "metric", "old", "new", "new/old", "verdict"):

@@ -17,7 +17,8 @@ from pathlib import Path
 from reliability import FileStore, MemoryStore, Runtime, Store, new_workflow_id
 from reliability._state import WorkflowRun  # the engine's model type, for the triggers-only row
 
-from ._measure import FutureTimer, lag_monitor, percentile, settle
+from ._measure import FutureTimer, lag_monitor, peak_rss, percentile, settle
+from ._overhead import _file_logging
 from ._plan import Plan
 from ._results import Figure, Row, Target
 from ._workloads import FLOW, STAGES, bare_step, configuration, run_bare, run_many, runtime
@@ -39,6 +40,7 @@ class RuntimeRun:
     lag_max_ms: float
     loop_cpu: float  # the loop thread's CPU time over the wall time: < 1 means it waited
     close_seconds: float  # closing the runtime: FileStore writes the remaining state files
+    rss_per_workflow: float  # bytes: the process's peak RSS over the run, less before, / count
 
 
 def _store(kind: str) -> Store | None:
@@ -47,26 +49,31 @@ def _store(kind: str) -> Store | None:
 
 
 async def run_runtime_case(plan: Plan, kind: str, count: int, *,
-                           metrics: bool = False) -> RuntimeRun:
+                           metrics: bool = False, defaults: bool = False) -> RuntimeRun:
     """``count`` workflows of FLOW on a runtime with ``kind`` ("file" or "memory") store;
-    with ``metrics``, Prometheus metrics attached (counted, not scraped)."""
+    with ``metrics``, Prometheus metrics attached (counted, not scraped); with
+    ``defaults``, the configuration's defaults (monitoring and health checks on, INFO
+    records to the daily log file) instead of every optional feature off and WARNING."""
     root = plan.fresh_root(f"throughput-{kind}-{count}")
-    async with runtime(root, configuration(persistence=True), store=_store(kind)) as rt:
-        _require_store(rt, kind)
-        saves = FutureTimer(rt.store, "save_nowait", sample_every=SAVE_SAMPLE)
-        if metrics:  # after the timer: its sampler keeps the timer's wrapper in place
-            from reliability._metrics import RuntimeMetrics
+    config = (configuration(persistence=True, health=True, monitoring=True, log_level="INFO")
+              if defaults else configuration(persistence=True))
+    with _file_logging(root / "logs", defaults):
+        async with runtime(root, config, store=_store(kind)) as rt:
+            _require_store(rt, kind)
+            saves = FutureTimer(rt.store, "save_nowait", sample_every=SAVE_SAMPLE)
+            if metrics:  # after the timer: its sampler keeps the timer's wrapper in place
+                from reliability._metrics import RuntimeMetrics
 
-            RuntimeMetrics(rt)
-        async with lag_monitor() as lag:
-            started, cpu = time.perf_counter(), time.thread_time()
-            await run_many(rt, FLOW, count)
-            seconds = time.perf_counter() - started
-            cpu = time.thread_time() - cpu
-        closing = time.perf_counter()
+                RuntimeMetrics(rt)
+            async with lag_monitor() as lag, peak_rss() as rss:
+                started, cpu = time.perf_counter(), time.thread_time()
+                await run_many(rt, FLOW, count)
+                seconds = time.perf_counter() - started
+                cpu = time.thread_time() - cpu
+            closing = time.perf_counter()
     return RuntimeRun(seconds, count * STAGES / seconds, saves.p50_ms(), saves.p99_ms(),
                       lag.p99_ms(), lag.max_ms(), cpu / seconds,
-                      time.perf_counter() - closing)
+                      time.perf_counter() - closing, rss.growth / count)
 
 
 def _require_store(rt: Runtime, kind: str) -> None:
@@ -134,10 +141,18 @@ def measure_throughput(plan: Plan) -> Figure:
         for count in plan.levels:
             settle(wait_idle=plan.wait_idle)
             result = asyncio.run(run_runtime_case(plan, kind, count))
-            targets = _targets() if kind == "file" and count == biggest else ()
+            targets = _targets(kind) if count == biggest else ()
             label = "MemoryStore" if kind == "memory" else "FileStore"
             _runtime_row(figure.row(f"{kind}-{count}", f"runtime + {label}, {count} workflows",
                                     targets=targets), result)
+    settle(wait_idle=plan.wait_idle)
+    result = asyncio.run(run_runtime_case(plan, "file", biggest, defaults=True))
+    _runtime_row(figure.row(
+        f"file-defaults-{biggest}", f"runtime + FileStore, {biggest} workflows, the "
+        "configuration's defaults (monitoring, health checks, INFO records to the log file)",
+        targets=(Target("rate", ">=", 30_000, ">= 30,000/s"),
+                 Target("rss_per_workflow", "<=", 20 * 1024, "RSS <= 20 KiB a workflow"))),
+        result)
     figure.notes.append("checkpoint latency = a store save, from the call until durable "
                         "(first record, stage completions, final state), timed on every "
                         f"{SAVE_SAMPLE}th save (timing each costs the rate ~5 %); loop lag "
@@ -146,12 +161,17 @@ def measure_throughput(plan: Plan) -> Figure:
                         "fit ~1 ms. close = closing the runtime after the run (not in the "
                         "rate): the FileStore's writer finishes the state and checkpoint "
                         "files it writes only when a CPU is idle (~0.5 ms of kernel time "
-                        "per file created on this machine's disk)")
+                        "per file created on this machine's disk); rss_per_workflow = the "
+                        "process's peak RSS during the run (all workflows in flight at "
+                        "once), less before it, per workflow")
     return figure
 
 
-def _targets() -> tuple[Target, ...]:
+def _targets(kind: str) -> tuple[Target, ...]:
+    if kind == "memory":  # the engine alone
+        return (Target("rate", ">=", 50_000, ">= 50,000/s"),)
     return (Target("rate", ">=", 20_000, ">= 20,000/s"),
+            Target("rate", ">=", 40_000, ">= 40,000/s at WARNING"),
             Target("checkpoint_p99", "<=", 20.0, "ckpt p99 <= 20 ms"),
             Target("lag_p99", "<=", 10.0, "lag p99 <= 10 ms"))
 
@@ -164,3 +184,4 @@ def _runtime_row(row: Row, result: RuntimeRun) -> None:
     row.add("lag_p99", result.lag_p99_ms, "ms")
     row.add("lag_max", result.lag_max_ms, "ms")
     row.add("close", result.close_seconds, "s")
+    row.add("rss_per_workflow", result.rss_per_workflow, "B")

@@ -193,6 +193,30 @@ def test_unknown_figure_is_refused_by_name() -> None:
     assert "thruput" in result.stderr and "throughput" in result.stderr
 
 
+def test_before_measures_each_figure_on_both_sides(tmp_path: Path) -> None:
+    """``--before REV`` runs each figure in REV's exported code and in this checkout's,
+    prints them side by side and writes both documents."""
+    output = tmp_path / "side.json"
+    result = _run("--quick", "--only", "health,resume", "--before", "HEAD", "--no-wait-idle",
+                  "--json", str(output), cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "HEAD -> this checkout" in result.stdout
+    for path in (output, tmp_path / "side.before.json"):
+        document = json.loads(path.read_text())
+        assert [f["key"] for f in document["figures"]] == ["health", "resume"]
+    # Alternating: the first figure before then after, the second after then before.
+    sides = re.findall(r"^(health|resume), (before|after)", result.stdout, re.MULTILINE)
+    assert sides == [("health", "before"), ("health", "after"), ("resume", "after"),
+                     ("resume", "before")]
+
+
+def test_before_refuses_a_revision_that_is_not_a_commit() -> None:
+    """A mistyped --before names itself and runs nothing."""
+    result = _run("--quick", "--only", "health", "--before", "no-such-revision", cwd=ROOT)
+    assert result.returncode == 2
+    assert "'no-such-revision': not a commit" in result.stdout
+
+
 def test_case_prints_one_line_per_run(tmp_path: Path) -> None:
     """``case`` runs one throughput case per line, for A/B runs across checkouts."""
     result = _run("case", "--store", "memory", "--workflows", "20", "--runs", "2",
