@@ -12,6 +12,10 @@
 -- the page the update is HOT (no index entry) and the old version is pruned in place.
 -- In that measurement 98.6 % of updates were HOT instead of 60 %, and the table was 8.9
 -- instead of 55 MB.
+--
+-- Changing a column's type rewrites both tables once, holding their locks while it does:
+-- on a database with millions of workflows, run `workflow-manager migrate` at a quiet time
+-- rather than letting the first worker to start do it.
 ALTER TABLE workflows SET (fillfactor = 60);
 ALTER TABLE workflows ALTER COLUMN state TYPE json USING state::json;
 ALTER TABLE workflow_checkpoints ALTER COLUMN state TYPE json USING state::json;
