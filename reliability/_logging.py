@@ -19,6 +19,8 @@ import queue
 import threading
 import time
 from asyncio import _get_running_loop as asyncio_running_loop
+from collections.abc import Mapping
+from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps uses
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +82,15 @@ class _WorkflowIdFilter(logging.Filter):
         return True
 
 
+_DETAILED = "%(asctime)s - %(name)s - %(levelname)s - [%(workflow_id)s] %(message)s"
+_DETAILED_DATE = "%Y-%m-%d %H:%M:%S"
+
+
 class DetailedFormatter(logging.Formatter):
     """``2024-01-15 14:23:15 - workflow_manager - INFO - [workflow-...] message``."""
 
     def __init__(self) -> None:
-        super().__init__("%(asctime)s - %(name)s - %(levelname)s - [%(workflow_id)s] %(message)s",
-                         datefmt="%Y-%m-%d %H:%M:%S")
+        super().__init__(_DETAILED, datefmt=_DETAILED_DATE)
 
 
 class JsonFormatter(logging.Formatter):
@@ -204,23 +209,152 @@ class _Held(list[Any]):
 
 class _BatchListener(logging.handlers.QueueListener):
     """QueueListener that also takes the lists ``_InPlaceQueueHandler`` hands over, and
-    builds the records ``log_soon`` deferred (here, off the event loop)."""
+    builds the records ``log_soon`` deferred (here, off the event loop).
+
+    While its handlers are the ones ``configure_logging`` installs (our formatters, no
+    filters), a handed-over list is rendered line by line straight from the deferred
+    tuples, without a ``LogRecord``, and written with one write per handler: building,
+    filtering and formatting a record cost this thread ~6x the line itself, and it holds
+    the GIL the event loop waits for. The lines are the ones the records would make, byte
+    for byte; anything else (other handlers or formatters, filters, records the loop
+    built) takes the record path.
+    """
 
     def __init__(self, records: queue.SimpleQueue[Any], front: _InPlaceQueueHandler,
                  *handlers: logging.Handler) -> None:
         super().__init__(records, *handlers, respect_handler_level=True)
         self._front = front
+        self._level_names: dict[int, str] = {}
+        # The time prefix changes once a second: (second, its text), per format.
+        self._detailed_second: tuple[int, str] = (-1, "")
+        self._json_second: tuple[int, str] = (-1, "")
 
     def handle(self, record: Any) -> None:
-        if isinstance(record, list):
+        if not isinstance(record, list):
+            super().handle(record)
+            return
+        kinds = self._direct_kinds()
+        if kinds is None:
             for each in record:
                 if isinstance(each, tuple):
                     each = self._build(each, record)
                     if each is None:
                         continue
                 super().handle(each)
-        else:
-            super().handle(record)
+            return
+        self._write_lines(record, kinds)
+
+    def _direct_kinds(self) -> list[str] | None:
+        """Per handler, the format its lines can be rendered in without a record
+        (``detailed`` or ``json``); None unless every handler allows it."""
+        front_filters = self._front.filters
+        if len(front_filters) != 1 or type(front_filters[0]) is not _WorkflowIdFilter:
+            return None
+        kinds = []
+        for handler in self.handlers:
+            if type(handler) not in _DIRECT_HANDLERS or handler.filters:
+                return None
+            formatter = handler.formatter
+            if type(formatter) is JsonFormatter:
+                kinds.append("json")
+            elif (type(formatter) is DetailedFormatter and formatter._fmt == _DETAILED
+                  and formatter.datefmt == _DETAILED_DATE
+                  and formatter.converter is logging.Formatter.converter):
+                kinds.append("detailed")
+            else:
+                return None
+        return kinds
+
+    def _write_lines(self, batch: list[Any], kinds: list[str]) -> None:
+        """Render ``batch`` for each handler and write each handler's lines at once."""
+        handlers = self.handlers
+        lines: list[list[str]] = [[] for _ in handlers]
+        levels = [handler.level for handler in handlers]
+        for each in batch:
+            if type(each) is tuple and (message := self._message(each)) is not None:
+                created, level, _, _, workflow_id = each
+                rendered: dict[str, str] = {}
+                for index, kind in enumerate(kinds):
+                    if level >= levels[index]:
+                        line = rendered.get(kind)
+                        if line is None:
+                            line = rendered[kind] = self._render(
+                                kind, created, level, workflow_id, message)
+                        lines[index].append(line)
+                continue
+            record = self._build(each, batch) if isinstance(each, tuple) else each
+            if record is None:
+                continue
+            for index, handler in enumerate(handlers):
+                if record.levelno >= levels[index]:
+                    try:
+                        lines[index].append(handler.format(record))
+                    except Exception:
+                        handler.handleError(record)
+        for handler, handler_lines in zip(handlers, lines, strict=True):
+            if handler_lines:
+                self._write(handler, handler_lines)
+
+    @staticmethod
+    def _message(deferred: tuple[Any, ...]) -> str | None:
+        """The deferred record's message as its record would render it, redacted; None
+        where only a record does it right (one mapping argument, a bad format)."""
+        msg, args = deferred[2], deferred[3]
+        try:
+            if args:
+                if len(args) == 1 and isinstance(args[0], Mapping):
+                    return None  # LogRecord formats with the mapping itself
+                message = str(msg) % args
+            else:
+                message = str(msg)
+        except Exception:
+            return None  # the record path reports it as logging does
+        return redact_secrets(message) if _secrets else message
+
+    def _render(self, kind: str, created: float, level: int, workflow_id: str,
+                message: str) -> str:
+        """The line ``kind``'s formatter makes of the record ``_build`` would build."""
+        level_name = self._level_names.get(level)
+        if level_name is None:
+            level_name = self._level_names[level] = logging.getLevelName(level)
+        second = int(created)
+        if kind == "detailed":
+            cached, asctime = self._detailed_second
+            if cached != second:  # asctime: logging.Formatter.formatTime with our datefmt
+                asctime = time.strftime(_DETAILED_DATE, logging.Formatter.converter(created))
+                self._detailed_second = (second, asctime)
+            return f"{asctime} - {LOGGER_NAME} - {level_name} - [{workflow_id}] {message}"
+        cached, stamp = self._json_second
+        if cached != second:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+            self._json_second = (second, stamp)
+        # json.dumps of JsonFormatter's dict: its separators, its string escaping.
+        return (f'{{"time": "{stamp}.{int((created - second) * 1000):03d}Z", '
+                f'"level": {_json_string(level_name)}, "logger": "{LOGGER_NAME}", '
+                f'"workflow_id": {_json_string(workflow_id)}, '
+                f'"message": {_json_string(message)}}}')
+
+    @staticmethod
+    def _write(handler: logging.Handler, lines: list[str]) -> None:
+        """One write of ``lines`` to ``handler``'s stream: what ``emit`` writes for each
+        line, flushed as ``emit`` would after the last."""
+        handler.acquire()
+        try:
+            if isinstance(handler, DailyFileHandler):
+                stream = handler._stream_for_today()
+                stream.write("\n".join(lines) + "\n")
+                if handler._drained is not None and handler._drained():
+                    stream.flush()
+            else:
+                stream_handler: logging.StreamHandler[Any] = handler  # type: ignore[assignment]
+                terminator = stream_handler.terminator
+                stream_handler.stream.write(terminator.join(lines) + terminator)
+                stream_handler.flush()
+        except Exception:
+            handler.handleError(logging.makeLogRecord(
+                {"name": LOGGER_NAME, "msg": "%d log lines", "args": (len(lines),)}))
+        finally:
+            handler.release()
 
     def _build(self, deferred: tuple[Any, ...], held: Any) -> logging.LogRecord | None:
         created, level, msg, args, workflow_id = deferred
@@ -235,10 +369,15 @@ class _BatchListener(logging.handlers.QueueListener):
         record.workflow_id = workflow_id
         front = self._front
         # What the front handler does to a record on the loop: its filters (secrets),
-        # then the message rendered.
-        if not front.filter(record):
+        # then the message rendered; a message that cannot be rendered is reported as
+        # the front handler's emit reports it (an exception here would end this thread).
+        try:
+            if not front.filter(record):
+                return None
+            return front.prepare(record)
+        except Exception:
+            front.handleError(record)
             return None
-        return front.prepare(record)
 
 
 class DailyFileHandler(logging.Handler):
@@ -289,6 +428,9 @@ class DailyFileHandler(logging.Handler):
             self._stream = None
         super().close()
 
+
+# The handlers whose lines _BatchListener writes without records (their emit exactly).
+_DIRECT_HANDLERS = (logging.StreamHandler, DailyFileHandler)
 
 _installed: list[logging.Handler] = []
 _listener: list[logging.handlers.QueueListener] = []
