@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 from asyncio import _get_running_loop as asyncio_running_loop
-from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps uses
 from pathlib import Path
 from typing import Any
@@ -212,12 +211,13 @@ class _BatchListener(logging.handlers.QueueListener):
     builds the records ``log_soon`` deferred (here, off the event loop).
 
     While its handlers are the ones ``configure_logging`` installs (our formatters, no
-    filters), a handed-over list is rendered line by line straight from the deferred
-    tuples, without a ``LogRecord``, and written with one write per handler: building,
-    filtering and formatting a record cost this thread ~6x the line itself, and it holds
-    the GIL the event loop waits for. The lines are the ones the records would make, byte
-    for byte; anything else (other handlers or formatters, filters, records the loop
-    built) takes the record path.
+    filters, one format), a handed-over list is rendered once, line by line straight
+    from the deferred tuples without a ``LogRecord``, and each handler gets its lines in
+    one write: building, filtering, formatting and writing a record per line cost this
+    thread ~10x as much (``python -m benchmarks.logthread``), and it holds the GIL the
+    event loop waits for. The lines are the ones the records would make, byte for byte;
+    anything else (other handlers, formatters or filters) takes the record path, and
+    records the loop built are formatted as before.
     """
 
     def __init__(self, records: queue.SimpleQueue[Any], front: _InPlaceQueueHandler,
@@ -233,8 +233,8 @@ class _BatchListener(logging.handlers.QueueListener):
         if not isinstance(record, list):
             super().handle(record)
             return
-        kinds = self._direct_kinds()
-        if kinds is None:
+        kind = self._direct_kind()
+        if kind is None:
             for each in record:
                 if isinstance(each, tuple):
                     each = self._build(each, record)
@@ -242,92 +242,98 @@ class _BatchListener(logging.handlers.QueueListener):
                         continue
                 super().handle(each)
             return
-        self._write_lines(record, kinds)
+        self._write_lines(record, kind)
 
-    def _direct_kinds(self) -> list[str] | None:
-        """Per handler, the format its lines can be rendered in without a record
-        (``detailed`` or ``json``); None unless every handler allows it."""
+    def _direct_kind(self) -> str | None:
+        """The format all handlers' lines can be rendered in without records
+        (``detailed`` or ``json``, one for all as ``configure_logging`` installs them);
+        None where records are needed."""
         front_filters = self._front.filters
         if len(front_filters) != 1 or type(front_filters[0]) is not _WorkflowIdFilter:
             return None
-        kinds = []
+        kinds = set()
         for handler in self.handlers:
             if type(handler) not in _DIRECT_HANDLERS or handler.filters:
                 return None
             formatter = handler.formatter
             if type(formatter) is JsonFormatter:
-                kinds.append("json")
+                kinds.add("json")
             elif (type(formatter) is DetailedFormatter and formatter._fmt == _DETAILED
                   and formatter.datefmt == _DETAILED_DATE
                   and formatter.converter is logging.Formatter.converter):
-                kinds.append("detailed")
+                kinds.add("detailed")
             else:
                 return None
-        return kinds
+        return kinds.pop() if len(kinds) == 1 else None
 
-    def _write_lines(self, batch: list[Any], kinds: list[str]) -> None:
-        """Render ``batch`` for each handler and write each handler's lines at once."""
+    def _write_lines(self, batch: list[Any], kind: str) -> None:
+        """Render ``batch`` once and write each handler its lines (those at or above its
+        level) at once."""
         handlers = self.handlers
-        lines: list[list[str]] = [[] for _ in handlers]
-        levels = [handler.level for handler in handlers]
+        formatter = handlers[0].formatter
+        assert formatter is not None  # _direct_kind checked it
+        render = self._detailed_line if kind == "detailed" else self._json_line
+        levels: list[int] = []
+        lines: list[str] = []
         for each in batch:
-            if type(each) is tuple and (message := self._message(each)) is not None:
-                created, level, _, _, workflow_id = each
-                rendered: dict[str, str] = {}
-                for index, kind in enumerate(kinds):
-                    if level >= levels[index]:
-                        line = rendered.get(kind)
-                        if line is None:
-                            line = rendered[kind] = self._render(
-                                kind, created, level, workflow_id, message)
-                        lines[index].append(line)
-                continue
-            record = self._build(each, batch) if isinstance(each, tuple) else each
-            if record is None:
-                continue
-            for index, handler in enumerate(handlers):
-                if record.levelno >= levels[index]:
-                    try:
-                        lines[index].append(handler.format(record))
-                    except Exception:
-                        handler.handleError(record)
-        for handler, handler_lines in zip(handlers, lines, strict=True):
-            if handler_lines:
-                self._write(handler, handler_lines)
+            if type(each) is tuple:
+                created, level, msg, args, workflow_id = each
+                # The message as LogRecord.getMessage renders it, redacted. A record
+                # given one mapping formats with the mapping itself: wrapped in the tuple
+                # it renders the same or raises here and takes the record path.
+                try:
+                    message = str(msg) % args if args else str(msg)
+                except Exception:  # the record path reports it as logging does
+                    message = None
+                if message is not None:
+                    if _secrets:
+                        message = redact_secrets(message)
+                    levels.append(level)
+                    lines.append(render(created, level, workflow_id, message))
+                    continue
+                each = self._build(each, batch)
+                if each is None:
+                    continue
+            try:  # records the loop built: their formatter's line (all handlers' alike)
+                lines.append(formatter.format(each))
+                levels.append(each.levelno)
+            except Exception:
+                for handler in handlers:
+                    if each.levelno >= handler.level:
+                        handler.handleError(each)
+        lowest = min(levels, default=0)
+        for handler in handlers:
+            level = handler.level
+            chosen = lines if level <= lowest else [
+                line for line, at in zip(lines, levels, strict=True) if at >= level]
+            if chosen:
+                self._write(handler, chosen)
 
-    @staticmethod
-    def _message(deferred: tuple[Any, ...]) -> str | None:
-        """The deferred record's message as its record would render it, redacted; None
-        where only a record does it right (one mapping argument, a bad format)."""
-        msg, args = deferred[2], deferred[3]
-        try:
-            if args:
-                if len(args) == 1 and isinstance(args[0], Mapping):
-                    return None  # LogRecord formats with the mapping itself
-                message = str(msg) % args
-            else:
-                message = str(msg)
-        except Exception:
-            return None  # the record path reports it as logging does
-        return redact_secrets(message) if _secrets else message
+    def _level_name(self, level: int) -> str:
+        name = self._level_names.get(level)
+        if name is None:
+            name = self._level_names[level] = logging.getLevelName(level)
+        return name
 
-    def _render(self, kind: str, created: float, level: int, workflow_id: str,
-                message: str) -> str:
-        """The line ``kind``'s formatter makes of the record ``_build`` would build."""
-        level_name = self._level_names.get(level)
-        if level_name is None:
-            level_name = self._level_names[level] = logging.getLevelName(level)
+    def _detailed_line(self, created: float, level: int, workflow_id: str,
+                       message: str) -> str:
+        """DetailedFormatter's line for the record ``_build`` would build."""
         second = int(created)
-        if kind == "detailed":
-            cached, asctime = self._detailed_second
-            if cached != second:  # asctime: logging.Formatter.formatTime with our datefmt
-                asctime = time.strftime(_DETAILED_DATE, logging.Formatter.converter(created))
-                self._detailed_second = (second, asctime)
-            return f"{asctime} - {LOGGER_NAME} - {level_name} - [{workflow_id}] {message}"
+        cached, asctime = self._detailed_second
+        if cached != second:  # asctime: logging.Formatter.formatTime with our datefmt
+            asctime = time.strftime(_DETAILED_DATE, logging.Formatter.converter(created))
+            self._detailed_second = (second, asctime)
+        level_name = self._level_names.get(level) or self._level_name(level)
+        return f"{asctime} - {LOGGER_NAME} - {level_name} - [{workflow_id}] {message}"
+
+    def _json_line(self, created: float, level: int, workflow_id: str, message: str) -> str:
+        """JsonFormatter's line for the record ``_build`` would build."""
+        second = int(created)
         cached, stamp = self._json_second
         if cached != second:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
             self._json_second = (second, stamp)
+        level_name = self._level_names.get(level) or self._level_name(level)
         # json.dumps of JsonFormatter's dict: its separators, its string escaping.
         return (f'{{"time": "{stamp}.{int((created - second) * 1000):03d}Z", '
                 f'"level": {_json_string(level_name)}, "logger": "{LOGGER_NAME}", '

@@ -572,3 +572,37 @@ def test_a_deferred_record_that_cannot_render_is_reported_not_fatal(
     listening.listener.handle(batch)
     assert reported == ["two %s %s"]
     assert listening.written()[0].decode().endswith(f"[{WID}] fine yes\n")
+
+
+def test_a_loop_built_record_that_cannot_format_is_reported_not_fatal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record the loop built that its formatter cannot render (JSON fields with a key
+    JSON has no form for) is reported by each handler as its emit would, and the batch's
+    other lines are still written."""
+    listening = _Listening(tmp_path, "json", record_path=False)
+    reported: list[logging.Handler] = []
+    for handler in listening.listener.handlers:
+        monkeypatch.setattr(handler, "handleError",
+                            lambda record, handler=handler: reported.append(handler))
+    record = _logged_record("fields of no JSON form", failing=False)
+    record.fields = {(1, 2): "a tuple key"}
+    batch = _Held()
+    batch += [record, (_ALL_DAY, logging.ERROR, "fine %s", ("yes",), WID)]
+    listening.listener.handle(batch)
+    assert reported == list(listening.listener.handlers)  # both: ERROR reaches the console
+    file_text, console_text = listening.written()
+    assert [json.loads(line)["message"] for line in file_text.splitlines()] == ["fine yes"]
+    assert console_text == file_text.decode()
+
+
+def test_handlers_of_different_formats_each_get_their_own(tmp_path: Path) -> None:
+    """A JSON file beside a detailed console (not what configure_logging installs) is
+    served by the record path: each handler writes its own format."""
+    listening = _Listening(tmp_path, "detailed", record_path=False)
+    listening.file.setFormatter(reliability._logging.JsonFormatter())
+    batch = _Held()
+    batch.append((_ALL_DAY, logging.WARNING, "held %s", ("back",), WID))
+    listening.listener.handle(batch)
+    file_text, console_text = listening.written()
+    assert json.loads(file_text)["message"] == "held back"
+    assert console_text.endswith(f"- WARNING - [{WID}] held back\n")
