@@ -606,3 +606,16 @@ def test_handlers_of_different_formats_each_get_their_own(tmp_path: Path) -> Non
     file_text, console_text = listening.written()
     assert json.loads(file_text)["message"] == "held back"
     assert console_text.endswith(f"- WARNING - [{WID}] held back\n")
+
+
+def test_the_logging_thread_benchmark_prints_both_paths(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks.logthread`` runs both paths and prints their CPU per record
+    and the ratio (its shape only: figures belong to the benchmark)."""
+    import benchmarks.logthread
+
+    assert benchmarks.logthread.main(["--records", "300", "--batch", "16", "--runs", "1",
+                                      "--format", "json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["records", "direct", "direct"]
+    assert "us CPU per record (json, batch 16)" in out[1] and "x cheaper" in out[2]
