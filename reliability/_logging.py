@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from asyncio import _get_running_loop as asyncio_running_loop
+from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps uses
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +81,15 @@ class _WorkflowIdFilter(logging.Filter):
         return True
 
 
+_DETAILED = "%(asctime)s - %(name)s - %(levelname)s - [%(workflow_id)s] %(message)s"
+_DETAILED_DATE = "%Y-%m-%d %H:%M:%S"
+
+
 class DetailedFormatter(logging.Formatter):
     """``2024-01-15 14:23:15 - workflow_manager - INFO - [workflow-...] message``."""
 
     def __init__(self) -> None:
-        super().__init__("%(asctime)s - %(name)s - %(levelname)s - [%(workflow_id)s] %(message)s",
-                         datefmt="%Y-%m-%d %H:%M:%S")
+        super().__init__(_DETAILED, datefmt=_DETAILED_DATE)
 
 
 class JsonFormatter(logging.Formatter):
@@ -204,23 +208,159 @@ class _Held(list[Any]):
 
 class _BatchListener(logging.handlers.QueueListener):
     """QueueListener that also takes the lists ``_InPlaceQueueHandler`` hands over, and
-    builds the records ``log_soon`` deferred (here, off the event loop)."""
+    builds the records ``log_soon`` deferred (here, off the event loop).
+
+    While its handlers are the ones ``configure_logging`` installs (our formatters, no
+    filters, one format), a handed-over list is rendered once, line by line straight
+    from the deferred tuples without a ``LogRecord``, and each handler gets its lines in
+    one write: building, filtering, formatting and writing a record per line cost this
+    thread ~10x as much (``python -m benchmarks.logthread``), and it holds the GIL the
+    event loop waits for. The lines are the ones the records would make, byte for byte;
+    anything else (other handlers, formatters or filters) takes the record path, and
+    records the loop built are formatted as before.
+    """
 
     def __init__(self, records: queue.SimpleQueue[Any], front: _InPlaceQueueHandler,
                  *handlers: logging.Handler) -> None:
         super().__init__(records, *handlers, respect_handler_level=True)
         self._front = front
+        self._level_names: dict[int, str] = {}
+        # The time prefix changes once a second: (second, its text), per format.
+        self._detailed_second: tuple[int, str] = (-1, "")
+        self._json_second: tuple[int, str] = (-1, "")
 
     def handle(self, record: Any) -> None:
-        if isinstance(record, list):
+        if not isinstance(record, list):
+            super().handle(record)
+            return
+        kind = self._direct_kind()
+        if kind is None:
             for each in record:
                 if isinstance(each, tuple):
                     each = self._build(each, record)
                     if each is None:
                         continue
                 super().handle(each)
-        else:
-            super().handle(record)
+            return
+        self._write_lines(record, kind)
+
+    def _direct_kind(self) -> str | None:
+        """The format all handlers' lines can be rendered in without records
+        (``detailed`` or ``json``, one for all as ``configure_logging`` installs them);
+        None where records are needed."""
+        front_filters = self._front.filters
+        if len(front_filters) != 1 or type(front_filters[0]) is not _WorkflowIdFilter:
+            return None
+        kinds = set()
+        for handler in self.handlers:
+            if type(handler) not in _DIRECT_HANDLERS or handler.filters:
+                return None
+            formatter = handler.formatter
+            if type(formatter) is JsonFormatter:
+                kinds.add("json")
+            elif (type(formatter) is DetailedFormatter and formatter._fmt == _DETAILED
+                  and formatter.datefmt == _DETAILED_DATE
+                  and formatter.converter is logging.Formatter.converter):
+                kinds.add("detailed")
+            else:
+                return None
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def _write_lines(self, batch: list[Any], kind: str) -> None:
+        """Render ``batch`` once and write each handler its lines (those at or above its
+        level) at once."""
+        handlers = self.handlers
+        formatter = handlers[0].formatter
+        assert formatter is not None  # _direct_kind checked it
+        render = self._detailed_line if kind == "detailed" else self._json_line
+        levels: list[int] = []
+        lines: list[str] = []
+        for each in batch:
+            if type(each) is tuple:
+                created, level, msg, args, workflow_id = each
+                # The message as LogRecord.getMessage renders it, redacted. A record
+                # given one mapping formats with the mapping itself: wrapped in the tuple
+                # it renders the same or raises here and takes the record path.
+                try:
+                    message = str(msg) % args if args else str(msg)
+                except Exception:  # the record path reports it as logging does
+                    message = None
+                if message is not None:
+                    if _secrets:
+                        message = redact_secrets(message)
+                    levels.append(level)
+                    lines.append(render(created, level, workflow_id, message))
+                    continue
+                each = self._build(each, batch)
+                if each is None:
+                    continue
+            try:  # records the loop built: their formatter's line (all handlers' alike)
+                lines.append(formatter.format(each))
+                levels.append(each.levelno)
+            except Exception:
+                for handler in handlers:
+                    if each.levelno >= handler.level:
+                        handler.handleError(each)
+        lowest = min(levels, default=0)
+        for handler in handlers:
+            level = handler.level
+            chosen = lines if level <= lowest else [
+                line for line, at in zip(lines, levels, strict=True) if at >= level]
+            if chosen:
+                self._write(handler, chosen)
+
+    def _level_name(self, level: int) -> str:
+        name = self._level_names.get(level)
+        if name is None:
+            name = self._level_names[level] = logging.getLevelName(level)
+        return name
+
+    def _detailed_line(self, created: float, level: int, workflow_id: str,
+                       message: str) -> str:
+        """DetailedFormatter's line for the record ``_build`` would build."""
+        second = int(created)
+        cached, asctime = self._detailed_second
+        if cached != second:  # asctime: logging.Formatter.formatTime with our datefmt
+            asctime = time.strftime(_DETAILED_DATE, logging.Formatter.converter(created))
+            self._detailed_second = (second, asctime)
+        level_name = self._level_names.get(level) or self._level_name(level)
+        return f"{asctime} - {LOGGER_NAME} - {level_name} - [{workflow_id}] {message}"
+
+    def _json_line(self, created: float, level: int, workflow_id: str, message: str) -> str:
+        """JsonFormatter's line for the record ``_build`` would build."""
+        second = int(created)
+        cached, stamp = self._json_second
+        if cached != second:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+            self._json_second = (second, stamp)
+        level_name = self._level_names.get(level) or self._level_name(level)
+        # json.dumps of JsonFormatter's dict: its separators, its string escaping.
+        return (f'{{"time": "{stamp}.{int((created - second) * 1000):03d}Z", '
+                f'"level": {_json_string(level_name)}, "logger": "{LOGGER_NAME}", '
+                f'"workflow_id": {_json_string(workflow_id)}, '
+                f'"message": {_json_string(message)}}}')
+
+    @staticmethod
+    def _write(handler: logging.Handler, lines: list[str]) -> None:
+        """One write of ``lines`` to ``handler``'s stream: what ``emit`` writes for each
+        line, flushed as ``emit`` would after the last."""
+        handler.acquire()
+        try:
+            if isinstance(handler, DailyFileHandler):
+                stream = handler._stream_for_today()
+                stream.write("\n".join(lines) + "\n")
+                if handler._drained is not None and handler._drained():
+                    stream.flush()
+            else:
+                stream_handler: logging.StreamHandler[Any] = handler  # type: ignore[assignment]
+                terminator = stream_handler.terminator
+                stream_handler.stream.write(terminator.join(lines) + terminator)
+                stream_handler.flush()
+        except Exception:
+            handler.handleError(logging.makeLogRecord(
+                {"name": LOGGER_NAME, "msg": "%d log lines", "args": (len(lines),)}))
+        finally:
+            handler.release()
 
     def _build(self, deferred: tuple[Any, ...], held: Any) -> logging.LogRecord | None:
         created, level, msg, args, workflow_id = deferred
@@ -235,10 +375,15 @@ class _BatchListener(logging.handlers.QueueListener):
         record.workflow_id = workflow_id
         front = self._front
         # What the front handler does to a record on the loop: its filters (secrets),
-        # then the message rendered.
-        if not front.filter(record):
+        # then the message rendered; a message that cannot be rendered is reported as
+        # the front handler's emit reports it (an exception here would end this thread).
+        try:
+            if not front.filter(record):
+                return None
+            return front.prepare(record)
+        except Exception:
+            front.handleError(record)
             return None
-        return front.prepare(record)
 
 
 class DailyFileHandler(logging.Handler):
@@ -289,6 +434,9 @@ class DailyFileHandler(logging.Handler):
             self._stream = None
         super().close()
 
+
+# The handlers whose lines _BatchListener writes without records (their emit exactly).
+_DIRECT_HANDLERS = (logging.StreamHandler, DailyFileHandler)
 
 _installed: list[logging.Handler] = []
 _listener: list[logging.handlers.QueueListener] = []

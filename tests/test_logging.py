@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import logging.handlers
 import math
+import queue
+import sys
 import threading
 import time
 import types
@@ -20,6 +23,10 @@ from reliability import Runtime, WorkflowConfiguration
 from reliability._logging import (
     HAND_OVER_INTERVAL,
     LOGGER_NAME,
+    _BatchListener,
+    _Held,
+    _InPlaceQueueHandler,
+    _WorkflowIdFilter,
     configure_logging,
     log_soon,
     logger,
@@ -293,10 +300,10 @@ def _record_builders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.usefixtures("quiet_logger")
-async def test_log_soon_builds_records_off_the_loop_with_the_same_fields(
+async def test_log_soon_renders_off_the_loop_with_the_same_fields(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A record logged with log_soon on the loop is built by the logging thread, yet its
-    line is the one logger.info writes (time, level, workflow ID, message), in order
+    """A record logged with log_soon on the loop is rendered by the logging thread, yet
+    its line is the one logger.info writes (time, level, workflow ID, message), in order
     with the records around it."""
     configure_logging(level="INFO", log_format="json", directory=tmp_path, console=False)
     _only_ours(monkeypatch)
@@ -322,8 +329,8 @@ async def test_log_soon_builds_records_off_the_loop_with_the_same_fields(
     assert [e["level"] for e in entries] == ["INFO", "INFO", "WARNING"]
     assert entries[1]["time"] == "2023-11-14T22:13:20.500Z"
     loop_thread = threading.get_ident()
-    assert builders.count(loop_thread) == 2  # the two logger calls; log_soon's was not
-    assert len(builders) == 3
+    # The two logger calls'; log_soon's line is rendered without a record at all.
+    assert builders == [loop_thread] * 2
 
 
 @pytest.mark.usefixtures("quiet_logger")
@@ -356,3 +363,259 @@ async def test_log_soon_without_our_handler_is_an_ordinary_record(
         workflow_id_var.reset(token)
     assert [r.getMessage() for r in caplog.records] == [
         "Health check completed (before s0): HEALTHY"]
+
+
+# The logging thread's direct path: deferred records rendered to lines without LogRecords.
+
+_ALL_DAY = 1_705_328_595.0  # 2024-01-15 14:23:15 UTC
+
+
+def _deferred_batch() -> _Held:
+    """A handed-over list with what the direct path must render like records: times
+    across second boundaries (and their milliseconds), every level name, escapes JSON
+    needs, a registered secret, a '%' without arguments, a mapping argument."""
+    batch = _Held()
+    batch += [
+        (_ALL_DAY + 0.0004, logging.INFO, "Stage transition: %s -> %s (duration: %.1fs)",
+         ("plan", "build", 0.25), WID),
+        (_ALL_DAY + 0.9996, logging.WARNING, "Health check completed (%s): %s (CPU: %.0f%%)",
+         ("before build", "DEGRADED", 91.4), WID),
+        (_ALL_DAY + 1.5, logging.ERROR, 'quote " backslash \\ tab \t ünïcode ✓ %d', (3,), "-"),
+        (_ALL_DAY + 1.999, 25, "a level of its own", (), "wf-ß"),
+        (_ALL_DAY + 61.25, logging.INFO, "100% done, no arguments", (), WID),
+        (_ALL_DAY + 61.5, logging.INFO, "pushing with %s", (_SECRET,), WID),
+        (_ALL_DAY + 62.0, logging.INFO, "by name: %(stage)s", ({"stage": "review"},), WID),
+        (_ALL_DAY + 3_600.125, logging.DEBUG, "below the console's level", (), WID),
+    ]
+    return batch
+
+
+_SECRET = "ghp_" + "f4stp4th" * 5
+
+
+class _Console(io.StringIO):
+    """A terminal that counts its flushes."""
+
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+class _Listening:
+    """A ``_BatchListener`` over a daily file (no level) and a console (WARNING), as
+    ``configure_logging`` builds them, driven by hand (its thread never started)."""
+
+    def __init__(self, directory: Path, log_format: str, *, record_path: bool) -> None:
+        formatter = (reliability._logging.JsonFormatter() if log_format == "json"
+                     else reliability._logging.DetailedFormatter())
+        self.console = _Console()
+        console = logging.StreamHandler(self.console)
+        console.setLevel(logging.WARNING)
+        self.file = reliability._logging.DailyFileHandler(directory)
+        for handler in (console, self.file):
+            handler.setFormatter(formatter)
+        self.front = _InPlaceQueueHandler(queue.SimpleQueue())
+        self.front.addFilter(_WorkflowIdFilter())
+        if record_path:  # any filter of the user's makes records necessary
+            self.front.addFilter(lambda record: True)
+        self.listener = _BatchListener(queue.SimpleQueue(), self.front, self.file, console)
+        self.directory = directory
+
+    def written(self) -> tuple[bytes, str]:
+        self.file.close()
+        (path,) = self.directory.glob("workflow-*.log")
+        return path.read_bytes(), self.console.getvalue()
+
+
+@pytest.fixture(params=["UTC0", "XST-5:30"])
+def time_zone(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """UTC, and a local time half an hour off any UTC hour (the detailed format's time is
+    local, the JSON one's UTC)."""
+    monkeypatch.setenv("TZ", request.param)
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.fixture
+def secret_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reliability._logging, "_secrets", frozenset())
+    register_secret(_SECRET)
+
+
+def _logged_record(message: str, *, failing: bool) -> logging.LogRecord:
+    """A record as the loop's front handler queues it (filtered, rendered, traceback as
+    text)."""
+    record = logger.makeRecord(LOGGER_NAME, logging.ERROR, "f", 1, message, (), None)
+    record.created, record.msecs = _ALL_DAY + 1.25, 250.0  # the same in both runs
+    if failing:
+        try:
+            raise ValueError("the disk said no")
+        except ValueError:
+            record.exc_info = sys.exc_info()
+    front = _InPlaceQueueHandler(queue.SimpleQueue())
+    front.addFilter(_WorkflowIdFilter())
+    front.filter(record)
+    return front.prepare(record)
+
+
+@pytest.mark.usefixtures("secret_registered", "time_zone")
+@pytest.mark.parametrize("log_format", ["detailed", "json"])
+def test_deferred_lines_are_the_records_lines_byte_for_byte(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_format: str) -> None:
+    """Rendered without records, a batch of deferred records (with records the loop built,
+    tracebacks included, between them) writes to the file and the console exactly the
+    bytes the record path writes: times, levels, escapes, redaction, handler levels."""
+    builders = _record_builders(monkeypatch)
+    written = []
+    for record_path in (False, True):
+        (tmp_path / str(record_path)).mkdir()
+        listening = _Listening(tmp_path / str(record_path), log_format,
+                               record_path=record_path)
+        batch = _deferred_batch()
+        batch.insert(2, _logged_record("loop-built, failing", failing=True))
+        batch.insert(5, _logged_record("loop-built", failing=False))
+        listening.listener.handle(batch)
+        written.append(listening.written())
+        if not record_path:
+            assert len(builders) == 3  # two loop-built records, the mapping's one
+    assert len(builders) == 3 + 2 + 8  # the record path: its loop-built two, every deferred
+    direct, through_records = written
+    assert direct == through_records
+    file_text, console_text = direct
+    assert len(file_text.splitlines()) >= 10 and _SECRET.encode() not in file_text
+    assert b"***" in file_text and b"Traceback" in file_text
+    assert "below the console's level" not in console_text
+    assert "Health check completed" in console_text
+
+
+def test_a_batch_is_one_write_per_handler(tmp_path: Path) -> None:
+    """However many lines a handed-over batch holds, each handler's stream gets one write
+    (and the console one flush)."""
+    listening = _Listening(tmp_path, "detailed", record_path=False)
+    writes: list[str] = []
+    file_stream = listening.file._stream_for_today()
+
+    class Counting:
+        def write(self, text: str) -> None:
+            writes.append(text)
+            file_stream.write(text)
+
+    listening.file._stream_for_today = lambda: Counting()  # type: ignore[method-assign]
+    batch = _Held()
+    batch += [(_ALL_DAY, logging.WARNING, "line %d", (index,), WID) for index in range(100)]
+    listening.listener.handle(batch)
+    assert len(writes) == 1 and writes[0].count("\n") == 100
+    assert listening.console.flushes == 1
+    file_text, console_text = listening.written()
+    assert file_text.decode() == writes[0] == console_text
+
+
+def test_the_direct_path_switches_files_at_utc_midnight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daily file is chosen as each batch is written: a batch after UTC midnight goes
+    to the next day's file."""
+    now = [_ALL_DAY]
+    real_gmtime = time.gmtime
+    everything_else = {name: getattr(time, name) for name in dir(time)
+                       if not name.startswith("_")}
+    monkeypatch.setattr(reliability._logging, "time", types.SimpleNamespace(**{
+        **everything_else,
+        "gmtime": lambda seconds=None: real_gmtime(now[0] if seconds is None else seconds)}))
+    listening = _Listening(tmp_path, "json", record_path=False)
+    for day in range(2):
+        now[0] = _ALL_DAY + day * 86_400
+        batch = _Held()
+        batch.append((now[0], logging.INFO, "day %d", (day,), WID))
+        listening.listener.handle(batch)
+    listening.file.close()
+    files = {path.name: path.read_text() for path in tmp_path.glob("workflow-*.log")}
+    assert sorted(files) == ["workflow-20240115.log", "workflow-20240116.log"]
+    assert '"message": "day 0"' in files["workflow-20240115.log"]
+    assert '"time": "2024-01-16T14:23:15.000Z"' in files["workflow-20240116.log"]
+
+
+def test_a_user_handler_gets_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a handler of the user's among ours, deferred records are built as before: the
+    user's handler receives LogRecords with the workflow ID and the rendered message."""
+    received: list[logging.LogRecord] = []
+
+    class Collecting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            received.append(record)
+
+    listening = _Listening(tmp_path, "detailed", record_path=False)
+    listening.listener.handlers = (*listening.listener.handlers, Collecting())
+    builders = _record_builders(monkeypatch)
+    listening.listener.handle(_deferred_batch())
+    assert len(builders) == 8
+    assert received[0].getMessage() == "Stage transition: plan -> build (duration: 0.2s)"
+    assert [getattr(r, "workflow_id", None) for r in received][:2] == [WID, WID]
+    assert "Stage transition: plan -> build" in listening.written()[0].decode()
+
+
+def test_a_deferred_record_that_cannot_render_is_reported_not_fatal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deferred record whose arguments do not fit its message is reported as logging
+    reports a failed emit, and the batch's other lines are still written (an exception
+    would end the logging thread)."""
+    listening = _Listening(tmp_path, "detailed", record_path=False)
+    reported: list[str] = []
+    monkeypatch.setattr(listening.front, "handleError",
+                        lambda record: reported.append(str(record.msg)))
+    batch = _Held()
+    batch += [(_ALL_DAY, logging.INFO, "two %s %s", ("arguments?",), WID),
+              (_ALL_DAY, logging.INFO, "fine %s", ("yes",), WID)]
+    listening.listener.handle(batch)
+    assert reported == ["two %s %s"]
+    assert listening.written()[0].decode().endswith(f"[{WID}] fine yes\n")
+
+
+def test_a_loop_built_record_that_cannot_format_is_reported_not_fatal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record the loop built that its formatter cannot render (JSON fields with a key
+    JSON has no form for) is reported by each handler as its emit would, and the batch's
+    other lines are still written."""
+    listening = _Listening(tmp_path, "json", record_path=False)
+    reported: list[logging.Handler] = []
+    for handler in listening.listener.handlers:
+        monkeypatch.setattr(handler, "handleError",
+                            lambda record, handler=handler: reported.append(handler))
+    record = _logged_record("fields of no JSON form", failing=False)
+    record.fields = {(1, 2): "a tuple key"}
+    batch = _Held()
+    batch += [record, (_ALL_DAY, logging.ERROR, "fine %s", ("yes",), WID)]
+    listening.listener.handle(batch)
+    assert reported == list(listening.listener.handlers)  # both: ERROR reaches the console
+    file_text, console_text = listening.written()
+    assert [json.loads(line)["message"] for line in file_text.splitlines()] == ["fine yes"]
+    assert console_text == file_text.decode()
+
+
+def test_handlers_of_different_formats_each_get_their_own(tmp_path: Path) -> None:
+    """A JSON file beside a detailed console (not what configure_logging installs) is
+    served by the record path: each handler writes its own format."""
+    listening = _Listening(tmp_path, "detailed", record_path=False)
+    listening.file.setFormatter(reliability._logging.JsonFormatter())
+    batch = _Held()
+    batch.append((_ALL_DAY, logging.WARNING, "held %s", ("back",), WID))
+    listening.listener.handle(batch)
+    file_text, console_text = listening.written()
+    assert json.loads(file_text)["message"] == "held back"
+    assert console_text.endswith(f"- WARNING - [{WID}] held back\n")
+
+
+def test_the_logging_thread_benchmark_prints_both_paths(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks.logthread`` runs both paths and prints their CPU per record
+    and the ratio (its shape only: figures belong to the benchmark)."""
+    import benchmarks.logthread
+
+    assert benchmarks.logthread.main(["--records", "300", "--batch", "16", "--runs", "1",
+                                      "--format", "json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["records", "direct", "direct"]
+    assert "us CPU per record (json, batch 16)" in out[1] and "x cheaper" in out[2]
