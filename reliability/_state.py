@@ -9,6 +9,7 @@ Resume re-runs the first stage not in it.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Mapping
 from typing import Any
@@ -215,18 +216,22 @@ class WorkflowRun:
         else:
             objects, parts = cached
             # Where the list's first entry sits in the cache (the start of a sliding
-            # window: 0 or 1 as a rule); from there the cached entries must be the list's
-            # first ones, in order, else everything is encoded anew.
-            first, start = entries[0], 0
-            while start < len(objects) and objects[start] is not first:
+            # window: 0 or 1 as a rule): the first place from which the cached entries are
+            # the list's first ones, in order (one entry may be recorded many times in a
+            # row: a health result shared by stages), else everything is encoded anew.
+            first, start, cached_count = entries[0], 0, len(objects)
+            while start < cached_count and not (
+                    objects[start] is first and cached_count - start <= len(entries)
+                    and all(map(operator.is_, itertools.islice(objects, start, None),
+                                entries))):
                 start += 1
             if start:
                 del objects[:start], parts[:start]
-            if len(objects) > len(entries) or not all(map(operator.is_, objects, entries)):
-                objects, parts = [], []
         for entry in entries[len(objects):]:
+            # The same entry as the one before (stages sharing a health result): its bytes.
+            parts.append(parts[-1] if objects and objects[-1] is entry
+                         else _canonical_entry(entry))
             objects.append(entry)
-            parts.append(_canonical_entry(entry))
         caches[name] = (objects, parts)
         return orjson.Fragment(b"[" + b",".join(parts) + b"]")
 
