@@ -66,6 +66,7 @@ __all__ = ["Runtime", "WorkflowResult", "resolve_definition", "resume_workflow",
 
 T = TypeVar("T")
 _REMEMBERED = 1000  # finished runs kept in memory for diagnostics; older ones are on disk
+_QUIET_STATUSES = frozenset({HealthStatus.HEALTHY, HealthStatus.WARNING})  # health logged at INFO
 
 
 @dataclass(frozen=True, slots=True)
@@ -829,11 +830,12 @@ class Runtime:
         run.record_health_check(entry)
         # A busy CPU alone (WARNING) is normal while handlers' subprocesses run; log it
         # quietly.
-        level = logging.INFO if check.status in (HealthStatus.HEALTHY, HealthStatus.WARNING) else (
-            logging.WARNING)
-        # One per stage: the record is built and formatted by the logging thread.
+        status = check.status
+        level = logging.INFO if status in _QUIET_STATUSES else logging.WARNING
+        # One per stage: the record is built and formatted by the logging thread (the
+        # status is a str enum: "%s" gives its value).
         log_soon(level, "Health check completed (%s): %s (CPU: %.0f%%, Memory: %.0f%%)",
-                 reason, check.status.value, check.cpu_usage, check.memory_usage)
+                 reason, status, check.cpu_usage, check.memory_usage)
 
     # ------------------------------------------------------------------ diagnostics
 

@@ -366,3 +366,19 @@ class TestSharedResult:
         diagnostics["recent_health_checks"][0]["status"] = "changed by a caller"
         recorded = heard.runs[result.workflow_id].health_checks
         assert [e["status"] for e in recorded] == ["HEALTHY"] * 3
+
+    async def test_each_stage_check_is_logged_with_its_reason(self, tmp_path: Path,
+                                                              records: _Records) -> None:
+        """Every stage's check logs one line naming its stage and the status's value: at
+        INFO while healthy, at WARNING once the loop lag makes it DEGRADED."""
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=FakeClock(),
+                           configure_logs=False) as runtime:
+            await runtime.run(CHECKED)
+            runtime.loop_lag_ms = 1500.0
+            await runtime.run(CHECKED)
+        logged = [(r.levelno, r.getMessage()) for r in records.records
+                  if r.getMessage().startswith("Health check completed")]
+        assert [(level, message.split(" (CPU")[0]) for level, message in logged] == [
+            (logging.INFO, f"Health check completed (before c{i}): HEALTHY") for i in range(3)
+        ] + [(logging.WARNING, f"Health check completed (before c{i}): DEGRADED")
+             for i in range(3)]
