@@ -826,7 +826,14 @@ class Runtime:
     async def stage_health_check(self, run: WorkflowRun, reason: str) -> None:
         if not self.config.enable_health_checks:
             return
-        check, entry = await self._health_result(run.workflow_id)
+        # The shared result while its sample and loop lag hold (see _health_result),
+        # taken here without a coroutine of its own: this runs before every checked stage.
+        shared, sampler = self._shared_health, self._sampler
+        if (shared is not None and sampler is not None and not self.health_checks
+                and sampler.sample() is shared[0] and shared[1] == self.loop_lag_ms):
+            check, entry = shared[2], shared[3]
+        else:
+            check, entry = await self._health_result(run.workflow_id)
         run.record_health_check(entry)
         # A busy CPU alone (WARNING) is normal while handlers' subprocesses run; log it
         # quietly.
