@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import importlib
 import logging
 import os
@@ -885,8 +886,9 @@ def diagnostics_for(run: WorkflowRun, live: LiveWorkflow | None, clock: Clock,
         "retry_count": run.retry_count,
         "recovery_attempts": run.recovery_attempts,
         "recent_errors": run.errors[-5:],
-        # Copies: a recorded entry is shared by every workflow checked within one sample.
-        "recent_health_checks": [dict(check) for check in run.health_checks[-5:]],
+        # Copies, nested lists too: a recorded entry is shared by every workflow checked
+        # within one sample.
+        "recent_health_checks": copy.deepcopy(run.health_checks[-5:]),
         "stage_history": {e["stage"]: {**e, "status": _history_status(e)}
                           for e in run.stage_history},
         "performance_report": report_for(run),

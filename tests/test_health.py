@@ -364,8 +364,10 @@ class TestSharedResult:
             result = await runtime.run(CHECKED)
             diagnostics = runtime.get_workflow_diagnostics(result.workflow_id)
         diagnostics["recent_health_checks"][0]["status"] = "changed by a caller"
+        diagnostics["recent_health_checks"][1]["recommendations"].append("a caller's")
         recorded = heard.runs[result.workflow_id].health_checks
         assert [e["status"] for e in recorded] == ["HEALTHY"] * 3
+        assert [e["recommendations"] for e in recorded] == [[]] * 3
 
     async def test_each_stage_check_is_logged_with_its_reason(self, tmp_path: Path,
                                                               records: _Records) -> None:
