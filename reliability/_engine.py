@@ -147,9 +147,11 @@ class Engine:
         # The machine's state names the stage; this finds its spec (a stage's name is its
         # state's name).
         self._specs: dict[str, StageSpecLike] = {s.name: s for s in definition.stages}
-        self._checked_before = frozenset(
-            s.name for s in definition.stages
-            if config.enable_health_checks and getattr(s, "health_check", False))
+        # Stage name -> the reason its health check before it logs ("before NAME"), made
+        # once here, not at every attempt.
+        self._checked_before = {
+            s.name: f"before {s.name}" for s in definition.stages
+            if config.enable_health_checks and getattr(s, "health_check", False)}
         self._actions: dict[str, RecoveryAction] = {**BUILTIN_ACTIONS,
                                                     **definition.recovery_actions}
         # Each stage's (timeout, warning threshold), scaled once here, not at every attempt.
@@ -369,8 +371,9 @@ class Engine:
     async def _attempt(self, live: LiveWorkflow, spec: StageSpecLike,
                        attempt: int) -> Mapping[str, Any] | None:
         ctx = StageContext(self, live, spec.name, attempt, self._logger_for(live))
-        if spec.name in self._checked_before:
-            await self.host.stage_health_check(live.run, f"before {spec.name}")
+        reason = self._checked_before.get(spec.name)
+        if reason is not None:
+            await self.host.stage_health_check(live.run, reason)
         if live.stop_reason is not None:
             # Asked to stop while outside the handler (during the health check above), when
             # nothing could be cancelled: honour it before the handler starts, not after.

@@ -55,7 +55,12 @@ HealthCheckFunction = Callable[[str | None], "Mapping[str, Any] | Awaitable[Mapp
 @dataclass(frozen=True, slots=True)
 class SystemHealthCheck:
     """The health result. ``custom`` holds what each registered check reported, by the
-    check's name (a workflow package's own probes: its services, tools, repository)."""
+    check's name (a workflow package's own probes: its services, tools, repository).
+
+    ``timestamp`` is when the result was built (wall clock): with no registered checks
+    one result is shared by every check within a resource sample's ``min_interval`` (and
+    the same loop lag), so it says when the readings were taken, not when a given stage
+    asked. With registered checks each call builds its own."""
 
     status: HealthStatus
     cpu_usage: float

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import importlib
 import logging
 import os
@@ -66,6 +67,7 @@ __all__ = ["Runtime", "WorkflowResult", "resolve_definition", "resume_workflow",
 
 T = TypeVar("T")
 _REMEMBERED = 1000  # finished runs kept in memory for diagnostics; older ones are on disk
+_QUIET_STATUSES = frozenset({HealthStatus.HEALTHY, HealthStatus.WARNING})  # health logged at INFO
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +202,10 @@ class Runtime:
         self._listening: dict[str, list[Listener]] = {}
         self._runtime_listeners: list[Callable[..., None]] = []
         self._sampler: HealthSampler | None = None
+        # The last health result built without registered checks: (sample, loop lag,
+        # result, recorded entry), shared until either changes (see _health_result).
+        self._shared_health: tuple[object, float | None, SystemHealthCheck,
+                                   dict[str, Any]] | None = None
         self._policy = RetryPolicy(max_retries=self.config.max_retries,
                                    base_delay=self.config.retry_base_delay,
                                    max_delay=self.config.retry_max_delay,
@@ -738,7 +744,8 @@ class Runtime:
         """``listener(event, **data)`` hears of events that belong to no one workflow:
         ``breaker`` (dependency=, state=), ``dependency_call`` (dependency=, outcome= ok,
         error, rejected or rate_limited), ``loop_lag`` (seconds=) and ``health`` (check=,
-        a ``SystemHealthCheck``)."""
+        a ``SystemHealthCheck``), once per new result: with no registered checks, the
+        stages checked within one resource sample share a result and it is told once."""
         self._runtime_listeners.append(listener)
 
     def notify(self, event: str, **data: Any) -> None:
@@ -768,13 +775,37 @@ class Runtime:
     async def _health_check(self, workflow_id: str | None) -> SystemHealthCheck:
         # A running workflow's ID was validated when it was admitted: a stage's check
         # (stage_health_check) comes here directly, without the regex per stage.
+        check, entry = await self._health_result(workflow_id)
+        live = self._live.get(workflow_id) if workflow_id else None
+        if live is not None:
+            live.run.record_health_check(entry)
+        return check
+
+    async def _health_result(self, workflow_id: str | None,
+                             ) -> tuple[SystemHealthCheck, dict[str, Any]]:
+        """The health result for ``workflow_id`` and the entry a workflow's record keeps.
+
+        With no registered checks the result depends only on the resource sample (reused
+        for the sampler's ``min_interval``) and the loop lag, so it is built, and told to
+        the runtime listeners, once per (sample, lag) and shared: every stage checked
+        within one interval records the same entry (entries are never changed once
+        recorded, see ``WorkflowRun.to_state``). Registered checks answer per workflow,
+        so with any of them each call builds and tells its own result.
+        """
         sampler = self._sampler or HealthSampler(self.project_root, self.clock)
+        lag_ms = self.loop_lag_ms
+        custom_checks = self.health_checks
+        if not custom_checks:
+            sample = sampler.sample()
+            shared = self._shared_health
+            if shared is not None and shared[0] is sample and shared[1] == lag_ms:
+                return shared[2], shared[3]
         sample, status, advice = sampler.assessed()
-        lag_status, lag_advice = assess_loop_lag(self.loop_lag_ms)
+        lag_status, lag_advice = assess_loop_lag(lag_ms)
         status = worst(status, lag_status)
         advice.extend(lag_advice)
         custom: dict[str, Any] = {}
-        for check in self.health_checks:
+        for check in custom_checks:
             name = getattr(check, "__name__", "check")
             try:
                 answer = await run_custom_check(check, workflow_id)
@@ -786,26 +817,33 @@ class Runtime:
         check_result = SystemHealthCheck(
             status=status, cpu_usage=sample.cpu, memory_usage=sample.memory,
             disk_usage=sample.disk, recommendations=tuple(dict.fromkeys(advice)),
-            timestamp=self.clock.time(), loop_lag_ms=self.loop_lag_ms, custom=custom)
+            timestamp=self.clock.time(), loop_lag_ms=lag_ms, custom=custom)
+        entry = check_result.to_dict()
+        if not custom_checks:
+            self._shared_health = (sample, lag_ms, check_result, entry)
         self.notify("health", check=check_result)
-        live = self._live.get(workflow_id) if workflow_id else None
-        if live is not None:
-            live.run.record_health_check(check_result.to_dict())
-        return check_result
+        return check_result, entry
 
     async def stage_health_check(self, run: WorkflowRun, reason: str) -> None:
         if not self.config.enable_health_checks:
             return
-        check = await self._health_check(run.workflow_id)
-        if self._live.get(run.workflow_id) is None:
-            run.record_health_check(check.to_dict())
+        # The shared result while its sample and loop lag hold (see _health_result),
+        # taken here without a coroutine of its own: this runs before every checked stage.
+        shared, sampler = self._shared_health, self._sampler
+        if (shared is not None and sampler is not None and not self.health_checks
+                and sampler.sample() is shared[0] and shared[1] == self.loop_lag_ms):
+            check, entry = shared[2], shared[3]
+        else:
+            check, entry = await self._health_result(run.workflow_id)
+        run.record_health_check(entry)
         # A busy CPU alone (WARNING) is normal while handlers' subprocesses run; log it
         # quietly.
-        level = logging.INFO if check.status in (HealthStatus.HEALTHY, HealthStatus.WARNING) else (
-            logging.WARNING)
-        # One per stage: the record is built and formatted by the logging thread.
+        status = check.status
+        level = logging.INFO if status in _QUIET_STATUSES else logging.WARNING
+        # One per stage: the record is built and formatted by the logging thread (the
+        # status is a str enum: "%s" gives its value).
         log_soon(level, "Health check completed (%s): %s (CPU: %.0f%%, Memory: %.0f%%)",
-                 reason, check.status.value, check.cpu_usage, check.memory_usage)
+                 reason, status, check.cpu_usage, check.memory_usage)
 
     # ------------------------------------------------------------------ diagnostics
 
@@ -848,7 +886,9 @@ def diagnostics_for(run: WorkflowRun, live: LiveWorkflow | None, clock: Clock,
         "retry_count": run.retry_count,
         "recovery_attempts": run.recovery_attempts,
         "recent_errors": run.errors[-5:],
-        "recent_health_checks": run.health_checks[-5:],
+        # Copies, nested lists too: a recorded entry is shared by every workflow checked
+        # within one sample.
+        "recent_health_checks": copy.deepcopy(run.health_checks[-5:]),
         "stage_history": {e["stage"]: {**e, "status": _history_status(e)}
                           for e in run.stage_history},
         "performance_report": report_for(run),

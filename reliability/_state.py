@@ -9,6 +9,7 @@ Resume re-runs the first stage not in it.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Mapping
 from typing import Any
@@ -200,11 +201,9 @@ class WorkflowRun:
         self._encoded = None
 
     def _fragment(self, name: str, entries: list[dict[str, Any]]) -> Any:
-        """``entries`` as one ``orjson.Fragment`` of canonical JSON, reusing the encoding
-        of every entry encoded before (matched by identity: a list only grows at its end
-        and drops entries at its start)."""
-        if not entries:
-            return entries  # [] encodes as itself
+        """``entries`` (not empty) as one ``orjson.Fragment`` of canonical JSON, reusing
+        the encoding of every entry encoded before (matched by identity: a list only
+        grows at its end and drops entries at its start)."""
         caches = self._encoded
         if caches is None:
             caches = self._encoded = {}
@@ -212,22 +211,23 @@ class WorkflowRun:
         if cached is None:
             objects: list[object] = []
             parts: list[bytes] = []
+            caches[name] = (objects, parts)
         else:
             objects, parts = cached
-            # Where the list's first entry sits in the cache (the start of a sliding
-            # window: 0 or 1 as a rule); from there the cached entries must be the list's
-            # first ones, in order, else everything is encoded anew.
-            first, start = entries[0], 0
-            while start < len(objects) and objects[start] is not first:
-                start += 1
-            if start:
-                del objects[:start], parts[:start]
-            if len(objects) > len(entries) or not all(map(operator.is_, objects, entries)):
-                objects, parts = [], []
-        for entry in entries[len(objects):]:
-            objects.append(entry)
-            parts.append(_canonical_entry(entry))
-        caches[name] = (objects, parts)
+            # At every save of a stage the cache is the list but its newest entries: one
+            # identity test of each, in C. Anything else (a window that slid, a list
+            # changed) finds where the cache still matches.
+            if objects and (objects[0] is not entries[0] or len(objects) > len(entries)
+                            or not all(map(operator.is_, objects, entries))):
+                _realign(objects, parts, entries)
+        count = len(objects)
+        if count < len(entries):
+            for entry in entries[count:]:
+                # The same entry as the one before (stages sharing a health result): its
+                # bytes.
+                parts.append(parts[-1] if objects and objects[-1] is entry
+                             else _canonical_entry(entry))
+                objects.append(entry)
         return orjson.Fragment(b"[" + b",".join(parts) + b"]")
 
     @classmethod
@@ -263,6 +263,18 @@ class WorkflowRun:
         run.signals_consumed = {str(k): int(v) for k, v in
                                 (state.get("signals_consumed") or {}).items()}
         return run
+
+
+def _realign(objects: list[object], parts: list[bytes], entries: list[Any]) -> None:
+    """Drop the cached encodings (``objects``, ``parts``) up to where the cache is the
+    start of ``entries`` again (a sliding window's start, past any repeats of one entry:
+    a health result shared by stages); none left if it is nowhere."""
+    first, start, count = entries[0], 0, len(objects)
+    while start < count and not (
+            objects[start] is first and count - start <= len(entries)
+            and all(map(operator.is_, itertools.islice(objects, start, None), entries))):
+        start += 1
+    del objects[:start], parts[:start]
 
 
 def _canonical_entry(entry: Any) -> bytes:

@@ -15,11 +15,13 @@ import psutil
 import pytest
 from workflows_for_tests import BLOCKING, LONG, TIMED
 
+from machines import StageContext, StageSpec, WorkflowDefinition
 from reliability import (
     FakeClock,
     HealthStatus,
     MemoryStore,
     Runtime,
+    SystemHealthCheck,
     WorkflowConfiguration,
 )
 from reliability._health import HealthSampler
@@ -246,3 +248,139 @@ class TestAssessedOncePerSample:
         assert later is not first and later.memory == 99.0
         assert status_later is HealthStatus.CRITICAL
         assert "Free up memory or restart services" in advice_later
+
+
+async def _checked_stage(ctx: StageContext) -> None:
+    seconds = float(ctx.context.get("seconds", 0.0))
+    if seconds:  # a fake clock's sleep waits for the clock to move, even for 0 s
+        await ctx.sleep(seconds)
+
+
+# Three stages, each health-checked before it starts.
+CHECKED = WorkflowDefinition("checked", [
+    StageSpec(stage=f"c{i}", handler=_checked_stage, timeout_seconds=100, health_check=True)
+    for i in range(3)])
+
+
+class _Heard:
+    """The runtime's ``health`` events, and each finished workflow's run."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.checks: list[SystemHealthCheck] = []
+        self.runs: dict[str, Any] = {}
+        runtime.add_runtime_listener(self.on_runtime_event)
+        runtime.add_listener(self.on_finished, events=["finished"])
+
+    def on_runtime_event(self, event: str, **data: Any) -> None:
+        if event == "health":
+            self.checks.append(data["check"])
+
+    def on_finished(self, event: str, run: Any, **data: Any) -> None:
+        self.runs[run.workflow_id] = run
+
+
+class TestSharedResult:
+    async def test_stages_within_one_sample_record_one_result(self, tmp_path: Path) -> None:
+        """Two workflows' six stage checks within one sample record the same entry and the
+        listeners hear of the result once."""
+        clock = FakeClock()
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=clock,
+                           configure_logs=False) as runtime:
+            heard = _Heard(runtime)
+            results = await asyncio.gather(runtime.run(CHECKED), runtime.run(CHECKED))
+        assert [r.status for r in results] == ["completed", "completed"]
+        entries = [e for r in results for e in heard.runs[r.workflow_id].health_checks]
+        assert len(entries) == 6
+        assert all(entry is entries[0] for entry in entries)
+        assert len(heard.checks) == 1
+        assert heard.checks[0].to_dict() == entries[0]
+        assert entries[0]["timestamp"] == clock.time()
+
+    async def test_a_new_sample_or_loop_lag_makes_a_new_result(self, tmp_path: Path) -> None:
+        """The same result within a sample; a changed loop lag or the next sample (after
+        min_interval) builds, and tells, a new one, stamped when it was built."""
+        clock = FakeClock()
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=clock,
+                           configure_logs=False) as runtime:
+            heard = _Heard(runtime)
+            first = await runtime.perform_health_check()
+            clock.advance(0.5)
+            assert await runtime.perform_health_check() is first
+            runtime.loop_lag_ms = 300.0
+            lagged = await runtime.perform_health_check()
+            assert lagged is not first and lagged.status is not HealthStatus.HEALTHY
+            assert lagged.loop_lag_ms == 300.0 and lagged.timestamp == first.timestamp + 0.5
+            clock.advance(0.5)
+            resampled = await runtime.perform_health_check()
+            assert resampled is not lagged and resampled.timestamp == first.timestamp + 1.0
+            assert await runtime.perform_health_check() is resampled
+        assert heard.checks == [first, lagged, resampled]
+
+    async def test_stages_a_sample_apart_record_new_results(self, tmp_path: Path) -> None:
+        """Stages of one workflow that start a second (min_interval) apart record a new
+        result each."""
+        clock = FakeClock()
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=clock,
+                           configure_logs=False) as runtime:
+            heard = _Heard(runtime)
+            async with clock.autojump():
+                result = await runtime.run(CHECKED, context={"seconds": 1.0})
+        entries = heard.runs[result.workflow_id].health_checks
+        assert [e["timestamp"] - entries[0]["timestamp"] for e in entries] == [0.0, 1.0, 2.0]
+        assert len({id(e) for e in entries}) == 3
+        assert [c.to_dict() for c in heard.checks] == entries
+
+    async def test_a_registered_check_keeps_results_per_workflow(self, tmp_path: Path) -> None:
+        """With a registered check every stage check asks it for its workflow and records
+        and tells its own result (one per stage: six)."""
+        clock = FakeClock()
+
+        def per_workflow(workflow_id: str | None) -> dict[str, Any]:
+            return {"status": "HEALTHY", "workflow": workflow_id}
+
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=clock,
+                           configure_logs=False) as runtime:
+            shared = await runtime.perform_health_check()  # shared until a check registers
+            runtime.register_health_check(per_workflow)
+            heard = _Heard(runtime)
+            results = await asyncio.gather(runtime.run(CHECKED), runtime.run(CHECKED))
+        for result in results:
+            entries = heard.runs[result.workflow_id].health_checks
+            assert [e["custom"]["per_workflow"]["workflow"] for e in entries] == [
+                result.workflow_id] * 3
+        every = [e for r in results for e in heard.runs[r.workflow_id].health_checks]
+        assert len({id(e) for e in every}) == 6
+        assert all(c is not shared for c in heard.checks)
+        # (and the admission gate's own checks, for no workflow)
+        told = [c.custom["per_workflow"]["workflow"] for c in heard.checks]
+        assert sorted(w for w in told if w is not None) == sorted(
+            r.workflow_id for r in results for _ in range(3))
+
+    async def test_diagnostics_hand_out_copies_of_shared_entries(self, tmp_path: Path) -> None:
+        """Changing the health checks diagnostics return changes no workflow's record."""
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=FakeClock(),
+                           configure_logs=False) as runtime:
+            heard = _Heard(runtime)
+            result = await runtime.run(CHECKED)
+            diagnostics = runtime.get_workflow_diagnostics(result.workflow_id)
+        diagnostics["recent_health_checks"][0]["status"] = "changed by a caller"
+        diagnostics["recent_health_checks"][1]["recommendations"].append("a caller's")
+        recorded = heard.runs[result.workflow_id].health_checks
+        assert [e["status"] for e in recorded] == ["HEALTHY"] * 3
+        assert [e["recommendations"] for e in recorded] == [[]] * 3
+
+    async def test_each_stage_check_is_logged_with_its_reason(self, tmp_path: Path,
+                                                              records: _Records) -> None:
+        """Every stage's check logs one line naming its stage and the status's value: at
+        INFO while healthy, at WARNING once the loop lag makes it DEGRADED."""
+        async with Runtime(quick(), tmp_path, store=MemoryStore(), clock=FakeClock(),
+                           configure_logs=False) as runtime:
+            await runtime.run(CHECKED)
+            runtime.loop_lag_ms = 1500.0
+            await runtime.run(CHECKED)
+        logged = [(r.levelno, r.getMessage()) for r in records.records
+                  if r.getMessage().startswith("Health check completed")]
+        assert [(level, message.split(" (CPU")[0]) for level, message in logged] == [
+            (logging.INFO, f"Health check completed (before c{i}): HEALTHY") for i in range(3)
+        ] + [(logging.WARNING, f"Health check completed (before c{i}): DEGRADED")
+             for i in range(3)]

@@ -140,3 +140,28 @@ async def test_the_memory_store_keeps_the_documents_encode_document_makes() -> N
     store.documents[WID] = b"as written"
     assert store.documents[WID] == b"as written" and len(store.documents) == 1
     assert list(store.documents) == [WID]
+
+
+def test_an_entry_recorded_many_times_in_a_row_is_encoded_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A health result shared by the stages of one sample, then the next sample's, fills
+    the sliding window with repeats: each result is encoded once, and every save is the
+    canonical bytes."""
+    encoded: list[Any] = []
+    real = reliability._state._canonical_entry
+
+    def counting(entry: Any) -> bytes:
+        encoded.append(entry)
+        return real(entry)
+
+    monkeypatch.setattr(reliability._state, "_canonical_entry", counting)
+    run = _run()
+    results = [{"status": "HEALTHY", "timestamp": float(sample), "recommendations": []}
+               for sample in range(4)]
+    for result in results:
+        for _ in range(5):  # five stages within one sample
+            run.record_health_check(result)
+            plain, fragment = _both(run)
+            assert fragment == plain
+    assert run.health_checks == [results[2]] * 5 + [results[3]] * 5
+    assert encoded == results
