@@ -474,20 +474,23 @@ def configure_logging(*, level: str, log_format: str, directory: Path | None,
 
 def log_soon(level: int, msg: str, *args: Any) -> None:
     """``logger.log(level, msg, *args)``, with the record built and formatted by the
-    logging thread when ``configure_logging``'s handler is the logger's only one.
+    logging thread when ``configure_logging``'s handler is the logger's first one and any
+    other is above ``level`` (the command line's console handler, at WARNING).
 
     For the runtime's own records on the event loop (a stage transition, a health check:
     one or two per stage). Building a ``LogRecord`` and rendering it cost the loop ~10 us
     each; here the loop takes the time, the workflow ID and the arguments and hands them
     over with the other records of its iteration. ``args`` must not change afterwards
-    (strings and numbers). Anywhere else (no running loop, other handlers or filters on
-    the logger, the handler above the level), it is ``logger.log``.
+    (strings and numbers). Anywhere else (no running loop, filters on the logger, another
+    handler that would take the record, our handler above the level), it is
+    ``logger.log``.
     """
     if not logger.isEnabledFor(level):
         return
     handlers = logger.handlers
-    if (len(handlers) == 1 and type(front := handlers[0]) is _InPlaceQueueHandler
+    if (handlers and type(front := handlers[0]) is _InPlaceQueueHandler
             and level >= front.level and not logger.filters
+            and all(level < other.level for other in handlers[1:])
             and (loop := asyncio_running_loop()) is not None):
         front.defer(level, msg, args, loop)
         return

@@ -351,6 +351,35 @@ async def test_log_soon_redacts_secrets_and_respects_the_level(
     assert secret not in line and "pushing with ***" in line
 
 
+@pytest.mark.usefixtures("quiet_logger")
+async def test_log_soon_defers_past_a_handler_above_its_level(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line adds a console handler at WARNING after ours: an INFO record is
+    still rendered by the logging thread (no record built on the loop) and only a record
+    the console takes is logged at once."""
+    configure_logging(level="INFO", log_format="detailed", directory=tmp_path, console=False)
+    # Exactly the command line's pair: ours (the one just installed), then the console's.
+    monkeypatch.setattr(logger, "handlers", [reliability._logging._installed[-1]])
+    console: list[str] = []
+    extra = logging.Handler(logging.WARNING)
+    extra.emit = lambda record: console.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(extra)
+    builders = _record_builders(monkeypatch)
+    try:
+        log_soon(logging.INFO, "Stage transition: %s -> %s", "s0", "s1")
+        assert builders == []
+        log_soon(logging.WARNING, "Health check completed (%s): %s", "before s1", "CRITICAL")
+        assert builders == [threading.get_ident()]
+    finally:
+        logger.removeHandler(extra)
+    await asyncio.sleep(0)
+    shutdown_logging()
+    lines = log_lines(tmp_path)
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "Stage transition: s0 -> s1", "Health check completed (before s1): CRITICAL"]
+    assert console == ["Health check completed (before s1): CRITICAL"]
+
+
 async def test_log_soon_without_our_handler_is_an_ordinary_record(
         caplog: pytest.LogCaptureFixture) -> None:
     """With logging not configured (a library user's own handlers), log_soon logs at once
