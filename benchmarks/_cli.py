@@ -1,5 +1,5 @@
 """Command line: ``python -m benchmarks [run options] | compare OLD NEW | profile | case |
-stagecost | durable | processes``."""
+stagecost | durable | processes | parts``."""
 
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
                     "commands: 'compare OLD.json NEW.json', 'profile [--store file|memory]', "
                     "'case [--store file|memory] [--workflows N] [--runs N]', "
                     "'stagecost [--engine] [--workflows N] [--runs N]', "
-                    "'durable [--workflows N] [--runs N]', 'processes'.",
+                    "'durable [--workflows N] [--runs N]', 'processes', "
+                    "'parts [--samples N]' (what a stage's parts cost on this machine alone).",
         epilog="examples:\n" + "\n".join(f"  {prog} {example}" for example in examples))
     parser.add_argument("--quick", action="store_true",
                         help="a small version that runs in seconds (100 workflows)")
@@ -347,8 +348,8 @@ def _stagecost(argv: Sequence[str], prog: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks") -> int:
-    """Run the suite, or ``compare``, ``case``, ``profile``, ``processes``, ``stagecost``
-    or ``durable``; ``prog`` names the command in help and errors (``workflow-manager
+    """Run the suite, or ``compare``, ``case``, ``profile``, ``processes``, ``stagecost``,
+    ``durable`` or ``parts``; ``prog`` names the command in help and errors (``workflow-manager
     bench`` forwards here)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] == "compare":
@@ -365,4 +366,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks
         return durable(arguments[1:], prog=f"{prog} durable")
     if arguments and arguments[0] == "stagecost":
         return _stagecost(arguments[1:], prog)
+    if arguments and arguments[0] == "parts":
+        from ._parts import main as parts
+        return parts(arguments[1:], prog=f"{prog} parts")
     return _run(arguments, prog)

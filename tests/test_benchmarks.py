@@ -245,6 +245,27 @@ def test_stagecost_prints_the_loop_s_cpu_per_stage_per_run(tmp_path: Path) -> No
     assert refused.returncode == 2 and "--workflows and --runs must be >= 1" in refused.stderr
 
 
+def test_parts_prints_each_part_and_the_budgets_they_bound(tmp_path: Path) -> None:
+    """``parts`` prints a p50 and p90 for every part, the lines that set them against
+    issue 17's budgets, and writes the same parts as JSON; too few samples are refused."""
+    out = tmp_path / "parts.json"
+    result = _run("parts", "--samples", "10", "--scratch", str(tmp_path), "--json", str(out),
+                  cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    names = [part["name"] for part in document["parts"]]
+    assert names == ["fdatasync", "fdatasync_after_gap", "pipe", "pipe_after_gap",
+                     "save_after_gap", "encoding", "trigger", "short_move", "asyncio_stage",
+                     "bare_stage_wall"]
+    for part in document["parts"]:
+        assert 0 < part["p50_us"] <= part["p90_us"] and math.isfinite(part["p90_us"])
+        assert re.search(rf"^{re.escape(part['label'])} +p50 ", result.stdout, re.MULTILINE)
+    assert "one workflow, strict: a stage waits for one sync: " in result.stdout
+    assert "engine alone: a save's encoding + the machine's move + " in result.stdout
+    refused = _run("parts", "--samples", "3", cwd=ROOT)
+    assert refused.returncode == 2 and "--samples must be >= 10" in refused.stderr
+
+
 async def test_the_overhead_figure_s_peer_answers_each_request_and_ends_with_its_input(
 ) -> None:
     """Each byte sent to the loopback peer is answered with one byte (the stages' I/O);
