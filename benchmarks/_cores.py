@@ -11,6 +11,10 @@ as many cores as loops, it is what the loops compete with.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from ._measure import median, settle
@@ -21,6 +25,28 @@ from ._results import Figure, Target
 __all__ = ["measure_cores"]
 
 _COUNTS = (1, 2)
+_ROOT = Path(__file__).resolve().parent.parent
+# The json stage's own work, timed inside the process (its start-up is not counted).
+_WORK_ALONE = ("import json, sys, time\n"
+               "from benchmarks._processes import API_RESPONSE\n"
+               "started = time.perf_counter()\n"
+               "for _ in range(int(sys.argv[1])):\n"
+               "    json.dumps(json.loads(API_RESPONSE))\n"
+               "print(time.perf_counter() - started)\n")
+
+
+def work_alone(processes: int, calls: int) -> float:
+    """Calls/s of the json stage's work alone (no runtime) in ``processes`` processes at
+    once, each making ``calls``: what this machine gives a second core on this work."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+    children = [subprocess.Popen([sys.executable, "-c", _WORK_ALONE, str(calls)], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+                for _ in range(processes)]
+    seconds = [float(child.communicate()[0]) for child in children]
+    if any(child.returncode for child in children):
+        raise RuntimeError("the json work alone failed in a child process")
+    return processes * calls / max(seconds)
 
 
 def measure_cores(plan: Plan) -> Figure:
@@ -46,9 +72,22 @@ def measure_cores(plan: Plan) -> Figure:
         for role in ("loops", "writers"):
             row.add(f"{role}_cpu", median([r["cpu_by_role"].get(role, 0.0)
                                            for r in runs[processes]]), "s")
+    _add_work_alone_row(figure, 200 if plan.quick else 3_000, rounds, plan.wait_idle)
     figure.notes.append(f"median of {rounds} round(s), process counts alternating; rate = "
                         "durable stage transitions/s from the first workflow's start to the "
                         "last one's end; loops_cpu / writers_cpu = CPU seconds of the event "
                         "loops' processes / the store writers over the command's life "
-                        "(`python -m benchmarks processes` for more workloads and rounds)")
+                        "(`python -m benchmarks processes` for more workloads and rounds); "
+                        "work-alone = the stages' json work with no runtime, in 1 and 2 "
+                        "processes at once: the ratio this machine's second core gives it")
     return figure
+
+
+def _add_work_alone_row(figure: Figure, calls: int, rounds: int, wait_idle: bool) -> None:
+    rates: dict[int, list[float]] = {n: [] for n in _COUNTS}
+    for round_number in range(rounds):
+        for processes in (_COUNTS if round_number % 2 == 0 else _COUNTS[::-1]):
+            settle(wait_idle=wait_idle)
+            rates[processes].append(work_alone(processes, calls))
+    row = figure.row("work-alone", "the json work alone (no runtime), 2 processes vs 1")
+    row.add("ratio", median(rates[2]) / median(rates[1]), "x", higher_is_better=True)
