@@ -130,6 +130,14 @@ class Engine:
         self._drop_signals = getattr(host.store, "drop_signals", None)
         self._turns = host.turns
         self._emit = host.emit
+        # The host's listener tables, held by reference (add_listener mutates them in
+        # place), so the per-stage events skip building their keyword arguments and the
+        # call when nobody listens; a host without them (a test's fake) always hears.
+        self._listening: dict[str, list[Any]] | None = getattr(host, "_listening", None)
+        everyone: list[Any] | None = getattr(host, "_listeners", None)
+        if everyone is None:
+            self._listening = None
+        self._all_listeners: list[Any] = everyone if everyone is not None else []
         self._error_handlers = host.error_handlers
         config = host.config
         self._multiplier = config.timeout_multiplier
@@ -360,7 +368,9 @@ class Engine:
         live.stage_spec = spec
         live.stage_started = now
         live.progress = None
-        self._emit("stage", run, stage=spec.name, attempt=attempt)
+        listening = self._listening
+        if listening is None or listening.get("stage", self._all_listeners):
+            self._emit("stage", run, stage=spec.name, attempt=attempt)
         if self._persistence:
             # "started": at once before a side-effecting stage (spec.checkpoint), so a
             # crash inside it is on record as such; other stages' starts may be folded
@@ -448,10 +458,13 @@ class Engine:
                       attempt: int, status: str) -> float:
         duration = self._clock.monotonic() - started
         baseline = self._baselines.get(spec.name, spec.baseline_seconds)
-        run.stage_history.append({"stage": spec.name, "started_at": run.stage_start_time,
-                                  "duration": round(duration, 6), "baseline": baseline,
-                                  "attempts": attempt, "status": status})
-        self.host.emit("stage_end", run, entry=run.stage_history[-1])
+        entry = {"stage": spec.name, "started_at": run.stage_start_time,
+                 "duration": round(duration, 6), "baseline": baseline,
+                 "attempts": attempt, "status": status}
+        run.stage_history.append(entry)
+        listening = self._listening
+        if listening is None or listening.get("stage_end", self._all_listeners):
+            self._emit("stage_end", run, entry=entry)
         return duration
 
     def _wants_checkpoint(self, run: WorkflowRun, spec: StageSpecLike) -> bool:

@@ -499,3 +499,21 @@ class TestOverlappedDurability:
             with pytest.raises(ResourceError, match="No space left"):
                 await runtime.run(FIVE_STAGE_FLOW)
         assert [name for name, _, _ in CALLS] == ["checkout", "configure", "compile"]
+
+
+class TestListenersAddedLater:
+    async def test_listeners_added_after_a_run_hear_every_stage(self, tmp_path: Path) -> None:
+        """A listener added after the engine ran unheard still hears stage and stage_end."""
+        heard: list[tuple[str, str]] = []
+        only_ends: list[str] = []
+        async with fake_runtime(tmp_path) as runtime:
+            assert (await runtime.run(FIVE_STAGE_FLOW)).status == "completed"
+            runtime.add_listener(lambda event, run, **data: heard.append(
+                (event, data.get("stage") or data.get("entry", {}).get("stage", ""))))
+            runtime.add_listener(lambda event, run, **data: only_ends.append(
+                data["entry"]["stage"]), events=["stage_end"])
+            assert (await runtime.run(FIVE_STAGE_FLOW)).status == "completed"
+        stages = list(FIVE)
+        assert [stage for event, stage in heard if event == "stage"] == stages
+        assert [stage for event, stage in heard if event == "stage_end"] == stages
+        assert only_ends == stages
