@@ -105,7 +105,7 @@ class WorkflowRun:
         self.deadline_passed: float | None = None
         # The canonical JSON of each monitoring entry already encoded, by list (see
         # ``to_state(encoded=True)``); made at the first such snapshot.
-        self._encoded: dict[str, _EncodedList] | None = None
+        self._encoded: dict[str, tuple[list[object], list[bytes]]] | None = None
 
     def record_health_check(self, check: dict[str, Any]) -> None:
         self.health_checks.append(check)
@@ -209,32 +209,26 @@ class WorkflowRun:
             caches = self._encoded = {}
         cached = caches.get(name)
         if cached is None:
-            cached = caches[name] = _EncodedList()
-        objects, parts = cached.objects, cached.parts
-        # At every save of a stage the cache is the list but its newest entries: one
-        # identity test of each, in C. Anything else (a window that slid, a list
-        # changed) finds where the cache still matches.
-        if objects and (objects[0] is not entries[0] or len(objects) > len(entries)
-                        or not all(map(operator.is_, objects, entries))):
-            start = _realign(objects, entries)
-            # The joined parts past the dropped ones and their commas (none if all are).
-            cached.joined = cached.joined[sum(map(len, parts[:start])) + start:]
-            del objects[:start], parts[:start]
+            objects: list[object] = []
+            parts: list[bytes] = []
+            caches[name] = (objects, parts)
+        else:
+            objects, parts = cached
+            # At every save of a stage the cache is the list but its newest entries: one
+            # identity test of each, in C. Anything else (a window that slid, a list
+            # changed) finds where the cache still matches.
+            if objects and (objects[0] is not entries[0] or len(objects) > len(entries)
+                            or not all(map(operator.is_, objects, entries))):
+                _realign(objects, parts, entries)
         count = len(objects)
         if count < len(entries):
-            new: list[bytes] = []
             for entry in entries[count:]:
                 # The same entry as the one before (stages sharing a health result): its
                 # bytes.
-                part = (parts[-1] if objects and objects[-1] is entry
-                        else _canonical_entry(entry))
-                parts.append(part)
+                parts.append(parts[-1] if objects and objects[-1] is entry
+                             else _canonical_entry(entry))
                 objects.append(entry)
-                new.append(part)
-            # Extended, not joined again: a save joined every earlier entry's bytes.
-            cached.joined = (cached.joined + b"," + b",".join(new) if count
-                             else b",".join(new))
-        return orjson.Fragment(b"[" + cached.joined + b"]")
+        return orjson.Fragment(b"[" + b",".join(parts) + b"]")
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> WorkflowRun:
@@ -271,28 +265,16 @@ class WorkflowRun:
         return run
 
 
-def _realign(objects: list[object], entries: list[Any]) -> int:
-    """How many cached encodings (``objects``) to drop for the cache to be the start of
-    ``entries`` again (a sliding window's start, past any repeats of one entry: a health
-    result shared by stages); all of them if it is nowhere."""
+def _realign(objects: list[object], parts: list[bytes], entries: list[Any]) -> None:
+    """Drop the cached encodings (``objects``, ``parts``) up to where the cache is the
+    start of ``entries`` again (a sliding window's start, past any repeats of one entry:
+    a health result shared by stages); none left if it is nowhere."""
     first, start, count = entries[0], 0, len(objects)
     while start < count and not (
             objects[start] is first and count - start <= len(entries)
             and all(map(operator.is_, itertools.islice(objects, start, None), entries))):
         start += 1
-    return start
-
-
-class _EncodedList:
-    """One monitoring list's cached encoding: its entries (by identity), each one's
-    canonical JSON, and those joined with commas (the list's JSON without brackets)."""
-
-    __slots__ = ("joined", "objects", "parts")
-
-    def __init__(self) -> None:
-        self.objects: list[object] = []
-        self.parts: list[bytes] = []
-        self.joined = b""
+    del objects[:start], parts[:start]
 
 
 def _canonical_entry(entry: Any) -> bytes:
