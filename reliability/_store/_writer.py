@@ -50,6 +50,7 @@ import ctypes.util
 import errno
 import gzip
 import hashlib
+import io
 import marshal
 import os
 import signal
@@ -420,6 +421,14 @@ class _Channel:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        # One buffer for every read: os.read(0, 1 MiB) had the allocator mmap 1 MiB,
+        # mremap it to the frame's size and munmap it, three system calls and page
+        # faults for each frame received.
+        # readinto on a raw FileIO is one read(2) into it, and works where os.readv
+        # does not (Windows).
+        self._input = io.FileIO(0, "rb", closefd=False)
+        self._chunk = bytearray(_READ_SIZE)
+        self._chunk_view = memoryview(self._chunk)
 
     def receive(self) -> list[tuple[Any, ...]] | None:
         """At least one frame, or None at end of input (a torn last frame is dropped)."""
@@ -427,10 +436,10 @@ class _Channel:
             frames = self._complete_frames()
             if frames:
                 return frames
-            chunk = os.read(0, _READ_SIZE)
-            if not chunk:
+            count = self._input.readinto(self._chunk)
+            if not count:
                 return None
-            self._buffer += chunk
+            self._buffer += self._chunk_view[:count]
 
     def _complete_frames(self) -> list[tuple[Any, ...]]:
         return take_frames(self._buffer)

@@ -51,6 +51,10 @@ class WriterLink:
         self._answers_file = process.stdout
         self._answers = process.stdout.fileno()
         self._buffer = bytearray()
+        # One buffer for every read (POSIX only, as a FileStore is): os.read allocated
+        # _READ_SIZE and shrank it to the answer's size at each answer.
+        self._chunk = bytearray(_READ_SIZE)
+        self._chunk_view = memoryview(self._chunk)
         self._reading = False
         self.journal_path = ""
         self.finishing = False
@@ -126,16 +130,16 @@ class WriterLink:
         if self._answers_file.closed:
             return  # its descriptor number may belong to another file by now
         try:
-            data = os.read(self._answers, _READ_SIZE)
+            count = os.readv(self._answers, (self._chunk,))
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        if not data:  # it exited (or died): nothing more will come
+            count = 0
+        if not count:  # it exited (or died): nothing more will come
             self._close_answers()
             self.ended()
             return
-        self._buffer += data
+        self._buffer += self._chunk_view[:count]
         for message in take_frames(self._buffer):
             self.received(message)
 
