@@ -301,8 +301,44 @@ class Engine:
                 await self._store.save(run.workflow_id, run.to_state)
                 if live.stop_reason is not None:
                     raise Interrupted(live.stop_reason)
+            # The attempt, inline (one coroutine frame less per stage than a method).
             try:
-                outputs = await self._attempt(live, spec, attempt)
+                ctx = StageContext(self, live, spec.name, attempt, self._logger_for(live))
+                reason = self._checked_before.get(spec.name)
+                if reason is not None:
+                    await self.host.stage_health_check(run, reason)
+                if live.stop_reason is not None:
+                    # Asked to stop while outside the handler (during the health check
+                    # above), when nothing could be cancelled: honour it before the handler
+                    # starts, not after.
+                    raise Interrupted(live.stop_reason)
+                self._arm_watchdog(live, spec)
+                live.in_handler = True
+                try:
+                    outputs = await spec.handler(ctx)
+                except asyncio.CancelledError:
+                    reason = self._take_cancel(live)
+                    if reason is None:
+                        raise  # not ours: propagate to whoever cancelled
+                    if reason in ("timeout", "heartbeat"):
+                        raise self._timeout_error(spec, reason) from None
+                    raise Interrupted(reason) from None
+                finally:
+                    live.in_handler = False
+                    if live.timer is not None:
+                        self._watchdogs.disarm(live)
+                if live.timeout_reason is not None or live.stop_reason is not None:
+                    reason = self._take_cancel(live)  # the handler swallowed our cancellation
+                    if reason in ("timeout", "heartbeat"):
+                        raise self._timeout_error(spec, reason)
+                    if reason is not None:
+                        raise Interrupted(reason)
+                if outputs is not None and not isinstance(outputs, Mapping):
+                    raise TypeError(f"stage {spec.name!r} handler returned "
+                                    f"{type(outputs).__name__}; return a mapping of outputs "
+                                    "or None")
+                if ctx.stage_waits is not None or run.stage_waits:
+                    self._end_waits(run, ctx)
             except (Interrupted, FencedError):  # a refused mid-stage checkpoint: no retry
                 raise
             except Exception as error:
@@ -314,7 +350,8 @@ class Engine:
                     self._record_stage(run, spec, started, attempt,
                                        "degraded" if decision is _Decision.SKIP else "failed")
                     if decision is _Decision.SKIP:
-                        await self._save(live, spec, checkpoint=True)
+                        if (saving := self._save(live, spec, checkpoint=True)) is not None:
+                            await saving
                         return
                     status = "timed_out" if isinstance(error, StageTimeoutError) else "failed"
                     raise _StageFailed(error, status) from error
@@ -327,7 +364,9 @@ class Engine:
             if recovered:
                 run.recovery_successes += 1
             self._complete(run, spec, outputs, started, attempt)
-            await self._save(live, spec, checkpoint=self._wants_checkpoint(run, spec))
+            if (saving := self._save(live, spec,
+                                     checkpoint=self._wants_checkpoint(run, spec))) is not None:
+                await saving
             return
 
     async def _await_lease(self, live: LiveWorkflow) -> None:
@@ -377,42 +416,6 @@ class Engine:
             # into their completion.
             self._store.save_soon(run.workflow_id, run.to_state, promptly=spec.checkpoint)
         return now
-
-    async def _attempt(self, live: LiveWorkflow, spec: StageSpecLike,
-                       attempt: int) -> Mapping[str, Any] | None:
-        ctx = StageContext(self, live, spec.name, attempt, self._logger_for(live))
-        reason = self._checked_before.get(spec.name)
-        if reason is not None:
-            await self.host.stage_health_check(live.run, reason)
-        if live.stop_reason is not None:
-            # Asked to stop while outside the handler (during the health check above), when
-            # nothing could be cancelled: honour it before the handler starts, not after.
-            raise Interrupted(live.stop_reason)
-        self._arm_watchdog(live, spec)
-        live.in_handler = True
-        try:
-            result = await spec.handler(ctx)
-        except asyncio.CancelledError:
-            reason = self._take_cancel(live)
-            if reason is None:
-                raise  # not ours: propagate to whoever cancelled
-            if reason in ("timeout", "heartbeat"):
-                raise self._timeout_error(spec, reason) from None
-            raise Interrupted(reason) from None
-        finally:
-            live.in_handler = False
-            if live.timer is not None:
-                self._watchdogs.disarm(live)
-        reason = self._take_cancel(live)  # the handler swallowed our cancellation
-        if reason in ("timeout", "heartbeat"):
-            raise self._timeout_error(spec, reason)
-        if reason is not None:
-            raise Interrupted(reason)
-        if result is not None and not isinstance(result, Mapping):
-            raise TypeError(f"stage {spec.name!r} handler returned {type(result).__name__}; "
-                            "return a mapping of outputs or None")
-        self._end_waits(live.run, ctx)
-        return result
 
     @staticmethod
     def _end_waits(run: WorkflowRun, ctx: StageContext) -> None:
@@ -470,19 +473,22 @@ class Engine:
     def _wants_checkpoint(self, run: WorkflowRun, spec: StageSpecLike) -> bool:
         return spec.checkpoint or len(run.completed_stages) % self._checkpoint_frequency == 0
 
-    async def _save(self, live: LiveWorkflow, spec: StageSpecLike, *, checkpoint: bool) -> None:
-        """Record a stage's end: durable now ("strict"), or on its way while the next stage
-        runs ("overlapped"; the journal keeps order, so a later durable write implies it)."""
+    def _save(self, live: LiveWorkflow, spec: StageSpecLike, *,
+              checkpoint: bool) -> asyncio.Future[None] | None:
+        """Record a stage's end; the caller awaits what this returns, if anything.
+
+        "strict": the write itself, durable when done. "overlapped": the previous stage's
+        write (durable long ago, as a rule), while this one is on its way during the next
+        stage (the journal keeps order, so a later durable write implies it). A future,
+        not a coroutine: one frame less per stage."""
         if not self._persistence:
-            return
+            return None
         run = live.run
         run.updated_at = self._clock.time()
         stage = spec.name if checkpoint else None
         store = self._store
         if not self._overlapped:
-            # save_nowait's future, awaited here: the same as save(), one coroutine less.
-            await store.save_nowait(run.workflow_id, run.to_state, checkpoint_stage=stage)
-            return
+            return store.save_nowait(run.workflow_id, run.to_state, checkpoint_stage=stage)
         previous = live.unsynced
         if previous is not None and not previous.done():
             store.expedite()  # before queueing the next write, which nobody waits for yet
@@ -490,8 +496,7 @@ class Engine:
         # wake the loop in the middle of that stage.
         live.unsynced = store.save_nowait(run.workflow_id, run.to_state,
                                           checkpoint_stage=stage, lazy=True)
-        if previous is not None:
-            await previous  # durable long ago, as a rule; a write error surfaces here
+        return previous  # a write error surfaces where it is awaited
 
     def checkpoint_soon(self, run: WorkflowRun) -> None:
         if self._persistence:
