@@ -181,9 +181,6 @@ class Engine:
         if live.task is None:
             live.task = asyncio.current_task()
         definition = self.definition
-        advance = definition.advance
-        advance_now = definition.advance_now
-        specs = self._specs
         definition.attach(run, at)  # raises for a state a run cannot be resumed at
         self._watchdogs.bind()  # once per workflow: its stages arm without this check
         token = workflow_id_var.set(run.workflow_id)
@@ -191,22 +188,11 @@ class Engine:
         try:
             run.status = "running"
             self._log("info", "Starting workflow %s (%d stages)%s", definition.name,
-                      len(specs), f", resumed at {run.resumed_from}"
+                      len(self._specs), f", resumed at {run.resumed_from}"
                       if run.resumed_from is not None else "")
-            if run.state == PENDING and not advance_now(run):
-                await advance(run)  # pending -> the first stage
-            turns = self._turns
-            # The machine says where the workflow is; past the last stage it is COMPLETED,
-            # which no spec is named after.
-            while (spec := specs.get(run.state)) is not None:
-                waiter = turns.take()
-                if waiter is not None:  # the loop is saturated: queue for a fair turn
-                    await waiter
-                if live.stop_reason is not None:
-                    raise Interrupted(live.stop_reason)
-                await self._run_stage(live, spec)
-                if not advance_now(run):  # this stage -> the next one (or COMPLETED)
-                    await advance(run)
+            if run.state == PENDING and not definition.advance_now(run):
+                await definition.advance(run)  # pending -> the first stage
+            await self._run_stages(live)
             run.status = run.state  # COMPLETED: no other state is left by advancing
             run.current_stage = COMPLETED
         except Interrupted as stop:
@@ -278,96 +264,115 @@ class Engine:
 
     # ------------------------------------------------------------------ one stage
 
-    async def _run_stage(self, live: LiveWorkflow, spec: StageSpecLike) -> None:
+    async def _run_stages(self, live: LiveWorkflow) -> None:
+        """Every stage from the machine's state on, each to its end (retried, skipped or
+        failed by raising); one coroutine for them all, not one per stage."""
         run = live.run
-        retries_allowed = spec.max_retries if spec.max_retries is not None else (
-            self._policy.max_retries)
-        delays = None  # the backoff, made at the first failure (most stages have none)
-        budget_end = 0.0  # the retry budget runs from the first attempt's start
-        recovered = False
-        attempt = 0
-        while True:
-            attempt += 1
-            if self._leased and not getattr(self._store, "lease_valid", True):
-                await self._await_lease(live)
-            fresh = run.revision == 0  # no snapshot of this workflow was ever taken
-            started = self._begin_attempt(live, spec, attempt)
-            if attempt == 1:
-                budget_end = started + self._policy.budget_seconds
-            if fresh and self._persistence:
-                # Durable before the first handler's first side effect: a crash inside
-                # stage 1 must leave a resumable record, not an unknown workflow. (The
-                # "started" write just queued coalesces with this one.)
-                await self._store.save(run.workflow_id, run.to_state)
-                if live.stop_reason is not None:
-                    raise Interrupted(live.stop_reason)
-            # The attempt, inline (one coroutine frame less per stage than a method).
-            try:
-                ctx = StageContext(self, live, spec.name, attempt, self._logger_for(live))
-                reason = self._checked_before.get(spec.name)
-                if reason is not None:
-                    await self.host.stage_health_check(run, reason)
-                if live.stop_reason is not None:
-                    # Asked to stop while outside the handler (during the health check
-                    # above), when nothing could be cancelled: honour it before the handler
-                    # starts, not after.
-                    raise Interrupted(live.stop_reason)
-                self._arm_watchdog(live, spec)
-                live.in_handler = True
+        definition = self.definition
+        advance = definition.advance
+        advance_now = definition.advance_now
+        specs = self._specs
+        turns = self._turns
+        # The machine says where the workflow is; past the last stage it is COMPLETED,
+        # which no spec is named after.
+        while (spec := specs.get(run.state)) is not None:
+            waiter = turns.take()
+            if waiter is not None:  # the loop is saturated: queue for a fair turn
+                await waiter
+            if live.stop_reason is not None:
+                raise Interrupted(live.stop_reason)
+            retries_allowed = spec.max_retries if spec.max_retries is not None else (
+                self._policy.max_retries)
+            delays = None  # the backoff, made at the first failure (most stages have none)
+            budget_end = 0.0  # the retry budget runs from the first attempt's start
+            recovered = False
+            attempt = 0
+            while True:
+                attempt += 1
+                if self._leased and not getattr(self._store, "lease_valid", True):
+                    await self._await_lease(live)
+                fresh = run.revision == 0  # no snapshot of this workflow was ever taken
+                started = self._begin_attempt(live, spec, attempt)
+                if attempt == 1:
+                    budget_end = started + self._policy.budget_seconds
+                if fresh and self._persistence:
+                    # Durable before the first handler's first side effect: a crash inside
+                    # stage 1 must leave a resumable record, not an unknown workflow. (The
+                    # "started" write just queued coalesces with this one.)
+                    await self._store.save(run.workflow_id, run.to_state)
+                    if live.stop_reason is not None:
+                        raise Interrupted(live.stop_reason)
+                # The attempt, inline: no coroutine frame of its own.
                 try:
-                    outputs = await spec.handler(ctx)
-                except asyncio.CancelledError:
-                    reason = self._take_cancel(live)
-                    if reason is None:
-                        raise  # not ours: propagate to whoever cancelled
-                    if reason in ("timeout", "heartbeat"):
-                        raise self._timeout_error(spec, reason) from None
-                    raise Interrupted(reason) from None
-                finally:
-                    live.in_handler = False
-                    if live.timer is not None:
-                        self._watchdogs.disarm(live)
-                if live.timeout_reason is not None or live.stop_reason is not None:
-                    reason = self._take_cancel(live)  # the handler swallowed our cancellation
-                    if reason in ("timeout", "heartbeat"):
-                        raise self._timeout_error(spec, reason)
+                    ctx = StageContext(self, live, spec.name, attempt, self._logger_for(live))
+                    reason = self._checked_before.get(spec.name)
                     if reason is not None:
-                        raise Interrupted(reason)
-                if outputs is not None and not isinstance(outputs, Mapping):
-                    raise TypeError(f"stage {spec.name!r} handler returned "
-                                    f"{type(outputs).__name__}; return a mapping of outputs "
-                                    "or None")
-                if ctx.stage_waits is not None or run.stage_waits:
-                    self._end_waits(run, ctx)
-            except (Interrupted, FencedError):  # a refused mid-stage checkpoint: no retry
-                raise
-            except Exception as error:
-                if delays is None:
-                    delays = backoff_delays(self._policy)
-                decision, delay = await self._decide(live, spec, error, attempt, retries_allowed,
-                                                     delays, budget_end)
-                if decision is not _Decision.RETRY:
-                    self._record_stage(run, spec, started, attempt,
-                                       "degraded" if decision is _Decision.SKIP else "failed")
-                    if decision is _Decision.SKIP:
-                        if (saving := self._save(live, spec, checkpoint=True)) is not None:
-                            await saving
-                        return
-                    status = "timed_out" if isinstance(error, StageTimeoutError) else "failed"
-                    raise _StageFailed(error, status) from error
-                recovered = recovered or run.recovery_attempts > 0
-                run.retry_count += 1
-                self._emit("retry", run, stage=spec.name, attempt=attempt, delay=delay)
-                if delay > 0:
-                    await self._interruptible_sleep(live, delay)
-                continue
-            if recovered:
-                run.recovery_successes += 1
-            self._complete(run, spec, outputs, started, attempt)
-            if (saving := self._save(live, spec,
-                                     checkpoint=self._wants_checkpoint(run, spec))) is not None:
-                await saving
-            return
+                        await self.host.stage_health_check(run, reason)
+                    if live.stop_reason is not None:
+                        # Asked to stop while outside the handler (during the health check
+                        # above), when nothing could be cancelled: honour it before the
+                        # handler starts, not after.
+                        raise Interrupted(live.stop_reason)
+                    self._arm_watchdog(live, spec)
+                    live.in_handler = True
+                    try:
+                        outputs = await spec.handler(ctx)
+                    except asyncio.CancelledError:
+                        reason = self._take_cancel(live)
+                        if reason is None:
+                            raise  # not ours: propagate to whoever cancelled
+                        if reason in ("timeout", "heartbeat"):
+                            raise self._timeout_error(spec, reason) from None
+                        raise Interrupted(reason) from None
+                    finally:
+                        live.in_handler = False
+                        if live.timer is not None:
+                            self._watchdogs.disarm(live)
+                    if live.timeout_reason is not None or live.stop_reason is not None:
+                        # The handler swallowed our cancellation.
+                        reason = self._take_cancel(live)
+                        if reason in ("timeout", "heartbeat"):
+                            raise self._timeout_error(spec, reason)
+                        if reason is not None:
+                            raise Interrupted(reason)
+                    if outputs is not None and not isinstance(outputs, Mapping):
+                        raise TypeError(f"stage {spec.name!r} handler returned "
+                                        f"{type(outputs).__name__}; return a mapping of "
+                                        "outputs or None")
+                    if ctx.stage_waits is not None or run.stage_waits:
+                        self._end_waits(run, ctx)
+                except (Interrupted, FencedError):  # a refused mid-stage checkpoint: no retry
+                    raise
+                except Exception as error:
+                    if delays is None:
+                        delays = backoff_delays(self._policy)
+                    decision, delay = await self._decide(live, spec, error, attempt,
+                                                         retries_allowed, delays, budget_end)
+                    if decision is not _Decision.RETRY:
+                        skipped = decision is _Decision.SKIP
+                        self._record_stage(run, spec, started, attempt,
+                                           "degraded" if skipped else "failed")
+                        if skipped:
+                            if (saving := self._save(live, spec, checkpoint=True)) is not None:
+                                await saving
+                            break  # degraded: the next stage runs
+                        raise _StageFailed(error, "timed_out" if isinstance(
+                            error, StageTimeoutError) else "failed") from error
+                    recovered = recovered or run.recovery_attempts > 0
+                    run.retry_count += 1
+                    self._emit("retry", run, stage=spec.name, attempt=attempt, delay=delay)
+                    if delay > 0:
+                        await self._interruptible_sleep(live, delay)
+                    continue
+                if recovered:
+                    run.recovery_successes += 1
+                self._complete(run, spec, outputs, started, attempt)
+                saving = self._save(live, spec, checkpoint=self._wants_checkpoint(run, spec))
+                if saving is not None:
+                    await saving
+                break
+            if not advance_now(run):  # this stage -> the next one (or COMPLETED)
+                await advance(run)
 
     async def _await_lease(self, live: LiveWorkflow) -> None:
         """Start no stage while this worker's lease may have run out (not renewed for half
