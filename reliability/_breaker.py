@@ -94,6 +94,14 @@ class Breaker:
                 raise CircuitOpenError(self.name, remaining)
             return await self._probe(call)
 
+    def call_now(self, call: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """``call(call)`` for a caller that awaits the result at once (the retry loop):
+        while the breaker is closed, the guarded call's coroutine without one around it.
+        The state is read here, so an awaitable kept for later must come from ``call``."""
+        if self._probe_done is None and self._opened_at is None:
+            return self._guarded(call)
+        return self.call(call)
+
     async def _guarded(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
             result = await call()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
@@ -128,9 +128,12 @@ class StageContext:
         """The runtime's shared circuit breaker for dependency ``name``."""
         return self._engine.host.breaker(name)
 
-    async def call(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Await ``call()`` with retries (outer) through breaker ``name`` (inner)."""
-        return await self._engine.host.guarded_call(name, call)
+    def call(self, name: str, call: Callable[[], Awaitable[T]]) -> Coroutine[Any, Any, T]:
+        """Await ``call()`` with retries (outer) through breaker ``name`` (inner).
+
+        ``await ctx.call(...)``: the host's coroutine itself, not one wrapping it (a
+        coroutine frame less per call; nothing runs until it is awaited)."""
+        return self._engine.host.guarded_call(name, call)
 
     def heartbeat(self) -> None:
         """Say the stage is alive; stages with a heartbeat timeout need one in time."""

@@ -88,11 +88,11 @@ async def retry_call(
     re-raised unchanged once retries or budget run out.
     """
     deadline = clock.monotonic() + policy.budget_seconds
-    delays = backoff_delays(policy, rng)
+    delays = None  # made at the first failure: most calls succeed at once
     retries = 0
     while True:
         try:
-            return await (breaker.call(call) if breaker is not None else call())
+            return await (breaker.call_now(call) if breaker is not None else call())
         except Exception as error:
             if not _is_retryable(error):
                 raise
@@ -101,6 +101,8 @@ async def retry_call(
                 if retries >= policy.max_retries:
                     raise
                 retries += 1
+            if delays is None:
+                delays = backoff_delays(policy, rng)
             delay = next_delay(error, 0.0 if is_breaker_wait else next(delays))
             if clock.monotonic() + delay > deadline:
                 error.add_note(f"retry budget of {policy.budget_seconds:g}s exhausted")
