@@ -168,7 +168,13 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
         """Hold back a record to be built by the logging thread (see ``log_soon``): on
         ``loop`` (the running one), only its time, workflow ID, message and arguments are
         taken."""
-        self._hold((time.time(), level, msg, args, workflow_id_var.get() or "-"), loop)
+        record = (time.time(), level, msg, args, workflow_id_var.get() or "-")
+        held = self._batches
+        batch = getattr(held, "records", None)
+        if batch is not None and held.loop is loop and len(batch) < _BATCH_LIMIT - 1:
+            batch.append(record)  # _hold's common case, inline: one or two per stage
+            return
+        self._hold(record, loop)
 
     def hand_over(self) -> None:
         """Queue the records this thread holds back (also called before shutting down)."""
@@ -490,7 +496,7 @@ def log_soon(level: int, msg: str, *args: Any) -> None:
     handlers = logger.handlers
     if (handlers and type(front := handlers[0]) is _InPlaceQueueHandler
             and level >= front.level and not logger.filters
-            and all(level < other.level for other in handlers[1:])
+            and (len(handlers) == 1 or all(level < other.level for other in handlers[1:]))
             and (loop := asyncio_running_loop()) is not None):
         front.defer(level, msg, args, loop)
         return
