@@ -327,6 +327,26 @@ class TestRoundTrip:
         (await store.claim(WID)).release()
 
 
+    async def test_memory_store_write_futures_are_done_and_run_each_callback_once(
+            self) -> None:
+        """A MemoryStore's save_nowait futures are done on return (one shared per loop):
+        each callback added runs once, a cancel leaves them done, a later save is done."""
+        store = MemoryStore()
+        heard: list[int] = []
+        first = store.save_nowait(WID, lambda: {"workflow_id": WID, "revision": 1})
+        assert first.done() and first.result() is None
+        first.add_done_callback(lambda _: heard.append(1))
+        assert not first.cancel()
+        await first
+        second = store.save_nowait(WID, lambda: {"workflow_id": WID, "revision": 2})
+        second.add_done_callback(lambda _: heard.append(2))
+        await second
+        await first
+        await asyncio.sleep(0)  # callbacks of a done future are scheduled, not run inline
+        assert heard == [1, 2]
+        assert not second.cancelled() and second.result() is None
+        assert (await store.load(WID)).state["revision"] == 2
+
 class TestJournalReplay:
     def test_orphan_journal_is_replayed_into_state_files(
             self, tmp_path: Path, children: list[subprocess.Popen[str]]) -> None:

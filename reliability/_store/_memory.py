@@ -101,6 +101,7 @@ class MemoryStore:
         self.saves = 0
         self.signals: dict[tuple[str, str], list[bytes]] = {}
         self.parked_entries: dict[str, ParkedEntry] = {}
+        self._done: asyncio.Future[None] | None = None  # save_nowait's, for its loop
 
     async def open(self) -> None:
         return None
@@ -120,8 +121,14 @@ class MemoryStore:
                     checkpoint_stage: str | None = None,
                     lazy: bool = False) -> asyncio.Future[None]:
         self._keep(workflow_id, snapshot, checkpoint_stage)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
+        # Every write is durable on return: one done future per loop serves them all (a
+        # done future can be awaited any number of times, a callback added to it is
+        # scheduled at once and not kept, and cancel() leaves it done).
+        loop = asyncio.get_running_loop()
+        done = self._done
+        if done is None or done.get_loop() is not loop:
+            done = self._done = loop.create_future()
+            done.set_result(None)
         return done
 
     def expedite(self) -> None:
