@@ -89,18 +89,27 @@ class StageContext:
     earlier stages. Return a mapping from the handler to add outputs.
     """
 
-    __slots__ = ("_engine", "_live", "_run", "_waits", "attempt", "context", "logger", "stage")
+    # Made at every attempt of every stage: five fields set, the rest (the context's
+    # view, the logger) made when a handler asks for them.
+    __slots__ = ("_engine", "_live", "_run", "_waits", "attempt", "stage")
 
-    def __init__(self, engine: Engine, live: LiveWorkflow, stage: str, attempt: int,
-                 logger: logging.LoggerAdapter[logging.Logger]) -> None:
+    def __init__(self, engine: Engine, live: LiveWorkflow, stage: str, attempt: int) -> None:
         self._engine = engine
         self._live = live
-        self._run = run = live.run
+        self._run = live.run
         self.stage = stage
         self.attempt = attempt
-        self.context: Mapping[str, Any] = MappingProxyType(run.context)
-        self.logger = logger
         self._waits: StageWaits | None = None  # made by the first durable wait
+
+    @property
+    def context(self) -> Mapping[str, Any]:
+        """The workflow's inputs and earlier stages' outputs, read-only."""
+        return MappingProxyType(self._run.context)
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """The runtime's logger, its records tagged with this workflow's ID."""
+        return self._engine.logger_for(self._live)
 
     @property
     def workflow_id(self) -> str:

@@ -304,7 +304,7 @@ class Engine:
                         raise Interrupted(live.stop_reason)
                 # The attempt, inline: no coroutine frame of its own.
                 try:
-                    ctx = StageContext(self, live, spec.name, attempt, self._logger_for(live))
+                    ctx = StageContext(self, live, spec.name, attempt)
                     reason = self._checked_before.get(spec.name)
                     if reason is not None:
                         await self.host.stage_health_check(run, reason)
@@ -562,7 +562,7 @@ class Engine:
         if not names:
             return
         run.recovery_attempts += 1
-        ctx = StageContext(self, live, spec.name, run.attempt, self._logger_for(live))
+        ctx = StageContext(self, live, spec.name, run.attempt)
         for name in names:
             action = self._actions.get(name)
             if action is None:
@@ -693,7 +693,8 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _logger_for(self, live: LiveWorkflow) -> logging.LoggerAdapter[logging.Logger]:
+    def logger_for(self, live: LiveWorkflow) -> logging.LoggerAdapter[logging.Logger]:
+        """The workflow's logger (``StageContext.logger``), made once per workflow."""
         if live.log is None:
             live.log = _WorkflowLogger(logger, {"workflow_id": live.run.workflow_id})
         return live.log
