@@ -130,14 +130,10 @@ class Engine:
         self._drop_signals = getattr(host.store, "drop_signals", None)
         self._turns = host.turns
         self._emit = host.emit
-        # The host's listener tables, held by reference (add_listener mutates them in
-        # place), so the per-stage events skip building their keyword arguments and the
-        # call when nobody listens; a host without them (a test's fake) always hears.
-        self._listening: dict[str, list[Any]] | None = getattr(host, "_listening", None)
-        everyone: list[Any] | None = getattr(host, "_listeners", None)
-        if everyone is None:
-            self._listening = None
-        self._all_listeners: list[Any] = everyone if everyone is not None else []
+        # Who hears the per-stage events, kept current in place by the host: while
+        # nobody does, a stage builds no keyword arguments and makes no call for them.
+        self._stage_listeners = host.listeners("stage")
+        self._stage_end_listeners = host.listeners("stage_end")
         self._error_handlers = host.error_handlers
         config = host.config
         self._multiplier = config.timeout_multiplier
@@ -412,8 +408,7 @@ class Engine:
         live.stage_spec = spec
         live.stage_started = now
         live.progress = None
-        listening = self._listening
-        if listening is None or listening.get("stage", self._all_listeners):
+        if self._stage_listeners:
             self._emit("stage", run, stage=spec.name, attempt=attempt)
         if self._persistence:
             # "started": at once before a side-effecting stage (spec.checkpoint), so a
@@ -470,8 +465,7 @@ class Engine:
                  "duration": round(duration, 6), "baseline": baseline,
                  "attempts": attempt, "status": status}
         run.stage_history.append(entry)
-        listening = self._listening
-        if listening is None or listening.get("stage_end", self._all_listeners):
+        if self._stage_end_listeners:
             self._emit("stage_end", run, entry=entry)
         return duration
 

@@ -66,6 +66,10 @@ class EngineHost(WorkflowServices, Protocol):
     def error_handlers(self) -> Sequence[ErrorHandler]: ...
     def emit(self, event: str, run: WorkflowRun, **data: Any) -> None:
         """Tell listeners of a workflow's event (``stage``, ``retry``, ``progress``...)."""
+    def listeners(self, event: str) -> Sequence[Listener]:
+        """Who hears ``event``: one sequence per event that the host keeps current in
+        place as listeners are added. The engine holds it from when it is built and, for
+        its per-stage events, builds and emits nothing while it is empty."""
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
         """Run a short side task, cancelled when the host closes."""
 

@@ -731,6 +731,11 @@ class Runtime:
         for event in events:
             self._listening.setdefault(event, list(self._listeners)).append(listener)
 
+    def listeners(self, event: str) -> list[Listener]:
+        """Who hears ``event``: its list in the table ``add_listener`` keeps current in
+        place from now on (the engine holds it; see ``EngineHost.listeners``)."""
+        return self._listening.setdefault(event, list(self._listeners))
+
     def emit(self, event: str, run: WorkflowRun, **data: Any) -> None:
         listeners = self._listening.get(event, self._listeners)
         if not listeners:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +27,7 @@ from reliability import (
     WorkflowConfiguration,
 )
 from reliability._engine import Engine, LiveWorkflow
-from reliability._host import EngineHost, ErrorHandler
+from reliability._host import EngineHost, ErrorHandler, Listener
 from reliability._state import WorkflowRun
 from reliability._turns import Turns
 
@@ -69,6 +69,9 @@ class FakeHost:
 
     def emit(self, event: str, run: WorkflowRun, **data: Any) -> None:
         self.events.append((event, run.workflow_id, data.get("stage")))
+
+    def listeners(self, event: str) -> Sequence[Listener]:
+        return [self.emit]  # it records every event
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coroutine, name=name)
