@@ -163,19 +163,6 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
         if len(batch) >= _BATCH_LIMIT:
             self.hand_over()
 
-    def defer(self, level: int, msg: str, args: tuple[Any, ...],
-              loop: asyncio.AbstractEventLoop) -> None:
-        """Hold back a record to be built by the logging thread (see ``log_soon``): on
-        ``loop`` (the running one), only its time, workflow ID, message and arguments are
-        taken."""
-        record = (time.time(), level, msg, args, workflow_id_var.get() or "-")
-        held = self._batches
-        batch = getattr(held, "records", None)
-        if batch is not None and held.loop is loop and len(batch) < _BATCH_LIMIT - 1:
-            batch.append(record)  # _hold's common case, inline: one or two per stage
-            return
-        self._hold(record, loop)
-
     def hand_over(self) -> None:
         """Queue the records this thread holds back (also called before shutting down)."""
         held = self._batches
@@ -498,7 +485,15 @@ def log_soon(level: int, msg: str, *args: Any) -> None:
             and level >= front.level and not logger.filters
             and (len(handlers) == 1 or all(level < other.level for other in handlers[1:]))
             and (loop := asyncio_running_loop()) is not None):
-        front.defer(level, msg, args, loop)
+        # Held back for the logging thread to build: only the time, the workflow ID, the
+        # message and its arguments are taken here; the batch's common case inline.
+        record = (time.time(), level, msg, args, workflow_id_var.get() or "-")
+        held = front._batches
+        batch = getattr(held, "records", None)
+        if batch is not None and held.loop is loop and len(batch) < _BATCH_LIMIT - 1:
+            batch.append(record)
+        else:
+            front._hold(record, loop)
         return
     logger.log(level, msg, *args)
 
