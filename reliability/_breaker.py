@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from aiobreaker import CircuitBreakerState
@@ -50,10 +50,14 @@ class Breaker:
     """A circuit breaker guarding one dependency (``name``) for all workflows in a loop."""
 
     def __init__(self, name: str, *, failure_threshold: int, recovery_timeout: float,
-                 clock: Clock, notify: Callable[..., Any] | None = None) -> None:
+                 clock: Clock, notify: Callable[..., Any] | None = None,
+                 heard_by: Sequence[object] | None = None) -> None:
         self.name = name
         # notify(event, **data): "breaker" on each state change, "dependency_call" per call
         self._notify = notify
+        # Who hears notify, kept current in place by the caller: a call's outcome is not
+        # told while it is empty (a state change always is).
+        self._heard_by = heard_by
         self.failure_threshold = failure_threshold
         self.recovery_timeout = recovery_timeout
         self._clock = clock
@@ -153,7 +157,7 @@ class Breaker:
         self._set_state(CircuitBreakerState.CLOSED)
 
     def _outcome(self, outcome: str) -> None:
-        if self._notify is not None:
+        if self._notify is not None and (self._heard_by is None or self._heard_by):
             self._notify("dependency_call", dependency=self.name, outcome=outcome)
 
     def _failed(self, error: Exception) -> None:

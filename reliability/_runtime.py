@@ -693,7 +693,7 @@ class Runtime:
             breaker = self.breakers[name] = Breaker(
                 name, failure_threshold=settings.failure_threshold,
                 recovery_timeout=settings.recovery_timeout, clock=self.clock,
-                notify=self.notify)
+                notify=self.notify, heard_by=self._runtime_listeners)
         return breaker
 
     def guarded_call(self, name: str, call: Callable[[], Awaitable[T]]) -> Coroutine[Any, Any, T]:

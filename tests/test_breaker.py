@@ -277,3 +277,19 @@ class TestRuntimeBreakers:
             assert runtime.breaker("github").state == "open"
             with pytest.raises(CircuitOpenError):
                 await runtime.breaker("github").call(dependency)
+
+    async def test_a_runtime_listener_added_after_a_breaker_is_made_hears_its_calls(
+            self, tmp_path: Path) -> None:
+        """A breaker made (and called) while nobody listened tells each later call's
+        outcome to a runtime listener added afterwards."""
+        config = WorkflowConfiguration(enable_health_checks=False)
+        async with Runtime(config, tmp_path, clock=FakeClock(), store=MemoryStore(),
+                           configure_logs=False) as runtime:
+            assert await runtime.guarded_call("pypi", Dependency()) == "pong"
+            heard: list[tuple[str, str]] = []
+            runtime.add_runtime_listener(lambda event, **data: heard.append(
+                (event, data.get("outcome", ""))))
+            assert await runtime.guarded_call("pypi", Dependency()) == "pong"
+            assert await runtime.breaker("pypi").call(Dependency()) == "pong"
+        assert [h for h in heard if h[0] == "dependency_call"] == [
+            ("dependency_call", "ok"), ("dependency_call", "ok")]
