@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
 import time
@@ -363,11 +364,13 @@ class TestSharedResult:
             heard = _Heard(runtime)
             result = await runtime.run(CHECKED)
             diagnostics = runtime.get_workflow_diagnostics(result.workflow_id)
+        recorded = heard.runs[result.workflow_id].health_checks
+        # What was recorded, whatever the machine's load made it (a busy CPU is WARNING).
+        before = copy.deepcopy(recorded)
+        assert len(before) == 3
         diagnostics["recent_health_checks"][0]["status"] = "changed by a caller"
         diagnostics["recent_health_checks"][1]["recommendations"].append("a caller's")
-        recorded = heard.runs[result.workflow_id].health_checks
-        assert [e["status"] for e in recorded] == ["HEALTHY"] * 3
-        assert [e["recommendations"] for e in recorded] == [[]] * 3
+        assert recorded == before
 
     async def test_each_stage_check_is_logged_with_its_reason(self, tmp_path: Path,
                                                               records: _Records) -> None:
