@@ -177,6 +177,9 @@ class Engine:
         if live.task is None:
             live.task = asyncio.current_task()
         definition = self.definition
+        advance = definition.advance
+        advance_now = definition.advance_now
+        specs = self._specs
         definition.attach(run, at)  # raises for a state a run cannot be resumed at
         self._watchdogs.bind()  # once per workflow: its stages arm without this check
         token = workflow_id_var.set(run.workflow_id)
@@ -184,11 +187,22 @@ class Engine:
         try:
             run.status = "running"
             self._log("info", "Starting workflow %s (%d stages)%s", definition.name,
-                      len(self._specs), f", resumed at {run.resumed_from}"
+                      len(specs), f", resumed at {run.resumed_from}"
                       if run.resumed_from is not None else "")
-            if run.state == PENDING and not definition.advance_now(run):
-                await definition.advance(run)  # pending -> the first stage
-            await self._run_stages(live)
+            if run.state == PENDING and not advance_now(run):
+                await advance(run)  # pending -> the first stage
+            turns = self._turns
+            # The machine says where the workflow is; past the last stage it is COMPLETED,
+            # which no spec is named after.
+            while (spec := specs.get(run.state)) is not None:
+                waiter = turns.take()
+                if waiter is not None:  # the loop is saturated: queue for a fair turn
+                    await waiter
+                if live.stop_reason is not None:
+                    raise Interrupted(live.stop_reason)
+                await self._run_stage(live, spec)
+                if not advance_now(run):  # this stage -> the next one (or COMPLETED)
+                    await advance(run)
             run.status = run.state  # COMPLETED: no other state is left by advancing
             run.current_stage = COMPLETED
         except Interrupted as stop:
@@ -260,115 +274,115 @@ class Engine:
 
     # ------------------------------------------------------------------ one stage
 
-    async def _run_stages(self, live: LiveWorkflow) -> None:
-        """Every stage from the machine's state on, each to its end (retried, skipped or
-        failed by raising); one coroutine for them all, not one per stage."""
+    async def _run_stage(self, live: LiveWorkflow, spec: StageSpecLike) -> None:
+        """One stage to its end: completed, retried until it is, skipped (degraded), or
+        failed by raising. Its attempts run inline: no coroutine frame of their own."""
         run = live.run
-        definition = self.definition
-        advance = definition.advance
-        advance_now = definition.advance_now
-        specs = self._specs
-        turns = self._turns
-        # The machine says where the workflow is; past the last stage it is COMPLETED,
-        # which no spec is named after.
-        while (spec := specs.get(run.state)) is not None:
-            waiter = turns.take()
-            if waiter is not None:  # the loop is saturated: queue for a fair turn
-                await waiter
-            if live.stop_reason is not None:
-                raise Interrupted(live.stop_reason)
-            retries_allowed = spec.max_retries if spec.max_retries is not None else (
-                self._policy.max_retries)
-            delays = None  # the backoff, made at the first failure (most stages have none)
-            budget_end = 0.0  # the retry budget runs from the first attempt's start
-            recovered = False
-            attempt = 0
-            while True:
-                attempt += 1
-                if self._leased and not getattr(self._store, "lease_valid", True):
-                    await self._await_lease(live)
-                fresh = run.revision == 0  # no snapshot of this workflow was ever taken
-                started = self._begin_attempt(live, spec, attempt)
-                if attempt == 1:
-                    budget_end = started + self._policy.budget_seconds
-                if fresh and self._persistence:
-                    # Durable before the first handler's first side effect: a crash inside
-                    # stage 1 must leave a resumable record, not an unknown workflow. (The
-                    # "started" write just queued coalesces with this one.)
-                    await self._store.save(run.workflow_id, run.to_state)
-                    if live.stop_reason is not None:
-                        raise Interrupted(live.stop_reason)
-                # The attempt, inline: no coroutine frame of its own.
+        retries_allowed = spec.max_retries if spec.max_retries is not None else (
+            self._policy.max_retries)
+        delays = None  # the backoff, made at the first failure (most stages have none)
+        budget_end = 0.0  # the retry budget runs from the first attempt's start
+        recovered = False
+        attempt = 0
+        while True:
+            attempt += 1
+            if self._leased and not getattr(self._store, "lease_valid", True):
+                await self._await_lease(live)
+            fresh = run.revision == 0  # no snapshot of this workflow was ever taken
+            started = self._begin_attempt(live, spec, attempt)
+            if attempt == 1:
+                budget_end = started + self._policy.budget_seconds
+            if fresh and self._persistence:
+                # Durable before the first handler's first side effect: a crash inside
+                # stage 1 must leave a resumable record, not an unknown workflow. (The
+                # "started" write just queued coalesces with this one.)
+                await self._store.save(run.workflow_id, run.to_state)
+                if live.stop_reason is not None:
+                    raise Interrupted(live.stop_reason)
+            try:
+                ctx = StageContext(self, live, spec.name, attempt)
+                reason = self._checked_before.get(spec.name)
+                if reason is not None:
+                    await self.host.stage_health_check(run, reason)
+                if live.stop_reason is not None:
+                    # Asked to stop while outside the handler (during the health check
+                    # above), when nothing could be cancelled: honour it before the
+                    # handler starts, not after.
+                    raise Interrupted(live.stop_reason)
+                self._arm_watchdog(live, spec)
+                live.in_handler = True
                 try:
-                    ctx = StageContext(self, live, spec.name, attempt)
-                    reason = self._checked_before.get(spec.name)
-                    if reason is not None:
-                        await self.host.stage_health_check(run, reason)
-                    if live.stop_reason is not None:
-                        # Asked to stop while outside the handler (during the health check
-                        # above), when nothing could be cancelled: honour it before the
-                        # handler starts, not after.
-                        raise Interrupted(live.stop_reason)
-                    self._arm_watchdog(live, spec)
-                    live.in_handler = True
-                    try:
-                        outputs = await spec.handler(ctx)
-                    except asyncio.CancelledError:
-                        reason = self._take_cancel(live)
-                        if reason is None:
-                            raise  # not ours: propagate to whoever cancelled
-                        if reason in ("timeout", "heartbeat"):
-                            raise self._timeout_error(spec, reason) from None
-                        raise Interrupted(reason) from None
-                    finally:
-                        live.in_handler = False
-                        if live.timer is not None:
-                            self._watchdogs.disarm(live)
-                    if live.timeout_reason is not None or live.stop_reason is not None:
-                        # The handler swallowed our cancellation.
-                        reason = self._take_cancel(live)
-                        if reason in ("timeout", "heartbeat"):
-                            raise self._timeout_error(spec, reason)
-                        if reason is not None:
-                            raise Interrupted(reason)
-                    if outputs is not None and not isinstance(outputs, Mapping):
-                        raise TypeError(f"stage {spec.name!r} handler returned "
-                                        f"{type(outputs).__name__}; return a mapping of "
-                                        "outputs or None")
-                    if ctx.stage_waits is not None or run.stage_waits:
-                        self._end_waits(run, ctx)
-                except (Interrupted, FencedError):  # a refused mid-stage checkpoint: no retry
-                    raise
-                except Exception as error:
-                    if delays is None:
-                        delays = backoff_delays(self._policy)
-                    decision, delay = await self._decide(live, spec, error, attempt,
-                                                         retries_allowed, delays, budget_end)
-                    if decision is not _Decision.RETRY:
-                        skipped = decision is _Decision.SKIP
-                        self._record_stage(run, spec, started, attempt,
-                                           "degraded" if skipped else "failed")
-                        if skipped:
-                            if (saving := self._save(live, spec, checkpoint=True)) is not None:
-                                await saving
-                            break  # degraded: the next stage runs
-                        raise _StageFailed(error, "timed_out" if isinstance(
-                            error, StageTimeoutError) else "failed") from error
-                    recovered = recovered or run.recovery_attempts > 0
-                    run.retry_count += 1
-                    self._emit("retry", run, stage=spec.name, attempt=attempt, delay=delay)
-                    if delay > 0:
-                        await self._interruptible_sleep(live, delay)
-                    continue
-                if recovered:
-                    run.recovery_successes += 1
-                self._complete(run, spec, outputs, started, attempt)
-                saving = self._save(live, spec, checkpoint=self._wants_checkpoint(run, spec))
-                if saving is not None:
-                    await saving
-                break
-            if not advance_now(run):  # this stage -> the next one (or COMPLETED)
-                await advance(run)
+                    outputs = await spec.handler(ctx)
+                except asyncio.CancelledError:
+                    stop = self._stopped_by_us(live, spec)
+                    if stop is None:
+                        raise  # not ours: propagate to whoever cancelled
+                    raise stop from None
+                finally:
+                    live.in_handler = False
+                    if live.timer is not None:
+                        self._watchdogs.disarm(live)
+                self._check_attempt(live, spec, ctx, outputs)
+            except (Interrupted, FencedError):  # a refused mid-stage checkpoint: no retry
+                raise
+            except Exception as error:
+                if delays is None:
+                    delays = backoff_delays(self._policy)
+                decision, delay = await self._decide(live, spec, error, attempt,
+                                                     retries_allowed, delays, budget_end)
+                if decision is not _Decision.RETRY:
+                    self._give_up(run, spec, error, decision, started, attempt)
+                    if (saving := self._save(live, spec, checkpoint=True)) is not None:
+                        await saving
+                    return  # degraded: the next stage runs
+                recovered = recovered or run.recovery_attempts > 0
+                run.retry_count += 1
+                self._emit("retry", run, stage=spec.name, attempt=attempt, delay=delay)
+                if delay > 0:
+                    await self._interruptible_sleep(live, delay)
+                continue
+            if recovered:
+                run.recovery_successes += 1
+            self._complete(run, spec, outputs, started, attempt)
+            saving = self._save(live, spec, checkpoint=self._wants_checkpoint(run, spec))
+            if saving is not None:
+                await saving
+            return
+
+    def _stopped_by_us(self, live: LiveWorkflow, spec: StageSpecLike) -> Exception | None:
+        """What a handler's cancellation becomes: our timeout's error or our stop's
+        ``Interrupted``; None if the cancellation is not ours."""
+        reason = self._take_cancel(live)
+        if reason is None:
+            return None
+        if reason in ("timeout", "heartbeat"):
+            return self._timeout_error(spec, reason)
+        return Interrupted(reason)
+
+    def _check_attempt(self, live: LiveWorkflow, spec: StageSpecLike, ctx: StageContext,
+                       outputs: Any) -> None:
+        """After a handler returned: a cancellation of ours it swallowed still stops it,
+        it must have returned a mapping or None, and the waits it took are consumed."""
+        if live.timeout_reason is not None or live.stop_reason is not None:
+            reason = self._take_cancel(live)
+            if reason in ("timeout", "heartbeat"):
+                raise self._timeout_error(spec, reason)
+            if reason is not None:
+                raise Interrupted(reason)
+        if outputs is not None and not isinstance(outputs, Mapping):
+            raise TypeError(f"stage {spec.name!r} handler returned "
+                            f"{type(outputs).__name__}; return a mapping of outputs or None")
+        if ctx.stage_waits is not None or live.run.stage_waits:
+            self._end_waits(live.run, ctx)
+
+    def _give_up(self, run: WorkflowRun, spec: StageSpecLike, error: Exception,
+                 decision: _Decision, started: float, attempt: int) -> None:
+        """Record a stage no retry will finish; raise unless it is skipped (degraded)."""
+        skipped = decision is _Decision.SKIP
+        self._record_stage(run, spec, started, attempt, "degraded" if skipped else "failed")
+        if not skipped:
+            raise _StageFailed(error, "timed_out" if isinstance(error, StageTimeoutError)
+                               else "failed") from error
 
     async def _await_lease(self, live: LiveWorkflow) -> None:
         """Start no stage while this worker's lease may have run out (not renewed for half
