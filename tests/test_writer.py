@@ -30,7 +30,7 @@ from test_store import (
 )
 
 from reliability import FileStore
-from reliability._store import UNREAD_LIMIT, WRITER_RESTARTS
+from reliability._store import UNREAD_LIMIT, WAKE_CHUNK, WRITER_RESTARTS
 from reliability._store._protocol import canonical, decode_document
 from reliability._store._writer import Writer, _write_group
 
@@ -262,6 +262,54 @@ class TestLazyWrites:
             await store.close()
         for workflow_id in IDS:
             assert state_of(tmp_path / "states" / workflow_id / "state.json")["revision"] == 1
+
+
+class TestWakeUps:
+    """Durable waiters are woken in the callback that reads their answer, a chunk at most."""
+
+    @staticmethod
+    async def _answer_in_pipe(store: FileStore) -> None:
+        """Stop the loop reading answers and wait until the writer's is in the pipe."""
+        link = store._link
+        assert link is not None
+        link.read_answers(False)
+        await asyncio.to_thread(select.select, [link._answers], [], [], 10.0)
+
+    async def test_a_strict_save_is_woken_by_the_read_of_its_answer(
+            self, tmp_path: Path) -> None:
+        """The read that brings a save's answer completes its future there and then: no
+        loop iteration more between the answer and the waiting task's step."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            saved = store.save_nowait(WID, lambda: _state(WID, 1))
+            await asyncio.sleep(0)  # sent
+            await self._answer_in_pipe(store)
+            assert not saved.done()
+            assert store._link is not None
+            store._link.read_available()  # what the loop's reader callback calls
+            assert saved.done() and saved.exception() is None
+        finally:
+            await store.close()
+
+    async def test_one_answer_for_many_waiters_wakes_a_chunk_per_iteration(
+            self, tmp_path: Path) -> None:
+        """An answer for WAKE_CHUNK + 44 waiters wakes WAKE_CHUNK in its read, in the order
+        they saved, and the rest in the next iteration."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        ids = [f"workflow-20240115-142315-{n:04x}" for n in range(WAKE_CHUNK + 44)]
+        await store.open()
+        try:
+            saved = [store.save_nowait(w, lambda w=w: _state(w, 1)) for w in ids]
+            await asyncio.sleep(0)  # sent, as one batch
+            await self._answer_in_pipe(store)
+            assert store._link is not None
+            store._link.read_available()
+            assert [f.done() for f in saved] == [True] * WAKE_CHUNK + [False] * 44
+            await asyncio.sleep(0)
+            assert all(f.done() and f.exception() is None for f in saved)
+        finally:
+            await store.close()
 
 
 class TestHandOff:
