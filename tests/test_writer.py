@@ -9,6 +9,7 @@ otherwise stop the failure before the writer sees it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import signal
@@ -32,7 +33,7 @@ from test_store import (
 from reliability import FileStore
 from reliability._store import UNREAD_LIMIT, WAKE_CHUNK, WRITER_RESTARTS
 from reliability._store._protocol import canonical, decode_document
-from reliability._store._writer import Writer, _write_group
+from reliability._store._writer import ZEROED_AHEAD, Writer, _write_group
 
 __all__ = ["children", "portable"]  # the fixtures, imported for the tests below
 
@@ -330,6 +331,42 @@ class TestHandOff:
                  for revision, checkpoints in writes]
         return ("W", 1, items, [])
 
+    def test_a_torn_group_leaves_none_of_its_lines_behind_a_shorter_next_one(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A group whose append fails after two of its three lines is zeroed again: the
+        one-line group written next over it leaves no line of it (none was acknowledged)
+        for a replay to find."""
+        writer = self._writer(tmp_path)
+        writer.start_journal()
+        sent: list[tuple[object, ...]] = []
+        channel = type("Channel", (), {"send": staticmethod(sent.append)})()
+        try:
+            _write_group(writer, channel, [self._group(tmp_path, [(1, ())])])
+            real_pwrite = os.pwrite
+            torn = self._group(tmp_path, [(2, ()), (3, ()), (5, ())])
+            two_lines = 2 * (writer.journal_size)  # every line here is as long as the first
+
+            calls = []
+
+            def failing(fd: int, data: bytes, offset: int) -> int:
+                calls.append(offset)
+                if len(calls) == 1:  # two lines of the three
+                    return real_pwrite(fd, memoryview(data)[:two_lines], offset)
+                if len(calls) == 2:  # the third
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real_pwrite(fd, data, offset)  # zeroing them again
+
+            monkeypatch.setattr(os, "pwrite", failing)
+            _write_group(writer, channel, [torn])
+            monkeypatch.setattr(os, "pwrite", real_pwrite)
+            assert sent[-1][0] == "E"
+            _write_group(writer, channel, [self._group(tmp_path, [(4, ())])])
+            records = Path(writer.journal_path).read_bytes().rstrip(b"\0")
+            assert [decode_document(line, "journal")["revision"]
+                    for line in records.splitlines(keepends=True)] == [1, 4]
+        finally:
+            writer.finish()
+
     @staticmethod
     def _revision(path: Path) -> int:
         return int(decode_document(path.read_bytes(), str(path))["revision"])
@@ -355,10 +392,14 @@ class TestHandOff:
             _write_group(writer, channel, [self._group(tmp_path, [(4, ())])])
             writer.flush()  # what only the journal holds
             assert self._revision(state) == 4
-            lines = Path(writer.journal_path).read_bytes().splitlines(keepends=True)
+            data = Path(writer.journal_path).read_bytes()
+            records, zeros = data[:writer.journal_size], data[writer.journal_size:]
+            lines = records.splitlines(keepends=True)
             assert [decode_document(line, "journal")["revision"] for line in lines] == [
                 1, 2, 3, 4]  # every record, checksummed, one line each
             assert state.read_bytes() == lines[-1]  # a state file is its journal line
+            # Then zeros, written ahead so a group's sync writes no new size.
+            assert zeros == bytes(len(zeros)) and len(zeros) >= ZEROED_AHEAD // 2
         finally:
             writer.finish()
         assert not Path(writer.journal_path).exists()  # every state in a file: deleted
