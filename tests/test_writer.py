@@ -33,7 +33,7 @@ from test_store import (
 from reliability import FileStore
 from reliability._store import UNREAD_LIMIT, WAKE_CHUNK, WRITER_RESTARTS
 from reliability._store._protocol import canonical, decode_document
-from reliability._store._writer import ZEROED_AHEAD, Writer, _write_group
+from reliability._store._writer import ZEROED_AHEAD, ZEROED_GROUPS, Writer, _write_group
 
 __all__ = ["children", "portable"]  # the fixtures, imported for the tests below
 
@@ -364,6 +364,25 @@ class TestHandOff:
             records = Path(writer.journal_path).read_bytes().rstrip(b"\0")
             assert [decode_document(line, "journal")["revision"]
                     for line in records.splitlines(keepends=True)] == [1, 4]
+        finally:
+            writer.finish()
+
+    def test_zeros_are_written_ahead_after_small_groups_only(self, tmp_path: Path) -> None:
+        """After a group of ZEROED_GROUPS bytes or more the journal ends at its records (the
+        zeros would cost more than they save); the next small group puts them ahead."""
+        writer = self._writer(tmp_path)
+        writer.start_journal()
+        sent: list[tuple[object, ...]] = []
+        channel = type("Channel", (), {"send": staticmethod(sent.append)})()
+        journal = Path(writer.journal_path)
+        try:
+            one = len(canonical(_state(WID, 1)))  # a line is longer: enough lines for sure
+            big = self._group(tmp_path, [(n, ()) for n in range(ZEROED_GROUPS // one)])
+            _write_group(writer, channel, [big])
+            assert writer.journal_size >= ZEROED_GROUPS
+            assert journal.stat().st_size == writer.journal_size
+            _write_group(writer, channel, [self._group(tmp_path, [(10**6, ())])])
+            assert journal.stat().st_size == writer.journal_size + ZEROED_AHEAD
         finally:
             writer.finish()
 
