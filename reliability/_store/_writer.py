@@ -251,8 +251,8 @@ class Writer:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: "not an orphan"
         self.journal_fd, self.journal_path, self.journal_size = fd, path, 0
-        # Past the records the file holds zeros up to here (zero_ahead): one line of NULs
-        # that no reader decodes, as a torn last line is not.
+        # Past the records the file holds zeros up to here (zero_ahead): a last "line" of
+        # NULs, skipped by every reader as a torn last line is.
         self.journal_zeroed = 0
 
     def append(self, data: bytes) -> bool:
