@@ -9,6 +9,7 @@ otherwise stop the failure before the writer sees it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import signal
@@ -30,9 +31,9 @@ from test_store import (
 )
 
 from reliability import FileStore
-from reliability._store import UNREAD_LIMIT, WRITER_RESTARTS
+from reliability._store import UNREAD_LIMIT, WAKE_CHUNK, WRITER_RESTARTS
 from reliability._store._protocol import canonical, decode_document
-from reliability._store._writer import Writer, _write_group
+from reliability._store._writer import ZEROED_AHEAD, ZEROED_GROUPS, Writer, _write_group
 
 __all__ = ["children", "portable"]  # the fixtures, imported for the tests below
 
@@ -264,6 +265,54 @@ class TestLazyWrites:
             assert state_of(tmp_path / "states" / workflow_id / "state.json")["revision"] == 1
 
 
+class TestWakeUps:
+    """Durable waiters are woken in the callback that reads their answer, a chunk at most."""
+
+    @staticmethod
+    async def _answer_in_pipe(store: FileStore) -> None:
+        """Stop the loop reading answers and wait until the writer's is in the pipe."""
+        link = store._link
+        assert link is not None
+        link.read_answers(False)
+        await asyncio.to_thread(select.select, [link._answers], [], [], 10.0)
+
+    async def test_a_strict_save_is_woken_by_the_read_of_its_answer(
+            self, tmp_path: Path) -> None:
+        """The read that brings a save's answer completes its future there and then: no
+        loop iteration more between the answer and the waiting task's step."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        await store.open()
+        try:
+            saved = store.save_nowait(WID, lambda: _state(WID, 1))
+            await asyncio.sleep(0)  # sent
+            await self._answer_in_pipe(store)
+            assert not saved.done()
+            assert store._link is not None
+            store._link.read_available()  # what the loop's reader callback calls
+            assert saved.done() and saved.exception() is None
+        finally:
+            await store.close()
+
+    async def test_one_answer_for_many_waiters_wakes_a_chunk_per_iteration(
+            self, tmp_path: Path) -> None:
+        """An answer for WAKE_CHUNK + 44 waiters wakes WAKE_CHUNK in its read, in the order
+        they saved, and the rest in the next iteration."""
+        store = FileStore(tmp_path / "states", tmp_path / "checkpoints")
+        ids = [f"workflow-20240115-142315-{n:04x}" for n in range(WAKE_CHUNK + 44)]
+        await store.open()
+        try:
+            saved = [store.save_nowait(w, lambda w=w: _state(w, 1)) for w in ids]
+            await asyncio.sleep(0)  # sent, as one batch
+            await self._answer_in_pipe(store)
+            assert store._link is not None
+            store._link.read_available()
+            assert [f.done() for f in saved] == [True] * WAKE_CHUNK + [False] * 44
+            await asyncio.sleep(0)
+            assert all(f.done() and f.exception() is None for f in saved)
+        finally:
+            await store.close()
+
+
 class TestHandOff:
     """The writer's state files from durable records, fed to its ``Writer`` directly."""
 
@@ -281,6 +330,61 @@ class TestHandOff:
                   [str(tmp_path / "checkpoints" / f"{name}.json") for name in checkpoints])
                  for revision, checkpoints in writes]
         return ("W", 1, items, [])
+
+    def test_a_torn_group_leaves_none_of_its_lines_behind_a_shorter_next_one(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A group whose append fails after two of its three lines is zeroed again: the
+        one-line group written next over it leaves no line of it (none was acknowledged)
+        for a replay to find."""
+        writer = self._writer(tmp_path)
+        writer.start_journal()
+        sent: list[tuple[object, ...]] = []
+        channel = type("Channel", (), {"send": staticmethod(sent.append)})()
+        try:
+            _write_group(writer, channel, [self._group(tmp_path, [(1, ())])])
+            real_pwrite = os.pwrite
+            torn = self._group(tmp_path, [(2, ()), (3, ()), (5, ())])
+            two_lines = 2 * (writer.journal_size)  # every line here is as long as the first
+
+            calls = []
+
+            def failing(fd: int, data: bytes, offset: int) -> int:
+                calls.append(offset)
+                if len(calls) == 1:  # two lines of the three
+                    return real_pwrite(fd, memoryview(data)[:two_lines], offset)
+                if len(calls) == 2:  # the third
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real_pwrite(fd, data, offset)  # zeroing them again
+
+            monkeypatch.setattr(os, "pwrite", failing)
+            _write_group(writer, channel, [torn])
+            monkeypatch.setattr(os, "pwrite", real_pwrite)
+            assert sent[-1][0] == "E"
+            _write_group(writer, channel, [self._group(tmp_path, [(4, ())])])
+            records = Path(writer.journal_path).read_bytes().rstrip(b"\0")
+            assert [decode_document(line, "journal")["revision"]
+                    for line in records.splitlines(keepends=True)] == [1, 4]
+        finally:
+            writer.finish()
+
+    def test_zeros_are_written_ahead_after_small_groups_only(self, tmp_path: Path) -> None:
+        """After a group of ZEROED_GROUPS bytes or more the journal ends at its records (the
+        zeros would cost more than they save); the next small group puts them ahead."""
+        writer = self._writer(tmp_path)
+        writer.start_journal()
+        sent: list[tuple[object, ...]] = []
+        channel = type("Channel", (), {"send": staticmethod(sent.append)})()
+        journal = Path(writer.journal_path)
+        try:
+            one = len(canonical(_state(WID, 1)))  # a line is longer: enough lines for sure
+            big = self._group(tmp_path, [(n, ()) for n in range(ZEROED_GROUPS // one)])
+            _write_group(writer, channel, [big])
+            assert writer.journal_size >= ZEROED_GROUPS
+            assert journal.stat().st_size == writer.journal_size
+            _write_group(writer, channel, [self._group(tmp_path, [(10**6, ())])])
+            assert journal.stat().st_size == writer.journal_size + ZEROED_AHEAD
+        finally:
+            writer.finish()
 
     @staticmethod
     def _revision(path: Path) -> int:
@@ -307,10 +411,14 @@ class TestHandOff:
             _write_group(writer, channel, [self._group(tmp_path, [(4, ())])])
             writer.flush()  # what only the journal holds
             assert self._revision(state) == 4
-            lines = Path(writer.journal_path).read_bytes().splitlines(keepends=True)
+            data = Path(writer.journal_path).read_bytes()
+            records, zeros = data[:writer.journal_size], data[writer.journal_size:]
+            lines = records.splitlines(keepends=True)
             assert [decode_document(line, "journal")["revision"] for line in lines] == [
                 1, 2, 3, 4]  # every record, checksummed, one line each
             assert state.read_bytes() == lines[-1]  # a state file is its journal line
+            # Then zeros, written ahead so a group's sync writes no new size.
+            assert zeros == bytes(len(zeros)) and len(zeros) >= ZEROED_AHEAD // 2
         finally:
             writer.finish()
         assert not Path(writer.journal_path).exists()  # every state in a file: deleted

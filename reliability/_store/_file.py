@@ -229,7 +229,7 @@ class FileStore:
                 [str(self.journal_directory), str(self.state_directory),
                  str(self.checkpoint_directory), "1" if self.durable else "0",
                  str(self._journal_limit), "1" if self.portable else "0"],
-                self._received, self._writer_ended)
+                self._received, self._answers_read, self._writer_ended)
         except WriterStartError as error:
             raise storage_error(Path(error.path), OSError(error.errno, error.message)) from None
 
@@ -390,11 +390,9 @@ class FileStore:
         self._wanted = self._sequence
         if self._link is not None and self._wanted > self._answered:
             # In the pipe already, as a rule: read it and wake its waiters now, so the
-            # caller need not wait at all (one chunk, unless a wake-up is due anyway).
-            wake_due = self._wake_scheduled
+            # caller need not wait at all (one chunk, unless a wake-up is due anyway:
+            # _answers_read).
             self._link.read_available()
-            if not wake_due:
-                self._wake_chunk()
         self._watch_answers()
 
     def _watch_answers(self) -> None:
@@ -497,13 +495,10 @@ class FileStore:
         if kind == "A":
             self._answered = message[1]
             self._watch_answers()
+            # Woken once the read that brought this ends (_answers_read), in order.
             while self._sent and self._sent[0].sequence <= message[1]:
                 self._to_wake.extend(self._sent.popleft().waiters)
                 self.batches_written += 1
-            if not self._wake_scheduled:
-                self._wake_scheduled = True
-                assert self._loop is not None
-                self._loop.call_soon(self._wake_some)
         elif kind == "E":
             _, _, last, number, path, text = message
             error = storage_error(Path(path), OSError(number, text))
@@ -530,6 +525,16 @@ class FileStore:
         elif kind == "S":
             self.files_written += message[1]
             self.materialize_errors.extend(message[2])
+
+    def _answers_read(self) -> None:
+        """Every answer of one read of the pipe is handled: wake the first WAKE_CHUNK
+        durable waiters here, in the read's own callback, and the rest in the next
+        iterations. A callback scheduled for the first chunk too cost every strict save
+        one loop iteration more (~16 us after 10 ms idle, traced). Each ``set_result``
+        only schedules its task; none runs here."""
+        if self._to_wake and not self._wake_scheduled:
+            # Nothing queued before (else a wake-up is scheduled): these go first.
+            self._wake_some()
 
     def _wake_some(self) -> None:
         """Wake WAKE_CHUNK durable waiters this iteration, the rest in the next ones: one

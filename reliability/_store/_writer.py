@@ -39,7 +39,8 @@ writer -> parent
 
 Journal invariant (as before): every state newer than its ``state.json`` is in a journal
 that is not deleted until those files are synced; a journal whose owner died (its flock
-is free) is replayed by the next store that opens.
+is free) is replayed by the next store that opens. A journal is its records, one line
+each, then zeros written ahead of them (``ZEROED_AHEAD``), a last "line" no reader decodes.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ __all__ = ["FRAME_HEADER", "SCHEMA_VERSION", "encode_frame", "load_syncfs",
 
 FRAME_HEADER = struct.Struct("<I")
 _READ_SIZE = 1 << 20
+# Journal bytes kept written (as zeros) and synced ahead of the records: a group then
+# overwrites blocks the file already has, and its fdatasync writes those data blocks
+# alone, without the inode's new size and block map. Measured here: 85 against 160 us
+# of CPU and 270 against 500 us per 2.3 KB write + fdatasync. Zeroed again when less
+# than half is left: one 256 KiB write and sync (~0.7 ms, 190 us of CPU here; 1 MiB took
+# 8 ms, long enough to hold the next group up) per ~55 records of a 19-stage workflow.
+ZEROED_AHEAD = 256 * 1024
+# Only while groups are smaller than this: a group's sync is then mostly its fixed cost,
+# which the zeros cut. A 230 KB group's own data outweighs it, and writing every byte
+# twice (zeros, then records) cost more than it saved (302 against 247 us of CPU).
+ZEROED_GROUPS = 64 * 1024
+_ZEROS = bytes(ZEROED_AHEAD)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -235,25 +248,34 @@ class Writer:
         path = os.path.join(self.journal_directory, name)
         import fcntl  # here: the client imports this module, and Windows has no fcntl
 
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: "not an orphan"
         self.journal_fd, self.journal_path, self.journal_size = fd, path, 0
+        # Past the records the file holds zeros up to here (zero_ahead): a last "line" of
+        # NULs, skipped by every reader as a torn last line is.
+        self.journal_zeroed = 0
 
     def append(self, data: bytes) -> bool:
         """Append one group of records and sync it: the moment they become durable.
 
-        True when the journal was full and appends continue in a fresh one."""
+        Written at the records' end, not with O_APPEND: the file runs on in zeros
+        (``zero_ahead``). True when the journal was full and appends continue in a
+        fresh one."""
         view = memoryview(data)
+        offset = self.journal_size
         try:
             while view:
-                view = view[os.write(self.journal_fd, view):]
+                written = os.pwrite(self.journal_fd, view, offset)
+                view, offset = view[written:], offset + written
         except OSError:
-            # A torn group would glue onto the next one's first line; cut it off. (If even
-            # this fails, replay skips the undecodable line: it was never acknowledged.)
+            # A torn group would glue onto the next one's first line, and its complete
+            # lines (never acknowledged) would outlast a shorter next group: zero it, or
+            # cut it off past the zeros. (If even this fails, replay skips the
+            # undecodable line; the next group is written over the rest.)
             with contextlib.suppress(OSError):
-                os.ftruncate(self.journal_fd, self.journal_size)
+                self._undo(offset)
             raise
-        self.journal_size += len(data)
+        self.journal_size = offset
         if self.durable:
             self.sync_data(self.journal_fd)
         if self.journal_size > self.journal_limit:
@@ -264,6 +286,35 @@ class Writer:
             self._materializer.submit(self._retire, *old)
             return True
         return False
+
+    def _undo(self, end: int) -> None:
+        """Bytes from the records' end to ``end`` back to what they were: zeros, none past."""
+        size, zeroed = self.journal_size, self.journal_zeroed
+        if end > zeroed:
+            os.ftruncate(self.journal_fd, max(size, zeroed))
+        if zeroed > size:
+            os.pwrite(self.journal_fd, memoryview(_ZEROS)[:min(end, zeroed) - size], size)
+
+    def zero_ahead(self, group_size: int) -> None:
+        """Write and sync zeros ahead of the records once less than half of ZEROED_AHEAD
+        is left, after a group of ``group_size`` bytes smaller than ZEROED_GROUPS (after
+        it is answered: its waiters do not wait for this). Best effort: without it an
+        append is an ordinary one, its sync writing the new size; a disk too full for the
+        zeros fails only the writes that do not fit."""
+        size = self.journal_size
+        if self.journal_zeroed - size >= ZEROED_AHEAD // 2 or group_size >= ZEROED_GROUPS:
+            return
+        start, end = max(self.journal_zeroed, size), size + ZEROED_AHEAD
+        zeros = memoryview(_ZEROS)[:end - start]
+        try:
+            while zeros:
+                written = os.pwrite(self.journal_fd, zeros, start)
+                zeros, start = zeros[written:], start + written
+            if self.durable:
+                self.sync_data(self.journal_fd)
+        except OSError:
+            return
+        self.journal_zeroed = end
 
     # --- state files (materializer thread)
 
@@ -517,8 +568,9 @@ def _write_group(writer: Writer, channel: _Channel, group: list[tuple[Any, ...]]
             pieces += _wrapped(digest, body)
             records.append((workflow_id, (digest, body, state_path), checkpoints))
         batches.append(records)
+    data = b"".join(pieces)
     try:
-        rotated = writer.append(b"".join(pieces))
+        rotated = writer.append(data)
     except OSError as error:
         channel.send(("E", group[0][1], group[-1][1], error.errno or 0,
                       error.filename or writer.journal_path, error.strerror or str(error)))
@@ -528,6 +580,7 @@ def _write_group(writer: Writer, channel: _Channel, group: list[tuple[Any, ...]]
         channel.send(("J", writer.journal_path))
     for items, (_, _, _, appends) in zip(batches, group, strict=True):
         writer.hand_off(items, appends)
+    writer.zero_ahead(len(data))
 
 
 def main(argv: list[str]) -> int:

@@ -34,14 +34,17 @@ class WriterStartError(Exception):
 
 
 class WriterLink:
-    """One writer process. ``on_message`` gets every frame after "ready"; ``on_exit`` is
+    """One writer process. ``on_message`` gets every frame after "ready", ``on_read``
+    is called after each read's frames (to act once on several answers); ``on_exit`` is
     called once when its output ends (it finished, or it died)."""
 
     def __init__(self, process: subprocess.Popen[bytes], journal_directory: str,
-                 on_message: Callable[[Message], None], on_exit: Callable[[], None]) -> None:
+                 on_message: Callable[[Message], None], on_read: Callable[[], None],
+                 on_exit: Callable[[], None]) -> None:
         self.process = process
         self._journal_directory = journal_directory
         self._on_message = on_message
+        self._on_read = on_read
         self._on_exit = on_exit
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -61,7 +64,7 @@ class WriterLink:
 
     @classmethod
     async def start(cls, arguments: list[str], on_message: Callable[[Message], None],
-                    on_exit: Callable[[], None]) -> WriterLink:
+                    on_read: Callable[[], None], on_exit: Callable[[], None]) -> WriterLink:
         """Start the writer and wait until its journal is open and locked.
 
         Started from the loop's thread on purpose: Linux's parent-death signal is tied to
@@ -84,7 +87,7 @@ class WriterLink:
             for pipe in (process.stdin, process.stdout):
                 with contextlib.suppress(OSError):
                     fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
-        link = cls(process, arguments[0], on_message, on_exit)
+        link = cls(process, arguments[0], on_message, on_read, on_exit)
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, process.stdin)
@@ -142,6 +145,7 @@ class WriterLink:
         self._buffer += self._chunk_view[:count]
         for message in take_frames(self._buffer):
             self.received(message)
+        self._on_read()
 
     def _close_answers(self) -> None:
         if self._reading:
