@@ -251,6 +251,10 @@ class TestRuntimeBreakers:
     async def test_runtime_shares_one_breaker_per_name_with_configured_settings(
             self, tmp_path: Path) -> None:
         """runtime.breaker('github') is one object, with the spec's 3 failures / 300 s."""
+        # The development workflow's settings section gives "github" those defaults; it
+        # registers them when imported (not only when an earlier test file imported it).
+        import machines.development  # noqa: F401
+
         async with Runtime(WorkflowConfiguration(enable_health_checks=False), tmp_path,
                            clock=FakeClock(), store=MemoryStore(),
                            configure_logs=False) as runtime:
