@@ -145,7 +145,10 @@ class _InPlaceQueueHandler(logging.handlers.QueueHandler):
         self._hold(record, loop)
 
     def _hold(self, record: Any, loop: asyncio.AbstractEventLoop) -> None:
-        """Hold back ``record`` for ``loop``'s next hand-over (``enqueue``)."""
+        """Hold back ``record`` for ``loop``'s next hand-over (``enqueue``).
+
+        ``log_soon`` repeats this method's common case inline (a batch of this loop with
+        room left): a change to how records are held must be made there too."""
         held = self._batches
         batch: list[logging.LogRecord] | None = getattr(held, "records", None)
         # A batch left by a loop that ended before handing it over (asyncio.run does not
